@@ -1,0 +1,69 @@
+//! A client of the socket protocol, for the command-line tools and the benchmark.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::config::{DEFAULT_DATA_DIR, SOCKET_NAME};
+
+/// The socket of the packaged service, used when it exists and nothing else is said.
+pub const SYSTEM_SOCKET: &str = "/run/otpd/otpd.sock";
+
+/// Where the client tools look for the daemon without `--socket`: the system socket if
+/// there is one, else the developer default.
+pub fn default_socket() -> PathBuf {
+    let system = Path::new(SYSTEM_SOCKET);
+    if system.exists() {
+        system.to_owned()
+    } else {
+        Path::new(DEFAULT_DATA_DIR).join(SOCKET_NAME)
+    }
+}
+
+/// One connection to the daemon; requests are answered in order.
+pub struct Client {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    line: String,
+}
+
+impl Client {
+    pub async fn connect(path: &Path) -> anyhow::Result<Self> {
+        let stream = UnixStream::connect(path)
+            .await
+            .with_context(|| format!("cannot connect to otpd at {}", path.display()))?;
+        let (read, writer) = stream.into_split();
+        Ok(Self {
+            reader: BufReader::new(read),
+            writer,
+            line: String::new(),
+        })
+    }
+
+    /// Sends one request without waiting for its answer (for pipelining).
+    pub async fn send(&mut self, request: &Value) -> anyhow::Result<()> {
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        self.writer.write_all(&line).await?;
+        Ok(())
+    }
+
+    /// Reads the next answer.
+    pub async fn receive(&mut self) -> anyhow::Result<Value> {
+        self.line.clear();
+        if self.reader.read_line(&mut self.line).await? == 0 {
+            anyhow::bail!("otpd closed the connection");
+        }
+        serde_json::from_str(&self.line).context("otpd sent a line that is not JSON")
+    }
+
+    /// Sends one request and reads its answer.
+    pub async fn call(&mut self, request: &Value) -> anyhow::Result<Value> {
+        self.send(request).await?;
+        self.receive().await
+    }
+}

@@ -1,0 +1,543 @@
+//! Configuration: a TOML file, command-line flags and systemd's environment.
+//!
+//! Every key has a default, unknown keys and out-of-range values are refused with a
+//! message naming the key (`Config::validate`). Paths that depend on where the daemon
+//! runs (data directory, socket, secret) are resolved once by [`Config::resolve_paths`]:
+//! flags beat the file, the file beats systemd's directories, and those beat the
+//! developer default `./otpd-data`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where state lives when nothing else says: the working directory, so that
+/// `cargo run -- serve` works without root.
+pub const DEFAULT_DATA_DIR: &str = "./otpd-data";
+/// Socket file name inside the runtime (or data) directory.
+pub const SOCKET_NAME: &str = "otpd.sock";
+/// Name of the systemd credential that may hold the server secret.
+pub const SECRET_CREDENTIAL: &str = "otpd-secret";
+
+/// A configuration error: always names the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// Checks `min <= value <= max` and names the key when it is not.
+fn check_range(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{value} is out of range {min}..={max}"),
+        ))
+    }
+}
+
+/// The whole configuration, section by section as in the TOML file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub otp: OtpConfig,
+    pub janitor: JanitorConfig,
+    pub delivery: DeliveryConfig,
+    pub http: HttpConfig,
+}
+
+/// `[server]`: the Unix socket and its limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Socket path; empty means "decide from the environment".
+    pub socket: PathBuf,
+    /// Octal permission bits of a socket the daemon binds itself.
+    pub socket_mode: String,
+    /// Peers allowed by uid; both lists empty means any peer that can open the socket.
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+    pub max_connections: usize,
+    pub max_request_bytes: usize,
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::new(),
+            socket_mode: "0660".into(),
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            max_connections: 1024,
+            max_request_bytes: 16 * 1024,
+            idle_timeout_secs: 60,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The socket mode as permission bits (validated by [`Config::validate`]).
+    pub fn socket_mode_bits(&self) -> Result<u32, ConfigError> {
+        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|bits| *bits <= 0o777)
+            .ok_or_else(|| {
+                invalid(
+                    "server.socket_mode",
+                    format!("{:?} is not an octal mode like \"0660\"", self.socket_mode),
+                )
+            })
+    }
+}
+
+/// How a create or verify becomes durable before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Acknowledge only after the change is flushed to disk (group commit).
+    #[default]
+    Flush,
+    /// Acknowledge at once; sled flushes within 500 ms. A crash may lose recent changes.
+    Relaxed,
+}
+
+/// `[store]`: the sled database and the server secret.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Database directory; empty means `<data dir>/db`.
+    pub path: PathBuf,
+    /// Server secret file; empty means the systemd credential or `<data dir>/secret.key`.
+    pub secret_file: PathBuf,
+    pub durability: Durability,
+    pub cache_capacity_mb: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            secret_file: PathBuf::new(),
+            durability: Durability::Flush,
+            cache_capacity_mb: 64,
+        }
+    }
+}
+
+/// `[otp]`: the rules codes live by.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtpConfig {
+    pub code_length: u32,
+    pub ttl_secs: u64,
+    pub max_attempts: u32,
+    pub lock_secs: u64,
+    pub retain_secs: u64,
+    pub max_sends_per_recipient: u32,
+    pub send_window_secs: u64,
+    pub resend_cooldown_secs: u64,
+}
+
+impl Default for OtpConfig {
+    fn default() -> Self {
+        Self {
+            code_length: 6,
+            ttl_secs: 300,
+            max_attempts: 5,
+            lock_secs: 900,
+            retain_secs: 3600,
+            max_sends_per_recipient: 5,
+            send_window_secs: 900,
+            resend_cooldown_secs: 30,
+        }
+    }
+}
+
+/// Shortest and longest codes otpd issues.
+pub const CODE_LENGTHS: std::ops::RangeInclusive<u32> = 4..=10;
+/// NIST SP 800-63B: an OTP sent out of band should be valid for at most 10 minutes.
+pub const NIST_TTL_LIMIT_SECS: u64 = 600;
+
+/// `[janitor]`: the background purge of finished items.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JanitorConfig {
+    /// Longest sleep between two looks at the expiry index.
+    pub interval_secs: u64,
+    /// Most items purged in one go before yielding to requests.
+    pub batch: usize,
+}
+
+impl Default for JanitorConfig {
+    fn default() -> Self {
+        Self {
+            interval_secs: 30,
+            batch: 1000,
+        }
+    }
+}
+
+/// Which delivery backend sends the codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// Writes the message to the log (development).
+    #[default]
+    Log,
+    /// Vonage Dispatch API failover workflow.
+    Dispatch,
+    /// Vonage Messages API with otpd's own read-timeout failover.
+    Messages,
+}
+
+/// `[delivery]`: how a code reaches a person.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    pub backend: Backend,
+    /// Message text; `{code}` and `{minutes}` are replaced.
+    pub template: String,
+    /// Log backend: also append one JSON line per message here (empty: off).
+    pub log_file: PathBuf,
+    pub dispatch: VonageConfig,
+    pub messages: VonageConfig,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Log,
+            template: "Your verification code is {code}. It expires in {minutes} minutes.".into(),
+            log_file: PathBuf::new(),
+            dispatch: VonageConfig::default(),
+            messages: VonageConfig::default(),
+        }
+    }
+}
+
+/// `[delivery.dispatch]` and `[delivery.messages]`: a Vonage application.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VonageConfig {
+    pub api_url: String,
+    pub application_id: String,
+    /// RS256 private key (PEM); empty means the systemd credential `otpd-vonage-key`.
+    pub private_key_file: PathBuf,
+    /// Facebook Page id that sends Messenger messages.
+    pub messenger_from: String,
+    /// SMS sender id or number.
+    pub sms_from: String,
+    /// Messenger category: `response`, `update` or `message_tag`.
+    pub messenger_category: String,
+    /// Required when `messenger_category = "message_tag"`.
+    pub messenger_tag: String,
+    /// Seconds to wait for the Messenger message to be read before sending the SMS.
+    pub failover_secs: u64,
+    pub timeout_secs: u64,
+    pub max_retries: u32,
+}
+
+impl Default for VonageConfig {
+    fn default() -> Self {
+        Self {
+            api_url: "https://api.nexmo.com".into(),
+            application_id: String::new(),
+            private_key_file: PathBuf::new(),
+            messenger_from: String::new(),
+            sms_from: "OTP".into(),
+            messenger_category: "response".into(),
+            messenger_tag: String::new(),
+            failover_secs: 120,
+            timeout_secs: 10,
+            max_retries: 3,
+        }
+    }
+}
+
+/// `[http]`: the optional REST listener of the tutorial service.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `host:port` or `unix:/path`; empty: no HTTP listener.
+    pub listen: String,
+    /// Vonage account signature secret for status webhooks (or credential
+    /// `otpd-webhook-secret`).
+    pub webhook_signature_secret: String,
+}
+
+/// Command-line overrides; they beat the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub socket: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// The systemd directories the daemon may have been given.
+#[derive(Debug, Clone, Default)]
+pub struct SystemdDirs {
+    pub state: Option<PathBuf>,
+    pub runtime: Option<PathBuf>,
+    pub credentials: Option<PathBuf>,
+}
+
+impl SystemdDirs {
+    /// Reads `STATE_DIRECTORY`, `RUNTIME_DIRECTORY` and `CREDENTIALS_DIRECTORY`
+    /// (the first entry of a colon-separated list).
+    pub fn from_env() -> Self {
+        let first = |name: &str| {
+            std::env::var_os(name)
+                .and_then(|v| {
+                    v.to_str()
+                        .map(|s| s.split(':').next().unwrap_or("").to_owned())
+                })
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        };
+        Self {
+            state: first("STATE_DIRECTORY"),
+            runtime: first("RUNTIME_DIRECTORY"),
+            credentials: first("CREDENTIALS_DIRECTORY"),
+        }
+    }
+
+    /// A credential file by name, if systemd passed it.
+    pub fn credential(&self, name: &str) -> Option<PathBuf> {
+        self.credentials
+            .as_ref()
+            .map(|dir| dir.join(name))
+            .filter(|path| path.exists())
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses out-of-range values, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        s.socket_mode_bits()?;
+        check_range(
+            "server.max_connections",
+            s.max_connections as u64,
+            1,
+            1 << 20,
+        )?;
+        check_range(
+            "server.max_request_bytes",
+            s.max_request_bytes as u64,
+            256,
+            1 << 20,
+        )?;
+        check_range("server.idle_timeout_secs", s.idle_timeout_secs, 1, 86_400)?;
+        check_range(
+            "store.cache_capacity_mb",
+            self.store.cache_capacity_mb,
+            1,
+            1 << 20,
+        )?;
+        let o = &self.otp;
+        check_range(
+            "otp.code_length",
+            o.code_length.into(),
+            (*CODE_LENGTHS.start()).into(),
+            (*CODE_LENGTHS.end()).into(),
+        )?;
+        check_range("otp.ttl_secs", o.ttl_secs, 1, 86_400)?;
+        check_range("otp.max_attempts", o.max_attempts.into(), 1, 1000)?;
+        check_range("otp.lock_secs", o.lock_secs, 1, 30 * 86_400)?;
+        check_range("otp.retain_secs", o.retain_secs, 0, 30 * 86_400)?;
+        check_range(
+            "otp.max_sends_per_recipient",
+            o.max_sends_per_recipient.into(),
+            1,
+            1000,
+        )?;
+        check_range("otp.send_window_secs", o.send_window_secs, 1, 30 * 86_400)?;
+        check_range(
+            "otp.resend_cooldown_secs",
+            o.resend_cooldown_secs,
+            0,
+            86_400,
+        )?;
+        check_range(
+            "janitor.interval_secs",
+            self.janitor.interval_secs,
+            1,
+            86_400,
+        )?;
+        check_range("janitor.batch", self.janitor.batch as u64, 1, 1_000_000)?;
+        if !self.delivery.template.contains("{code}") {
+            return Err(invalid("delivery.template", "must contain {code}"));
+        }
+        if !self.http.listen.is_empty() && !self.http.listen.starts_with("unix:") {
+            self.http
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|_| {
+                    invalid(
+                        "http.listen",
+                        format!("{:?} is neither host:port nor unix:/path", self.http.listen),
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Fills in every path left empty, from flags, then systemd's directories,
+    /// then the developer default.
+    pub fn resolve_paths(&mut self, overrides: &Overrides, dirs: &SystemdDirs) {
+        let data_dir = overrides
+            .data_dir
+            .clone()
+            .or_else(|| dirs.state.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let from_flag = overrides.data_dir.is_some();
+
+        if let Some(socket) = &overrides.socket {
+            self.server.socket = socket.clone();
+        } else if self.server.socket.as_os_str().is_empty() {
+            self.server.socket = match (&dirs.runtime, from_flag) {
+                (Some(runtime), false) => runtime.join(SOCKET_NAME),
+                _ => data_dir.join(SOCKET_NAME),
+            };
+        }
+        if from_flag || self.store.path.as_os_str().is_empty() {
+            self.store.path = data_dir.join("db");
+        }
+        if from_flag || self.store.secret_file.as_os_str().is_empty() {
+            self.store.secret_file = match (dirs.credential(SECRET_CREDENTIAL), from_flag) {
+                (Some(credential), false) => credential,
+                _ => data_dir.join("secret.key"),
+            };
+        }
+    }
+
+    /// Start-up warnings that do not stop the daemon.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.otp.ttl_secs > NIST_TTL_LIMIT_SECS {
+            warnings.push(format!(
+                "otp.ttl_secs = {} exceeds NIST SP 800-63B's 10-minute limit for out-of-band codes",
+                self.otp.ttl_secs
+            ));
+        }
+        if self.store.durability == Durability::Relaxed {
+            warnings.push(
+                "store.durability = \"relaxed\": a crash may lose codes created or verified in the last 500 ms"
+                    .into(),
+            );
+        }
+        warnings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.otp.code_length, 6);
+        assert_eq!(config.server.socket_mode_bits().unwrap(), 0o660);
+        assert_eq!(config.store.durability, Durability::Flush);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[otp]\ncode_lenght = 6\n").unwrap_err();
+        assert!(err.to_string().contains("code_lenght"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_value_is_named() {
+        let err = Config::parse("[otp]\ncode_length = 11\n").unwrap_err();
+        assert!(err.to_string().contains("otp.code_length"), "{err}");
+        let err = Config::parse("[server]\nsocket_mode = \"999\"\n").unwrap_err();
+        assert!(err.to_string().contains("server.socket_mode"), "{err}");
+    }
+
+    #[test]
+    fn flags_beat_file_and_systemd() {
+        let mut config = Config::parse("[server]\nsocket = \"/file.sock\"\n").unwrap();
+        let dirs = SystemdDirs {
+            state: Some("/var/lib/otpd".into()),
+            runtime: Some("/run/otpd".into()),
+            credentials: None,
+        };
+        config.resolve_paths(
+            &Overrides {
+                socket: Some("/flag.sock".into()),
+                data_dir: None,
+            },
+            &dirs,
+        );
+        assert_eq!(config.server.socket, PathBuf::from("/flag.sock"));
+        assert_eq!(config.store.path, PathBuf::from("/var/lib/otpd/db"));
+        assert_eq!(
+            config.store.secret_file,
+            PathBuf::from("/var/lib/otpd/secret.key")
+        );
+    }
+
+    #[test]
+    fn systemd_runtime_dir_holds_the_socket() {
+        let mut config = Config::default();
+        let dirs = SystemdDirs {
+            state: Some("/var/lib/otpd".into()),
+            runtime: Some("/run/otpd".into()),
+            credentials: None,
+        };
+        config.resolve_paths(&Overrides::default(), &dirs);
+        assert_eq!(config.server.socket, PathBuf::from("/run/otpd/otpd.sock"));
+    }
+
+    #[test]
+    fn developer_default_is_local() {
+        let mut config = Config::default();
+        config.resolve_paths(&Overrides::default(), &SystemdDirs::default());
+        assert_eq!(config.server.socket, PathBuf::from("./otpd-data/otpd.sock"));
+        assert_eq!(config.store.path, PathBuf::from("./otpd-data/db"));
+    }
+}

@@ -1,0 +1,80 @@
+//! `otpd serve`: wires config, secret, store, delivery, janitor and server together and
+//! runs them until the shutdown future resolves.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::delivery;
+use crate::janitor::{self, Wakeup};
+use crate::metrics::Counters;
+use crate::otp::Otp;
+use crate::rules::Limits;
+use crate::secret::ServerSecret;
+use crate::server::{self, Listener};
+use crate::store::Store;
+use crate::store::sled::SledStore;
+
+/// Runs the daemon on `listener` until `shutdown` resolves, then stops accepting,
+/// lets in-flight requests finish, flushes the store and returns.
+pub async fn run(
+    config: Config,
+    listener: Listener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let (secret, created) = ServerSecret::load_or_create(&config.store.secret_file)?;
+    if created {
+        tracing::info!(path = %config.store.secret_file.display(), "created a new server secret");
+    }
+    let store: Arc<dyn Store> =
+        Arc::new(SledStore::open(&config.store, Limits::from(&config.otp))?);
+    let delivery = delivery::from_config(&config.delivery)?;
+    let counters = Arc::new(Counters::default());
+    let wakeup = Arc::new(Wakeup::default());
+    let otp = Arc::new(Otp::new(
+        config.otp.clone(),
+        secret,
+        store.clone(),
+        delivery,
+        config.delivery.template.clone(),
+        counters.clone(),
+        wakeup.clone(),
+    ));
+
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tracker.spawn(janitor::run(
+        store.clone(),
+        counters,
+        wakeup,
+        config.janitor.clone(),
+        stop.clone(),
+    ));
+    let server = tracker.spawn({
+        let (otp, stop, tracker) = (otp.clone(), stop.clone(), tracker.clone());
+        let server_config = config.server.clone();
+        async move { server::serve(listener, otp, &server_config, stop, tracker).await }
+    });
+    tracing::info!(
+        socket = %config.server.socket.display(),
+        live = store.live(),
+        "otpd {} ready",
+        crate::handler::VERSION
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    stop.cancel();
+    let _ = server.await;
+    tracker.close();
+    tracker.wait().await;
+    store.flush().await?;
+    tracing::info!("stopped");
+    Ok(())
+}

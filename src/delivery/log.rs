@@ -1,0 +1,76 @@
+//! The `log` backend: writes the message it would send to the log, for development.
+//!
+//! This is the one place a code is allowed into a log: showing it is the backend's
+//! whole job. With `log_file` set it also appends one JSON line per message, which is
+//! how tests and `otpd bench` learn the codes.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::{Mutex, Once};
+
+use async_trait::async_trait;
+
+use super::{Delivery, DeliveryError, Message, Receipt};
+use crate::config::DeliveryConfig;
+
+/// Writes each message to the log (and optionally to a JSON-lines file).
+pub struct LogDelivery {
+    file: Option<Mutex<File>>,
+    notice: Once,
+}
+
+impl LogDelivery {
+    pub fn new(config: &DeliveryConfig) -> anyhow::Result<Self> {
+        let file = if config.log_file.as_os_str().is_empty() {
+            None
+        } else {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&config.log_file)
+                .map_err(|e| {
+                    anyhow::anyhow!("delivery.log_file {}: {e}", config.log_file.display())
+                })?;
+            Some(Mutex::new(file))
+        };
+        Ok(Self {
+            file,
+            notice: Once::new(),
+        })
+    }
+}
+
+#[async_trait]
+impl Delivery for LogDelivery {
+    async fn send(&self, message: &Message<'_>) -> Result<Receipt, DeliveryError> {
+        self.notice.call_once(|| {
+            tracing::warn!(
+                "delivery backend `log` writes codes to the log instead of sending them: for development only"
+            );
+        });
+        let channels: Vec<&str> = message.to.channels().iter().map(|c| c.as_str()).collect();
+        tracing::warn!(
+            token = %message.token,
+            code = %message.code.expose(),
+            channels = %channels.join(","),
+            text = ?message.text,
+            "would send"
+        );
+        if let Some(file) = &self.file {
+            let mut line = serde_json::to_vec(&serde_json::json!({
+                "token": message.token,
+                "code": message.code.expose(),
+                "channels": channels,
+                "text": message.text,
+            }))
+            .expect("JSON of strings");
+            line.push(b'\n');
+            let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            file.write_all(&line)
+                .map_err(|e| DeliveryError::Unavailable(format!("log_file: {e}")))?;
+        }
+        Ok(Receipt::default())
+    }
+}

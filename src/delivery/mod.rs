@@ -1,0 +1,140 @@
+//! Delivery backends: how a code reaches its person.
+//!
+//! Each backend is one module behind [`Delivery`]; [`from_config`] picks one. A backend
+//! gets the rendered text and the recipients, and answers with the provider's id for
+//! the delivery or with an error that says whether retrying later could help.
+
+mod log;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::code::Code;
+use crate::config::{Backend, DeliveryConfig};
+use crate::rules::Channel;
+
+pub use self::log::LogDelivery;
+
+/// Where to send a code. At least one channel is set; with both, Messenger goes first
+/// and SMS is the failover.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recipients {
+    /// Messenger page-scoped id (digits).
+    pub messenger: Option<String>,
+    /// Phone number in E.164 digits, without `+`.
+    pub sms: Option<String>,
+}
+
+impl Recipients {
+    /// The channels in delivery order.
+    pub fn channels(&self) -> Vec<Channel> {
+        let mut channels = Vec::with_capacity(2);
+        if self.messenger.is_some() {
+            channels.push(Channel::Messenger);
+        }
+        if self.sms.is_some() {
+            channels.push(Channel::Sms);
+        }
+        channels
+    }
+
+    /// Rate-limit keys, one per recipient: `messenger:<id>`, `sms:<number>`.
+    pub fn limit_keys(&self) -> Vec<String> {
+        let mut keys = Vec::with_capacity(2);
+        if let Some(id) = &self.messenger {
+            keys.push(format!("messenger:{id}"));
+        }
+        if let Some(number) = &self.sms {
+            keys.push(format!("sms:{number}"));
+        }
+        keys
+    }
+}
+
+/// One message to deliver.
+#[derive(Debug)]
+pub struct Message<'a> {
+    pub token: &'a str,
+    pub code: &'a Code,
+    pub to: &'a Recipients,
+    /// The template with `{code}` and `{minutes}` filled in. It holds the code: only
+    /// ever sent to the provider, never logged (except by the `log` backend).
+    pub text: String,
+}
+
+/// What the provider said when it took the message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Receipt {
+    /// The provider's id for this delivery (`dispatch_uuid`, `message_uuid`).
+    pub reference: Option<String>,
+}
+
+/// Why a delivery did not happen.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeliveryError {
+    /// The provider refused the message; retrying the same request will not help (502).
+    #[error("{0}")]
+    Refused(String),
+    /// The provider could not be reached or was overloaded, after retries (503).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// A delivery backend.
+#[async_trait]
+pub trait Delivery: Send + Sync {
+    /// Sends the message; returns once the provider has accepted it.
+    async fn send(&self, message: &Message<'_>) -> Result<Receipt, DeliveryError>;
+}
+
+/// Fills `{code}` and `{minutes}` into the template.
+pub fn render(template: &str, code: &Code, ttl_secs: u64) -> String {
+    let minutes = ttl_secs.div_ceil(60).max(1);
+    template
+        .replace("{minutes}", &minutes.to_string())
+        .replace("{code}", code.expose())
+}
+
+/// Builds the backend the configuration names.
+pub fn from_config(config: &DeliveryConfig) -> anyhow::Result<Arc<dyn Delivery>> {
+    match config.backend {
+        Backend::Log => Ok(Arc::new(LogDelivery::new(config)?)),
+        Backend::Dispatch | Backend::Messages => anyhow::bail!(
+            "delivery.backend = {:?} is not available in this build",
+            config.backend
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_gets_code_and_whole_minutes() {
+        let code = Code::from_input("123456");
+        assert_eq!(
+            render("{code} for {minutes} min", &code, 300),
+            "123456 for 5 min"
+        );
+        assert_eq!(
+            render("{code} for {minutes} min", &code, 61),
+            "123456 for 2 min"
+        );
+        assert_eq!(
+            render("{code} for {minutes} min", &code, 1),
+            "123456 for 1 min"
+        );
+    }
+
+    #[test]
+    fn recipients_in_failover_order() {
+        let to = Recipients {
+            messenger: Some("42".into()),
+            sms: Some("393331234567".into()),
+        };
+        assert_eq!(to.channels(), vec![Channel::Messenger, Channel::Sms]);
+        assert_eq!(to.limit_keys(), vec!["messenger:42", "sms:393331234567"]);
+    }
+}

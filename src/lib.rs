@@ -1,0 +1,24 @@
+//! otpd: a one-time-password daemon for co-located services.
+//!
+//! A request arrives as a JSON line on the Unix socket ([`server`]), is parsed
+//! ([`protocol`]) and answered ([`handler`]) by the service ([`otp`]), which validates
+//! it, generates the code ([`code`]) and keeps only its keyed digest ([`secret`]) in the
+//! store ([`store`]), whose engines apply the rules of [`rules`] atomically and durably.
+//! Codes reach people through a delivery backend ([`delivery`]); the [`janitor`]
+//! expires and purges finished items in the background. [`daemon`] wires it together
+//! from the [`config`]; [`client`] speaks the protocol for the command-line tools.
+
+pub mod client;
+pub mod code;
+pub mod config;
+pub mod daemon;
+pub mod delivery;
+pub mod handler;
+pub mod janitor;
+pub mod metrics;
+pub mod otp;
+pub mod protocol;
+pub mod rules;
+pub mod secret;
+pub mod server;
+pub mod store;

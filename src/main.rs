@@ -1,0 +1,204 @@
+//! The `otpd` command: the daemon (`serve`) and client tools that speak its socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+use otpd::client::{self, Client};
+use otpd::config::{Config, Overrides, SystemdDirs};
+use otpd::server::Listener;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "One-time-password daemon: create, deliver and verify short codes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long, env = "OTPD_CONFIG")]
+        config: Option<PathBuf>,
+        /// Socket path (beats the file).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Directory for the database and secret (beats the file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Create and deliver a code for TOKEN.
+    Create {
+        token: String,
+        #[arg(long)]
+        sms: Option<String>,
+        #[arg(long)]
+        messenger: Option<String>,
+        /// Validity in seconds (at most the configured ttl).
+        #[arg(long)]
+        ttl: Option<u64>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Verify CODE for TOKEN; exits 0 only when it is valid.
+    Verify {
+        token: String,
+        code: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Cancel TOKEN's pending code.
+    Cancel {
+        token: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Show TOKEN's code state (never the code).
+    Status {
+        token: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Show the daemon's counters.
+    Stats {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Check that the daemon answers.
+    Ping {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+#[derive(clap::Args)]
+struct SocketArg {
+    /// Daemon socket [default: /run/otpd/otpd.sock if present, else ./otpd-data/otpd.sock]
+    #[arg(long, env = "OTPD_SOCKET")]
+    socket: Option<PathBuf>,
+}
+
+impl SocketArg {
+    fn path(&self) -> PathBuf {
+        self.socket.clone().unwrap_or_else(client::default_socket)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("otpd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            socket,
+            data_dir,
+        } => runtime
+            .block_on(serve(config, Overrides { socket, data_dir }))
+            .map(|()| ExitCode::SUCCESS),
+        command => runtime.block_on(run_client(command)),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("otpd: {e:#}");
+        ExitCode::from(2)
+    })
+}
+
+/// Logs go to stderr; under journald without colours or a second timestamp.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OTPD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        use std::io::IsTerminal;
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}
+
+async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
+    let mut config = match &config_file {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    config.resolve_paths(&overrides, &SystemdDirs::from_env());
+    let mode = config.server.socket_mode_bits()?;
+    let listener = Listener::bind(&config.server.socket, mode)?;
+    otpd::daemon::run(config, listener, shutdown_signal()?).await
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+async fn run_client(command: Command) -> anyhow::Result<ExitCode> {
+    let (socket, request) = match command {
+        Command::Serve { .. } => unreachable!("serve is not a client command"),
+        Command::Create {
+            token,
+            sms,
+            messenger,
+            ttl,
+            socket,
+        } => {
+            let mut to = serde_json::Map::new();
+            if let Some(sms) = sms {
+                to.insert("sms".into(), sms.into());
+            }
+            if let Some(messenger) = messenger {
+                to.insert("messenger".into(), messenger.into());
+            }
+            let mut request = json!({"op": "create", "token": token, "to": to});
+            if let Some(ttl) = ttl {
+                request["ttl_secs"] = ttl.into();
+            }
+            (socket, request)
+        }
+        Command::Verify {
+            token,
+            code,
+            socket,
+        } => (
+            socket,
+            json!({"op": "verify", "token": token, "code": code}),
+        ),
+        Command::Cancel { token, socket } => (socket, json!({"op": "cancel", "token": token})),
+        Command::Status { token, socket } => (socket, json!({"op": "status", "token": token})),
+        Command::Stats { socket } => (socket, json!({"op": "stats"})),
+        Command::Ping { socket } => (socket, json!({"op": "ping"})),
+    };
+    let mut client = Client::connect(&socket.path()).await?;
+    let response = client.call(&request).await?;
+    println!("{response}");
+    Ok(if response.get("ok") == Some(&Value::Bool(true)) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

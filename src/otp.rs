@@ -1,0 +1,417 @@
+//! The OTP service: validates input, issues codes, delivers them, verifies them.
+//!
+//! Both front ends (the socket protocol and the HTTP listener) call this one type, so
+//! the rules and limits are the same whichever way a request arrives.
+
+use std::sync::Arc;
+
+use crate::code::Code;
+use crate::config::{CODE_LENGTHS, OtpConfig};
+use crate::delivery::{self, Delivery, DeliveryError, Message, Recipients};
+use crate::janitor::Wakeup;
+use crate::metrics::{Counters, Stats, bump};
+use crate::rules::{Channel, CodeState, Limits, Millis, Refusal, VerifyOutcome, now_ms};
+use crate::secret::ServerSecret;
+use crate::store::{NewCode, Store, StoreError};
+
+/// Why a request did not succeed; each maps to one protocol error code.
+#[derive(Debug, thiserror::Error)]
+pub enum OtpError {
+    #[error("{field}: {reason}")]
+    BadRequest { field: &'static str, reason: String },
+    #[error("no such code for this token")]
+    NotFound,
+    #[error("the code has already been verified")]
+    AlreadyVerified,
+    #[error("the code is expired")]
+    Expired,
+    #[error("too many wrong codes for this token; try again later")]
+    TooManyAttempts { retry_after_secs: u64 },
+    #[error("too many codes sent to this token or recipient; try again later")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("the provider refused the message: {0}")]
+    DeliveryFailed(String),
+    #[error("the provider could not be reached: {0}")]
+    DeliveryUnavailable(String),
+    #[error("internal storage error")]
+    Storage(#[from] StoreError),
+}
+
+impl OtpError {
+    /// The HTTP-like status of the error.
+    pub fn status(&self) -> u16 {
+        match self {
+            OtpError::BadRequest { .. } => 400,
+            OtpError::NotFound => 404,
+            OtpError::AlreadyVerified => 409,
+            OtpError::Expired => 410,
+            OtpError::TooManyAttempts { .. } | OtpError::RateLimited { .. } => 429,
+            OtpError::DeliveryFailed(_) => 502,
+            OtpError::DeliveryUnavailable(_) => 503,
+            OtpError::Storage(_) => 500,
+        }
+    }
+
+    /// The snake_case error code of the protocol.
+    pub fn code(&self) -> &'static str {
+        match self {
+            OtpError::BadRequest { .. } => "bad_request",
+            OtpError::NotFound => "not_found",
+            OtpError::AlreadyVerified => "already_verified",
+            OtpError::Expired => "expired",
+            OtpError::TooManyAttempts { .. } => "too_many_attempts",
+            OtpError::RateLimited { .. } => "rate_limited",
+            OtpError::DeliveryFailed(_) => "delivery_failed",
+            OtpError::DeliveryUnavailable(_) => "delivery_unavailable",
+            OtpError::Storage(_) => "internal_error",
+        }
+    }
+
+    /// Seconds until a retry may succeed, for 429 answers.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            OtpError::TooManyAttempts { retry_after_secs }
+            | OtpError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> OtpError {
+    OtpError::BadRequest {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn secs_rounded_up(ms: Millis) -> u64 {
+    ms.div_ceil(1000).max(1)
+}
+
+/// Longest token accepted.
+pub const MAX_TOKEN_LEN: usize = 128;
+
+/// Checks a token: 1–128 characters of `[A-Za-z0-9._:@-]`.
+pub fn validate_token(token: &str) -> Result<(), OtpError> {
+    if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+        return Err(bad(
+            "token",
+            format!("must be 1 to {MAX_TOKEN_LEN} characters"),
+        ));
+    }
+    if !token
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b".:_@-".contains(&b))
+    {
+        return Err(bad("token", "may only contain A-Z a-z 0-9 . _ : @ -"));
+    }
+    Ok(())
+}
+
+/// Normalises a phone number to E.164 digits without `+`: 7 to 15 digits.
+pub fn normalize_phone(field: &'static str, number: &str) -> Result<String, OtpError> {
+    let digits = number.strip_prefix('+').unwrap_or(number);
+    if (7..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+    {
+        Ok(digits.to_owned())
+    } else {
+        Err(bad(
+            field,
+            "must be an E.164 phone number: 7 to 15 digits, optional leading +, no leading 0",
+        ))
+    }
+}
+
+/// Checks a Messenger page-scoped id: 1 to 32 digits.
+pub fn validate_messenger_id(field: &'static str, id: &str) -> Result<String, OtpError> {
+    if (1..=32).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(id.to_owned())
+    } else {
+        Err(bad(field, "must be a Messenger id: 1 to 32 digits"))
+    }
+}
+
+/// A create as the front ends hand it over (fields not yet validated).
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    pub token: String,
+    pub to: Recipients,
+    pub ttl_secs: Option<u64>,
+    pub code_length: Option<u32>,
+}
+
+/// A created code, as the caller may see it (never the code itself).
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub token: String,
+    pub expires_at: Millis,
+    pub channels: Vec<Channel>,
+}
+
+/// A token's code as `status` reports it.
+#[derive(Debug, Clone)]
+pub struct StatusReport {
+    pub state: CodeState,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    pub attempts: u32,
+    pub locked_until: Option<Millis>,
+    pub channels: Vec<Channel>,
+    pub delivery: crate::rules::DeliveryRecord,
+}
+
+/// The service: configuration, secret, store, delivery and counters.
+pub struct Otp {
+    config: OtpConfig,
+    limits: Limits,
+    secret: ServerSecret,
+    store: Arc<dyn Store>,
+    delivery: Arc<dyn Delivery>,
+    template: String,
+    counters: Arc<Counters>,
+    janitor: Arc<Wakeup>,
+}
+
+impl Otp {
+    pub fn new(
+        config: OtpConfig,
+        secret: ServerSecret,
+        store: Arc<dyn Store>,
+        delivery: Arc<dyn Delivery>,
+        template: String,
+        counters: Arc<Counters>,
+        janitor: Arc<Wakeup>,
+    ) -> Self {
+        Self {
+            limits: Limits::from(&config),
+            config,
+            secret,
+            store,
+            delivery,
+            template,
+            counters,
+            janitor,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// Issues a code for the token and delivers it. Nothing stays live when the
+    /// delivery fails.
+    pub async fn create(&self, request: CreateRequest) -> Result<Created, OtpError> {
+        let CreateRequest {
+            token,
+            to,
+            ttl_secs,
+            code_length,
+        } = request;
+        validate_token(&token)?;
+        if to.messenger.is_none() && to.sms.is_none() {
+            return Err(bad("to", "needs a messenger id or an sms number (or both)"));
+        }
+        let ttl_secs = match ttl_secs {
+            None => self.config.ttl_secs,
+            Some(ttl) if (1..=self.config.ttl_secs).contains(&ttl) => ttl,
+            Some(_) => {
+                return Err(bad(
+                    "ttl_secs",
+                    format!(
+                        "must be 1 to {} (the configured limit)",
+                        self.config.ttl_secs
+                    ),
+                ));
+            }
+        };
+        let code_length = match code_length {
+            None => self.config.code_length,
+            Some(len) if (self.config.code_length..=*CODE_LENGTHS.end()).contains(&len) => len,
+            Some(_) => {
+                return Err(bad(
+                    "code_length",
+                    format!(
+                        "must be {} to {} (shorter than configured is not allowed)",
+                        self.config.code_length,
+                        CODE_LENGTHS.end()
+                    ),
+                ));
+            }
+        };
+
+        let code = Code::generate(code_length);
+        let digest = code.digest(&self.secret, &token);
+        let now = now_ms();
+        let expires_at = now + ttl_secs * 1000;
+        let new = NewCode {
+            token: token.clone(),
+            digest,
+            recipients: to.limit_keys(),
+            channels: to.channels(),
+            created_at: now,
+            expires_at,
+        };
+        match self.store.create(&new, now).await? {
+            Ok(()) => {}
+            Err(Refusal::Locked { retry_after }) => {
+                return Err(OtpError::TooManyAttempts {
+                    retry_after_secs: secs_rounded_up(retry_after),
+                });
+            }
+            Err(Refusal::RateLimited { retry_after }) => {
+                bump(&self.counters.rate_limited);
+                return Err(OtpError::RateLimited {
+                    retry_after_secs: secs_rounded_up(retry_after),
+                });
+            }
+        }
+        self.janitor
+            .due_by(expires_at.min(now + self.limits.send_window));
+
+        let message = Message {
+            token: &token,
+            code: &code,
+            to: &to,
+            text: delivery::render(&self.template, &code, ttl_secs),
+        };
+        match self.delivery.send(&message).await {
+            Ok(receipt) => {
+                if let Some(reference) = &receipt.reference {
+                    self.store
+                        .set_delivery_reference(&token, &digest, reference)
+                        .await?;
+                }
+            }
+            Err(error) => {
+                bump(&self.counters.delivery_failed);
+                if let Err(e) = self.store.discard(&token, &digest).await {
+                    tracing::error!(token, error = %e, "could not discard an undelivered code");
+                }
+                tracing::warn!(token, %error, "delivery failed; the code was discarded");
+                return Err(match error {
+                    DeliveryError::Refused(detail) => OtpError::DeliveryFailed(detail),
+                    DeliveryError::Unavailable(detail) => OtpError::DeliveryUnavailable(detail),
+                });
+            }
+        }
+        bump(&self.counters.created);
+        Ok(Created {
+            token,
+            expires_at,
+            channels: new.channels,
+        })
+    }
+
+    /// Checks a code typed by a person.
+    pub async fn verify(&self, token: &str, code: &str) -> Result<(), OtpError> {
+        validate_token(token)?;
+        let lengths = self.config.code_length..=*CODE_LENGTHS.end();
+        if !lengths.contains(&(code.len() as u32)) || !code.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad(
+                "code",
+                format!("must be {} to {} digits", lengths.start(), lengths.end()),
+            ));
+        }
+        let digest = Code::from_input(code).digest(&self.secret, token);
+        match self.store.verify(token, &digest, now_ms()).await? {
+            VerifyOutcome::Valid => {
+                bump(&self.counters.verified);
+                Ok(())
+            }
+            VerifyOutcome::NotFound => {
+                bump(&self.counters.failed);
+                Err(OtpError::NotFound)
+            }
+            VerifyOutcome::AlreadyVerified => Err(OtpError::AlreadyVerified),
+            VerifyOutcome::Expired => Err(OtpError::Expired),
+            VerifyOutcome::TooManyAttempts {
+                retry_after,
+                just_locked,
+            } => {
+                if just_locked {
+                    bump(&self.counters.locked);
+                }
+                Err(OtpError::TooManyAttempts {
+                    retry_after_secs: secs_rounded_up(retry_after),
+                })
+            }
+        }
+    }
+
+    /// Ends the token's pending code.
+    pub async fn cancel(&self, token: &str) -> Result<(), OtpError> {
+        validate_token(token)?;
+        if self.store.cancel(token, now_ms()).await? {
+            bump(&self.counters.cancelled);
+            Ok(())
+        } else {
+            Err(OtpError::NotFound)
+        }
+    }
+
+    /// The token's code: state, times, attempts and delivery; never the code.
+    pub async fn status(&self, token: &str) -> Result<StatusReport, OtpError> {
+        validate_token(token)?;
+        let status = self.store.status(token).await?.ok_or(OtpError::NotFound)?;
+        let now = now_ms();
+        Ok(StatusReport {
+            state: status.code.state_at(now),
+            created_at: status.code.created_at,
+            expires_at: status.code.expires_at,
+            attempts: status.attempts,
+            locked_until: status.locked_until.filter(|&until| until > now),
+            channels: status.code.channels,
+            delivery: status.code.delivery,
+        })
+    }
+
+    /// The counters since start-up, with the live count from the store.
+    pub fn stats(&self) -> Stats {
+        self.counters.snapshot(self.store.live())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens() {
+        assert!(validate_token("abc-123_x.y:z@w").is_ok());
+        assert!(validate_token("").is_err());
+        assert!(validate_token(&"a".repeat(129)).is_err());
+        assert!(validate_token("a b").is_err());
+        assert!(validate_token("ü").is_err());
+    }
+
+    #[test]
+    fn phone_numbers() {
+        assert_eq!(
+            normalize_phone("sms", "+393331234567").unwrap(),
+            "393331234567"
+        );
+        assert_eq!(
+            normalize_phone("sms", "393331234567").unwrap(),
+            "393331234567"
+        );
+        assert!(normalize_phone("sms", "123456").is_err());
+        assert!(normalize_phone("sms", "1234567890123456").is_err());
+        assert!(normalize_phone("sms", "+39 333").is_err());
+        assert!(normalize_phone("sms", "0039333123456").is_err());
+        let err = normalize_phone("phoneNumber", "x").unwrap_err();
+        assert!(err.to_string().starts_with("phoneNumber:"));
+    }
+
+    #[test]
+    fn messenger_ids() {
+        assert!(validate_messenger_id("messenger", "8192836451").is_ok());
+        assert!(validate_messenger_id("messenger", "81a").is_err());
+        assert!(validate_messenger_id("messenger", "").is_err());
+    }
+}

@@ -1,0 +1,500 @@
+//! The socket protocol: one JSON object per line, answered by one JSON object per line.
+//!
+//! Requests are parsed by hand from a JSON object so that every error names the field
+//! it is about; responses are typed and serialised with serde. See README.md for the
+//! full reference with an example per op.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::delivery::Recipients;
+use crate::metrics::Stats;
+use crate::otp::{self, CreateRequest, OtpError};
+
+/// A parsed request.
+#[derive(Debug, Clone)]
+pub enum Request {
+    Create(CreateRequest),
+    Verify { token: String, code: String },
+    Cancel { token: String },
+    Status { token: String },
+    Stats,
+    Ping,
+}
+
+/// A request that could not be parsed: answered with 400.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub error: &'static str,
+    pub message: String,
+}
+
+fn bad_request(field: &str, reason: &str) -> ProtocolError {
+    ProtocolError {
+        error: "bad_request",
+        message: format!("{field}: {reason}"),
+    }
+}
+
+/// A request line: its `id` (echoed back, even when the rest is bad) and the request.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub id: Option<Value>,
+    pub request: Result<Request, ProtocolError>,
+}
+
+/// The fields an object may carry, so that a misspelt key is an error, not ignored.
+fn check_fields(
+    object: &Map<String, Value>,
+    allowed: &[&str],
+    within: &str,
+) -> Result<(), ProtocolError> {
+    match object.keys().find(|key| !allowed.contains(&key.as_str())) {
+        Some(key) => Err(bad_request(
+            &format!("{within}{key}"),
+            &format!("unknown field; expected one of: {}", allowed.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn required_str(object: &Map<String, Value>, field: &str) -> Result<String, ProtocolError> {
+    match object.get(field) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(bad_request(field, "must be a string")),
+        None => Err(bad_request(field, "is required")),
+    }
+}
+
+/// A string field that may also be given as a JSON number (phone numbers and Messenger
+/// ids often are, in the tutorial's clients).
+fn optional_id(
+    object: &Map<String, Value>,
+    field: &str,
+    label: &str,
+) -> Result<Option<String>, ProtocolError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) if n.is_u64() => Ok(Some(n.to_string())),
+        Some(_) => Err(bad_request(label, "must be a string of digits")),
+    }
+}
+
+fn optional_u64(object: &Map<String, Value>, field: &str) -> Result<Option<u64>, ProtocolError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => value
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| bad_request(field, "must be a whole number")),
+    }
+}
+
+/// Fields of a create that name recipients, top level or inside `to`.
+const RECIPIENT_FIELDS: [&str; 4] = ["messenger", "sms", "messengerId", "phoneNumber"];
+
+/// Reads the recipients of a create: `to.messenger` / `to.sms`, or the tutorial's
+/// `messengerId` / `phoneNumber` at top level or inside `to`.
+fn parse_recipients(object: &Map<String, Value>) -> Result<Recipients, ProtocolError> {
+    let mut found: Vec<(String, &'static str, String)> = Vec::new();
+    let mut collect = |object: &Map<String, Value>, prefix: &str, fields: &[&'static str]| {
+        for &field in fields {
+            let label = format!("{prefix}{field}");
+            if let Some(value) = optional_id(object, field, &label)? {
+                found.push((label, field, value));
+            }
+        }
+        Ok::<(), ProtocolError>(())
+    };
+    collect(object, "", &["messengerId", "phoneNumber"])?;
+    match object.get("to") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(to)) => {
+            check_fields(to, &RECIPIENT_FIELDS, "to.")?;
+            collect(to, "to.", &RECIPIENT_FIELDS)?;
+        }
+        Some(_) => return Err(bad_request("to", "must be an object")),
+    }
+    let mut recipients = Recipients::default();
+    for (label, field, value) in found {
+        let (slot, normalized) = match field {
+            "messenger" | "messengerId" => (
+                &mut recipients.messenger,
+                otp::validate_messenger_id("messenger", &value),
+            ),
+            _ => (&mut recipients.sms, otp::normalize_phone("sms", &value)),
+        };
+        let normalized = normalized.map_err(|e| match e {
+            OtpError::BadRequest { reason, .. } => bad_request(&label, &reason),
+            other => bad_request(&label, &other.to_string()),
+        })?;
+        if slot.replace(normalized).is_some() {
+            return Err(bad_request(&label, "given twice"));
+        }
+    }
+    Ok(recipients)
+}
+
+fn parse_object(object: &Map<String, Value>) -> Result<Request, ProtocolError> {
+    let op = match object.get("op") {
+        Some(Value::String(op)) => op.as_str(),
+        Some(_) => return Err(bad_request("op", "must be a string")),
+        None => return Err(bad_request("op", "is required")),
+    };
+    match op {
+        "create" => {
+            check_fields(
+                object,
+                &[
+                    "op",
+                    "id",
+                    "token",
+                    "to",
+                    "messengerId",
+                    "phoneNumber",
+                    "ttl_secs",
+                    "code_length",
+                ],
+                "",
+            )?;
+            let code_length = optional_u64(object, "code_length")?
+                .map(|len| {
+                    u32::try_from(len).map_err(|_| bad_request("code_length", "is too large"))
+                })
+                .transpose()?;
+            Ok(Request::Create(CreateRequest {
+                token: required_str(object, "token")?,
+                to: parse_recipients(object)?,
+                ttl_secs: optional_u64(object, "ttl_secs")?,
+                code_length,
+            }))
+        }
+        "verify" => {
+            check_fields(object, &["op", "id", "token", "code"], "")?;
+            Ok(Request::Verify {
+                token: required_str(object, "token")?,
+                code: required_str(object, "code")?,
+            })
+        }
+        "cancel" | "status" => {
+            check_fields(object, &["op", "id", "token"], "")?;
+            let token = required_str(object, "token")?;
+            Ok(if op == "cancel" {
+                Request::Cancel { token }
+            } else {
+                Request::Status { token }
+            })
+        }
+        "stats" | "ping" => {
+            check_fields(object, &["op", "id"], "")?;
+            Ok(if op == "stats" {
+                Request::Stats
+            } else {
+                Request::Ping
+            })
+        }
+        other => Err(ProtocolError {
+            error: "unknown_op",
+            message: format!(
+                "op: unknown op {other:?}; expected create, verify, cancel, status, stats or ping"
+            ),
+        }),
+    }
+}
+
+/// Parses one request line (without its `\n`).
+pub fn parse(line: &[u8]) -> Envelope {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Envelope {
+            id: None,
+            request: Err(ProtocolError {
+                error: "bad_json",
+                message: "empty line: expected a JSON object".into(),
+            }),
+        };
+    }
+    let value: Value = match serde_json::from_slice(line) {
+        Ok(value) => value,
+        Err(e) => {
+            return Envelope {
+                id: None,
+                request: Err(ProtocolError {
+                    error: "bad_json",
+                    message: format!("request is not valid JSON: {e}"),
+                }),
+            };
+        }
+    };
+    let Value::Object(object) = value else {
+        return Envelope {
+            id: None,
+            request: Err(ProtocolError {
+                error: "bad_json",
+                message: "request must be a JSON object".into(),
+            }),
+        };
+    };
+    let id = object.get("id").cloned();
+    let request = match &id {
+        Some(Value::String(_) | Value::Number(_)) | None => parse_object(&object),
+        Some(_) => Err(bad_request("id", "must be a string or a number")),
+    };
+    // An id of the wrong type is not echoed back: it is not one the client can match.
+    let id = id.filter(|id| id.is_string() || id.is_number());
+    Envelope { id, request }
+}
+
+/// The body of a successful answer.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Body {
+    Created {
+        token: String,
+        expires_at: String,
+        channels: Vec<&'static str>,
+    },
+    Verified {
+        result: &'static str,
+    },
+    Cancelled {
+        result: &'static str,
+    },
+    Status {
+        token: String,
+        state: &'static str,
+        created_at: String,
+        expires_at: String,
+        attempts: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        locked_until: Option<String>,
+        channels: Vec<&'static str>,
+        delivery: DeliveryView,
+    },
+    Stats(Stats),
+    Pong {
+        version: &'static str,
+    },
+    Error {
+        error: &'static str,
+        message: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_secs: Option<u64>,
+    },
+}
+
+/// Delivery facts shown by `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryView {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    pub events: Vec<DeliveryEventView>,
+}
+
+/// One provider status report, as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryEventView {
+    pub at: String,
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// One answer line.
+#[derive(Debug, Clone, Serialize)]
+pub struct Response {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<Value>,
+    pub ok: bool,
+    pub status: u16,
+    #[serde(flatten)]
+    pub body: Body,
+}
+
+impl Response {
+    /// A success answer.
+    pub fn ok(id: Option<Value>, status: u16, body: Body) -> Self {
+        Self {
+            id,
+            ok: true,
+            status,
+            body,
+        }
+    }
+
+    /// An error answer.
+    pub fn error(
+        id: Option<Value>,
+        status: u16,
+        error: &'static str,
+        message: String,
+        retry_after_secs: Option<u64>,
+    ) -> Self {
+        Self {
+            id,
+            ok: false,
+            status,
+            body: Body::Error {
+                error,
+                message,
+                retry_after_secs,
+            },
+        }
+    }
+
+    /// The answer to a service error.
+    pub fn from_otp_error(id: Option<Value>, error: &OtpError) -> Self {
+        Self::error(
+            id,
+            error.status(),
+            error.code(),
+            error.to_string(),
+            error.retry_after_secs(),
+        )
+    }
+
+    /// The answer to a request that could not be parsed.
+    pub fn from_protocol_error(id: Option<Value>, error: ProtocolError) -> Self {
+        Self::error(id, 400, error.error, error.message, None)
+    }
+
+    /// The line to write, with its `\n`.
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).expect("responses serialise");
+        line.push(b'\n');
+        line
+    }
+}
+
+/// Formats wall-clock milliseconds as RFC 3339 UTC (`2026-11-26T09:05:00.123Z`).
+pub fn timestamp(ms: crate::rules::Millis) -> String {
+    jiff::Timestamp::from_millisecond(ms as i64)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(line: &str) -> Envelope {
+        parse(line.as_bytes())
+    }
+
+    fn error_of(line: &str) -> ProtocolError {
+        parse_str(line).request.unwrap_err()
+    }
+
+    #[test]
+    fn create_with_design_body() {
+        let env = parse_str(
+            r#"{"op":"create","id":7,"token":"123","to":{"messenger":"8192836451","sms":"+393331234567"}}"#,
+        );
+        assert_eq!(env.id, Some(Value::from(7)));
+        let Request::Create(create) = env.request.unwrap() else {
+            panic!()
+        };
+        assert_eq!(create.to.messenger.as_deref(), Some("8192836451"));
+        assert_eq!(create.to.sms.as_deref(), Some("393331234567"));
+    }
+
+    #[test]
+    fn create_with_tutorial_body_at_top_level_and_in_to() {
+        for line in [
+            r#"{"op":"create","token":"t","messengerId":"42","phoneNumber":"393331234567"}"#,
+            r#"{"op":"create","token":"t","to":{"messengerId":42,"phoneNumber":"393331234567"}}"#,
+        ] {
+            let Request::Create(create) = parse_str(line).request.unwrap() else {
+                panic!()
+            };
+            assert_eq!(create.to.messenger.as_deref(), Some("42"), "{line}");
+            assert_eq!(create.to.sms.as_deref(), Some("393331234567"), "{line}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(error_of("{").error, "bad_json");
+        assert_eq!(error_of("[1]").error, "bad_json");
+        assert!(error_of(r#"{"token":"x"}"#).message.starts_with("op:"));
+        assert_eq!(error_of(r#"{"op":"fly"}"#).error, "unknown_op");
+        assert!(
+            error_of(r#"{"op":"verify","token":"x"}"#)
+                .message
+                .starts_with("code:")
+        );
+        assert!(
+            error_of(r#"{"op":"verify","token":5,"code":"1"}"#)
+                .message
+                .starts_with("token:")
+        );
+        assert!(
+            error_of(r#"{"op":"create","token":"t","to":{"sms":"12"}}"#)
+                .message
+                .starts_with("to.sms:")
+        );
+        assert!(
+            error_of(r#"{"op":"create","token":"t","phoneNumber":"x"}"#)
+                .message
+                .starts_with("phoneNumber:")
+        );
+        assert!(
+            error_of(r#"{"op":"create","token":"t","ttl":5}"#)
+                .message
+                .starts_with("ttl:")
+        );
+        assert!(
+            error_of(r#"{"op":"create","token":"t","to":{"email":"a"}}"#)
+                .message
+                .starts_with("to.email:")
+        );
+        assert!(
+            error_of(r#"{"op":"create","token":"t","ttl_secs":-1}"#)
+                .message
+                .starts_with("ttl_secs:")
+        );
+        assert!(
+            error_of(r#"{"op":"create","token":"t","phoneNumber":"393331234567","to":{"sms":"393331234567"}}"#)
+                .message
+                .contains("given twice")
+        );
+    }
+
+    #[test]
+    fn id_is_echoed_even_when_the_request_is_bad() {
+        let env = parse_str(r#"{"op":"nope","id":"abc"}"#);
+        assert_eq!(env.id, Some(Value::from("abc")));
+        assert!(env.request.is_err());
+        let env = parse_str(r#"{"op":"ping","id":[1]}"#);
+        assert_eq!(env.id, None);
+        assert!(env.request.unwrap_err().message.starts_with("id:"));
+    }
+
+    #[test]
+    fn responses_serialise_flat() {
+        let line = Response::ok(
+            Some(Value::from(1)),
+            200,
+            Body::Verified { result: "valid" },
+        )
+        .to_line();
+        assert_eq!(
+            line,
+            b"{\"id\":1,\"ok\":true,\"status\":200,\"result\":\"valid\"}\n"
+        );
+        let line =
+            Response::error(None, 429, "rate_limited", "slow down".into(), Some(30)).to_line();
+        assert_eq!(
+            String::from_utf8(line).unwrap(),
+            "{\"ok\":false,\"status\":429,\"error\":\"rate_limited\",\"message\":\"slow down\",\"retry_after_secs\":30}\n"
+        );
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(timestamp(1_795_683_900_000), "2026-11-26T09:05:00Z");
+        assert_eq!(timestamp(1_795_683_900_123), "2026-11-26T09:05:00.123Z");
+    }
+}

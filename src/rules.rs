@@ -1,0 +1,542 @@
+//! The OTP rules of DESIGN.md as pure state transitions over stored records.
+//!
+//! A storage engine reads the records a request touches, asks these functions what the
+//! answer is and what to write, and writes it atomically. Keeping the rules free of I/O
+//! means every engine applies the same rules, and they are tested here without a store.
+
+use serde::{Deserialize, Serialize};
+
+use crate::code::Digest;
+use crate::config::OtpConfig;
+
+/// Wall-clock milliseconds since the Unix epoch: deadlines outlive the process.
+pub type Millis = u64;
+
+/// The current wall-clock time in [`Millis`].
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// The limits of `[otp]`, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_attempts: u32,
+    pub lock: Millis,
+    pub retain: Millis,
+    pub max_sends: u32,
+    pub send_window: Millis,
+    pub resend_cooldown: Millis,
+}
+
+impl From<&OtpConfig> for Limits {
+    fn from(c: &OtpConfig) -> Self {
+        Self {
+            max_attempts: c.max_attempts,
+            lock: c.lock_secs * 1000,
+            retain: c.retain_secs * 1000,
+            max_sends: c.max_sends_per_recipient,
+            send_window: c.send_window_secs * 1000,
+            resend_cooldown: c.resend_cooldown_secs * 1000,
+        }
+    }
+}
+
+/// A delivery channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    Messenger,
+    Sms,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Messenger => "messenger",
+            Channel::Sms => "sms",
+        }
+    }
+}
+
+/// Where a code stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CodeState {
+    /// Issued and not yet used; verifies until `expires_at`.
+    Pending,
+    Verified,
+    Expired,
+    Cancelled,
+    /// Invalidated because its token was locked after too many wrong codes.
+    Locked,
+}
+
+impl CodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CodeState::Pending => "pending",
+            CodeState::Verified => "verified",
+            CodeState::Expired => "expired",
+            CodeState::Cancelled => "cancelled",
+            CodeState::Locked => "locked",
+        }
+    }
+}
+
+/// A status report from the delivery provider (Vonage webhooks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryEvent {
+    pub at: Millis,
+    pub status: String,
+    pub channel: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// What is known about a code's delivery.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    /// The provider's id for the delivery (`dispatch_uuid`, `message_uuid`).
+    pub reference: Option<String>,
+    pub events: Vec<DeliveryEvent>,
+}
+
+/// Most delivery events kept per code; a chatty provider cannot grow a record forever.
+pub const MAX_DELIVERY_EVENTS: usize = 16;
+
+impl DeliveryRecord {
+    /// Appends an event, dropping the oldest beyond [`MAX_DELIVERY_EVENTS`].
+    pub fn push(&mut self, event: DeliveryEvent) {
+        if self.events.len() >= MAX_DELIVERY_EVENTS {
+            self.events.remove(0);
+        }
+        self.events.push(event);
+    }
+}
+
+/// A code, stored under token 0x00 digest. Never holds the code itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeRecord {
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    pub state: CodeState,
+    pub channels: Vec<Channel>,
+    pub delivery: DeliveryRecord,
+    /// The time of this record's entry in the expiry index, if it has one.
+    pub indexed_at: Option<Millis>,
+}
+
+impl CodeRecord {
+    pub fn new(created_at: Millis, expires_at: Millis, channels: Vec<Channel>) -> Self {
+        Self {
+            created_at,
+            expires_at,
+            state: CodeState::Pending,
+            channels,
+            delivery: DeliveryRecord::default(),
+            indexed_at: None,
+        }
+    }
+
+    /// The state as of `now`: a pending code past its expiry is expired even when the
+    /// janitor has not come by yet.
+    pub fn state_at(&self, now: Millis) -> CodeState {
+        if self.state == CodeState::Pending && now >= self.expires_at {
+            CodeState::Expired
+        } else {
+            self.state
+        }
+    }
+
+    /// When the janitor must look at this record again: at expiry while pending, then
+    /// `retain` later to purge it.
+    pub fn due_at(&self, limits: &Limits) -> Millis {
+        if self.state == CodeState::Pending {
+            self.expires_at
+        } else {
+            self.expires_at.saturating_add(limits.retain)
+        }
+    }
+}
+
+/// Per-token state: which code is live, wrong guesses, the lock, recent sends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Digest of the token's one code (live or finished but retained).
+    pub live: Option<Digest>,
+    /// Wrong codes since the last valid verify or the end of the last lock.
+    pub attempts: u32,
+    pub locked_until: Option<Millis>,
+    /// Send times within the send window, oldest first.
+    pub sends: Vec<Millis>,
+    pub indexed_at: Option<Millis>,
+}
+
+/// Per-recipient (channel + address) send times, for the rate limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecipientRecord {
+    pub sends: Vec<Millis>,
+    pub indexed_at: Option<Millis>,
+}
+
+/// Why a create was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The token is locked after too many wrong codes.
+    Locked { retry_after: Millis },
+    /// Too many or too frequent sends for the token or a recipient.
+    RateLimited { retry_after: Millis },
+}
+
+/// The answer to a verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyOutcome {
+    Valid,
+    NotFound,
+    AlreadyVerified,
+    /// Expired, cancelled, or invalidated by a lock that has since ended.
+    Expired,
+    /// The token is locked; `just_locked` when this very verify locked it.
+    TooManyAttempts {
+        retry_after: Millis,
+        just_locked: bool,
+    },
+}
+
+/// Drops send times that fell out of the window, then checks the cooldown and the count.
+/// On refusal returns how long until a send would be allowed.
+fn check_sends(sends: &mut Vec<Millis>, now: Millis, limits: &Limits) -> Result<(), Millis> {
+    sends.retain(|&t| now.saturating_sub(t) < limits.send_window);
+    if let Some(&last) = sends.last() {
+        let cooldown_end = last.saturating_add(limits.resend_cooldown);
+        if now < cooldown_end {
+            return Err(cooldown_end - now);
+        }
+    }
+    let max = limits.max_sends as usize;
+    if sends.len() >= max {
+        let must_age_out = sends[sends.len() - max];
+        return Err(must_age_out.saturating_add(limits.send_window) - now);
+    }
+    Ok(())
+}
+
+impl TokenRecord {
+    /// Ends a lock whose time is over; the end of a lock clears the wrong-code count.
+    fn end_lock_if_over(&mut self, now: Millis) -> bool {
+        match self.locked_until {
+            Some(until) if until <= now => {
+                self.locked_until = None;
+                self.attempts = 0;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// When the record can go: never while it has a code (the code's purge comes back
+    /// for it), else once the lock is over and the last send left the window.
+    pub fn purge_at(&self, limits: &Limits) -> Option<Millis> {
+        if self.live.is_some() {
+            return None;
+        }
+        let last_send = self
+            .sends
+            .last()
+            .map_or(0, |t| t.saturating_add(limits.send_window));
+        Some(self.locked_until.unwrap_or(0).max(last_send))
+    }
+}
+
+impl RecipientRecord {
+    /// When the record can go: once its last send left the window.
+    pub fn purge_at(&self, limits: &Limits) -> Millis {
+        self.sends
+            .last()
+            .map_or(0, |t| t.saturating_add(limits.send_window))
+    }
+}
+
+/// What a create changes: the token's new state and the code it replaces.
+#[derive(Debug)]
+pub struct CreatePlan {
+    pub token: TokenRecord,
+    /// The previous code of the token, to be deleted (it then answers 404).
+    pub replaced: Option<Digest>,
+}
+
+/// Decides a create: refuses a locked token and sends beyond the rate limits, else
+/// records the send on the token and on every recipient (mutated in place).
+pub fn plan_create(
+    token: Option<TokenRecord>,
+    recipients: &mut [RecipientRecord],
+    digest: Digest,
+    now: Millis,
+    limits: &Limits,
+) -> Result<CreatePlan, Refusal> {
+    let mut token = token.unwrap_or_default();
+    token.end_lock_if_over(now);
+    if let Some(until) = token.locked_until {
+        return Err(Refusal::Locked {
+            retry_after: until - now,
+        });
+    }
+    let mut wait = check_sends(&mut token.sends, now, limits).err();
+    for recipient in recipients.iter_mut() {
+        if let Err(w) = check_sends(&mut recipient.sends, now, limits) {
+            wait = Some(wait.map_or(w, |v| v.max(w)));
+        }
+    }
+    if let Some(retry_after) = wait {
+        return Err(Refusal::RateLimited { retry_after });
+    }
+    token.sends.push(now);
+    for recipient in recipients.iter_mut() {
+        recipient.sends.push(now);
+    }
+    let replaced = token.live.replace(digest);
+    Ok(CreatePlan { token, replaced })
+}
+
+/// What a verify changes.
+#[derive(Debug)]
+pub struct VerifyPlan {
+    pub outcome: VerifyOutcome,
+    /// The token's new record, when it changed.
+    pub token: Option<TokenRecord>,
+    /// The probed code's new record, when it changed.
+    pub code: Option<CodeRecord>,
+    /// The token just got locked: its live code must be invalidated.
+    pub invalidate_live: bool,
+}
+
+/// Decides a verify. `probed` is the record stored under the token and the digest of
+/// the typed code: present only when the code is (or was) the token's code.
+pub fn plan_verify(
+    token: Option<TokenRecord>,
+    probed: Option<CodeRecord>,
+    now: Millis,
+    limits: &Limits,
+) -> VerifyPlan {
+    let unchanged = |outcome| VerifyPlan {
+        outcome,
+        token: None,
+        code: None,
+        invalidate_live: false,
+    };
+    // An unknown token counts nothing: a guesser must not be able to fill the store.
+    let Some(mut token) = token else {
+        return unchanged(VerifyOutcome::NotFound);
+    };
+    let lock_ended = token.end_lock_if_over(now);
+    if let Some(until) = token.locked_until {
+        return unchanged(VerifyOutcome::TooManyAttempts {
+            retry_after: until - now,
+            just_locked: false,
+        });
+    }
+    let changed_token = |token: TokenRecord| lock_ended.then_some(token);
+    match probed {
+        Some(mut code) => match code.state_at(now) {
+            CodeState::Pending => {
+                code.state = CodeState::Verified;
+                token.attempts = 0;
+                VerifyPlan {
+                    outcome: VerifyOutcome::Valid,
+                    token: Some(token),
+                    code: Some(code),
+                    invalidate_live: false,
+                }
+            }
+            CodeState::Verified => VerifyPlan {
+                token: changed_token(token),
+                ..unchanged(VerifyOutcome::AlreadyVerified)
+            },
+            CodeState::Expired | CodeState::Cancelled | CodeState::Locked => VerifyPlan {
+                token: changed_token(token),
+                ..unchanged(VerifyOutcome::Expired)
+            },
+        },
+        None => {
+            token.attempts += 1;
+            if token.attempts >= limits.max_attempts {
+                token.locked_until = Some(now.saturating_add(limits.lock));
+                VerifyPlan {
+                    outcome: VerifyOutcome::TooManyAttempts {
+                        retry_after: limits.lock,
+                        just_locked: true,
+                    },
+                    token: Some(token),
+                    code: None,
+                    invalidate_live: true,
+                }
+            } else {
+                VerifyPlan {
+                    outcome: VerifyOutcome::NotFound,
+                    token: Some(token),
+                    code: None,
+                    invalidate_live: false,
+                }
+            }
+        }
+    }
+}
+
+/// Ends a code early (cancel or lock) when it is still pending; returns whether it was.
+pub fn finish_pending(code: &mut CodeRecord, state: CodeState, now: Millis) -> bool {
+    if code.state_at(now) == CodeState::Pending {
+        code.state = state;
+        true
+    } else {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_attempts: 3,
+        lock: 900_000,
+        retain: 3_600_000,
+        max_sends: 2,
+        send_window: 900_000,
+        resend_cooldown: 30_000,
+    };
+    const D1: Digest = Digest([1; 16]);
+    const D2: Digest = Digest([2; 16]);
+
+    fn pending(now: Millis) -> CodeRecord {
+        CodeRecord::new(now, now + 300_000, vec![Channel::Sms])
+    }
+
+    #[test]
+    fn create_replaces_the_previous_code() {
+        let plan = plan_create(None, &mut [], D1, 0, &LIMITS).unwrap();
+        assert_eq!(plan.replaced, None);
+        let plan = plan_create(Some(plan.token), &mut [], D2, 60_000, &LIMITS).unwrap();
+        assert_eq!(plan.replaced, Some(D1));
+        assert_eq!(plan.token.live, Some(D2));
+    }
+
+    #[test]
+    fn cooldown_and_window_limit_sends() {
+        let mut recipient = [RecipientRecord::default()];
+        let first = plan_create(None, &mut recipient, D1, 0, &LIMITS).unwrap();
+        let err = plan_create(
+            Some(first.token.clone()),
+            &mut recipient.clone(),
+            D2,
+            10_000,
+            &LIMITS,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            Refusal::RateLimited {
+                retry_after: 20_000
+            }
+        );
+        // A new token, same recipient: the recipient's own limit applies.
+        let second = plan_create(None, &mut recipient, D2, 40_000, &LIMITS).unwrap();
+        assert_eq!(second.token.sends, vec![40_000]);
+        let err = plan_create(None, &mut recipient, D1, 100_000, &LIMITS).unwrap_err();
+        assert_eq!(
+            err,
+            Refusal::RateLimited {
+                retry_after: 800_000
+            }
+        );
+        // Once the window has passed, sends are allowed again.
+        assert!(plan_create(None, &mut recipient, D1, 900_001, &LIMITS).is_ok());
+    }
+
+    #[test]
+    fn right_code_verifies_once() {
+        let token = plan_create(None, &mut [], D1, 0, &LIMITS).unwrap().token;
+        let plan = plan_verify(Some(token.clone()), Some(pending(0)), 1_000, &LIMITS);
+        assert_eq!(plan.outcome, VerifyOutcome::Valid);
+        let verified = plan.code.unwrap();
+        let plan = plan_verify(Some(token), Some(verified), 2_000, &LIMITS);
+        assert_eq!(plan.outcome, VerifyOutcome::AlreadyVerified);
+        assert!(plan.code.is_none() && plan.token.is_none());
+    }
+
+    #[test]
+    fn expired_code_answers_expired() {
+        let token = plan_create(None, &mut [], D1, 0, &LIMITS).unwrap().token;
+        let plan = plan_verify(Some(token), Some(pending(0)), 300_000, &LIMITS);
+        assert_eq!(plan.outcome, VerifyOutcome::Expired);
+    }
+
+    #[test]
+    fn unknown_token_counts_nothing() {
+        let plan = plan_verify(None, None, 0, &LIMITS);
+        assert_eq!(plan.outcome, VerifyOutcome::NotFound);
+        assert!(plan.token.is_none());
+    }
+
+    #[test]
+    fn wrong_codes_lock_the_token_and_the_lock_ends() {
+        let mut token = plan_create(None, &mut [], D1, 0, &LIMITS).unwrap().token;
+        for attempt in 1..LIMITS.max_attempts {
+            let plan = plan_verify(Some(token), None, 1_000, &LIMITS);
+            assert_eq!(plan.outcome, VerifyOutcome::NotFound);
+            token = plan.token.unwrap();
+            assert_eq!(token.attempts, attempt);
+        }
+        let plan = plan_verify(Some(token), None, 1_000, &LIMITS);
+        assert_eq!(
+            plan.outcome,
+            VerifyOutcome::TooManyAttempts {
+                retry_after: LIMITS.lock,
+                just_locked: true
+            }
+        );
+        assert!(plan.invalidate_live);
+        let token = plan.token.unwrap();
+        // While locked, even the right code is refused, and so is a create.
+        let plan = plan_verify(Some(token.clone()), Some(pending(0)), 2_000, &LIMITS);
+        assert_eq!(
+            plan.outcome,
+            VerifyOutcome::TooManyAttempts {
+                retry_after: 899_000,
+                just_locked: false
+            }
+        );
+        let err = plan_create(Some(token.clone()), &mut [], D2, 2_000, &LIMITS).unwrap_err();
+        assert_eq!(
+            err,
+            Refusal::Locked {
+                retry_after: 899_000
+            }
+        );
+        // After the lock the count is clear and a create works.
+        let plan = plan_create(Some(token), &mut [], D2, 901_000, &LIMITS).unwrap();
+        assert_eq!(plan.token.attempts, 0);
+        assert_eq!(plan.token.locked_until, None);
+    }
+
+    #[test]
+    fn a_new_create_does_not_reset_the_count() {
+        let token = plan_create(None, &mut [], D1, 0, &LIMITS).unwrap().token;
+        let token = plan_verify(Some(token), None, 1_000, &LIMITS)
+            .token
+            .unwrap();
+        let token = plan_create(Some(token), &mut [], D2, 31_000, &LIMITS)
+            .unwrap()
+            .token;
+        assert_eq!(token.attempts, 1);
+    }
+
+    #[test]
+    fn token_record_stays_while_it_has_a_code() {
+        let mut token = plan_create(None, &mut [], D1, 0, &LIMITS).unwrap().token;
+        assert_eq!(token.purge_at(&LIMITS), None);
+        token.live = None;
+        assert_eq!(token.purge_at(&LIMITS), Some(LIMITS.send_window));
+    }
+}

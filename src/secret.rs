@@ -1,0 +1,133 @@
+//! The server secret: 32 random bytes that key the code digests.
+//!
+//! It lives in its own 0600 file, never in the database and never in a log, so a copy
+//! of the database alone cannot be used to test guesses offline.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use rand::TryRng;
+
+/// Length of the secret in bytes.
+pub const SECRET_LEN: usize = 32;
+
+/// The server secret. `Debug` prints a mask, so it cannot leak through a log line.
+#[derive(Clone)]
+pub struct ServerSecret([u8; SECRET_LEN]);
+
+impl std::fmt::Debug for ServerSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerSecret(***)")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("server secret {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("server secret {path} holds {len} bytes, expected {SECRET_LEN}")]
+    WrongLength { path: String, len: usize },
+    #[error("cannot draw random bytes from the OS: {0}")]
+    Random(String),
+}
+
+impl ServerSecret {
+    /// The raw key bytes, for the digest.
+    pub fn as_bytes(&self) -> &[u8; SECRET_LEN] {
+        &self.0
+    }
+
+    /// Builds a secret from bytes (tests and the Redis engine's check value).
+    pub fn from_bytes(bytes: [u8; SECRET_LEN]) -> Self {
+        Self(bytes)
+    }
+
+    /// Reads the secret at `path`, creating it (mode 0600, from the OS CSPRNG) when it
+    /// does not exist yet. Returns whether it was created.
+    pub fn load_or_create(path: &Path) -> Result<(Self, bool), SecretError> {
+        let io = |source| SecretError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        match std::fs::File::open(path) {
+            Ok(mut file) => {
+                let mut bytes = Vec::with_capacity(SECRET_LEN);
+                file.read_to_end(&mut bytes).map_err(io)?;
+                let mode = file.metadata().map_err(io)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        mode = format!("{:o}", mode & 0o777),
+                        "server secret is readable by group or others; chmod 600 it"
+                    );
+                }
+                let bytes: [u8; SECRET_LEN] =
+                    bytes
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| SecretError::WrongLength {
+                            path: path.display().to_string(),
+                            len: bytes.len(),
+                        })?;
+                Ok((Self(bytes), false))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut bytes = [0u8; SECRET_LEN];
+                rand::rngs::SysRng
+                    .try_fill_bytes(&mut bytes)
+                    .map_err(|e| SecretError::Random(e.to_string()))?;
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(io)?;
+                }
+                // Written under a temporary name and renamed, so a crash never leaves a
+                // short secret behind; create_new refuses to follow a planted file.
+                let tmp = path.with_extension("tmp");
+                let _ = std::fs::remove_file(&tmp);
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(io)?;
+                file.write_all(&bytes).map_err(io)?;
+                file.sync_all().map_err(io)?;
+                std::fs::rename(&tmp, path).map_err(io)?;
+                Ok((Self(bytes), true))
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_once_with_mode_0600_then_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/secret.key");
+        let (first, created) = ServerSecret::load_or_create(&path).unwrap();
+        assert!(created);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (second, created) = ServerSecret::load_or_create(&path).unwrap();
+        assert!(!created);
+        assert_eq!(first.as_bytes(), second.as_bytes());
+        assert_eq!(format!("{first:?}"), "ServerSecret(***)");
+    }
+
+    #[test]
+    fn short_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret.key");
+        std::fs::write(&path, b"short").unwrap();
+        let err = ServerSecret::load_or_create(&path).unwrap_err();
+        assert!(err.to_string().contains("expected 32"), "{err}");
+    }
+}

@@ -1,0 +1,326 @@
+//! The Unix-socket server: binds (or inherits) the socket, checks each peer's
+//! credentials, and runs one task per connection that answers JSON lines in order.
+
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ServerConfig;
+use crate::handler;
+use crate::otp::Otp;
+use crate::protocol::Response;
+
+/// The listening socket, and its path when otpd created the file (and so removes it).
+#[derive(Debug)]
+pub struct Listener {
+    listener: UnixListener,
+    owned_path: Option<PathBuf>,
+}
+
+impl Listener {
+    /// Binds the socket at `path` with permission bits `mode`. A leftover socket file of
+    /// a dead daemon is replaced; a live daemon's socket is refused.
+    pub fn bind(path: &Path, mode: u32) -> anyhow::Result<Self> {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Ok(_) => anyhow::bail!(
+                        "another process is listening on {}; is otpd already running?",
+                        path.display()
+                    ),
+                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                        tracing::info!(path = %path.display(), "replacing a stale socket file");
+                        std::fs::remove_file(path)?;
+                    }
+                    Err(e) => anyhow::bail!("cannot probe existing socket {}: {e}", path.display()),
+                }
+            }
+            Ok(_) => anyhow::bail!("{} exists and is not a socket", path.display()),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("{}: {e}", path.display()),
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", path.display()))?;
+        // Permissions are set before the first accept, so no peer slips in under the
+        // default mode.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        Ok(Self {
+            listener,
+            owned_path: Some(path.to_owned()),
+        })
+    }
+
+    /// Wraps a socket someone else created (systemd socket activation): its file is
+    /// never removed by otpd.
+    pub fn inherited(listener: std::os::unix::net::UnixListener) -> anyhow::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            listener: UnixListener::from_std(listener)?,
+            owned_path: None,
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(path) = &self.owned_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Per-connection limits, from `[server]`.
+#[derive(Debug, Clone)]
+struct ConnectionLimits {
+    max_request_bytes: usize,
+    idle_timeout: Duration,
+    allowed_uids: Vec<u32>,
+    allowed_gids: Vec<u32>,
+}
+
+impl ConnectionLimits {
+    fn allows(&self, uid: u32, gid: u32) -> bool {
+        (self.allowed_uids.is_empty() && self.allowed_gids.is_empty())
+            || self.allowed_uids.contains(&uid)
+            || self.allowed_gids.contains(&gid)
+    }
+}
+
+/// Accepts connections until `shutdown`, each served by its own task on `tracker`.
+pub async fn serve(
+    listener: Listener,
+    otp: Arc<Otp>,
+    config: &ServerConfig,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let limits = Arc::new(ConnectionLimits {
+        max_request_bytes: config.max_request_bytes,
+        idle_timeout: Duration::from_secs(config.idle_timeout_secs),
+        allowed_uids: config.allowed_uids.clone(),
+        allowed_gids: config.allowed_gids.clone(),
+    });
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracker.spawn(refuse(
+                stream,
+                Response::error(
+                    None,
+                    503,
+                    "busy",
+                    "too many connections; try again".into(),
+                    None,
+                ),
+            ));
+            continue;
+        };
+        let (otp, limits, shutdown) = (otp.clone(), limits.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            serve_connection(stream, &otp, &limits, shutdown).await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+}
+
+/// Answers one error line and closes, without waiting long for a slow peer.
+async fn refuse(mut stream: UnixStream, response: Response) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&response.to_line()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+async fn serve_connection(
+    stream: UnixStream,
+    otp: &Otp,
+    limits: &ConnectionLimits,
+    shutdown: CancellationToken,
+) {
+    match stream.peer_cred() {
+        Ok(cred) if limits.allows(cred.uid(), cred.gid()) => {}
+        Ok(cred) => {
+            tracing::warn!(
+                uid = cred.uid(),
+                gid = cred.gid(),
+                pid = cred.pid(),
+                "refused a peer not in allowed_uids / allowed_gids"
+            );
+            let message = "this user may not use otpd".to_owned();
+            return refuse(
+                stream,
+                Response::error(None, 403, "forbidden", message, None),
+            )
+            .await;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot read peer credentials; closing");
+            return;
+        }
+    }
+    let (read, write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut writer = BufWriter::new(write);
+    let mut line = Vec::new();
+    loop {
+        let read = tokio::select! {
+            // A request already read is always answered; shutdown only stops reading.
+            _ = shutdown.cancelled() => break,
+            read = tokio::time::timeout(
+                limits.idle_timeout,
+                read_line(&mut reader, &mut line, limits.max_request_bytes),
+            ) => read,
+        };
+        let response = match read {
+            Err(_) | Ok(Err(_)) | Ok(Ok(LineRead::Eof)) => break,
+            Ok(Ok(LineRead::TooLong)) => {
+                let message = format!("request line exceeds {} bytes", limits.max_request_bytes);
+                let response = Response::error(None, 413, "request_too_large", message, None);
+                let _ = write_line(&mut writer, &response, limits.idle_timeout, true).await;
+                break;
+            }
+            Ok(Ok(LineRead::Line)) => handler::respond(otp, &line).await,
+        };
+        // Pipelined requests are answered in one write once the input runs dry.
+        let more_buffered = !reader.buffer().is_empty();
+        if write_line(&mut writer, &response, limits.idle_timeout, !more_buffered)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let _ = tokio::time::timeout(limits.idle_timeout, async {
+        writer.flush().await?;
+        writer.shutdown().await
+    })
+    .await;
+}
+
+/// Writes one answer; a peer that does not read within `timeout` is dropped.
+async fn write_line<W: AsyncWrite + Unpin>(
+    writer: &mut BufWriter<W>,
+    response: &Response,
+    timeout: Duration,
+    flush: bool,
+) -> std::io::Result<()> {
+    tokio::time::timeout(timeout, async {
+        writer.write_all(&response.to_line()).await?;
+        if flush {
+            writer.flush().await?;
+        }
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|_| Err(ErrorKind::TimedOut.into()))
+}
+
+/// The outcome of reading one request line.
+#[derive(Debug, PartialEq, Eq)]
+enum LineRead {
+    /// A line is in the buffer (without its `\n`; a final line may lack one).
+    Line,
+    /// The peer closed its side with nothing pending.
+    Eof,
+    /// The line exceeded the limit; nothing beyond the limit was buffered.
+    TooLong,
+}
+
+/// Reads one `\n`-terminated line into `line`, refusing to buffer more than `max` bytes.
+async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<LineRead> {
+    line.clear();
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(if line.is_empty() {
+                LineRead::Eof
+            } else {
+                LineRead::Line
+            });
+        }
+        let (chunk, found_newline) = match memchr(available) {
+            Some(at) => (&available[..at], true),
+            None => (available, false),
+        };
+        if line.len() + chunk.len() > max {
+            return Ok(LineRead::TooLong);
+        }
+        line.extend_from_slice(chunk);
+        let consumed = chunk.len() + usize::from(found_newline);
+        reader.consume(consumed);
+        if found_newline {
+            return Ok(LineRead::Line);
+        }
+    }
+}
+
+fn memchr(bytes: &[u8]) -> Option<usize> {
+    bytes.iter().position(|&b| b == b'\n')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn lines(input: &[u8], max: usize) -> Vec<(LineRead, Vec<u8>)> {
+        let mut reader = BufReader::with_capacity(4, input);
+        let mut out = Vec::new();
+        let mut line = Vec::new();
+        loop {
+            let read = read_line(&mut reader, &mut line, max).await.unwrap();
+            let stop = read != LineRead::Line;
+            out.push((read, line.clone()));
+            if stop {
+                return out;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn splits_lines_across_small_reads() {
+        let got = lines(b"{\"a\":1}\n\nxyz", 100).await;
+        assert_eq!(got[0], (LineRead::Line, b"{\"a\":1}".to_vec()));
+        assert_eq!(got[1], (LineRead::Line, b"".to_vec()));
+        assert_eq!(got[2], (LineRead::Line, b"xyz".to_vec()));
+        assert_eq!(got[3].0, LineRead::Eof);
+    }
+
+    #[tokio::test]
+    async fn refuses_a_line_over_the_limit_before_buffering_it() {
+        let got = lines(b"12345678\n", 8).await;
+        assert_eq!(got[0], (LineRead::Line, b"12345678".to_vec()));
+        let got = lines(b"123456789\n", 8).await;
+        assert_eq!(got[0].0, LineRead::TooLong);
+        assert!(got[0].1.len() <= 8);
+    }
+}

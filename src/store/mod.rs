@@ -1,0 +1,109 @@
+//! Storage engines behind one small trait of domain operations.
+//!
+//! An engine makes each operation atomic and durable before it returns; the rules it
+//! applies come from [`crate::rules`], so every engine answers alike. `sled` is the
+//! embedded default.
+
+mod encoding;
+mod group_commit;
+pub mod sled;
+
+use async_trait::async_trait;
+
+use crate::code::Digest;
+use crate::rules::{Channel, CodeRecord, DeliveryEvent, Millis, Refusal, VerifyOutcome};
+
+pub use encoding::{decode, encode};
+
+/// A storage failure. The request that met it answers 500; the daemon keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(String),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A code to be stored by [`Store::create`].
+#[derive(Debug, Clone)]
+pub struct NewCode {
+    pub token: String,
+    pub digest: Digest,
+    /// Rate-limit keys of the recipients, e.g. `sms:393331234567`.
+    pub recipients: Vec<String>,
+    pub channels: Vec<Channel>,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+}
+
+/// What the janitor did in one batch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// Records deleted (codes, tokens, recipients).
+    pub purged: u64,
+    /// Pending codes that reached their expiry unverified.
+    pub expired: u64,
+    /// When the next entry is due, if any.
+    pub next_due: Option<Millis>,
+}
+
+/// A token's current code as `status` shows it.
+#[derive(Debug, Clone)]
+pub struct TokenStatus {
+    pub code: CodeRecord,
+    pub attempts: u32,
+    pub locked_until: Option<Millis>,
+}
+
+/// The domain operations every storage engine provides. Each is atomic, and durable
+/// when it returns (unless the operator chose relaxed durability).
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Stores a new code for a token, replacing its previous one, unless the token is
+    /// locked or a rate limit refuses.
+    async fn create(&self, code: &NewCode, now: Millis) -> Result<Result<(), Refusal>, StoreError>;
+
+    /// Removes a code whose delivery failed, so nothing stays live.
+    async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError>;
+
+    /// Keeps the provider's delivery id on the code.
+    async fn set_delivery_reference(
+        &self,
+        token: &str,
+        digest: &Digest,
+        reference: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Records a provider status report on the code whose delivery carries
+    /// `reference`; returns false when no code does.
+    async fn record_delivery_event(
+        &self,
+        reference: &str,
+        event: DeliveryEvent,
+    ) -> Result<bool, StoreError>;
+
+    /// Checks a typed code (as its digest) against the token's code.
+    async fn verify(
+        &self,
+        token: &str,
+        digest: &Digest,
+        now: Millis,
+    ) -> Result<VerifyOutcome, StoreError>;
+
+    /// Ends the token's pending code; returns false when there was none.
+    async fn cancel(&self, token: &str, now: Millis) -> Result<bool, StoreError>;
+
+    /// The token's current code and counters, if it has one.
+    async fn status(&self, token: &str) -> Result<Option<TokenStatus>, StoreError>;
+
+    /// Handles at most `batch` due entries of the expiry index: expires pending codes
+    /// and purges finished items past their retain time.
+    async fn purge_due(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError>;
+
+    /// Codes issued and not yet verified, cancelled, locked or expired (as of the
+    /// janitor's last pass).
+    fn live(&self) -> u64;
+
+    /// Makes everything written so far durable (at shutdown).
+    async fn flush(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,601 @@
+//! The core daemon through its real socket: every op and status code, the rules,
+//! concurrency, restarts, the janitor, bad input and access control.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, PATIENCE};
+use serde_json::{Value, json};
+
+/// No resend cooldown, so one test can create several codes quickly.
+const NO_COOLDOWN: &str = "[otp]\nresend_cooldown_secs = 0\n";
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn create_verify_and_the_answers_that_follow() {
+    let daemon = Daemon::start("");
+    let created = daemon.call(json!({
+        "op": "create", "id": "c1", "token": "123456789",
+        "to": {"messenger": "8192836451", "sms": "+393331234567"}
+    }));
+    assert_eq!(created["ok"], true, "{created}");
+    assert_eq!(created["status"], 201);
+    assert_eq!(created["id"], "c1");
+    assert_eq!(created["token"], "123456789");
+    assert_eq!(created["channels"], json!(["messenger", "sms"]));
+    assert!(created["expires_at"].as_str().unwrap().ends_with('Z'));
+    let code = daemon.code_for("123456789");
+    assert_eq!(code.len(), 6);
+    assert!(
+        !created.to_string().contains(&code),
+        "code leaked into the response"
+    );
+
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let answer = daemon.verify("123456789", wrong);
+    assert_eq!(
+        answer,
+        json!({"ok": false, "status": 404, "error": "not_found", "message": "no such code for this token"})
+    );
+
+    let answer = daemon.verify("123456789", &code);
+    assert_eq!(
+        answer,
+        json!({"ok": true, "status": 200, "result": "valid"})
+    );
+    let answer = daemon.verify("123456789", &code);
+    assert_eq!(answer["status"], 409);
+    assert_eq!(answer["error"], "already_verified");
+
+    let status = daemon.call(json!({"op": "status", "token": "123456789"}));
+    assert_eq!(status["status"], 200, "{status}");
+    assert_eq!(status["state"], "verified");
+    assert_eq!(status["attempts"], 0, "a valid verify clears the count");
+    assert!(
+        !status.to_string().contains(&code),
+        "code leaked into status"
+    );
+
+    let stats = daemon.stats();
+    assert_eq!(stats["created"], 1);
+    assert_eq!(stats["verified"], 1);
+    assert_eq!(stats["failed"], 1);
+    assert_eq!(stats["live"], 0);
+    assert!(stats["uptime_secs"].is_u64());
+
+    let ping = daemon.call(json!({"op": "ping", "id": 5}));
+    assert_eq!(ping["id"], 5);
+    assert_eq!(ping["version"], env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn tutorial_body_at_top_level_and_inside_to() {
+    let daemon = Daemon::start("");
+    let top = daemon.call(
+        json!({"op": "create", "token": "t1", "messengerId": "42", "phoneNumber": "393331234567"}),
+    );
+    assert_eq!(top["status"], 201, "{top}");
+    assert_eq!(top["channels"], json!(["messenger", "sms"]));
+    let inside =
+        daemon.call(json!({"op": "create", "token": "t2", "to": {"phoneNumber": "+447700900000"}}));
+    assert_eq!(inside["status"], 201, "{inside}");
+    assert_eq!(inside["channels"], json!(["sms"]));
+    let code = daemon.code_for("t2");
+    assert_eq!(daemon.verify("t2", &code)["status"], 200);
+}
+
+#[test]
+fn expired_code_answers_410() {
+    let daemon = Daemon::start("");
+    let created = daemon.call(
+        json!({"op": "create", "token": "exp", "to": {"sms": "393331234567"}, "ttl_secs": 1}),
+    );
+    assert_eq!(created["status"], 201, "{created}");
+    let code = daemon.code_for("exp");
+    thread::sleep(Duration::from_millis(1100));
+    let answer = daemon.verify("exp", &code);
+    assert_eq!(answer["status"], 410, "{answer}");
+    assert_eq!(answer["error"], "expired");
+}
+
+#[test]
+fn a_new_create_replaces_the_live_code() {
+    let daemon = Daemon::start(NO_COOLDOWN);
+    let first = daemon.create_code("rep", "393331234567");
+    let second = daemon.create_code("rep", "393331234567");
+    if first != second {
+        assert_eq!(daemon.verify("rep", &first)["status"], 404);
+    }
+    assert_eq!(daemon.verify("rep", &second)["status"], 200);
+    assert_eq!(daemon.stats()["live"], 0);
+}
+
+#[test]
+fn cancel_ends_the_code() {
+    let daemon = Daemon::start("");
+    let code = daemon.create_code("can", "393331234567");
+    assert_eq!(
+        daemon.call(json!({"op": "cancel", "token": "can"}))["status"],
+        200
+    );
+    assert_eq!(
+        daemon.call(json!({"op": "cancel", "token": "can"}))["status"],
+        404
+    );
+    assert_eq!(
+        daemon.call(json!({"op": "cancel", "token": "nobody"}))["status"],
+        404
+    );
+    let answer = daemon.verify("can", &code);
+    assert_eq!(
+        answer["status"], 410,
+        "a cancelled code is no longer valid: {answer}"
+    );
+    let status = daemon.call(json!({"op": "status", "token": "can"}));
+    assert_eq!(status["state"], "cancelled");
+    assert_eq!(
+        daemon.call(json!({"op": "status", "token": "nobody"}))["status"],
+        404
+    );
+}
+
+#[test]
+fn rate_limits_per_recipient_and_cooldown() {
+    let daemon = Daemon::start("[otp]\nresend_cooldown_secs = 30\nmax_sends_per_recipient = 2\n");
+    assert_eq!(
+        daemon.call(json!({"op": "create", "token": "r1", "to": {"sms": "393331111111"}}))["status"],
+        201
+    );
+    let again = daemon.call(json!({"op": "create", "token": "r1", "to": {"sms": "393332222222"}}));
+    assert_eq!(again["status"], 429, "token cooldown: {again}");
+    assert_eq!(again["error"], "rate_limited");
+    let retry = again["retry_after_secs"].as_u64().unwrap();
+    assert!((1..=30).contains(&retry), "{again}");
+    let other = daemon.call(json!({"op": "create", "token": "r2", "to": {"sms": "393331111111"}}));
+    assert_eq!(other["status"], 429, "recipient cooldown: {other}");
+
+    let daemon = Daemon::start("[otp]\nresend_cooldown_secs = 0\nmax_sends_per_recipient = 2\n");
+    for token in ["w1", "w2"] {
+        assert_eq!(
+            daemon.call(json!({"op": "create", "token": token, "to": {"sms": "393331111111"}}))["status"],
+            201
+        );
+    }
+    let third = daemon.call(json!({"op": "create", "token": "w3", "to": {"sms": "+393331111111"}}));
+    assert_eq!(third["status"], 429, "window limit: {third}");
+    assert!(third["retry_after_secs"].as_u64().unwrap() > 800, "{third}");
+    assert_eq!(daemon.stats()["rate_limited"], 1);
+}
+
+#[test]
+fn guessing_locks_the_token() {
+    let daemon =
+        Daemon::start("[otp]\nresend_cooldown_secs = 0\nmax_attempts = 3\nlock_secs = 600\n");
+    let first = daemon.create_code("g", "393331234567");
+    let wrong = |code: &str| format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000);
+    assert_eq!(daemon.verify("g", &wrong(&first))["status"], 404);
+    assert_eq!(daemon.verify("g", &wrong(&first))["status"], 404);
+    // A new create before the lock does not reset the count.
+    let code = daemon.create_code("g", "393331234567");
+    let locked = daemon.verify("g", &wrong(&code));
+    assert_eq!(locked["status"], 429, "third wrong code locks: {locked}");
+    assert_eq!(locked["error"], "too_many_attempts");
+    let right = daemon.verify("g", &code);
+    assert_eq!(
+        right["status"], 429,
+        "the right code is refused while locked: {right}"
+    );
+    let retry = right["retry_after_secs"].as_u64().unwrap();
+    assert!((590..=600).contains(&retry), "{right}");
+    let create = daemon.call(json!({"op": "create", "token": "g", "to": {"sms": "393331234567"}}));
+    assert_eq!(create["status"], 429, "create during the lock: {create}");
+    assert_eq!(create["error"], "too_many_attempts");
+    let status = daemon.call(json!({"op": "status", "token": "g"}));
+    assert_eq!(status["state"], "locked", "{status}");
+    assert_eq!(status["attempts"], 3);
+    assert_eq!(daemon.stats()["locked"], 1);
+    assert_eq!(daemon.stats()["live"], 0);
+}
+
+#[test]
+fn lock_ends_and_clears_the_count() {
+    let daemon =
+        Daemon::start("[otp]\nresend_cooldown_secs = 0\nmax_attempts = 2\nlock_secs = 1\n");
+    let code = daemon.create_code("l", "393331234567");
+    let wrong = format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000);
+    daemon.verify("l", &wrong);
+    assert_eq!(daemon.verify("l", &wrong)["status"], 429);
+    thread::sleep(Duration::from_millis(1100));
+    let code = daemon.create_code("l", "393331234567");
+    assert_eq!(
+        daemon.verify("l", &wrong)["status"],
+        404,
+        "count was cleared"
+    );
+    assert_eq!(daemon.verify("l", &code)["status"], 200);
+}
+
+#[test]
+fn fifty_concurrent_verifies_exactly_one_wins() {
+    let daemon = Daemon::start("");
+    let code = daemon.create_code("race", "393331234567");
+    let barrier = std::sync::Barrier::new(50);
+    let statuses: Vec<u64> = thread::scope(|scope| {
+        let handles: Vec<_> = (0..50)
+            .map(|_| {
+                let mut conn = daemon.connect();
+                let (barrier, code) = (&barrier, &code);
+                scope.spawn(move || {
+                    barrier.wait();
+                    conn.call(json!({"op": "verify", "token": "race", "code": code}))["status"]
+                        .as_u64()
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 409).count(),
+        49,
+        "{statuses:?}"
+    );
+}
+
+#[test]
+fn codes_survive_sigterm_and_sigkill() {
+    let mut daemon = Daemon::start(NO_COOLDOWN);
+    let code = daemon.create_code("term", "393331234567");
+    assert!(daemon.stop().success(), "SIGTERM exits 0");
+    assert!(!daemon.socket.exists(), "socket removed on clean exit");
+    daemon.spawn();
+    assert_eq!(daemon.verify("term", &code)["status"], 200);
+
+    let killed = daemon.create_code("kill", "393339999999");
+    daemon.kill();
+    daemon.spawn();
+    assert_eq!(
+        daemon.verify("kill", &killed)["status"],
+        200,
+        "acknowledged create survives kill -9"
+    );
+    assert_eq!(
+        daemon.verify("term", &code)["status"],
+        409,
+        "acknowledged verify survives"
+    );
+}
+
+#[test]
+fn database_holds_neither_codes_nor_the_secret() {
+    let mut daemon = Daemon::start(NO_COOLDOWN);
+    let mut issued = Vec::new();
+    for i in 0..20 {
+        let token = format!("scan{i}");
+        issued.push((
+            token.clone(),
+            daemon.create_code(&token, &format!("39333100{i:04}")),
+        ));
+    }
+    assert!(daemon.stop().success());
+    let secret = std::fs::read(daemon.dir.path().join("secret.key")).unwrap();
+    assert_eq!(secret.len(), 32);
+    let mode = std::fs::metadata(daemon.dir.path().join("secret.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let mut db = Vec::new();
+    for entry in walk(&daemon.dir.path().join("db")) {
+        db.extend(std::fs::read(entry).unwrap());
+    }
+    assert!(db.len() > 1000, "database files were read");
+    assert!(
+        contains(&db, b"scan7"),
+        "tokens are stored, so the scan would see codes beside them"
+    );
+    assert!(
+        !contains(&db, &secret),
+        "server secret found in the database"
+    );
+    for (token, code) in &issued {
+        let mut together = token.as_bytes().to_vec();
+        together.push(0);
+        together.extend_from_slice(code.as_bytes());
+        assert!(
+            !contains(&db, &together),
+            "code of {token} stored next to its token"
+        );
+        assert!(!contains(&db, format!("{token}{code}").as_bytes()));
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn janitor_purges_due_items_and_keeps_the_rest() {
+    let daemon = Daemon::start(
+        "[otp]\nresend_cooldown_secs = 0\nretain_secs = 1\nsend_window_secs = 1\n[janitor]\ninterval_secs = 1\n",
+    );
+    let short = daemon.call(
+        json!({"op": "create", "token": "short", "to": {"sms": "393331000001"}, "ttl_secs": 1}),
+    );
+    assert_eq!(short["status"], 201);
+    let short_code = daemon.code_for("short");
+    let long_code = daemon.create_code("long", "393331000002");
+    assert_eq!(daemon.stats()["live"], 2);
+    // short: expires after 1 s and is purged 1 s later (retain), then its token goes;
+    // both recipients leave the 1 s send window. long's code and token stay.
+    wait_for("the janitor to purge the short code", || {
+        daemon.call(json!({"op": "status", "token": "short"}))["status"] == 404
+    });
+    assert_eq!(
+        daemon.verify("short", &short_code)["status"],
+        404,
+        "purged item is gone"
+    );
+    wait_for("code, token and two recipients purged", || {
+        daemon.stats()["purged"] == 4
+    });
+    assert_eq!(daemon.stats()["expired"], 1);
+    assert_eq!(daemon.stats()["live"], 1, "only the long code is live");
+    let status = daemon.call(json!({"op": "status", "token": "long"}));
+    assert_eq!(
+        status["state"], "pending",
+        "item not yet due stays: {status}"
+    );
+    assert_eq!(daemon.verify("long", &long_code)["status"], 200);
+}
+
+#[test]
+fn bad_input_gets_its_error_and_harms_nobody() {
+    let daemon = Daemon::start("[server]\nmax_request_bytes = 1024\n");
+    let mut bystander = daemon.connect();
+    let mut conn = daemon.connect();
+    let cases: Vec<(&[u8], u64, &str, &str)> = vec![
+        (b"{not json\n", 400, "bad_json", ""),
+        (b"\n", 400, "bad_json", "empty"),
+        (b"[1,2]\n", 400, "bad_json", "object"),
+        (b"\xff\xfe\x00garbage\x01\n", 400, "bad_json", ""),
+        (b"{\"op\":\"fly\"}\n", 400, "unknown_op", "op"),
+        (b"{\"token\":\"x\"}\n", 400, "bad_request", "op"),
+        (b"{\"op\":\"verify\",\"token\":\"x\"}\n", 400, "bad_request", "code"),
+        (b"{\"op\":\"verify\",\"token\":7,\"code\":\"123456\"}\n", 400, "bad_request", "token"),
+        (b"{\"op\":\"verify\",\"token\":\"x\",\"code\":\"12a456\"}\n", 400, "bad_request", "code"),
+        (b"{\"op\":\"verify\",\"token\":\"a b\",\"code\":\"123456\"}\n", 400, "bad_request", "token"),
+        (b"{\"op\":\"create\",\"token\":\"x\"}\n", 400, "bad_request", "to"),
+        (b"{\"op\":\"create\",\"token\":\"x\",\"to\":{\"sms\":\"12\"}}\n", 400, "bad_request", "to.sms"),
+        (b"{\"op\":\"create\",\"token\":\"x\",\"to\":{\"sms\":\"393331234567\"},\"ttl_secs\":9999}\n", 400, "bad_request", "ttl_secs"),
+        (b"{\"op\":\"create\",\"token\":\"x\",\"to\":{\"sms\":\"393331234567\"},\"code_length\":3}\n", 400, "bad_request", "code_length"),
+        (b"{\"op\":\"create\",\"token\":\"x\",\"phoneNumber\":true}\n", 400, "bad_request", "phoneNumber"),
+        (b"{\"op\":\"ping\",\"extra\":1}\n", 400, "bad_request", "extra"),
+    ];
+    for (line, status, error, field) in cases {
+        let answer = {
+            conn.send_raw(line);
+            conn.receive()
+                .expect("the connection stays open after bad input")
+        };
+        let shown = String::from_utf8_lossy(line);
+        assert_eq!(answer["status"], status, "{shown}: {answer}");
+        assert_eq!(answer["ok"], false, "{shown}: {answer}");
+        assert_eq!(answer["error"], error, "{shown}: {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains(field),
+            "{shown}: {answer}"
+        );
+        assert_eq!(bystander.call(json!({"op": "ping"}))["status"], 200);
+    }
+    assert_eq!(
+        conn.call(json!({"op": "ping"}))["status"],
+        200,
+        "still serving"
+    );
+
+    let mut big = vec![b'x'; 2000];
+    big.push(b'\n');
+    conn.send_raw(&big);
+    let answer = conn.receive().unwrap();
+    assert_eq!(answer["status"], 413, "{answer}");
+    assert_eq!(answer["error"], "request_too_large");
+    assert!(conn.is_closed(), "413 closes the connection");
+    assert_eq!(bystander.call(json!({"op": "ping"}))["status"], 200);
+    assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
+}
+
+#[test]
+fn refused_peer_gets_403_and_is_closed() {
+    let uid = nix::unistd::getuid().as_raw();
+    let daemon = Daemon::start(&format!("[server]\nallowed_uids = [{}]\n", uid + 1));
+    let mut conn = daemon.connect();
+    let answer = conn.receive().expect("one 403 line");
+    assert_eq!(answer["status"], 403, "{answer}");
+    assert_eq!(answer["error"], "forbidden");
+    assert!(conn.is_closed());
+    let log = daemon.stderr();
+    assert!(
+        log.contains(&format!("uid={uid}")) && log.contains("pid="),
+        "refusal logged: {log}"
+    );
+}
+
+#[test]
+fn allowed_peer_by_uid_is_served() {
+    let uid = nix::unistd::getuid().as_raw();
+    let daemon = Daemon::start(&format!("[server]\nallowed_uids = [{uid}]\n"));
+    assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
+}
+
+#[test]
+fn a_thousand_pipelined_requests_are_answered_in_order() {
+    let daemon = Daemon::start("");
+    let mut conn = daemon.connect();
+    let mut batch = Vec::new();
+    for i in 0..1000 {
+        let request = if i % 2 == 0 {
+            json!({"op": "ping", "id": i})
+        } else {
+            json!({"op": "verify", "id": i, "token": format!("none{i}"), "code": "123456"})
+        };
+        batch.extend(serde_json::to_vec(&request).unwrap());
+        batch.push(b'\n');
+    }
+    conn.send_raw(&batch);
+    for i in 0..1000 {
+        let answer = conn.receive().expect("answer");
+        assert_eq!(answer["id"], i, "{answer}");
+        assert_eq!(answer["status"], if i % 2 == 0 { 200 } else { 404 });
+    }
+}
+
+#[test]
+fn answers_still_arrive_after_the_client_half_closes() {
+    let daemon = Daemon::start("");
+    let mut conn = daemon.connect();
+    conn.send_raw(b"{\"op\":\"ping\",\"id\":1}\n{\"op\":\"stats\",\"id\":2}");
+    conn.shutdown_write();
+    assert_eq!(conn.receive().unwrap()["id"], 1);
+    assert_eq!(
+        conn.receive().unwrap()["id"],
+        2,
+        "a last line without newline is answered"
+    );
+    assert!(conn.is_closed());
+}
+
+#[test]
+fn socket_mode_is_applied_and_a_live_daemon_is_not_replaced() {
+    let daemon = Daemon::start("[server]\nsocket_mode = \"0600\"\n");
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_otpd"))
+        .args(["serve", "--socket"])
+        .arg(&daemon.socket)
+        .arg("--data-dir")
+        .arg(daemon.dir.path().join("other"))
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already running"));
+    assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced() {
+    let mut daemon = Daemon::start("");
+    daemon.kill();
+    assert!(daemon.socket.exists(), "kill -9 leaves the socket file");
+    daemon.spawn();
+    assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
+}
+
+#[test]
+fn bad_config_stops_start_up_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (toml, key) in [
+        ("[otp]\ncode_lenght = 6\n", "code_lenght"),
+        ("[otp]\nttl_secs = 0\n", "otp.ttl_secs"),
+        ("[server]\nsocket_mode = \"rw\"\n", "server.socket_mode"),
+        ("[delivery]\nbackend = \"pigeon\"\n", "pigeon"),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, toml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_otpd"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{toml}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "{toml}: {stderr}");
+    }
+}
+
+#[test]
+fn cli_client_commands() {
+    let daemon = Daemon::start("");
+    let otpd = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_otpd"))
+            .args(args)
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .output()
+            .unwrap()
+    };
+    let out = otpd(&["create", "cli", "--sms", "+393331234567", "--ttl", "120"]);
+    assert!(out.status.success());
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(created["status"], 201);
+    let code = daemon.code_for("cli");
+    let out = otpd(&["verify", "cli", "000"]);
+    assert!(!out.status.success(), "bad code exits non-zero");
+    let out = otpd(&["verify", "cli", &code]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = otpd(&["verify", "cli", &code]);
+    assert!(!out.status.success(), "409 exits non-zero");
+    let status: Value = serde_json::from_slice(&otpd(&["status", "cli"]).stdout).unwrap();
+    assert_eq!(status["state"], "verified");
+    assert!(otpd(&["ping"]).status.success());
+    let stats: Value = serde_json::from_slice(&otpd(&["stats"]).stdout).unwrap();
+    assert_eq!(stats["verified"], 1);
+    assert!(
+        !otpd(&["cancel", "cli"]).status.success(),
+        "nothing pending to cancel"
+    );
+}
+
+#[test]
+fn codes_do_not_reach_the_log_outside_the_delivery_line() {
+    let daemon = Daemon::start("");
+    let code = daemon.create_code("quiet", "393331234567");
+    daemon.verify("quiet", &code);
+    daemon.verify("quiet", "000000");
+    let log = daemon.stderr();
+    let mentions: Vec<&str> = log.lines().filter(|l| l.contains(&code)).collect();
+    assert_eq!(
+        mentions.len(),
+        1,
+        "only the log backend's line shows the code: {mentions:?}"
+    );
+    assert!(mentions[0].contains("would send") && mentions[0].contains("token=quiet"));
+    assert!(mentions[0].contains(&format!("code={code}")));
+}
