@@ -318,12 +318,14 @@ impl SystemdDirs {
         }
     }
 
-    /// A credential file by name, if systemd passed it.
+    /// A credential file by name, if systemd passed it. An empty one counts as none:
+    /// the packaged unit loads `/etc/otpd/vonage-key.pem` unconditionally (a missing
+    /// file would stop the unit from starting), and the package creates it empty.
     pub fn credential(&self, name: &str) -> Option<PathBuf> {
         self.credentials
             .as_ref()
             .map(|dir| dir.join(name))
-            .filter(|path| path.exists())
+            .filter(|path| path.metadata().is_ok_and(|meta| meta.len() > 0))
     }
 }
 
@@ -531,6 +533,20 @@ mod tests {
         };
         config.resolve_paths(&Overrides::default(), &dirs);
         assert_eq!(config.server.socket, PathBuf::from("/run/otpd/otpd.sock"));
+    }
+
+    #[test]
+    fn an_empty_credential_counts_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("empty"), "").unwrap();
+        std::fs::write(dir.path().join("full"), "key").unwrap();
+        let dirs = SystemdDirs {
+            credentials: Some(dir.path().to_owned()),
+            ..SystemdDirs::default()
+        };
+        assert_eq!(dirs.credential("empty"), None);
+        assert_eq!(dirs.credential("missing"), None);
+        assert_eq!(dirs.credential("full"), Some(dir.path().join("full")));
     }
 
     #[test]

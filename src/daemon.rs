@@ -17,6 +17,7 @@ use crate::secret::ServerSecret;
 use crate::server::{self, Listener};
 use crate::store::Store;
 use crate::store::sled::SledStore;
+use crate::systemd;
 
 /// Runs the daemon on `listener` until `shutdown` resolves, then stops accepting,
 /// lets in-flight requests finish, flushes the store and returns.
@@ -28,6 +29,7 @@ pub async fn run(
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
+    systemd::status("opening the store");
     let (secret, created) = ServerSecret::load_or_create(&config.store.secret_file)?;
     if created {
         tracing::info!(path = %config.store.secret_file.display(), "created a new server secret");
@@ -56,6 +58,7 @@ pub async fn run(
         config.janitor.clone(),
         stop.clone(),
     ));
+    tracker.spawn(systemd::watchdog(store.clone(), stop.clone()));
     let server = tracker.spawn({
         let (otp, stop, tracker) = (otp.clone(), stop.clone(), tracker.clone());
         let server_config = config.server.clone();
@@ -67,9 +70,11 @@ pub async fn run(
         "otpd {} ready",
         crate::handler::VERSION
     );
+    systemd::ready(&format!("serving on {}", config.server.socket.display()));
 
     shutdown.await;
     tracing::info!("shutting down: finishing in-flight requests");
+    systemd::stopping("shutting down: finishing in-flight requests");
     stop.cancel();
     let _ = server.await;
     tracker.close();

@@ -6,7 +6,8 @@
 //! store ([`store`]), whose engines apply the rules of [`rules`] atomically and durably.
 //! Codes reach people through a delivery backend ([`delivery`]); the [`janitor`]
 //! expires and purges finished items in the background. [`daemon`] wires it together
-//! from the [`config`]; [`client`] speaks the protocol for the command-line tools.
+//! from the [`config`] and tells systemd how it is doing ([`systemd`]); [`client`] speaks
+//! the protocol for the command-line tools.
 
 pub mod client;
 pub mod code;
@@ -22,3 +23,4 @@ pub mod rules;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod systemd;

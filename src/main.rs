@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use otpd::client::{self, Client};
 use otpd::config::{Config, Overrides, SystemdDirs};
 use otpd::server::Listener;
+use otpd::systemd::{self, Activation};
 
 #[derive(Parser)]
 #[command(
@@ -95,6 +96,18 @@ impl SocketArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    // systemd's socket is taken before the runtime starts any thread.
+    let activation = match &cli.command {
+        Command::Serve { .. } => systemd::take_activation(),
+        _ => Ok(None),
+    };
+    let activation = match activation {
+        Ok(activation) => activation,
+        Err(e) => {
+            eprintln!("otpd: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -108,7 +121,7 @@ fn main() -> ExitCode {
             socket,
             data_dir,
         } => runtime
-            .block_on(serve(config, Overrides { socket, data_dir }))
+            .block_on(serve(config, Overrides { socket, data_dir }, activation))
             .map(|()| ExitCode::SUCCESS),
         command => runtime.block_on(run_client(command)),
     };
@@ -118,29 +131,49 @@ fn main() -> ExitCode {
     })
 }
 
-/// Logs go to stderr; under journald without colours or a second timestamp.
+/// Logs go to stderr; into the journal without colours or a second timestamp, and
+/// with each line's priority.
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OTPD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().with_ansi(false).init();
+    if systemd::stderr_is_journal() {
+        let format = tracing_subscriber::fmt::format()
+            .without_time()
+            .with_level(false)
+            .with_ansi(false);
+        builder
+            .with_ansi(false)
+            .event_format(systemd::JournalFormat(format))
+            .init();
     } else {
         use std::io::IsTerminal;
         builder.with_ansi(std::io::stderr().is_terminal()).init();
     }
 }
 
-async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
+async fn serve(
+    config_file: Option<PathBuf>,
+    overrides: Overrides,
+    activation: Option<Activation>,
+) -> anyhow::Result<()> {
     let mut config = match &config_file {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
     config.resolve_paths(&overrides, &SystemdDirs::from_env());
-    let mode = config.server.socket_mode_bits()?;
-    let listener = Listener::bind(&config.server.socket, mode)?;
+    let listener = match activation {
+        Some(Activation { listener, path }) => {
+            if let Some(path) = path {
+                config.server.socket = path;
+            }
+            tracing::info!(socket = %config.server.socket.display(), "using the socket systemd passed");
+            Listener::inherited(listener)?
+        }
+        None => Listener::bind(&config.server.socket, config.server.socket_mode_bits()?)?,
+    };
     otpd::daemon::run(config, listener, shutdown_signal()?).await
 }
 

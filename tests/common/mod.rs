@@ -6,6 +6,7 @@
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub config_path: PathBuf,
     pub log_file: PathBuf,
-    stderr_path: PathBuf,
+    pub stderr_path: PathBuf,
     child: Option<Child>,
 }
 
@@ -48,38 +49,65 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with extra keys for the `[delivery]` table.
     pub fn start_with(extra: &str, delivery_extra: &str) -> Daemon {
+        let mut daemon = Self::prepare(extra, delivery_extra);
+        daemon.spawn();
+        daemon
+    }
+
+    /// Writes the config into a fresh directory without starting anything, for tests
+    /// that start the daemon their own way ([`Daemon::serve_command`], [`Daemon::launch`]).
+    pub fn prepare(extra: &str, delivery_extra: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = format!("{}{delivery_extra}\n{extra}\n", base_config(dir.path()));
         let config_path = dir.path().join("otpd.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut daemon = Daemon {
+        Daemon {
             socket: dir.path().join("otpd.sock"),
             log_file: dir.path().join("codes.jsonl"),
             stderr_path: dir.path().join("stderr.log"),
             config_path,
             dir,
             child: None,
-        };
-        daemon.spawn();
-        daemon
+        }
     }
 
     /// Starts the binary (again) on the same directory and waits until it answers.
     pub fn spawn(&mut self) {
-        assert!(self.child.is_none(), "daemon already running");
+        let command = self.serve_command();
+        self.launch(command);
+        self.wait_until_ready();
+    }
+
+    /// `otpd serve` on this directory and socket (see [`Daemon::command`]).
+    pub fn serve_command(&self) -> Command {
+        let mut command = self.command(env!("CARGO_BIN_EXE_otpd"));
+        command.args(self.serve_args());
+        command
+    }
+
+    /// The arguments of `otpd serve` on this directory and socket.
+    pub fn serve_args(&self) -> Vec<OsString> {
+        vec![
+            "serve".into(),
+            "--config".into(),
+            self.config_path.clone().into(),
+            "--data-dir".into(),
+            self.dir.path().into(),
+            "--socket".into(),
+            self.socket.clone().into(),
+        ]
+    }
+
+    /// Runs `program` in a clean environment (no systemd variables), stdout discarded
+    /// and stderr appended to the daemon's log file.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.stderr_path)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_otpd"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("--data-dir")
-            .arg(self.dir.path())
-            .arg("--socket")
-            .arg(&self.socket)
+        let mut command = Command::new(program);
+        command
             .env("OTPD_LOG", "info")
             .env_remove("STATE_DIRECTORY")
             .env_remove("RUNTIME_DIRECTORY")
@@ -87,16 +115,23 @@ impl Daemon {
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
             .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start otpd");
-        self.child = Some(child);
-        self.wait_until_ready();
+            .stderr(stderr);
+        command
     }
 
-    fn wait_until_ready(&mut self) {
+    /// Starts `command` as this daemon's process, without waiting for it to answer.
+    pub fn launch(&mut self, mut command: Command) {
+        assert!(self.child.is_none(), "daemon already running");
+        self.child = Some(command.spawn().expect("start otpd"));
+    }
+
+    /// Waits until the daemon answers a ping on its socket.
+    pub fn wait_until_ready(&mut self) {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Ok(stream) = UnixStream::connect(&self.socket) {
@@ -184,8 +219,7 @@ impl Daemon {
         let text = std::fs::read_to_string(&self.log_file).unwrap_or_default();
         text.lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|entry| entry["token"] == token)
-            .last()
+            .rfind(|entry| entry["token"] == token)
             .and_then(|entry| entry["code"].as_str().map(str::to_owned))
             .unwrap_or_else(|| panic!("no code logged for {token}"))
     }
@@ -255,7 +289,7 @@ impl Conn {
     /// True when the daemon has closed the connection (reads EOF).
     pub fn is_closed(&mut self) -> bool {
         let mut rest = Vec::new();
-        matches!(self.reader.read_to_end(&mut rest), Ok(_)) && rest.is_empty()
+        self.reader.read_to_end(&mut rest).is_ok() && rest.is_empty()
     }
 
     /// Half-closes the sending side, as socat does at the end of its input.
