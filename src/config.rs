@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Where state lives when nothing else says: the working directory, so that
 /// `cargo run -- serve` works without root.
@@ -51,8 +51,9 @@ fn check_range(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), 
     }
 }
 
-/// The whole configuration, section by section as in the TOML file.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The whole configuration, section by section as in the TOML file. (`Serialize`
+/// lets a test hold the packaged example config against these defaults.)
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -64,7 +65,7 @@ pub struct Config {
 }
 
 /// `[server]`: the Unix socket and its limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Socket path; empty means "decide from the environment".
@@ -109,7 +110,7 @@ impl ServerConfig {
 }
 
 /// How a create or verify becomes durable before it is acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
     /// Acknowledge only after the change is flushed to disk (group commit).
@@ -120,7 +121,7 @@ pub enum Durability {
 }
 
 /// `[store]`: the sled database and the server secret.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Database directory; empty means `<data dir>/db`.
@@ -143,7 +144,7 @@ impl Default for StoreConfig {
 }
 
 /// `[otp]`: the rules codes live by.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OtpConfig {
     pub code_length: u32,
@@ -177,7 +178,7 @@ pub const CODE_LENGTHS: std::ops::RangeInclusive<u32> = 4..=10;
 pub const NIST_TTL_LIMIT_SECS: u64 = 600;
 
 /// `[janitor]`: the background purge of finished items.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JanitorConfig {
     /// Longest sleep between two looks at the expiry index.
@@ -196,7 +197,7 @@ impl Default for JanitorConfig {
 }
 
 /// Which delivery backend sends the codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
     /// Writes the message to the log (development).
@@ -209,7 +210,7 @@ pub enum Backend {
 }
 
 /// `[delivery]`: how a code reaches a person.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
     pub backend: Backend,
@@ -234,7 +235,7 @@ impl Default for DeliveryConfig {
 }
 
 /// `[delivery.dispatch]` and `[delivery.messages]`: a Vonage application.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VonageConfig {
     pub api_url: String,
@@ -273,7 +274,7 @@ impl Default for VonageConfig {
 }
 
 /// `[http]`: the optional REST listener of the tutorial service.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// `host:port` or `unix:/path`; empty: no HTTP listener.
