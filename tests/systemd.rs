@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
@@ -38,17 +39,23 @@ fn listening_inode(path: &Path) -> Option<u64> {
     })
 }
 
-#[test]
-fn socket_activation_serves_on_fd_3_and_leaves_the_socket_file() {
-    let mut daemon = Daemon::prepare("", "");
+/// Starts otpd through `systemd-socket-activate OPTIONS`, which runs it on the first
+/// connection to (or datagram on) its first socket.
+fn launch_activated(daemon: &mut Daemon, options: &[&OsStr]) {
     let mut activate = daemon.command("systemd-socket-activate");
     activate
-        .arg("--listen")
-        .arg(&daemon.socket)
+        .args(options)
         .arg("--setenv=OTPD_LOG=info")
         .arg(env!("CARGO_BIN_EXE_otpd"))
         .args(daemon.serve_args());
     daemon.launch(activate);
+}
+
+#[test]
+fn socket_activation_serves_on_fd_3_and_leaves_the_socket_file() {
+    let mut daemon = Daemon::prepare("", "");
+    let socket = daemon.socket.clone();
+    launch_activated(&mut daemon, &["--listen".as_ref(), socket.as_ref()]);
     wait_for_file(&daemon.socket);
 
     // The first connection makes systemd-socket-activate exec otpd with the socket.
@@ -73,6 +80,48 @@ fn socket_activation_serves_on_fd_3_and_leaves_the_socket_file() {
     assert!(daemon.stop().success(), "{}", daemon.stderr());
     let meta = std::fs::symlink_metadata(&daemon.socket).expect("the socket file is kept");
     assert!(meta.file_type().is_socket());
+}
+
+#[test]
+fn two_activated_sockets_are_refused() {
+    let mut daemon = Daemon::prepare("", "");
+    let (first, second) = (daemon.socket.clone(), daemon.dir.path().join("second.sock"));
+    let options = [
+        "--listen".as_ref(),
+        first.as_ref(),
+        "--listen".as_ref(),
+        second.as_ref(),
+    ];
+    launch_activated(&mut daemon, &options);
+    wait_for_file(&second);
+    let _trigger = UnixStream::connect(&first).unwrap();
+    assert_eq!(daemon.wait_exit().code(), Some(2), "{}", daemon.stderr());
+    assert!(
+        daemon.stderr().contains("systemd passed 2 sockets"),
+        "{}",
+        daemon.stderr()
+    );
+}
+
+#[test]
+fn an_activated_datagram_socket_is_refused() {
+    let mut daemon = Daemon::prepare("", "");
+    let socket = daemon.socket.clone();
+    launch_activated(
+        &mut daemon,
+        &["--datagram".as_ref(), "--listen".as_ref(), socket.as_ref()],
+    );
+    wait_for_file(&socket);
+    UnixDatagram::unbound()
+        .unwrap()
+        .send_to(b"hello", &socket)
+        .unwrap();
+    assert_eq!(daemon.wait_exit().code(), Some(2), "{}", daemon.stderr());
+    assert!(
+        daemon.stderr().contains("not a listening stream socket"),
+        "{}",
+        daemon.stderr()
+    );
 }
 
 /// A socket the test binds as `NOTIFY_SOCKET`, collecting what otpd sends.

@@ -176,7 +176,8 @@ impl Daemon {
         self.wait_exit();
     }
 
-    fn wait_exit(&mut self) -> ExitStatus {
+    /// Waits for the daemon to exit by itself and returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + PATIENCE;
         loop {
