@@ -17,6 +17,8 @@ pub const DEFAULT_DATA_DIR: &str = "./otpd-data";
 pub const SOCKET_NAME: &str = "otpd.sock";
 /// Name of the systemd credential that may hold the server secret.
 pub const SECRET_CREDENTIAL: &str = "otpd-secret";
+/// Name of the systemd credential that may hold the Vonage application's private key.
+pub const VONAGE_KEY_CREDENTIAL: &str = "otpd-vonage-key";
 
 /// A configuration error: always names the key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -450,6 +452,13 @@ impl Config {
                 (Some(credential), false) => credential,
                 _ => data_dir.join("secret.key"),
             };
+        }
+        if let Some(credential) = dirs.credential(VONAGE_KEY_CREDENTIAL) {
+            for vonage in [&mut self.delivery.dispatch, &mut self.delivery.messages] {
+                if vonage.private_key_file.as_os_str().is_empty() {
+                    vonage.private_key_file = credential.clone();
+                }
+            }
         }
     }
 

@@ -34,8 +34,8 @@ pub async fn run(
     }
     let store: Arc<dyn Store> =
         Arc::new(SledStore::open(&config.store, Limits::from(&config.otp))?);
-    let delivery = delivery::from_config(&config.delivery)?;
     let counters = Arc::new(Counters::default());
+    let delivery = delivery::from_config(&config, counters.clone())?;
     let wakeup = Arc::new(Wakeup::default());
     let otp = Arc::new(Otp::new(
         config.otp.clone(),

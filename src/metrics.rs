@@ -21,6 +21,14 @@ pub struct Counters {
     pub locked: AtomicU64,
     pub rate_limited: AtomicU64,
     pub delivery_failed: AtomicU64,
+    /// Requests sent to the delivery provider, retries included.
+    pub delivery_attempts: AtomicU64,
+    /// Messages the provider accepted.
+    pub delivery_sent: AtomicU64,
+    /// Messages the provider refused (4xx other than 429).
+    pub delivery_refused: AtomicU64,
+    /// Messages given up on after retries (429, 5xx, connection errors, timeouts).
+    pub delivery_unavailable: AtomicU64,
 }
 
 impl Default for Counters {
@@ -36,6 +44,10 @@ impl Default for Counters {
             locked: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             delivery_failed: AtomicU64::new(0),
+            delivery_attempts: AtomicU64::new(0),
+            delivery_sent: AtomicU64::new(0),
+            delivery_refused: AtomicU64::new(0),
+            delivery_unavailable: AtomicU64::new(0),
         }
     }
 }
@@ -58,6 +70,10 @@ pub struct Stats {
     pub locked: u64,
     pub rate_limited: u64,
     pub delivery_failed: u64,
+    pub delivery_attempts: u64,
+    pub delivery_sent: u64,
+    pub delivery_refused: u64,
+    pub delivery_unavailable: u64,
     pub uptime_secs: u64,
 }
 
@@ -76,6 +92,10 @@ impl Counters {
             locked: read(&self.locked),
             rate_limited: read(&self.rate_limited),
             delivery_failed: read(&self.delivery_failed),
+            delivery_attempts: read(&self.delivery_attempts),
+            delivery_sent: read(&self.delivery_sent),
+            delivery_refused: read(&self.delivery_refused),
+            delivery_unavailable: read(&self.delivery_unavailable),
             uptime_secs: self.started.elapsed().as_secs(),
         }
     }

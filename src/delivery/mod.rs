@@ -4,16 +4,22 @@
 //! gets the rendered text and the recipients, and answers with the provider's id for
 //! the delivery or with an error that says whether retrying later could help.
 
+mod dispatch;
+mod http_client;
+mod jwt;
 mod log;
+mod vonage;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::code::Code;
-use crate::config::{Backend, DeliveryConfig};
+use crate::config::{Backend, Config};
+use crate::metrics::Counters;
 use crate::rules::Channel;
 
+pub use self::dispatch::DispatchDelivery;
 pub use self::log::LogDelivery;
 
 /// Where to send a code. At least one channel is set; with both, Messenger goes first
@@ -96,13 +102,14 @@ pub fn render(template: &str, code: &Code, ttl_secs: u64) -> String {
         .replace("{code}", code.expose())
 }
 
-/// Builds the backend the configuration names.
-pub fn from_config(config: &DeliveryConfig) -> anyhow::Result<Arc<dyn Delivery>> {
-    match config.backend {
-        Backend::Log => Ok(Arc::new(LogDelivery::new(config)?)),
-        Backend::Dispatch | Backend::Messages => anyhow::bail!(
+/// Builds the backend the configuration names; `counters` get its delivery counts.
+pub fn from_config(config: &Config, counters: Arc<Counters>) -> anyhow::Result<Arc<dyn Delivery>> {
+    match config.delivery.backend {
+        Backend::Log => Ok(Arc::new(LogDelivery::new(&config.delivery)?)),
+        Backend::Dispatch => Ok(Arc::new(DispatchDelivery::new(config, counters)?)),
+        Backend::Messages => anyhow::bail!(
             "delivery.backend = {:?} is not available in this build",
-            config.backend
+            config.delivery.backend
         ),
     }
 }

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod vonage;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -30,11 +32,11 @@ pub struct Daemon {
     child: Option<Child>,
 }
 
-/// The config every test daemon gets, before the test's own TOML: the log backend
-/// writing codes to a file in the temp dir.
+/// The config every test daemon gets, before the test's own TOML: the default `log`
+/// backend writing codes to a file in the temp dir (`delivery_extra` may pick another).
 fn base_config(dir: &Path) -> String {
     format!(
-        "[delivery]\nbackend = \"log\"\nlog_file = \"{}\"\n",
+        "[delivery]\nlog_file = \"{}\"\n",
         dir.join("codes.jsonl").display()
     )
 }
@@ -184,8 +186,7 @@ impl Daemon {
         let text = std::fs::read_to_string(&self.log_file).unwrap_or_default();
         text.lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|entry| entry["token"] == token)
-            .last()
+            .rfind(|entry| entry["token"] == token)
             .and_then(|entry| entry["code"].as_str().map(str::to_owned))
             .unwrap_or_else(|| panic!("no code logged for {token}"))
     }
@@ -255,7 +256,7 @@ impl Conn {
     /// True when the daemon has closed the connection (reads EOF).
     pub fn is_closed(&mut self) -> bool {
         let mut rest = Vec::new();
-        matches!(self.reader.read_to_end(&mut rest), Ok(_)) && rest.is_empty()
+        self.reader.read_to_end(&mut rest).is_ok() && rest.is_empty()
     }
 
     /// Half-closes the sending side, as socat does at the end of its input.
