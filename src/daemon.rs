@@ -35,13 +35,13 @@ pub async fn run(
     let store: Arc<dyn Store> =
         Arc::new(SledStore::open(&config.store, Limits::from(&config.otp))?);
     let counters = Arc::new(Counters::default());
-    let delivery = delivery::from_config(&config, counters.clone())?;
+    let delivery = delivery::from_config(&config, counters.clone(), store.clone(), &secret)?;
     let wakeup = Arc::new(Wakeup::default());
     let otp = Arc::new(Otp::new(
         config.otp.clone(),
         secret,
         store.clone(),
-        delivery,
+        delivery.clone(),
         config.delivery.template.clone(),
         counters.clone(),
         wakeup.clone(),
@@ -56,6 +56,9 @@ pub async fn run(
         config.janitor.clone(),
         stop.clone(),
     ));
+    if let Some(task) = delivery.background(stop.clone()) {
+        tracker.spawn(task);
+    }
     let server = tracker.spawn({
         let (otp, stop, tracker) = (otp.clone(), stop.clone(), tracker.clone());
         let server_config = config.server.clone();
