@@ -60,6 +60,15 @@ fn assert_log_is_clean(daemon: &Daemon, code: &str) {
     }
 }
 
+/// The code the stand-in was sent does not verify: nothing stayed live.
+fn assert_not_live(daemon: &Daemon, token: &str, seen: &vonage::Seen) {
+    assert_eq!(
+        daemon.verify(token, &seen.code())["status"],
+        404,
+        "{token} is live"
+    );
+}
+
 #[test]
 fn both_channels_send_messenger_then_sms_and_keep_the_dispatch_uuid() {
     let vonage = VonageStandIn::start();
@@ -162,11 +171,7 @@ fn retries_exhausted_answer_503_and_nothing_stays_live() {
     assert_eq!(answer["error"], "delivery_unavailable");
     let seen = vonage.requests();
     assert_eq!(seen.len(), 3, "max_retries = 2: three attempts");
-    assert_eq!(
-        daemon.verify("t5", &seen[0].code())["status"],
-        404,
-        "not live"
-    );
+    assert_not_live(&daemon, "t5", &seen[0]);
     let stats = daemon.stats();
     assert_eq!(stats["live"], 0, "{stats}");
     assert_eq!(stats["delivery_unavailable"], 1, "{stats}");
@@ -189,11 +194,7 @@ fn a_refusal_answers_502_with_the_provider_detail_and_nothing_stays_live() {
     );
     let seen = vonage.requests();
     assert_eq!(seen.len(), 1, "a refusal is not retried");
-    assert_eq!(
-        daemon.verify("t6", &seen[0].code())["status"],
-        404,
-        "not live"
-    );
+    assert_not_live(&daemon, "t6", &seen[0]);
     assert_eq!(daemon.stats()["delivery_refused"], 1);
     assert_log_is_clean(&daemon, &seen[0].code());
 }

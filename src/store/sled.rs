@@ -235,6 +235,23 @@ fn db_error(e: sled::Error) -> StoreError {
     StoreError::Database(e.to_string())
 }
 
+fn tx_error(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => db_error(e),
+    }
+}
+
+/// At most `batch` keys of a tree keyed by big-endian due time, due by `now`.
+fn due_keys(tree: &sled::Tree, now: Millis, batch: usize) -> Result<Vec<IVec>, StoreError> {
+    let end = (now + 1).to_be_bytes();
+    tree.range(..end.as_slice())
+        .keys()
+        .take(batch)
+        .collect::<Result<_, _>>()
+        .map_err(db_error)
+}
+
 impl SledStore {
     /// Opens (or creates) the database; must run inside a tokio runtime.
     pub fn open(config: &StoreConfig, limits: Limits) -> Result<Self, StoreError> {
@@ -296,10 +313,7 @@ impl SledStore {
                     limits: &self.limits,
                 })
             })
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => db_error(e),
-            })
+            .map_err(tx_error)
     }
 
     /// Applies a change to the live count (one per code leaving or entering pending).
@@ -587,14 +601,7 @@ impl Store for SledStore {
     }
 
     async fn purge_due(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError> {
-        let end = (now + 1).to_be_bytes();
-        let due: Vec<IVec> = self
-            .expiry
-            .range(..end.as_slice())
-            .keys()
-            .take(batch)
-            .collect::<Result<_, _>>()
-            .map_err(db_error)?;
+        let due = due_keys(&self.expiry, now, batch)?;
         let mut report = PurgeReport::default();
         let mut live_delta = 0;
         for entry in &due {
@@ -625,14 +632,7 @@ impl Store for SledStore {
         now: Millis,
         batch: usize,
     ) -> Result<DueFailovers, StoreError> {
-        let end = (now + 1).to_be_bytes();
-        let keys: Vec<IVec> = self
-            .failovers
-            .range(..end.as_slice())
-            .keys()
-            .take(batch)
-            .collect::<Result<_, _>>()
-            .map_err(db_error)?;
+        let keys = due_keys(&self.failovers, now, batch)?;
         let mut taken = DueFailovers::default();
         for key in keys {
             let outcome = (&self.codes, &self.references, &self.failovers)
@@ -648,10 +648,7 @@ impl Store for SledStore {
                     let verdict = rules::failover_verdict(code.as_ref(), now);
                     Ok(Some((failover, verdict)))
                 })
-                .map_err(|e| match e {
-                    TransactionError::Abort(e) => e,
-                    TransactionError::Storage(e) => db_error(e),
-                })?;
+                .map_err(tx_error)?;
             taken.due.extend(outcome);
         }
         if !taken.due.is_empty() {

@@ -467,13 +467,10 @@ fn check_dispatch(body: &Value, expect: &Expect) -> Result<(), String> {
                     want.push("failover");
                 }
                 keys(step, &at(""), &want)?;
-                keys(&step["from"], &at("from"), &["type", "id"])?;
-                check(step["from"]["id"] == PAGE_ID, || at("from.id"))?;
-                keys(&step["to"], &at("to"), &["type", "id"])?;
-                check(
-                    step["to"]["type"] == "messenger" && is_psid(&step["to"]["id"]),
-                    || at("to"),
-                )?;
+                party(&step["from"], &at("from"), "messenger", "id", |v| {
+                    *v == PAGE_ID
+                })?;
+                party(&step["to"], &at("to"), "messenger", "id", is_psid)?;
                 keys(&step["message"], &at("message"), &["content", "messenger"])?;
                 check(
                     step["message"]["messenger"] == json!({"category": expect.category}),
@@ -491,13 +488,10 @@ fn check_dispatch(body: &Value, expect: &Expect) -> Result<(), String> {
             "sms" => {
                 check(last, || at("from: SMS must be the last step"))?;
                 keys(step, &at(""), &["from", "to", "message"])?;
-                keys(&step["from"], &at("from"), &["type", "number"])?;
-                check(step["from"]["number"] == SMS_FROM, || at("from.number"))?;
-                keys(&step["to"], &at("to"), &["type", "number"])?;
-                check(
-                    step["to"]["type"] == "sms" && is_msisdn(&step["to"]["number"]),
-                    || at("to"),
-                )?;
+                party(&step["from"], &at("from"), "sms", "number", |v| {
+                    *v == SMS_FROM
+                })?;
+                party(&step["to"], &at("to"), "sms", "number", is_msisdn)?;
                 keys(&step["message"], &at("message"), &["content"])?;
                 check_content(&step["message"]["content"], 1000, &at("message.content"))?;
             }
@@ -505,6 +499,20 @@ fn check_dispatch(body: &Value, expect: &Expect) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A Dispatch `from` / `to`: exactly `type` = `kind` and `field`, which `ok` accepts.
+fn party(
+    value: &Value,
+    what: &str,
+    kind: &str,
+    field: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Result<(), String> {
+    keys(value, what, &["type", field])?;
+    check(value["type"] == kind && ok(&value[field]), || {
+        format!("{what} = {value}")
+    })
 }
 
 fn check_content(content: &Value, max: usize, what: &str) -> Result<(), String> {
