@@ -15,36 +15,53 @@ pub fn render(otp: &Otp, webhooks: &Webhooks) -> Answer {
     let stats = otp.stats();
     let counters = otp.counters();
     let mut out = Exposition::default();
-    out.family(
-        "otpd_codes_created_total",
-        "counter",
-        "Codes issued and handed to the delivery backend.",
-        &[("", stats.created)],
-    );
-    out.family(
-        "otpd_codes_verified_total",
-        "counter",
-        "Codes verified successfully.",
-        &[("", stats.verified)],
-    );
-    out.family(
-        "otpd_codes_expired_total",
-        "counter",
-        "Codes that reached their expiry unverified.",
-        &[("", stats.expired)],
-    );
-    out.family(
-        "otpd_codes_cancelled_total",
-        "counter",
-        "Codes cancelled by the application.",
-        &[("", stats.cancelled)],
-    );
-    out.family(
-        "otpd_items_purged_total",
-        "counter",
-        "Finished items removed by the janitor.",
-        &[("", stats.purged)],
-    );
+    let single = [
+        (
+            "otpd_codes_created_total",
+            "counter",
+            "Codes issued and handed to the delivery backend.",
+            stats.created,
+        ),
+        (
+            "otpd_codes_verified_total",
+            "counter",
+            "Codes verified successfully.",
+            stats.verified,
+        ),
+        (
+            "otpd_codes_expired_total",
+            "counter",
+            "Codes that reached their expiry unverified.",
+            stats.expired,
+        ),
+        (
+            "otpd_codes_cancelled_total",
+            "counter",
+            "Codes cancelled by the application.",
+            stats.cancelled,
+        ),
+        (
+            "otpd_items_purged_total",
+            "counter",
+            "Finished items removed by the janitor.",
+            stats.purged,
+        ),
+        (
+            "otpd_live_codes",
+            "gauge",
+            "Codes issued and not yet verified, cancelled, locked or expired.",
+            stats.live,
+        ),
+        (
+            "otpd_uptime_seconds",
+            "gauge",
+            "Seconds since the daemon started.",
+            stats.uptime_secs,
+        ),
+    ];
+    for (name, kind, help, value) in single {
+        out.family(name, kind, help, &[("", value)]);
+    }
     out.family(
         "otpd_failures_total",
         "counter",
@@ -76,18 +93,6 @@ pub fn render(otp: &Otp, webhooks: &Webhooks) -> Answer {
         "counter",
         "Status webhooks received, by what became of them.",
         &labelled(&outcomes),
-    );
-    out.family(
-        "otpd_live_codes",
-        "gauge",
-        "Codes issued and not yet verified, cancelled, locked or expired.",
-        &[("", stats.live)],
-    );
-    out.family(
-        "otpd_uptime_seconds",
-        "gauge",
-        "Seconds since the daemon started.",
-        &[("", stats.uptime_secs)],
     );
     out.histogram(
         "otpd_request_duration_seconds",
