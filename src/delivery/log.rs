@@ -58,10 +58,10 @@ impl Delivery for LogDelivery {
         let reference = new_reference();
         tracing::warn!(
             token = %message.token,
-            reference = %reference,
             code = %message.code.expose(),
             channels = %channels.join(","),
             text = ?message.text,
+            reference = %reference,
             "would send"
         );
         if let Some(file) = &self.file {
