@@ -138,6 +138,12 @@ fn tutorial_contract_byte_for_byte() {
     let status = status_of(&daemon, "123456789");
     assert_eq!(status["state"], "verified");
     assert_eq!(status["channels"], json!(["messenger", "sms"]));
+
+    // The verify path holds the code, yet only the log backend's line shows it.
+    let log = daemon.stderr();
+    let mentions: Vec<&str> = log.lines().filter(|l| l.contains(&code)).collect();
+    assert_eq!(mentions.len(), 1, "{mentions:?}");
+    assert!(mentions[0].contains("would send"));
 }
 
 #[test]
