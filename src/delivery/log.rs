@@ -62,6 +62,7 @@ impl Delivery for LogDelivery {
             code = %message.code.expose(),
             channels = %channels.join(","),
             text = ?message.text,
+            reference = %reference,
             "would send"
         );
         if let Some(file) = &self.file {

@@ -15,79 +15,93 @@ pub fn render(otp: &Otp, webhooks: &Webhooks) -> Answer {
     let stats = otp.stats();
     let counters = otp.counters();
     let mut out = Exposition::default();
-    out.family(
-        "otpd_codes_created_total",
-        "counter",
-        "Codes issued and handed to the delivery backend.",
-        &[("", stats.created)],
-    );
-    out.family(
-        "otpd_codes_verified_total",
-        "counter",
-        "Codes verified successfully.",
-        &[("", stats.verified)],
-    );
-    out.family(
-        "otpd_codes_expired_total",
-        "counter",
-        "Codes that reached their expiry unverified.",
-        &[("", stats.expired)],
-    );
-    out.family(
-        "otpd_codes_cancelled_total",
-        "counter",
-        "Codes cancelled by the application.",
-        &[("", stats.cancelled)],
-    );
-    out.family(
-        "otpd_items_purged_total",
-        "counter",
-        "Finished items removed by the janitor.",
-        &[("", stats.purged)],
-    );
-    out.family(
+    let single = [
+        (
+            "otpd_codes_created_total",
+            "counter",
+            "Codes issued and handed to the delivery backend.",
+            stats.created,
+        ),
+        (
+            "otpd_codes_verified_total",
+            "counter",
+            "Codes verified successfully.",
+            stats.verified,
+        ),
+        (
+            "otpd_codes_expired_total",
+            "counter",
+            "Codes that reached their expiry unverified.",
+            stats.expired,
+        ),
+        (
+            "otpd_codes_cancelled_total",
+            "counter",
+            "Codes cancelled by the application.",
+            stats.cancelled,
+        ),
+        (
+            "otpd_items_purged_total",
+            "counter",
+            "Finished items removed by the janitor.",
+            stats.purged,
+        ),
+        (
+            "otpd_delivery_attempts_total",
+            "counter",
+            "Requests sent to the delivery provider (Vonage), retries included.",
+            stats.delivery_attempts,
+        ),
+        (
+            "otpd_live_codes",
+            "gauge",
+            "Codes issued and not yet verified, cancelled, locked or expired.",
+            stats.live,
+        ),
+        (
+            "otpd_uptime_seconds",
+            "gauge",
+            "Seconds since the daemon started.",
+            stats.uptime_secs,
+        ),
+    ];
+    for (name, kind, help, value) in single {
+        out.single(name, kind, help, value);
+    }
+    out.counters_by(
         "otpd_failures_total",
-        "counter",
         "Refused requests by reason: wrong code or unknown token, token locked after \
          too many wrong codes, rate limit, delivery refused or unavailable.",
-        &[
-            ("reason=\"wrong_code\"", stats.failed),
-            ("reason=\"locked\"", stats.locked),
-            ("reason=\"rate_limited\"", stats.rate_limited),
-            ("reason=\"delivery_failed\"", stats.delivery_failed),
+        "reason",
+        [
+            ("wrong_code", stats.failed),
+            ("locked", stats.locked),
+            ("rate_limited", stats.rate_limited),
+            ("delivery_failed", stats.delivery_failed),
         ],
     );
-    let statuses: Vec<(String, u64)> = webhooks
-        .status_counts()
-        .map(|(status, n)| (format!("status=\"{status}\""), n))
-        .collect();
-    out.family(
+    out.counters_by(
+        "otpd_deliveries_total",
+        "Messages handed to the delivery provider (Vonage), by outcome: accepted, \
+         refused (4xx), or unavailable after retries.",
+        "outcome",
+        [
+            ("sent", stats.delivery_sent),
+            ("refused", stats.delivery_refused),
+            ("unavailable", stats.delivery_unavailable),
+        ],
+    );
+    out.counters_by(
         "otpd_delivery_events_total",
-        "counter",
         "Provider status reports recorded on a code, by status.",
-        &labelled(&statuses),
+        "status",
+        webhooks.status_counts(),
     );
-    let outcomes: Vec<(String, u64)> = webhooks
-        .outcome_counts()
-        .map(|(outcome, n)| (format!("outcome=\"{outcome}\""), n))
-        .collect();
-    out.family(
+    out.counters_by(
         "otpd_webhooks_total",
-        "counter",
         "Status webhooks received, by what became of them.",
-        &labelled(&outcomes),
-    );
-    out.family(
-        "otpd_live_codes",
-        "gauge",
-        "Codes issued and not yet verified, cancelled, locked or expired.",
-        &[("", stats.live)],
-    );
-    out.family(
-        "otpd_uptime_seconds",
-        "gauge",
-        "Seconds since the daemon started.",
-        &[("", stats.uptime_secs)],
+        "outcome",
+        webhooks.outcome_counts(),
     );
     out.histogram(
         "otpd_request_duration_seconds",
@@ -105,10 +119,6 @@ pub fn render(otp: &Otp, webhooks: &Webhooks) -> Answer {
     answer
 }
 
-fn labelled(samples: &[(String, u64)]) -> Vec<(&str, u64)> {
-    samples.iter().map(|(l, n)| (l.as_str(), *n)).collect()
-}
-
 /// The text being built.
 #[derive(Default)]
 struct Exposition(String);
@@ -119,15 +129,23 @@ impl Exposition {
         let _ = writeln!(self.0, "# TYPE {name} {kind}");
     }
 
-    /// A counter or gauge family: one sample per `(labels, value)`.
-    fn family(&mut self, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
+    /// A family of one unlabelled sample.
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: u64) {
         self.header(name, kind, help);
-        for (labels, value) in samples {
-            if labels.is_empty() {
-                let _ = writeln!(self.0, "{name} {value}");
-            } else {
-                let _ = writeln!(self.0, "{name}{{{labels}}} {value}");
-            }
+        let _ = writeln!(self.0, "{name} {value}");
+    }
+
+    /// A counter family with one sample per value of `label`.
+    fn counters_by<'a>(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        counts: impl IntoIterator<Item = (&'a str, u64)>,
+    ) {
+        self.header(name, "counter", help);
+        for (value, count) in counts {
+            let _ = writeln!(self.0, "{name}{{{label}=\"{value}\"}} {count}");
         }
     }
 

@@ -126,7 +126,7 @@ async fn serve(
     tracker: TaskTracker,
 ) {
     loop {
-        let accepted = tokio::select! {
+        let (accepted, slot) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = async {
                 let slot = slots.clone().acquire_owned().await.expect("never closed");
@@ -134,8 +134,8 @@ async fn serve(
             } => accepted,
         };
         let stream = match accepted {
-            (Ok(stream), slot) => (stream, slot),
-            (Err(error), _) => {
+            Ok(stream) => stream,
+            Err(error) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(%error, "HTTP accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -144,7 +144,6 @@ async fn serve(
         };
         let (app, shutdown) = (app.clone(), shutdown.clone());
         tracker.spawn(async move {
-            let (stream, slot) = stream;
             serve_connection(stream, app, shutdown).await;
             drop(slot);
         });
