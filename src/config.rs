@@ -549,4 +549,26 @@ mod tests {
         assert_eq!(config.server.socket, PathBuf::from("./otpd-data/otpd.sock"));
         assert_eq!(config.store.path, PathBuf::from("./otpd-data/db"));
     }
+
+    #[test]
+    fn vonage_key_falls_back_to_the_systemd_credential() {
+        let credentials = tempfile::tempdir().unwrap();
+        std::fs::write(credentials.path().join(VONAGE_KEY_CREDENTIAL), "key").unwrap();
+        let dirs = SystemdDirs {
+            credentials: Some(credentials.path().to_owned()),
+            ..SystemdDirs::default()
+        };
+        let mut config =
+            Config::parse("[delivery.messages]\nprivate_key_file = \"/etc/otpd/k.pem\"\n").unwrap();
+        config.resolve_paths(&Overrides::default(), &dirs);
+        assert_eq!(
+            config.delivery.dispatch.private_key_file,
+            credentials.path().join(VONAGE_KEY_CREDENTIAL)
+        );
+        assert_eq!(
+            config.delivery.messages.private_key_file,
+            PathBuf::from("/etc/otpd/k.pem"),
+            "an explicit file wins"
+        );
+    }
 }

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use hyper::Uri;
 use serde_json::{Value, json};
 
-use super::vonage::Vonage;
+use super::vonage::{Api, Vonage};
 use super::{Delivery, DeliveryError, Message, Receipt};
 use crate::config::Config;
 use crate::metrics::Counters;
@@ -25,7 +25,7 @@ pub struct DispatchDelivery {
 
 impl DispatchDelivery {
     pub fn new(config: &Config, counters: Arc<Counters>) -> anyhow::Result<Self> {
-        let vonage = Vonage::from_config("dispatch", config, counters)?;
+        let vonage = Vonage::from_config(Api::Dispatch, config, counters)?;
         let url = vonage.endpoint("/v0.1/dispatch")?;
         Ok(Self { vonage, url })
     }

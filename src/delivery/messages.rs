@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::seal::Sealer;
-use super::vonage::Vonage;
+use super::vonage::{Api, Vonage};
 use super::{Delivery, DeliveryError, Message, Receipt};
 use crate::config::Config;
 use crate::metrics::Counters;
@@ -58,7 +58,7 @@ impl MessagesDelivery {
         store: Arc<dyn Store>,
         secret: &ServerSecret,
     ) -> anyhow::Result<Self> {
-        let vonage = Vonage::from_config("messages", config, counters)?;
+        let vonage = Vonage::from_config(Api::Messages, config, counters)?;
         let url = vonage.endpoint("/v1/messages")?;
         Ok(Self {
             inner: Arc::new(Inner {

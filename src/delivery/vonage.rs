@@ -25,6 +25,23 @@ pub const SMS_MAX_CHARS: usize = 1000;
 /// Range of `failover_secs` (Dispatch's `expiry_time`).
 pub const FAILOVER_SECS: std::ops::RangeInclusive<u64> = 15..=86_400;
 
+/// Which Vonage API, and so which config section.
+#[derive(Debug, Clone, Copy)]
+pub enum Api {
+    Dispatch,
+    Messages,
+}
+
+impl Api {
+    /// The section name under `[delivery]`.
+    fn section(self) -> &'static str {
+        match self {
+            Api::Dispatch => "dispatch",
+            Api::Messages => "messages",
+        }
+    }
+}
+
 /// A Vonage application, ready to send.
 pub struct Vonage {
     pub client: ApiClient,
@@ -39,17 +56,14 @@ pub struct Vonage {
 }
 
 impl Vonage {
-    /// Validates the section (`"dispatch"` or `"messages"`) of `config` and loads the
-    /// private key. Every error names its key.
-    pub fn from_config(
-        section: &'static str,
-        config: &Config,
-        counters: Arc<Counters>,
-    ) -> anyhow::Result<Self> {
-        let v: &VonageConfig = match section {
-            "dispatch" => &config.delivery.dispatch,
-            _ => &config.delivery.messages,
+    /// Validates the API's section of `config` and loads the private key. Every error
+    /// names its key.
+    pub fn from_config(api: Api, config: &Config, counters: Arc<Counters>) -> anyhow::Result<Self> {
+        let v: &VonageConfig = match api {
+            Api::Dispatch => &config.delivery.dispatch,
+            Api::Messages => &config.delivery.messages,
         };
+        let section = api.section();
         let key = |name: &str| format!("delivery.{section}.{name}");
         let api_url = v.api_url.trim_end_matches('/').to_owned();
         let uri: Uri = api_url
