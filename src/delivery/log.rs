@@ -58,7 +58,6 @@ impl Delivery for LogDelivery {
         let reference = new_reference();
         tracing::warn!(
             token = %message.token,
-            reference = %reference,
             code = %message.code.expose(),
             channels = %channels.join(","),
             text = ?message.text,
