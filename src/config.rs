@@ -17,6 +17,8 @@ pub const DEFAULT_DATA_DIR: &str = "./otpd-data";
 pub const SOCKET_NAME: &str = "otpd.sock";
 /// Name of the systemd credential that may hold the server secret.
 pub const SECRET_CREDENTIAL: &str = "otpd-secret";
+/// Name of the systemd credential that may hold the Vonage application's private key.
+pub const VONAGE_KEY_CREDENTIAL: &str = "otpd-vonage-key";
 
 /// A configuration error: always names the key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -454,6 +456,13 @@ impl Config {
                 _ => data_dir.join("secret.key"),
             };
         }
+        if let Some(credential) = dirs.credential(VONAGE_KEY_CREDENTIAL) {
+            for vonage in [&mut self.delivery.dispatch, &mut self.delivery.messages] {
+                if vonage.private_key_file.as_os_str().is_empty() {
+                    vonage.private_key_file = credential.clone();
+                }
+            }
+        }
     }
 
     /// Start-up warnings that do not stop the daemon.
@@ -556,5 +565,27 @@ mod tests {
         config.resolve_paths(&Overrides::default(), &SystemdDirs::default());
         assert_eq!(config.server.socket, PathBuf::from("./otpd-data/otpd.sock"));
         assert_eq!(config.store.path, PathBuf::from("./otpd-data/db"));
+    }
+
+    #[test]
+    fn vonage_key_falls_back_to_the_systemd_credential() {
+        let credentials = tempfile::tempdir().unwrap();
+        std::fs::write(credentials.path().join(VONAGE_KEY_CREDENTIAL), "key").unwrap();
+        let dirs = SystemdDirs {
+            credentials: Some(credentials.path().to_owned()),
+            ..SystemdDirs::default()
+        };
+        let mut config =
+            Config::parse("[delivery.messages]\nprivate_key_file = \"/etc/otpd/k.pem\"\n").unwrap();
+        config.resolve_paths(&Overrides::default(), &dirs);
+        assert_eq!(
+            config.delivery.dispatch.private_key_file,
+            credentials.path().join(VONAGE_KEY_CREDENTIAL)
+        );
+        assert_eq!(
+            config.delivery.messages.private_key_file,
+            PathBuf::from("/etc/otpd/k.pem"),
+            "an explicit file wins"
+        );
     }
 }

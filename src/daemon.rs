@@ -1,5 +1,5 @@
-//! `otpd serve`: wires config, secret, store, delivery, janitor and server together and
-//! runs them until the shutdown future resolves.
+//! `otpd serve`: wires config, secret, store, delivery, janitor, server and the optional
+//! HTTP listener together and runs them until the shutdown future resolves.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::delivery;
+use crate::http;
 use crate::janitor::{self, Wakeup};
 use crate::metrics::Counters;
 use crate::otp::Otp;
@@ -36,14 +37,14 @@ pub async fn run(
     }
     let store: Arc<dyn Store> =
         Arc::new(SledStore::open(&config.store, Limits::from(&config.otp))?);
-    let delivery = delivery::from_config(&config.delivery)?;
     let counters = Arc::new(Counters::default());
+    let delivery = delivery::from_config(&config, counters.clone(), store.clone(), &secret)?;
     let wakeup = Arc::new(Wakeup::default());
     let otp = Arc::new(Otp::new(
         config.otp.clone(),
         secret,
         store.clone(),
-        delivery,
+        delivery.clone(),
         config.delivery.template.clone(),
         counters.clone(),
         wakeup.clone(),
@@ -58,6 +59,10 @@ pub async fn run(
         config.janitor.clone(),
         stop.clone(),
     ));
+    if let Some(task) = delivery.background(stop.clone()) {
+        tracker.spawn(task);
+    }
+    http::start(&config, otp.clone(), stop.clone(), &tracker).await?;
     tracker.spawn(systemd::watchdog(store.clone(), stop.clone()));
     let server = tracker.spawn({
         let (otp, stop, tracker) = (otp.clone(), stop.clone(), tracker.clone());

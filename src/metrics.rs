@@ -1,7 +1,7 @@
-//! Counters since start-up, shown by the `stats` op.
+//! Counters since start-up, shown by the `stats` op (and by `GET /metrics`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -21,6 +21,18 @@ pub struct Counters {
     pub locked: AtomicU64,
     pub rate_limited: AtomicU64,
     pub delivery_failed: AtomicU64,
+    /// Requests sent to the delivery provider, retries included.
+    pub delivery_attempts: AtomicU64,
+    /// Messages the provider accepted.
+    pub delivery_sent: AtomicU64,
+    /// Messages the provider refused (4xx other than 429).
+    pub delivery_refused: AtomicU64,
+    /// Messages given up on after retries (429, 5xx, connection errors, timeouts).
+    pub delivery_unavailable: AtomicU64,
+    /// Time to answer a request on the Unix socket.
+    pub socket_latency: Histogram,
+    /// Time to answer a request on the HTTP listener.
+    pub http_latency: Histogram,
 }
 
 impl Default for Counters {
@@ -36,6 +48,12 @@ impl Default for Counters {
             locked: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             delivery_failed: AtomicU64::new(0),
+            delivery_attempts: AtomicU64::new(0),
+            delivery_sent: AtomicU64::new(0),
+            delivery_refused: AtomicU64::new(0),
+            delivery_unavailable: AtomicU64::new(0),
+            socket_latency: Histogram::default(),
+            http_latency: Histogram::default(),
         }
     }
 }
@@ -43,6 +61,58 @@ impl Default for Counters {
 /// Adds one to a counter.
 pub fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Upper bounds of the latency buckets in microseconds: an answer takes from well under
+/// a millisecond (relaxed durability) to tens of milliseconds (a shared disk flush).
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000,
+];
+
+/// A latency histogram with fixed buckets, lock-free to record.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last one is beyond every bound.
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+/// A histogram as read at one moment, in Prometheus' cumulative form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    /// `(upper bound in µs, observations at or below it)`, one per [`LATENCY_BUCKETS_US`].
+    pub cumulative: Vec<(u64, u64)>,
+    /// All observations (the `+Inf` bucket).
+    pub count: u64,
+    pub sum_us: u64,
+}
+
+impl Histogram {
+    /// Records one answer's duration.
+    pub fn observe(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = LATENCY_BUCKETS_US.partition_point(|&bound| bound < us);
+        bump(&self.buckets[bucket]);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Reads the buckets; the count is their total, so it always equals `+Inf`.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut total = 0;
+        let mut cumulative = Vec::with_capacity(LATENCY_BUCKETS_US.len());
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            total += bucket.load(Ordering::Relaxed);
+            if let Some(&bound) = LATENCY_BUCKETS_US.get(i) {
+                cumulative.push((bound, total));
+            }
+        }
+        HistogramSnapshot {
+            cumulative,
+            count: total,
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A snapshot of the counters, as the `stats` op answers it.
@@ -58,6 +128,10 @@ pub struct Stats {
     pub locked: u64,
     pub rate_limited: u64,
     pub delivery_failed: u64,
+    pub delivery_attempts: u64,
+    pub delivery_sent: u64,
+    pub delivery_refused: u64,
+    pub delivery_unavailable: u64,
     pub uptime_secs: u64,
 }
 
@@ -76,7 +150,30 @@ impl Counters {
             locked: read(&self.locked),
             rate_limited: read(&self.rate_limited),
             delivery_failed: read(&self.delivery_failed),
+            delivery_attempts: read(&self.delivery_attempts),
+            delivery_sent: read(&self.delivery_sent),
+            delivery_refused: read(&self.delivery_refused),
+            delivery_unavailable: read(&self.delivery_unavailable),
             uptime_secs: self.started.elapsed().as_secs(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_inclusive() {
+        let histogram = Histogram::default();
+        histogram.observe(Duration::from_micros(100));
+        histogram.observe(Duration::from_micros(101));
+        histogram.observe(Duration::from_secs(10));
+        let snapshot = histogram.snapshot();
+        assert_eq!(snapshot.cumulative[0], (100, 1), "le is inclusive");
+        assert_eq!(snapshot.cumulative[1], (250, 2));
+        assert_eq!(snapshot.cumulative.last(), Some(&(2_500_000, 2)));
+        assert_eq!(snapshot.count, 3, "the slow one is only in +Inf");
+        assert_eq!(snapshot.sum_us, 10_000_201);
     }
 }

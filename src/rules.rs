@@ -394,6 +394,57 @@ pub fn finish_pending(code: &mut CodeRecord, state: CodeState, now: Millis) -> b
     }
 }
 
+/// A Messenger message the `messages` backend must follow with an SMS unless it is read
+/// in time. Kept by the store until due, so a restart neither loses nor repeats it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingFailover {
+    /// The Messenger message's provider id: the code's delivery reference, by which
+    /// the failover finds its code (a replaced or purged code has none any more).
+    pub reference: String,
+    pub due_at: Millis,
+    /// For the log, and bound into the sealed text.
+    pub token: String,
+    /// SMS number, E.164 digits.
+    pub to: String,
+    /// The SMS text, encrypted with a key derived from the server secret: it holds the
+    /// code, and the database never does in the clear.
+    pub sealed_text: Vec<u8>,
+}
+
+/// What a due failover comes to, judged from its code's record at the deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverVerdict {
+    /// Unread, not rejected, still pending: send the SMS.
+    Send,
+    /// The code was replaced or purged.
+    Gone,
+    /// Verified, cancelled, expired or locked meanwhile.
+    Finished(CodeState),
+    /// A `read` status arrived for the Messenger message.
+    Read,
+    /// Vonage reported the Messenger message `rejected`, so its own failover sent the SMS.
+    ProviderFellOver,
+}
+
+/// Decides a due failover from its code's record (`None`: no such code any more).
+pub fn failover_verdict(code: Option<&CodeRecord>, now: Millis) -> FailoverVerdict {
+    let Some(code) = code else {
+        return FailoverVerdict::Gone;
+    };
+    let state = code.state_at(now);
+    if state != CodeState::Pending {
+        return FailoverVerdict::Finished(state);
+    }
+    let seen = |status: &str| code.delivery.events.iter().any(|e| e.status == status);
+    if seen("read") {
+        FailoverVerdict::Read
+    } else if seen("rejected") {
+        FailoverVerdict::ProviderFellOver
+    } else {
+        FailoverVerdict::Send
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,5 +589,37 @@ mod tests {
         assert_eq!(token.purge_at(&LIMITS), None);
         token.live = None;
         assert_eq!(token.purge_at(&LIMITS), Some(LIMITS.send_window));
+    }
+
+    #[test]
+    fn failover_goes_out_only_for_an_unread_pending_code() {
+        let mut code = CodeRecord::new(0, 10_000, vec![Channel::Messenger, Channel::Sms]);
+        assert_eq!(failover_verdict(None, 5), FailoverVerdict::Gone);
+        assert_eq!(failover_verdict(Some(&code), 5), FailoverVerdict::Send);
+        assert_eq!(
+            failover_verdict(Some(&code), 10_000),
+            FailoverVerdict::Finished(CodeState::Expired)
+        );
+        let event = |status: &str| DeliveryEvent {
+            at: 1,
+            status: status.into(),
+            channel: Some("messenger".into()),
+            detail: None,
+        };
+        code.delivery.push(event("delivered"));
+        assert_eq!(failover_verdict(Some(&code), 5), FailoverVerdict::Send);
+        let mut rejected = code.clone();
+        rejected.delivery.push(event("rejected"));
+        assert_eq!(
+            failover_verdict(Some(&rejected), 5),
+            FailoverVerdict::ProviderFellOver
+        );
+        code.delivery.push(event("read"));
+        assert_eq!(failover_verdict(Some(&code), 5), FailoverVerdict::Read);
+        code.state = CodeState::Verified;
+        assert_eq!(
+            failover_verdict(Some(&code), 5),
+            FailoverVerdict::Finished(CodeState::Verified)
+        );
     }
 }

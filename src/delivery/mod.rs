@@ -4,17 +4,31 @@
 //! gets the rendered text and the recipients, and answers with the provider's id for
 //! the delivery or with an error that says whether retrying later could help.
 
+mod dispatch;
+mod http_client;
+mod jwt;
 mod log;
+mod messages;
+mod seal;
+mod vonage;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
 
 use crate::code::Code;
-use crate::config::{Backend, DeliveryConfig};
+use crate::config::{Backend, Config};
+use crate::metrics::Counters;
 use crate::rules::Channel;
+use crate::secret::ServerSecret;
+use crate::store::Store;
 
+pub use self::dispatch::DispatchDelivery;
 pub use self::log::LogDelivery;
+pub use self::messages::MessagesDelivery;
 
 /// Where to send a code. At least one channel is set; with both, Messenger goes first
 /// and SMS is the failover.
@@ -86,6 +100,15 @@ pub enum DeliveryError {
 pub trait Delivery: Send + Sync {
     /// Sends the message; returns once the provider has accepted it.
     async fn send(&self, message: &Message<'_>) -> Result<Receipt, DeliveryError>;
+
+    /// Work the backend does on its own (the `messages` failover timer); the daemon
+    /// runs it until `stop` and waits for it at shutdown.
+    fn background(
+        &self,
+        _stop: CancellationToken,
+    ) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+        None
+    }
 }
 
 /// Fills `{code}` and `{minutes}` into the template.
@@ -96,15 +119,20 @@ pub fn render(template: &str, code: &Code, ttl_secs: u64) -> String {
         .replace("{code}", code.expose())
 }
 
-/// Builds the backend the configuration names.
-pub fn from_config(config: &DeliveryConfig) -> anyhow::Result<Arc<dyn Delivery>> {
-    match config.backend {
-        Backend::Log => Ok(Arc::new(LogDelivery::new(config)?)),
-        Backend::Dispatch | Backend::Messages => anyhow::bail!(
-            "delivery.backend = {:?} is not available in this build",
-            config.backend
-        ),
-    }
+/// Builds the backend the configuration names. `counters` get its delivery counts;
+/// the `messages` backend keeps pending failovers in `store`, their texts sealed with
+/// a key derived from `secret`.
+pub fn from_config(
+    config: &Config,
+    counters: Arc<Counters>,
+    store: Arc<dyn Store>,
+    secret: &ServerSecret,
+) -> anyhow::Result<Arc<dyn Delivery>> {
+    Ok(match config.delivery.backend {
+        Backend::Log => Arc::new(LogDelivery::new(&config.delivery)?),
+        Backend::Dispatch => Arc::new(DispatchDelivery::new(config, counters)?),
+        Backend::Messages => Arc::new(MessagesDelivery::new(config, counters, store, secret)?),
+    })
 }
 
 #[cfg(test)]

@@ -11,7 +11,10 @@ pub mod sled;
 use async_trait::async_trait;
 
 use crate::code::Digest;
-use crate::rules::{Channel, CodeRecord, DeliveryEvent, Millis, Refusal, VerifyOutcome};
+use crate::rules::{
+    Channel, CodeRecord, DeliveryEvent, FailoverVerdict, Millis, PendingFailover, Refusal,
+    VerifyOutcome,
+};
 
 pub use encoding::{decode, encode};
 
@@ -44,6 +47,15 @@ pub struct PurgeReport {
     /// Pending codes that reached their expiry unverified.
     pub expired: u64,
     /// When the next entry is due, if any.
+    pub next_due: Option<Millis>,
+}
+
+/// Failovers taken by [`Store::take_due_failovers`].
+#[derive(Debug, Default)]
+pub struct DueFailovers {
+    /// Each taken failover with the verdict on its code at the deadline.
+    pub due: Vec<(PendingFailover, FailoverVerdict)>,
+    /// When the next remaining one is due, if any.
     pub next_due: Option<Millis>,
 }
 
@@ -99,6 +111,18 @@ pub trait Store: Send + Sync {
     /// Handles at most `batch` due entries of the expiry index: expires pending codes
     /// and purges finished items past their retain time.
     async fn purge_due(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError>;
+
+    /// Keeps a pending failover of the `messages` backend until it is due.
+    async fn put_failover(&self, failover: &PendingFailover) -> Result<(), StoreError>;
+
+    /// Removes at most `batch` failovers due by `now`, each with
+    /// [`crate::rules::failover_verdict`] on its code as stored at that moment. Removal
+    /// and verdict are one atomic step, so a failover is handed out once.
+    async fn take_due_failovers(
+        &self,
+        now: Millis,
+        batch: usize,
+    ) -> Result<DueFailovers, StoreError>;
 
     /// Codes issued and not yet verified, cancelled, locked or expired (as of the
     /// janitor's last pass).

@@ -8,6 +8,9 @@
 //! - `expiry`: big-endian due time, kind, subject → empty; one entry per record that the
 //!   janitor must revisit, so it reads due items in time order without scanning.
 //! - `references`: provider delivery id → `otp` key, to file status webhooks.
+//! - `failovers`: big-endian due time, delivery reference → [`PendingFailover`]; the
+//!   `messages` backend's SMS still to send, in deadline order. Only
+//!   `put_failover` and `take_due_failovers` touch it (reading `references` and `otp`).
 //!
 //! Each operation is one sled transaction over these trees, then waits for a shared
 //! flush ([`GroupCommit`]) before it returns.
@@ -25,12 +28,12 @@ use sled::transaction::{
 use sled::{IVec, Transactional};
 
 use super::group_commit::GroupCommit;
-use super::{NewCode, PurgeReport, Store, StoreError, TokenStatus, decode, encode};
+use super::{DueFailovers, NewCode, PurgeReport, Store, StoreError, TokenStatus, decode, encode};
 use crate::code::{DIGEST_LEN, Digest};
 use crate::config::{Durability, StoreConfig};
 use crate::rules::{
-    self, CodeRecord, CodeState, DeliveryEvent, Limits, Millis, RecipientRecord, Refusal,
-    TokenRecord, VerifyOutcome,
+    self, CodeRecord, CodeState, DeliveryEvent, Limits, Millis, PendingFailover, RecipientRecord,
+    Refusal, TokenRecord, VerifyOutcome,
 };
 
 type TxResult<T> = ConflictableTransactionResult<T, StoreError>;
@@ -101,6 +104,13 @@ fn expiry_key(due: Millis, kind: u8, subject: &[u8]) -> Vec<u8> {
 fn split_expiry_key(key: &[u8]) -> Option<(Millis, u8, &[u8])> {
     let due = Millis::from_be_bytes(key.get(..8)?.try_into().ok()?);
     Some((due, *key.get(8)?, &key[9..]))
+}
+
+/// The `failovers` key: big-endian due time, then the delivery reference.
+fn failover_key(failover: &PendingFailover) -> Vec<u8> {
+    let mut key = failover.due_at.to_be_bytes().to_vec();
+    key.extend(failover.reference.as_bytes());
+    key
 }
 
 fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
@@ -215,6 +225,7 @@ pub struct SledStore {
     recipients: sled::Tree,
     expiry: sled::Tree,
     references: sled::Tree,
+    failovers: sled::Tree,
     limits: Limits,
     commit: Option<GroupCommit>,
     live: AtomicU64,
@@ -222,6 +233,23 @@ pub struct SledStore {
 
 fn db_error(e: sled::Error) -> StoreError {
     StoreError::Database(e.to_string())
+}
+
+fn tx_error(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => db_error(e),
+    }
+}
+
+/// At most `batch` keys of a tree keyed by big-endian due time, due by `now`.
+fn due_keys(tree: &sled::Tree, now: Millis, batch: usize) -> Result<Vec<IVec>, StoreError> {
+    let end = (now + 1).to_be_bytes();
+    tree.range(..end.as_slice())
+        .keys()
+        .take(batch)
+        .collect::<Result<_, _>>()
+        .map_err(db_error)
 }
 
 impl SledStore {
@@ -235,6 +263,7 @@ impl SledStore {
             recipients: tree("recipients")?,
             expiry: tree("expiry")?,
             references: tree("references")?,
+            failovers: tree("failovers")?,
             limits,
             commit: (config.durability == Durability::Flush)
                 .then(|| GroupCommit::start(db.clone())),
@@ -284,10 +313,7 @@ impl SledStore {
                     limits: &self.limits,
                 })
             })
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => db_error(e),
-            })
+            .map_err(tx_error)
     }
 
     /// Applies a change to the live count (one per code leaving or entering pending).
@@ -575,14 +601,7 @@ impl Store for SledStore {
     }
 
     async fn purge_due(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError> {
-        let end = (now + 1).to_be_bytes();
-        let due: Vec<IVec> = self
-            .expiry
-            .range(..end.as_slice())
-            .keys()
-            .take(batch)
-            .collect::<Result<_, _>>()
-            .map_err(db_error)?;
+        let due = due_keys(&self.expiry, now, batch)?;
         let mut report = PurgeReport::default();
         let mut live_delta = 0;
         for entry in &due {
@@ -600,11 +619,95 @@ impl Store for SledStore {
         Ok(report)
     }
 
+    async fn put_failover(&self, failover: &PendingFailover) -> Result<(), StoreError> {
+        let key = failover_key(failover);
+        self.failovers
+            .insert(key, encode(failover))
+            .map_err(db_error)?;
+        self.durable().await
+    }
+
+    async fn take_due_failovers(
+        &self,
+        now: Millis,
+        batch: usize,
+    ) -> Result<DueFailovers, StoreError> {
+        let keys = due_keys(&self.failovers, now, batch)?;
+        let mut taken = DueFailovers::default();
+        for key in keys {
+            let outcome = (&self.codes, &self.references, &self.failovers)
+                .transaction(|(codes, references, failovers)| {
+                    let Some(failover) = Tx::get::<PendingFailover>(failovers, &key)? else {
+                        return Ok(None);
+                    };
+                    failovers.remove(&key)?;
+                    let code = match references.get(failover.reference.as_bytes())? {
+                        Some(code_key) => Tx::get::<CodeRecord>(codes, &code_key)?,
+                        None => None,
+                    };
+                    let verdict = rules::failover_verdict(code.as_ref(), now);
+                    Ok(Some((failover, verdict)))
+                })
+                .map_err(tx_error)?;
+            taken.due.extend(outcome);
+        }
+        if !taken.due.is_empty() {
+            self.durable().await?;
+        }
+        taken.next_due = self
+            .failovers
+            .first()
+            .map_err(db_error)?
+            .and_then(|(key, _)| key.get(..8)?.try_into().ok().map(u64::from_be_bytes));
+        Ok(taken)
+    }
+
     fn live(&self) -> u64 {
         self.live.load(Ordering::Relaxed)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await.map(|_| ()).map_err(db_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OtpConfig;
+    use crate::rules::FailoverVerdict;
+
+    fn failover(token: &str, due_at: Millis) -> PendingFailover {
+        PendingFailover {
+            reference: format!("uuid-{token}"),
+            due_at,
+            token: token.into(),
+            to: "393331234567".into(),
+            sealed_text: vec![1, 2, 3],
+        }
+    }
+
+    #[tokio::test]
+    async fn failovers_are_taken_once_in_deadline_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            path: dir.path().join("db"),
+            ..StoreConfig::default()
+        };
+        let limits = Limits::from(&OtpConfig::default());
+        let store = SledStore::open(&config, limits).unwrap();
+        store.put_failover(&failover("late", 2_000)).await.unwrap();
+        store.put_failover(&failover("early", 1_000)).await.unwrap();
+        let none = store.take_due_failovers(999, 10).await.unwrap();
+        assert!(none.due.is_empty());
+        assert_eq!(none.next_due, Some(1_000));
+        let taken = store.take_due_failovers(1_000, 10).await.unwrap();
+        assert_eq!(
+            taken.due,
+            vec![(failover("early", 1_000), FailoverVerdict::Gone)]
+        );
+        assert_eq!(taken.next_due, Some(2_000));
+        let again = store.take_due_failovers(1_500, 10).await.unwrap();
+        assert!(again.due.is_empty(), "taken once");
     }
 }

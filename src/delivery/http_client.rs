@@ -1,0 +1,263 @@
+//! The HTTPS client both Vonage backends use: JSON POSTs with the bearer JWT, a
+//! timeout per request, and bounded retries.
+//!
+//! It sorts every answer into the three outcomes a create cares about: accepted (2xx,
+//! with the JSON body), refused (a 4xx other than 429: retrying the same request will
+//! not help, so the create fails with 502), or unavailable (429, 5xx, connection
+//! errors, timeouts: retried with exponential backoff and jitter, honouring
+//! `Retry-After`, then 503). It never logs a request body: bodies hold codes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::{Request, StatusCode, Uri, header};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rand::RngExt;
+use serde_json::Value;
+
+use super::DeliveryError;
+use super::jwt::JwtSigner;
+use crate::metrics::{Counters, bump};
+
+/// Largest answer body read from the provider.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// First retry delay; doubled per attempt, with jitter.
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// Longest delay between two attempts, from backoff or `Retry-After`. A create is
+/// waiting on the answer, so a provider asking for longer gets a 503 at once.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// A JSON-over-HTTPS client for one Vonage application.
+pub struct ApiClient {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    signer: JwtSigner,
+    timeout: Duration,
+    max_retries: u32,
+    counters: Arc<Counters>,
+}
+
+/// What one attempt came to.
+enum Attempt {
+    Accepted(Value),
+    Refused(String),
+    /// Worth retrying; with the delay the provider asked for, if any.
+    Retry {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl ApiClient {
+    /// A client over rustls (aws-lc-rs, Mozilla's roots) that keeps connections open
+    /// for reuse. Plain `http://` is allowed for tests against a local stand-in.
+    pub fn new(
+        signer: JwtSigner,
+        timeout: Duration,
+        max_retries: u32,
+        counters: Arc<Counters>,
+    ) -> anyhow::Result<Self> {
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::aws_lc_rs::default_provider())?
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(Self {
+            client: Client::builder(TokioExecutor::new()).build(https),
+            signer,
+            timeout,
+            max_retries,
+            counters,
+        })
+    }
+
+    /// POSTs `body` as JSON; answers the provider's JSON on 2xx.
+    pub async fn post_json(&self, url: &Uri, body: &Value) -> Result<Value, DeliveryError> {
+        let body = Bytes::from(serde_json::to_vec(body).expect("JSON values serialize"));
+        let mut attempt = 0;
+        let outcome = loop {
+            bump(&self.counters.delivery_attempts);
+            let (reason, retry_after) = match self.attempt(url, body.clone()).await {
+                Attempt::Accepted(answer) => break Ok(answer),
+                Attempt::Refused(message) => break Err(DeliveryError::Refused(message)),
+                Attempt::Retry {
+                    reason,
+                    retry_after,
+                } => (reason, retry_after),
+            };
+            if attempt >= self.max_retries {
+                break Err(DeliveryError::Unavailable(format!(
+                    "{reason} (after {} attempts)",
+                    attempt + 1
+                )));
+            }
+            let delay = backoff(attempt).max(retry_after.unwrap_or_default());
+            if delay > MAX_RETRY_DELAY {
+                break Err(DeliveryError::Unavailable(format!(
+                    "{reason}; the provider asked to retry after {} s",
+                    delay.as_secs()
+                )));
+            }
+            tracing::info!(%reason, delay_ms = delay.as_millis() as u64, "Vonage: retrying");
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        };
+        bump(match &outcome {
+            Ok(_) => &self.counters.delivery_sent,
+            Err(DeliveryError::Refused(_)) => &self.counters.delivery_refused,
+            Err(DeliveryError::Unavailable(_)) => &self.counters.delivery_unavailable,
+        });
+        outcome
+    }
+
+    /// One request, bounded by the timeout from connect to the last body byte.
+    async fn attempt(&self, url: &Uri, body: Bytes) -> Attempt {
+        let token = match self.signer.token() {
+            Ok(token) => token,
+            Err(e) => return Attempt::Refused(format!("cannot sign the Vonage JWT: {e}")),
+        };
+        let request = Request::post(url.clone())
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json")
+            .body(Full::new(body))
+            .expect("valid request parts");
+        let exchange = async {
+            let response = self.client.request(request).await?;
+            let (parts, body) = response.into_parts();
+            let bytes = Limited::new(body, MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
+                .to_bytes();
+            anyhow::Ok((parts, bytes))
+        };
+        let (parts, bytes) = match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => {
+                return Attempt::Retry {
+                    reason: format!("no answer within {} s", self.timeout.as_secs()),
+                    retry_after: None,
+                };
+            }
+            Ok(Err(e)) => {
+                return Attempt::Retry {
+                    reason: format!("connection: {e}"),
+                    retry_after: None,
+                };
+            }
+            Ok(Ok(answer)) => answer,
+        };
+        let status = parts.status;
+        if status.is_success() {
+            return match serde_json::from_slice(&bytes) {
+                Ok(answer) => Attempt::Accepted(answer),
+                Err(e) => Attempt::Refused(format!("{status} with an unreadable body: {e}")),
+            };
+        }
+        let problem = describe_problem(status, &bytes);
+        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            return Attempt::Retry {
+                reason: problem,
+                retry_after: parts
+                    .headers
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_retry_after),
+            };
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            tracing::error!(
+                %problem,
+                "Vonage refused otpd's credentials: configuration error (check application_id and the private key)"
+            );
+        }
+        Attempt::Refused(problem)
+    }
+}
+
+/// Exponential backoff with jitter: a random delay in [d/2, d], d = base * 2^attempt.
+fn backoff(attempt: u32) -> Duration {
+    let full = BACKOFF_BASE.saturating_mul(1 << attempt.min(16));
+    let half = full / 2;
+    let mut rng = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
+    half + half.mul_f64(rng.random::<f64>())
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    if let Ok(secs) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = jiff::fmt::rfc2822::parse(value.trim()).ok()?.timestamp();
+    let wait = when.duration_since(jiff::Timestamp::now());
+    Some(Duration::try_from(wait).unwrap_or_default())
+}
+
+/// "status: title: detail (invalid: a, b)" from an RFC 7807 problem, or the bare
+/// status when the body is not one.
+fn describe_problem(status: StatusCode, body: &[u8]) -> String {
+    let Ok(problem) = serde_json::from_slice::<Value>(body) else {
+        return status.to_string();
+    };
+    let mut message = status.to_string();
+    for field in ["title", "detail"] {
+        if let Some(text) = problem[field].as_str().filter(|t| !t.is_empty()) {
+            message.push_str(": ");
+            message.push_str(text);
+        }
+    }
+    let invalid: Vec<&str> = match &problem["invalid_parameters"] {
+        Value::Array(items) => items.iter().filter_map(|p| p["name"].as_str()).collect(),
+        Value::Object(_) => problem["invalid_parameters"]["name"]
+            .as_str()
+            .into_iter()
+            .collect(),
+        _ => Vec::new(),
+    };
+    if !invalid.is_empty() {
+        message.push_str(&format!(" (invalid: {})", invalid.join(", ")));
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_json_becomes_a_message() {
+        let body = br#"{"type":"https://x/errors#invalid","title":"Bad Request","detail":"The request failed due to validation errors","instance":"1","invalid_parameters":[{"name":"workflow[0].to.id","reason":"Invalid"}]}"#;
+        assert_eq!(
+            describe_problem(StatusCode::BAD_REQUEST, body),
+            "400 Bad Request: Bad Request: The request failed due to validation errors (invalid: workflow[0].to.id)"
+        );
+        assert_eq!(
+            describe_problem(StatusCode::BAD_GATEWAY, b"<html>"),
+            "502 Bad Gateway"
+        );
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter() {
+        for attempt in 0..4 {
+            let full = BACKOFF_BASE * (1 << attempt);
+            let delay = backoff(attempt);
+            assert!(delay >= full / 2 && delay <= full, "{attempt}: {delay:?}");
+        }
+    }
+}

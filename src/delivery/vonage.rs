@@ -1,0 +1,231 @@
+//! What the two Vonage backends share: the validated `[delivery.dispatch]` or
+//! `[delivery.messages]` section, the API client with its JWT signer, and the pieces
+//! of a message body that both APIs spell alike.
+//!
+//! Everything is checked at start-up, so a bad key, id or template stops the daemon
+//! with a message naming the key instead of failing the first create.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::Uri;
+use serde_json::{Value, json};
+
+use super::http_client::ApiClient;
+use super::jwt::{self, JwtSigner, SystemClock};
+use super::{DeliveryError, render};
+use crate::code::Code;
+use crate::config::{CODE_LENGTHS, Config, VonageConfig};
+use crate::metrics::Counters;
+
+/// Facebook's limit for a Messenger text.
+pub const MESSENGER_MAX_CHARS: usize = 640;
+/// Vonage's limit for an SMS text.
+pub const SMS_MAX_CHARS: usize = 1000;
+/// Range of `failover_secs` (Dispatch's `expiry_time`).
+pub const FAILOVER_SECS: std::ops::RangeInclusive<u64> = 15..=86_400;
+
+/// Which Vonage API, and so which config section.
+#[derive(Debug, Clone, Copy)]
+pub enum Api {
+    Dispatch,
+    Messages,
+}
+
+impl Api {
+    /// The section name under `[delivery]`.
+    fn section(self) -> &'static str {
+        match self {
+            Api::Dispatch => "dispatch",
+            Api::Messages => "messages",
+        }
+    }
+}
+
+/// A Vonage application, ready to send.
+pub struct Vonage {
+    pub client: ApiClient,
+    /// Facebook Page id; `None` when this deployment sends SMS only.
+    messenger_from: Option<String>,
+    pub sms_from: String,
+    pub failover_secs: u64,
+    /// `message.messenger` / `messenger` object: category and, for tagged messages, tag.
+    pub messenger_options: Value,
+    section: &'static str,
+    api_url: String,
+}
+
+impl Vonage {
+    /// Validates the API's section of `config` and loads the private key. Every error
+    /// names its key.
+    pub fn from_config(api: Api, config: &Config, counters: Arc<Counters>) -> anyhow::Result<Self> {
+        let v: &VonageConfig = match api {
+            Api::Dispatch => &config.delivery.dispatch,
+            Api::Messages => &config.delivery.messages,
+        };
+        let section = api.section();
+        let key = |name: &str| format!("delivery.{section}.{name}");
+        let api_url = v.api_url.trim_end_matches('/').to_owned();
+        let uri: Uri = api_url
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{}: {:?} is not a URL", key("api_url"), v.api_url))?;
+        if !matches!(uri.scheme_str(), Some("https" | "http")) || uri.host().is_none() {
+            anyhow::bail!("{}: {:?} is not an http(s) URL", key("api_url"), v.api_url);
+        }
+        if v.application_id.trim().is_empty() {
+            anyhow::bail!(
+                "{}: required (the id of your Vonage application)",
+                key("application_id")
+            );
+        }
+        let messenger_from = match v.messenger_from.as_str() {
+            "" => None,
+            id if id.len() <= 50 && id.bytes().all(|b| b.is_ascii_digit()) => Some(id.to_owned()),
+            _ => anyhow::bail!(
+                "{}: must be a Facebook Page id (digits)",
+                key("messenger_from")
+            ),
+        };
+        let sender_ok = if v.sms_from.bytes().all(|b| b.is_ascii_digit()) {
+            (1..=15).contains(&v.sms_from.len())
+        } else {
+            (1..=11).contains(&v.sms_from.len())
+                && v.sms_from
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b' ')
+        };
+        if !sender_ok {
+            anyhow::bail!(
+                "{}: must be a number of up to 15 digits or an alphanumeric sender id of up to 11 characters",
+                key("sms_from")
+            );
+        }
+        if !FAILOVER_SECS.contains(&v.failover_secs) {
+            anyhow::bail!(
+                "{}: {} is out of range {}..={}",
+                key("failover_secs"),
+                v.failover_secs,
+                FAILOVER_SECS.start(),
+                FAILOVER_SECS.end()
+            );
+        }
+        if !(1..=300).contains(&v.timeout_secs) {
+            anyhow::bail!(
+                "{}: {} is out of range 1..=300",
+                key("timeout_secs"),
+                v.timeout_secs
+            );
+        }
+        if v.max_retries > 10 {
+            anyhow::bail!(
+                "{}: {} is out of range 0..=10",
+                key("max_retries"),
+                v.max_retries
+            );
+        }
+        let messenger_options = match (v.messenger_category.as_str(), v.messenger_tag.as_str()) {
+            ("response" | "update", "") => json!({"category": v.messenger_category}),
+            ("message_tag", "") => anyhow::bail!(
+                "{}: required when messenger_category = \"message_tag\"",
+                key("messenger_tag")
+            ),
+            ("message_tag", tag) => json!({"category": "message_tag", "tag": tag}),
+            ("response" | "update", _) => anyhow::bail!(
+                "{}: only allowed with messenger_category = \"message_tag\"",
+                key("messenger_tag")
+            ),
+            (other, _) => anyhow::bail!(
+                "{}: {other:?} is not one of response, update, message_tag",
+                key("messenger_category")
+            ),
+        };
+        check_template_length(config, messenger_from.is_some())?;
+
+        let private_key = jwt::load_key(&v.private_key_file, &key("private_key_file"))?;
+        let signer = JwtSigner::new(v.application_id.clone(), private_key, Arc::new(SystemClock));
+        let client = ApiClient::new(
+            signer,
+            Duration::from_secs(v.timeout_secs),
+            v.max_retries,
+            counters,
+        )?;
+        if messenger_from.is_none() {
+            tracing::info!(
+                "{} is empty: Messenger is off, codes go by SMS only",
+                key("messenger_from")
+            );
+        }
+        Ok(Self {
+            client,
+            messenger_from,
+            sms_from: v.sms_from.clone(),
+            failover_secs: v.failover_secs,
+            messenger_options,
+            section,
+            api_url,
+        })
+    }
+
+    /// `{api_url}{path}` as a request URI.
+    pub fn endpoint(&self, path: &str) -> anyhow::Result<Uri> {
+        Ok(format!("{}{path}", self.api_url).parse()?)
+    }
+
+    /// The Page id, or a refusal naming the key when Messenger is not configured.
+    pub fn messenger_from(&self) -> Result<&str, DeliveryError> {
+        self.messenger_from.as_deref().ok_or_else(|| {
+            DeliveryError::Refused(format!(
+                "Messenger is not configured (delivery.{}.messenger_from is empty)",
+                self.section
+            ))
+        })
+    }
+}
+
+/// The longest text the template can make (longest code, configured minutes) must fit
+/// Messenger's limit when Messenger is on, and SMS's always.
+fn check_template_length(config: &Config, messenger: bool) -> anyhow::Result<()> {
+    let longest = Code::from_input(&"9".repeat(*CODE_LENGTHS.end() as usize));
+    let chars = render(&config.delivery.template, &longest, config.otp.ttl_secs)
+        .chars()
+        .count();
+    let (limit, channel) = if messenger {
+        (MESSENGER_MAX_CHARS, "Messenger")
+    } else {
+        (SMS_MAX_CHARS, "SMS")
+    };
+    if chars > limit {
+        anyhow::bail!(
+            "delivery.template: with a {}-digit code it makes {chars} characters; {channel} allows {limit}",
+            CODE_LENGTHS.end()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(template: &str) -> Config {
+        let mut config = Config::default();
+        config.delivery.template = template.into();
+        config
+    }
+
+    #[test]
+    fn template_must_fit_the_channel() {
+        let long = format!("{{code}}{}", "x".repeat(630));
+        assert!(
+            check_template_length(&config(&long), true).is_ok(),
+            "640 fits"
+        );
+        let longer = format!("{{code}}{}", "x".repeat(631));
+        let err = check_template_length(&config(&longer), true).unwrap_err();
+        assert!(err.to_string().contains("delivery.template"), "{err}");
+        assert!(
+            check_template_length(&config(&longer), false).is_ok(),
+            "SMS takes 1000"
+        );
+    }
+}

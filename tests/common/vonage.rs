@@ -1,0 +1,568 @@
+//! A strict stand-in for Vonage's Dispatch and Messages APIs, on 127.0.0.1 port 0.
+//!
+//! It checks what the real service would and more: the RS256 JWT against the public
+//! half of the test key pair in `tests/fixtures/` (made once with `openssl genrsa`),
+//! every claim, and the body field by field against the API schema, with the values
+//! the daemon was configured with. A request that breaks a rule gets a 400 problem and
+//! is recorded as a violation, which [`VonageStandIn::requests`] turns into a test
+//! failure. Tests script the answers: 202, a 400 problem, 401, 429 with Retry-After,
+//! 500, or no answer at all.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+pub const PRIVATE_KEY: &str = include_str!("../fixtures/vonage-test-key.pem");
+const PUBLIC_KEY: &str = include_str!("../fixtures/vonage-test-key.pub.pem");
+
+pub const APPLICATION_ID: &str = "aaaaaaaa-bbbb-4ccc-8ddd-0123456789ab";
+pub const PAGE_ID: &str = "107283945566123";
+pub const SMS_FROM: &str = "OTPD";
+/// The template every Vonage test uses: the code is the first word of the text.
+pub const TEMPLATE: &str = "{code} is your code. It expires in {minutes} minutes.";
+
+/// How the stand-in answers the next request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// 202 with a fresh `dispatch_uuid` / `message_uuid`.
+    Accept,
+    /// 400 with an RFC 7807 problem body.
+    Problem,
+    /// 401 problem, as for a wrong application id or key.
+    Unauthorized,
+    /// 429 with `Retry-After: <secs>`.
+    TooMany { retry_after_secs: u64 },
+    /// 500.
+    ServerError,
+    /// Never answers.
+    Hang,
+}
+
+/// A request the stand-in received and accepted as well-formed.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: Instant,
+    pub path: String,
+    /// The raw bearer token.
+    pub jwt: String,
+    pub claims: Value,
+    pub body: Value,
+    /// What the stand-in answered with (status).
+    pub status: u16,
+    /// The uuid it answered with, for 202s.
+    pub uuid: Option<String>,
+}
+
+impl Seen {
+    /// The code, read from the text of the first message.
+    pub fn code(&self) -> String {
+        let text = if self.path == "/v0.1/dispatch" {
+            &self.body["workflow"][0]["message"]["content"]["text"]
+        } else {
+            &self.body["text"]
+        };
+        text.as_str()
+            .and_then(|t| t.split(' ').next())
+            .expect("a text")
+            .to_owned()
+    }
+}
+
+/// The values the daemon was configured with, which the bodies must carry.
+#[derive(Debug, Clone)]
+pub struct Expect {
+    pub failover_secs: u64,
+    pub category: &'static str,
+}
+
+impl Default for Expect {
+    fn default() -> Self {
+        Self {
+            failover_secs: 120,
+            category: "response",
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    script: VecDeque<Reply>,
+    delay: Duration,
+    seen: Vec<Seen>,
+    violations: Vec<String>,
+    next_uuid: u64,
+}
+
+/// The running stand-in; stops with the test.
+pub struct VonageStandIn {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    expect: Expect,
+    key_dir: TempDir,
+}
+
+impl VonageStandIn {
+    pub fn start() -> VonageStandIn {
+        Self::start_expecting(Expect::default())
+    }
+
+    pub fn start_expecting(expect: Expect) -> VonageStandIn {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let server_state = state.clone();
+        let server_expect = expect.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(serve(listener, server_state, server_expect));
+        });
+        let key_dir = tempfile::tempdir().unwrap();
+        let key_path = key_dir.path().join("vonage.pem");
+        write_private(&key_path, PRIVATE_KEY, 0o600);
+        VonageStandIn {
+            addr,
+            state,
+            expect,
+            key_dir,
+        }
+    }
+
+    /// A copy of the test private key, mode 0600.
+    pub fn key_path(&self) -> PathBuf {
+        self.key_dir.path().join("vonage.pem")
+    }
+
+    /// `[delivery]` keys and the backend section for a daemon talking to this stand-in.
+    /// `section` is `"dispatch"` or `"messages"`; `extra` lines (`key = value`) add to
+    /// that section or replace its keys.
+    pub fn config(&self, section: &str, extra: &str) -> (String, String) {
+        let delivery = format!("backend = \"{section}\"\ntemplate = \"{TEMPLATE}\"\n");
+        let defaults = [
+            ("api_url", format!("\"http://{}\"", self.addr)),
+            ("application_id", format!("\"{APPLICATION_ID}\"")),
+            (
+                "private_key_file",
+                format!("\"{}\"", self.key_path().display()),
+            ),
+            ("messenger_from", format!("\"{PAGE_ID}\"")),
+            ("sms_from", format!("\"{SMS_FROM}\"")),
+            ("failover_secs", self.expect.failover_secs.to_string()),
+            ("timeout_secs", "1".into()),
+            ("max_retries", "2".into()),
+        ];
+        let replaced = |key: &str| {
+            extra
+                .lines()
+                .any(|line| line.split('=').next().map(str::trim) == Some(key))
+        };
+        let mut backend = format!("[delivery.{section}]\n");
+        for (key, value) in defaults.iter().filter(|(key, _)| !replaced(key)) {
+            backend.push_str(&format!("{key} = {value}\n"));
+        }
+        backend.push_str(extra);
+        backend.push('\n');
+        (backend, delivery)
+    }
+
+    /// Queues answers for the next requests; after the script it accepts.
+    pub fn script(&self, replies: &[Reply]) {
+        self.state
+            .lock()
+            .unwrap()
+            .script
+            .extend(replies.iter().cloned());
+    }
+
+    /// Answers every request only after `delay` (as a slow provider would).
+    pub fn set_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().delay = delay;
+    }
+
+    /// Every request so far; fails the test if any broke a rule.
+    pub fn requests(&self) -> Vec<Seen> {
+        let state = self.state.lock().unwrap();
+        assert!(
+            state.violations.is_empty(),
+            "requests broke the API contract: {:#?}",
+            state.violations
+        );
+        state.seen.clone()
+    }
+}
+
+/// Writes a key file with the given mode.
+pub fn write_private(path: &std::path::Path, text: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+async fn serve(listener: std::net::TcpListener, state: Arc<Mutex<State>>, expect: Expect) {
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    loop {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (state, expect) = (state.clone(), expect.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let (state, expect) = (state.clone(), expect.clone());
+                async move { Ok::<_, Infallible>(answer(request, &state, &expect).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn problem(status: StatusCode, title: &str, detail: &str) -> Response<Full<Bytes>> {
+    let body = json!({
+        "type": "https://developer.vonage.com/api-errors#invalid-params",
+        "title": title,
+        "detail": detail,
+        "instance": "bf0ca0bf927b3b52e3cb03217e1a1ddf",
+        "invalid_parameters": [{"name": "workflow[0].to.id", "reason": "Invalid"}],
+    });
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/problem+json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+async fn answer(
+    request: Request<Incoming>,
+    state: &Mutex<State>,
+    expect: &Expect,
+) -> Response<Full<Bytes>> {
+    let at = Instant::now();
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let path = parts.uri.path().to_owned();
+    let checked = check_request(&parts, &body, &path, expect);
+    let (jwt, claims, body) = match checked {
+        Ok(ok) => ok,
+        Err(violation) => {
+            state.lock().unwrap().violations.push(violation.clone());
+            return problem(StatusCode::BAD_REQUEST, "Bad Request", &violation);
+        }
+    };
+    let (reply, delay, uuid) = {
+        let mut state = state.lock().unwrap();
+        state.next_uuid += 1;
+        let reply = state.script.pop_front().unwrap_or(Reply::Accept);
+        let uuid = format!("00000000-0000-4000-8000-{:012}", state.next_uuid);
+        (reply, state.delay, uuid)
+    };
+    tokio::time::sleep(delay).await;
+    let status = match &reply {
+        Reply::Accept => 202,
+        Reply::Problem => 400,
+        Reply::Unauthorized => 401,
+        Reply::TooMany { .. } => 429,
+        Reply::ServerError => 500,
+        Reply::Hang => 0,
+    };
+    state.lock().unwrap().seen.push(Seen {
+        at,
+        path: path.clone(),
+        jwt,
+        claims,
+        body,
+        status,
+        uuid: matches!(reply, Reply::Accept).then(|| uuid.clone()),
+    });
+    match reply {
+        Reply::Accept => {
+            let field = if path == "/v0.1/dispatch" {
+                "dispatch_uuid"
+            } else {
+                "message_uuid"
+            };
+            Response::builder()
+                .status(202)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(json!({ field: uuid }).to_string())))
+                .unwrap()
+        }
+        Reply::Problem => problem(
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            "The request failed due to validation errors",
+        ),
+        Reply::Unauthorized => problem(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "You did not provide correct credentials.",
+        ),
+        Reply::TooMany { retry_after_secs } => Response::builder()
+            .status(429)
+            .header("retry-after", retry_after_secs.to_string())
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+        Reply::ServerError => Response::builder()
+            .status(500)
+            .body(Full::new(Bytes::from_static(b"oops")))
+            .unwrap(),
+        Reply::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            unreachable!("the daemon gives up long before")
+        }
+    }
+}
+
+type Checked = Result<(String, Value, Value), String>;
+
+/// Method, headers, JWT and body; the first broken rule as the error.
+fn check_request(
+    parts: &hyper::http::request::Parts,
+    body: &[u8],
+    path: &str,
+    expect: &Expect,
+) -> Checked {
+    if parts.method != hyper::Method::POST {
+        return Err(format!("method {} (want POST)", parts.method));
+    }
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    if header("content-type") != Some("application/json") {
+        return Err(format!("content-type {:?}", header("content-type")));
+    }
+    let jwt = header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or("authorization: no Bearer token")?
+        .to_owned();
+    let claims = check_jwt(&jwt)?;
+    let body: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    match path {
+        "/v0.1/dispatch" => check_dispatch(&body, expect)?,
+        "/v1/messages" => check_message(&body, expect, true)?,
+        other => return Err(format!("unknown path {other}")),
+    }
+    Ok((jwt, claims, body))
+}
+
+/// RS256 signature with the test public key; claims exactly application_id, iat, exp
+/// (= iat + 15 min) and a 128-bit hex jti; iat close to now.
+fn check_jwt(jwt: &str) -> Result<Value, String> {
+    let key = jsonwebtoken::DecodingKey::from_rsa_pem(PUBLIC_KEY.as_bytes()).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.set_required_spec_claims(&["exp", "iat"]);
+    validation.leeway = 0;
+    let header = jsonwebtoken::decode_header(jwt).map_err(|e| format!("JWT header: {e}"))?;
+    if header.typ.as_deref() != Some("JWT") {
+        return Err(format!("JWT typ {:?}", header.typ));
+    }
+    let claims = jsonwebtoken::decode::<Value>(jwt, &key, &validation)
+        .map_err(|e| format!("JWT: {e}"))?
+        .claims;
+    let mut names: Vec<&str> = claims
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    names.sort_unstable();
+    if names != ["application_id", "exp", "iat", "jti"] {
+        return Err(format!("JWT claims {names:?}"));
+    }
+    if claims["application_id"] != APPLICATION_ID {
+        return Err(format!("JWT application_id {}", claims["application_id"]));
+    }
+    let iat = claims["iat"].as_u64().ok_or("JWT iat not an integer")?;
+    if claims["exp"].as_u64() != Some(iat + 900) {
+        return Err(format!("JWT exp {} for iat {iat}", claims["exp"]));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    if iat > now + 5 || iat + 900 < now {
+        return Err(format!("JWT iat {iat} is not around now {now}"));
+    }
+    let jti = claims["jti"].as_str().ok_or("JWT jti not a string")?;
+    if jti.len() != 32 || !jti.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("JWT jti {jti:?}"));
+    }
+    Ok(claims)
+}
+
+/// The object has exactly these keys.
+fn keys(value: &Value, what: &str, want: &[&str]) -> Result<(), String> {
+    let object = value
+        .as_object()
+        .ok_or(format!("{what} is not an object"))?;
+    let mut have: Vec<&str> = object.keys().map(String::as_str).collect();
+    have.sort_unstable();
+    let mut want = want.to_vec();
+    want.sort_unstable();
+    if have == want {
+        Ok(())
+    } else {
+        Err(format!("{what} has keys {have:?}, want {want:?}"))
+    }
+}
+
+fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), String> {
+    if ok { Ok(()) } else { Err(what()) }
+}
+
+fn is_psid(value: &Value) -> bool {
+    value
+        .as_str()
+        .is_some_and(|s| (1..=50).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// E.164 without `+` or `00`: 7 to 15 digits, no leading zero.
+fn is_msisdn(value: &Value) -> bool {
+    value.as_str().is_some_and(|s| {
+        (7..=15).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) && !s.starts_with('0')
+    })
+}
+
+fn text_within(value: &Value, max: usize) -> bool {
+    value
+        .as_str()
+        .is_some_and(|t| !t.is_empty() && t.chars().count() <= max)
+}
+
+/// Dispatch `failover` template: Messenger (with `failover` unless last), then SMS
+/// (never with `failover`); one or two steps.
+fn check_dispatch(body: &Value, expect: &Expect) -> Result<(), String> {
+    keys(body, "body", &["template", "workflow"])?;
+    check(body["template"] == "failover", || {
+        format!("template {}", body["template"])
+    })?;
+    let steps = body["workflow"]
+        .as_array()
+        .ok_or("workflow is not an array")?;
+    check((1..=2).contains(&steps.len()), || {
+        format!("{} steps", steps.len())
+    })?;
+    for (i, step) in steps.iter().enumerate() {
+        let last = i + 1 == steps.len();
+        let at = |field: &str| format!("workflow[{i}].{field}");
+        let kind = step["from"]["type"].as_str().unwrap_or_default();
+        match kind {
+            "messenger" => {
+                check(i == 0, || at("from: Messenger must come first"))?;
+                let mut want = vec!["from", "to", "message"];
+                if !last {
+                    want.push("failover");
+                }
+                keys(step, &at(""), &want)?;
+                party(&step["from"], &at("from"), "messenger", "id", |v| {
+                    *v == PAGE_ID
+                })?;
+                party(&step["to"], &at("to"), "messenger", "id", is_psid)?;
+                keys(&step["message"], &at("message"), &["content", "messenger"])?;
+                check(
+                    step["message"]["messenger"] == json!({"category": expect.category}),
+                    || at("message.messenger"),
+                )?;
+                check_content(&step["message"]["content"], 640, &at("message.content"))?;
+                if !last {
+                    check(
+                        step["failover"]
+                            == json!({"expiry_time": expect.failover_secs, "condition_status": "read"}),
+                        || format!("{} = {}", at("failover"), step["failover"]),
+                    )?;
+                }
+            }
+            "sms" => {
+                check(last, || at("from: SMS must be the last step"))?;
+                keys(step, &at(""), &["from", "to", "message"])?;
+                party(&step["from"], &at("from"), "sms", "number", |v| {
+                    *v == SMS_FROM
+                })?;
+                party(&step["to"], &at("to"), "sms", "number", is_msisdn)?;
+                keys(&step["message"], &at("message"), &["content"])?;
+                check_content(&step["message"]["content"], 1000, &at("message.content"))?;
+            }
+            other => return Err(format!("{} {other:?}", at("from.type"))),
+        }
+    }
+    Ok(())
+}
+
+/// A Dispatch `from` / `to`: exactly `type` = `kind` and `field`, which `ok` accepts.
+fn party(
+    value: &Value,
+    what: &str,
+    kind: &str,
+    field: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Result<(), String> {
+    keys(value, what, &["type", field])?;
+    check(value["type"] == kind && ok(&value[field]), || {
+        format!("{what} = {value}")
+    })
+}
+
+fn check_content(content: &Value, max: usize, what: &str) -> Result<(), String> {
+    keys(content, what, &["type", "text"])?;
+    check(
+        content["type"] == "text" && text_within(&content["text"], max),
+        || format!("{what} = {content}"),
+    )
+}
+
+/// Messages API v1: a Messenger text (optionally with a `failover` list holding one
+/// SMS) or an SMS text.
+fn check_message(body: &Value, expect: &Expect, top: bool) -> Result<(), String> {
+    let base = ["to", "from", "channel", "message_type", "text"];
+    check(body["message_type"] == "text", || {
+        format!("message_type {}", body["message_type"])
+    })?;
+    match body["channel"].as_str() {
+        Some("messenger") if top => {
+            let mut want = base.to_vec();
+            want.push("messenger");
+            if body.get("failover").is_some() {
+                want.push("failover");
+            }
+            keys(body, "messenger message", &want)?;
+            check(body["from"] == PAGE_ID, || format!("from {}", body["from"]))?;
+            check(is_psid(&body["to"]), || format!("to {}", body["to"]))?;
+            check(text_within(&body["text"], 640), || "text".into())?;
+            check(
+                body["messenger"] == json!({"category": expect.category}),
+                || format!("messenger {}", body["messenger"]),
+            )?;
+            if let Some(failover) = body.get("failover") {
+                let list = failover.as_array().ok_or("failover is not an array")?;
+                check(list.len() == 1, || {
+                    format!("failover has {} entries", list.len())
+                })?;
+                check(list[0]["channel"] == "sms", || "failover[0].channel".into())?;
+                check_message(&list[0], expect, false)?;
+            }
+            Ok(())
+        }
+        Some("sms") => {
+            keys(body, "sms message", &base)?;
+            check(body["from"] == SMS_FROM, || {
+                format!("from {}", body["from"])
+            })?;
+            check(is_msisdn(&body["to"]), || format!("to {}", body["to"]))?;
+            check(text_within(&body["text"], 1000), || "text".into())
+        }
+        other => Err(format!("channel {other:?}")),
+    }
+}

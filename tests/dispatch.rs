@@ -1,0 +1,359 @@
+//! The `dispatch` backend against the strict Vonage stand-in: the workflow bodies,
+//! retries, refusals, timeouts, the JWT, and what must never reach the log.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Daemon;
+use common::vonage::{self, Reply, VonageStandIn};
+use serde_json::{Value, json};
+
+const PSID: &str = "8192836451";
+const PHONE: &str = "393331234567";
+
+fn start(vonage: &VonageStandIn, section_extra: &str) -> Daemon {
+    let (backend, delivery) = vonage.config("dispatch", section_extra);
+    Daemon::start_with(
+        &format!("[otp]\nresend_cooldown_secs = 0\n{backend}"),
+        &delivery,
+    )
+}
+
+fn create(daemon: &Daemon, token: &str, to: Value) -> Value {
+    daemon.call(json!({"op": "create", "token": token, "to": to}))
+}
+
+fn messenger_step(code: &str, failover: bool) -> Value {
+    let mut step = json!({
+        "from": {"type": "messenger", "id": vonage::PAGE_ID},
+        "to": {"type": "messenger", "id": PSID},
+        "message": {
+            "content": {"type": "text", "text": format!("{code} is your code. It expires in 5 minutes.")},
+            "messenger": {"category": "response"},
+        },
+    });
+    if failover {
+        step["failover"] = json!({"expiry_time": 120, "condition_status": "read"});
+    }
+    step
+}
+
+fn sms_step(code: &str) -> Value {
+    json!({
+        "from": {"type": "sms", "number": vonage::SMS_FROM},
+        "to": {"type": "sms", "number": PHONE},
+        "message": {"content": {"type": "text", "text": format!("{code} is your code. It expires in 5 minutes.")}},
+    })
+}
+
+/// Neither the code nor any part of the private key is in the daemon's log.
+fn assert_log_is_clean(daemon: &Daemon, code: &str) {
+    let log = daemon.stderr();
+    assert!(!log.contains(code), "the code reached the log:\n{log}");
+    assert!(!log.contains("PRIVATE KEY"), "the key reached the log");
+    for line in vonage::PRIVATE_KEY
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+    {
+        assert!(!log.contains(line), "a line of the key reached the log");
+    }
+}
+
+/// The code the stand-in was sent does not verify: nothing stayed live.
+fn assert_not_live(daemon: &Daemon, token: &str, seen: &vonage::Seen) {
+    assert_eq!(
+        daemon.verify(token, &seen.code())["status"],
+        404,
+        "{token} is live"
+    );
+}
+
+#[test]
+fn both_channels_send_messenger_then_sms_and_keep_the_dispatch_uuid() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    let created = create(
+        &daemon,
+        "t1",
+        json!({"messenger": PSID, "sms": format!("+{PHONE}")}),
+    );
+    assert_eq!(created["status"], 201, "{created}");
+    assert_eq!(created["channels"], json!(["messenger", "sms"]));
+
+    let seen = vonage.requests();
+    assert_eq!(seen.len(), 1);
+    let code = seen[0].code();
+    assert_eq!(seen[0].path, "/v0.1/dispatch");
+    assert_eq!(
+        seen[0].body,
+        json!({"template": "failover", "workflow": [messenger_step(&code, true), sms_step(&code)]})
+    );
+
+    let status = daemon.call(json!({"op": "status", "token": "t1"}));
+    assert_eq!(
+        status["delivery"]["reference"],
+        seen[0].uuid.clone().unwrap(),
+        "{status}"
+    );
+    assert_eq!(daemon.verify("t1", &code)["status"], 200);
+
+    let stats = daemon.stats();
+    assert_eq!(stats["delivery_attempts"], 1, "{stats}");
+    assert_eq!(stats["delivery_sent"], 1, "{stats}");
+    assert_log_is_clean(&daemon, &code);
+}
+
+#[test]
+fn sms_only_is_a_one_step_workflow() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    let created = create(&daemon, "t2", json!({"sms": PHONE}));
+    assert_eq!(created["status"], 201, "{created}");
+    let seen = vonage.requests();
+    let code = seen[0].code();
+    assert_eq!(
+        seen[0].body,
+        json!({"template": "failover", "workflow": [sms_step(&code)]})
+    );
+    assert_log_is_clean(&daemon, &code);
+}
+
+#[test]
+fn messenger_only_is_a_one_step_workflow_without_failover() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    let created = daemon.call(json!({"op": "create", "token": "t3", "messengerId": PSID}));
+    assert_eq!(created["status"], 201, "{created}");
+    let seen = vonage.requests();
+    let code = seen[0].code();
+    assert_eq!(
+        seen[0].body,
+        json!({"template": "failover", "workflow": [messenger_step(&code, false)]})
+    );
+}
+
+#[test]
+fn overload_and_server_errors_are_retried_honouring_retry_after() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    vonage.script(&[
+        Reply::ServerError,
+        Reply::TooMany {
+            retry_after_secs: 1,
+        },
+    ]);
+    let created = create(&daemon, "t4", json!({"sms": PHONE}));
+    assert_eq!(created["status"], 201, "{created}");
+    let seen = vonage.requests();
+    assert_eq!(
+        seen.iter().map(|s| s.status).collect::<Vec<_>>(),
+        [500, 429, 202]
+    );
+    assert!(
+        seen[2].at - seen[1].at >= Duration::from_secs(1),
+        "Retry-After: 1 was not honoured"
+    );
+    assert_eq!(seen[0].body, seen[2].body, "a retry sends the same message");
+    let stats = daemon.stats();
+    assert_eq!(stats["delivery_attempts"], 3, "{stats}");
+    assert_eq!(stats["delivery_sent"], 1, "{stats}");
+    assert_eq!(daemon.verify("t4", &seen[2].code())["status"], 200);
+}
+
+#[test]
+fn retries_exhausted_answer_503_and_nothing_stays_live() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    vonage.script(&[Reply::ServerError, Reply::ServerError, Reply::ServerError]);
+    let answer = create(&daemon, "t5", json!({"messenger": PSID, "sms": PHONE}));
+    assert_eq!(answer["status"], 503, "{answer}");
+    assert_eq!(answer["error"], "delivery_unavailable");
+    let seen = vonage.requests();
+    assert_eq!(seen.len(), 3, "max_retries = 2: three attempts");
+    assert_not_live(&daemon, "t5", &seen[0]);
+    let stats = daemon.stats();
+    assert_eq!(stats["live"], 0, "{stats}");
+    assert_eq!(stats["delivery_unavailable"], 1, "{stats}");
+    assert_eq!(stats["delivery_failed"], 1, "{stats}");
+}
+
+#[test]
+fn a_refusal_answers_502_with_the_provider_detail_and_nothing_stays_live() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    vonage.script(&[Reply::Problem]);
+    let answer = create(&daemon, "t6", json!({"messenger": PSID, "sms": PHONE}));
+    assert_eq!(answer["status"], 502, "{answer}");
+    assert_eq!(answer["error"], "delivery_failed");
+    let message = answer["message"].as_str().unwrap();
+    assert!(message.contains("Bad Request"), "{message}");
+    assert!(
+        message.contains("The request failed due to validation errors"),
+        "{message}"
+    );
+    let seen = vonage.requests();
+    assert_eq!(seen.len(), 1, "a refusal is not retried");
+    assert_not_live(&daemon, "t6", &seen[0]);
+    assert_eq!(daemon.stats()["delivery_refused"], 1);
+    assert_log_is_clean(&daemon, &seen[0].code());
+}
+
+#[test]
+fn unauthorized_is_a_configuration_error() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    vonage.script(&[Reply::Unauthorized]);
+    let answer = create(&daemon, "t7", json!({"sms": PHONE}));
+    assert_eq!(answer["status"], 502, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("401"),
+        "{answer}"
+    );
+    assert!(
+        daemon.stderr().contains("configuration error"),
+        "{}",
+        daemon.stderr()
+    );
+}
+
+#[test]
+fn a_provider_that_does_not_answer_times_out_into_503() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    vonage.script(&[Reply::Hang, Reply::Hang, Reply::Hang]);
+    let started = Instant::now();
+    let answer = create(&daemon, "t8", json!({"sms": PHONE}));
+    assert_eq!(answer["status"], 503, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within 1 s"),
+        "{answer}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "timeout_secs = 1, three attempts"
+    );
+    assert_eq!(vonage.requests().len(), 3);
+    assert_eq!(daemon.stats()["live"], 0);
+}
+
+#[test]
+fn one_jwt_serves_many_requests() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    for token in ["j1", "j2", "j3"] {
+        assert_eq!(create(&daemon, token, json!({"sms": PHONE}))["status"], 201);
+    }
+    let seen = vonage.requests();
+    assert_eq!(seen.len(), 3);
+    assert!(
+        seen.iter().all(|s| s.jwt == seen[0].jwt),
+        "the token was re-signed"
+    );
+    // Renewal a minute before expiry is driven by a test clock in src/delivery/jwt.rs.
+}
+
+#[test]
+fn creates_wait_for_vonage_in_parallel() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    vonage.set_delay(Duration::from_millis(500));
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for i in 0..16 {
+            let daemon = &daemon;
+            scope.spawn(move || {
+                let answer = create(
+                    daemon,
+                    &format!("p{i}"),
+                    json!({"sms": format!("3933312345{i:02}")}),
+                );
+                assert_eq!(answer["status"], 201, "{answer}");
+            });
+        }
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "16 creates against a 500 ms provider took {:?}: they were serialized",
+        started.elapsed()
+    );
+    assert_eq!(vonage.requests().len(), 16);
+}
+
+/// Starts the binary expecting it to refuse to start; returns its stderr.
+fn start_up_error(vonage: &VonageStandIn, section_extra: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, delivery) = vonage.config("dispatch", section_extra);
+    let path = dir.path().join("otpd.toml");
+    std::fs::write(&path, format!("[delivery]\n{delivery}\n{backend}")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_otpd"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "otpd started with {section_extra}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_settings_stop_start_up_naming_the_key() {
+    let vonage = VonageStandIn::start();
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    vonage::write_private(&junk, "not a key\n", 0o600);
+    let missing = dir.path().join("missing.pem");
+    let cases = [
+        (
+            format!("private_key_file = \"{}\"", junk.display()),
+            "not an RSA private key",
+        ),
+        (
+            format!("private_key_file = \"{}\"", missing.display()),
+            "cannot read",
+        ),
+        (
+            "failover_secs = 14".to_owned(),
+            "delivery.dispatch.failover_secs",
+        ),
+        (
+            "application_id = \"\"".to_owned(),
+            "delivery.dispatch.application_id",
+        ),
+        (
+            "messenger_category = \"message_tag\"".to_owned(),
+            "delivery.dispatch.messenger_tag",
+        ),
+    ];
+    for (extra, needle) in cases {
+        // A later duplicate key would be a TOML error: replace the stand-in's line.
+        let stderr = start_up_error(&vonage, &extra);
+        assert!(stderr.contains(needle), "{extra}: {stderr}");
+        assert!(
+            !stderr.contains("MII"),
+            "key material in the error: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_key_readable_by_others_starts_with_a_warning() {
+    let vonage = VonageStandIn::start();
+    let dir = tempfile::tempdir().unwrap();
+    let open_key = dir.path().join("open.pem");
+    vonage::write_private(&open_key, vonage::PRIVATE_KEY, 0o644);
+    let daemon = start(
+        &vonage,
+        &format!("private_key_file = \"{}\"", open_key.display()),
+    );
+    assert!(
+        daemon.stderr().contains("readable by group or others"),
+        "{}",
+        daemon.stderr()
+    );
+}

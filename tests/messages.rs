@@ -1,0 +1,263 @@
+//! The `messages` backend against the strict Vonage stand-in, with status webhooks
+//! signed and posted by the test to the daemon's HTTP listener: the Messenger message
+//! carrying Vonage's own failover, and otpd's read-timeout SMS — sent exactly once at
+//! the deadline, never after a read, a verify, a cancel or Vonage's own failover, and
+//! neither lost nor repeated across a restart.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::http::{SECRET, post_signed};
+use common::vonage::{self, Expect, Reply, Seen, VonageStandIn};
+use common::{Daemon, PATIENCE};
+use serde_json::{Value, json};
+
+const PSID: &str = "8192836451";
+const PHONE: &str = "393331234567";
+/// The shortest deadline the config allows, so the tests wait as little as possible.
+const FAILOVER_SECS: u64 = 15;
+
+fn stand_in() -> VonageStandIn {
+    VonageStandIn::start_expecting(Expect {
+        failover_secs: FAILOVER_SECS,
+        ..Expect::default()
+    })
+}
+
+fn start(vonage: &VonageStandIn) -> Daemon {
+    let (backend, delivery) = vonage.config("messages", "");
+    let extra = format!(
+        "[otp]\nresend_cooldown_secs = 0\n[http]\nlisten = \"127.0.0.1:0\"\n\
+         webhook_signature_secret = \"{SECRET}\"\n{backend}"
+    );
+    Daemon::start_with(&extra, &delivery)
+}
+
+/// Creates a code for both channels; returns the stand-in's record of the Messenger
+/// message.
+fn create_both(daemon: &Daemon, vonage: &VonageStandIn, token: &str) -> Seen {
+    let before = vonage.requests().len();
+    let created = daemon
+        .call(json!({"op": "create", "token": token, "to": {"messenger": PSID, "sms": PHONE}}));
+    assert_eq!(created["status"], 201, "{created}");
+    let seen = vonage.requests();
+    assert_eq!(seen.len(), before + 1);
+    seen.last().unwrap().clone()
+}
+
+/// A Messages v1 status webhook for the message, signed as Vonage signs it.
+fn report(daemon: &Daemon, message: &Seen, status: &str) {
+    let mut body = json!({
+        "message_uuid": message.uuid.clone().unwrap(),
+        "to": PSID,
+        "from": vonage::PAGE_ID,
+        "timestamp": jiff::Timestamp::now().to_string(),
+        "status": status,
+        "channel": "messenger",
+    });
+    if status == "rejected" {
+        body["error"] = json!({"type": "https://developer.vonage.com/api-errors/messages#1050", "title": "1050", "detail": "Outside the 24-hour window"});
+    }
+    let answer = post_signed(daemon, &body);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+}
+
+fn sms_requests(vonage: &VonageStandIn) -> Vec<Seen> {
+    vonage
+        .requests()
+        .into_iter()
+        .filter(|s| s.body["channel"] == "sms")
+        .collect()
+}
+
+fn events(daemon: &Daemon, token: &str) -> Vec<Value> {
+    let status = daemon.call(json!({"op": "status", "token": token}));
+    status["delivery"]["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE + Duration::from_secs(FAILOVER_SECS);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_for_failover_sent(daemon: &Daemon, token: &str) {
+    wait_for("the failover SMS", || {
+        events(daemon, token)
+            .iter()
+            .any(|e| e["status"] == "failover_sent")
+    });
+}
+
+#[test]
+fn messenger_carries_vonage_failover_and_the_sms_follows_once_at_the_deadline() {
+    let vonage = stand_in();
+    let daemon = start(&vonage);
+    let created_at = Instant::now();
+    let messenger = create_both(&daemon, &vonage, "m1");
+    let code = messenger.code();
+    let text = format!("{code} is your code. It expires in 5 minutes.");
+    let sms = json!({"to": PHONE, "from": vonage::SMS_FROM, "channel": "sms", "message_type": "text", "text": text});
+    assert_eq!(messenger.path, "/v1/messages");
+    assert_eq!(
+        messenger.body,
+        json!({
+            "to": PSID, "from": vonage::PAGE_ID, "channel": "messenger", "message_type": "text",
+            "text": text, "messenger": {"category": "response"}, "failover": [sms],
+        })
+    );
+    let status = daemon.call(json!({"op": "status", "token": "m1"}));
+    assert_eq!(
+        status["delivery"]["reference"],
+        messenger.uuid.clone().unwrap()
+    );
+
+    report(&daemon, &messenger, "delivered");
+    wait_for_failover_sent(&daemon, "m1");
+    let sent = sms_requests(&vonage);
+    assert_eq!(sent.len(), 1, "exactly one SMS");
+    assert_eq!(sent[0].body, sms, "the same text, to the same number");
+    assert!(
+        sent[0].at - created_at >= Duration::from_secs(FAILOVER_SECS),
+        "the SMS went out before the deadline"
+    );
+    let recorded = events(&daemon, "m1");
+    let failover = recorded
+        .iter()
+        .find(|e| e["status"] == "failover_sent")
+        .unwrap();
+    assert_eq!(failover["detail"], sent[0].uuid.clone().unwrap());
+
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sms_requests(&vonage).len(), 1, "no second SMS");
+    assert_eq!(
+        daemon.verify("m1", &code)["status"],
+        200,
+        "the code still works"
+    );
+
+    let log = daemon.stderr();
+    assert!(!log.contains(&code), "the code reached the log");
+    // The pending failover kept the text sealed: the database never holds it.
+    for file in std::fs::read_dir(daemon.dir.path().join("db"))
+        .unwrap()
+        .flatten()
+    {
+        if file.path().is_file() {
+            let bytes = std::fs::read(file.path()).unwrap();
+            assert!(
+                !bytes.windows(text.len()).any(|w| w == text.as_bytes()),
+                "the SMS text is readable in {}",
+                file.path().display()
+            );
+        }
+    }
+}
+
+#[test]
+fn no_sms_after_a_read_a_verify_a_cancel_or_vonages_own_failover() {
+    let vonage = stand_in();
+    let daemon = start(&vonage);
+    let read = create_both(&daemon, &vonage, "read");
+    let verified = create_both(&daemon, &vonage, "verified");
+    create_both(&daemon, &vonage, "cancelled");
+    let rejected = create_both(&daemon, &vonage, "rejected");
+
+    report(&daemon, &read, "delivered");
+    report(&daemon, &read, "read");
+    assert_eq!(daemon.verify("verified", &verified.code())["status"], 200);
+    assert_eq!(
+        daemon.call(json!({"op": "cancel", "token": "cancelled"}))["status"],
+        200
+    );
+    report(&daemon, &rejected, "rejected");
+
+    let cases = [
+        ("read", "Read"),
+        ("verified", "Finished(Verified)"),
+        ("cancelled", "Finished(Cancelled)"),
+        ("rejected", "ProviderFellOver"),
+    ];
+    wait_for("the four failovers to fall due", || {
+        let log = daemon.stderr();
+        cases
+            .iter()
+            .all(|(token, _)| skipped(&log, token).is_some())
+    });
+    assert!(
+        sms_requests(&vonage).is_empty(),
+        "otpd sent an SMS it should not have"
+    );
+    let log = daemon.stderr();
+    for (token, verdict) in cases {
+        let line = skipped(&log, token).unwrap();
+        assert!(
+            line.contains(&format!("verdict={verdict}")),
+            "{token}: {line}"
+        );
+    }
+}
+
+/// The daemon's log line saying the failover of `token` needs no SMS.
+fn skipped<'a>(log: &'a str, token: &str) -> Option<&'a str> {
+    let token = format!("token=\"{token}\"");
+    log.lines()
+        .find(|line| line.contains("no failover SMS needed") && line.contains(&token))
+}
+
+#[test]
+fn a_restart_while_waiting_neither_loses_nor_repeats_the_sms() {
+    let vonage = stand_in();
+    let mut daemon = start(&vonage);
+    create_both(&daemon, &vonage, "r1");
+    daemon.kill();
+    daemon.spawn();
+    wait_for_failover_sent(&daemon, "r1");
+    assert_eq!(sms_requests(&vonage).len(), 1);
+
+    // Once sent, a further restart does not send it again.
+    daemon.stop();
+    daemon.spawn();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sms_requests(&vonage).len(), 1, "repeated after restart");
+}
+
+#[test]
+fn single_channels_and_refusals() {
+    let vonage = stand_in();
+    let daemon = start(&vonage);
+    let created = daemon.call(json!({"op": "create", "token": "s1", "to": {"sms": PHONE}}));
+    assert_eq!(created["status"], 201, "{created}");
+    let sms = vonage.requests().pop().unwrap();
+    assert_eq!(
+        sms.body,
+        json!({"to": PHONE, "from": vonage::SMS_FROM, "channel": "sms", "message_type": "text",
+               "text": format!("{} is your code. It expires in 5 minutes.", sms.code())})
+    );
+
+    let created = daemon.call(json!({"op": "create", "token": "s2", "to": {"messenger": PSID}}));
+    assert_eq!(created["status"], 201, "{created}");
+    let messenger = vonage.requests().pop().unwrap();
+    assert!(
+        messenger.body.get("failover").is_none(),
+        "{}",
+        messenger.body
+    );
+    assert_eq!(messenger.body["channel"], "messenger");
+
+    vonage.script(&[Reply::Unauthorized]);
+    let refused = daemon
+        .call(json!({"op": "create", "token": "s3", "to": {"messenger": PSID, "sms": PHONE}}));
+    assert_eq!(refused["status"], 502, "{refused}");
+    vonage.script(&[Reply::ServerError, Reply::ServerError, Reply::ServerError]);
+    let unavailable = daemon
+        .call(json!({"op": "create", "token": "s4", "to": {"messenger": PSID, "sms": PHONE}}));
+    assert_eq!(unavailable["status"], 503, "{unavailable}");
+    assert_eq!(daemon.stats()["live"], 2, "only s1 and s2 are live");
+}
