@@ -82,6 +82,12 @@ fn socket_activation_serves_on_fd_3_and_leaves_the_socket_file() {
     assert!(meta.file_type().is_socket());
 }
 
+/// Waits for otpd to stop with status 2, having said `why`.
+fn exits_refusing(daemon: &mut Daemon, why: &str) {
+    assert_eq!(daemon.wait_exit().code(), Some(2), "{}", daemon.stderr());
+    assert!(daemon.stderr().contains(why), "{}", daemon.stderr());
+}
+
 #[test]
 fn two_activated_sockets_are_refused() {
     let mut daemon = Daemon::prepare("", "");
@@ -95,12 +101,7 @@ fn two_activated_sockets_are_refused() {
     launch_activated(&mut daemon, &options);
     wait_for_file(&second);
     let _trigger = UnixStream::connect(&first).unwrap();
-    assert_eq!(daemon.wait_exit().code(), Some(2), "{}", daemon.stderr());
-    assert!(
-        daemon.stderr().contains("systemd passed 2 sockets"),
-        "{}",
-        daemon.stderr()
-    );
+    exits_refusing(&mut daemon, "systemd passed 2 sockets");
 }
 
 #[test]
@@ -116,12 +117,7 @@ fn an_activated_datagram_socket_is_refused() {
         .unwrap()
         .send_to(b"hello", &socket)
         .unwrap();
-    assert_eq!(daemon.wait_exit().code(), Some(2), "{}", daemon.stderr());
-    assert!(
-        daemon.stderr().contains("not a listening stream socket"),
-        "{}",
-        daemon.stderr()
-    );
+    exits_refusing(&mut daemon, "not a listening stream socket");
 }
 
 /// A socket the test binds as `NOTIFY_SOCKET`, collecting what otpd sends.
