@@ -6,6 +6,7 @@
 
 mod encoding;
 mod group_commit;
+pub mod redis;
 pub mod sled;
 
 use async_trait::async_trait;
