@@ -1,0 +1,287 @@
+//! The Redis engine's own promises: several otpd hosts on one Redis (or Redis Cluster)
+//! answer as one, a host with another secret or no Redis refuses to start, Redis holds
+//! no code, and keys expire by themselves.
+
+mod common;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Engine, PATIENCE, RedisCluster, RedisServer};
+use serde_json::json;
+
+const NO_COOLDOWN: &str = "[otp]\nresend_cooldown_secs = 0\n";
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two hosts on one store: `a`, then `b` with a copy of `a`'s secret.
+fn two_hosts(engine: Engine, extra: &str) -> (Daemon, Daemon) {
+    let a = engine.start(extra);
+    let b = Daemon::start_beside(&a, extra);
+    (a, b)
+}
+
+fn wrong(code: &str) -> String {
+    format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000)
+}
+
+fn create_on_one_host_verify_on_another(engine: Engine) {
+    let (a, b) = two_hosts(engine, "[janitor]\ninterval_secs = 1\n");
+    let code = a.create_code("shared", "393331234567");
+    assert_eq!(b.verify("shared", &code)["status"], 200);
+    assert_eq!(a.verify("shared", &code)["status"], 409);
+    let status = a.call(json!({"op": "status", "token": "shared"}));
+    assert_eq!(status["state"], "verified", "{status}");
+
+    // `live` counts every host's codes once a janitor pass has looked.
+    a.create_code("pending", "393339999999");
+    wait_for("b's live count to see a's code", || b.stats()["live"] == 1);
+    assert_eq!(
+        b.call(json!({"op": "cancel", "token": "pending"}))["status"],
+        200
+    );
+    wait_for("a's live count to see b's cancel", || {
+        a.stats()["live"] == 0
+    });
+}
+
+fn fifty_concurrent_verifies_across_two_hosts_one_wins(engine: Engine) {
+    let (a, b) = two_hosts(engine, "");
+    let code = a.create_code("race", "393331234567");
+    let barrier = std::sync::Barrier::new(50);
+    let statuses: Vec<u64> = thread::scope(|scope| {
+        let handles: Vec<_> = (0..50)
+            .map(|i| {
+                let mut conn = if i % 2 == 0 { a.connect() } else { b.connect() };
+                let (barrier, code) = (&barrier, &code);
+                scope.spawn(move || {
+                    barrier.wait();
+                    conn.call(json!({"op": "verify", "token": "race", "code": code}))["status"]
+                        .as_u64()
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 409).count(),
+        49,
+        "{statuses:?}"
+    );
+}
+
+fn guessing_spread_across_hosts_still_locks(engine: Engine) {
+    let extra = "[otp]\nresend_cooldown_secs = 0\nmax_attempts = 4\nlock_secs = 600\n";
+    let (a, b) = two_hosts(engine, extra);
+    let code = a.create_code("g", "393331234567");
+    // Four wrong codes at once, two per host: the count is shared and exact.
+    let statuses: Vec<u64> = thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let host = if i % 2 == 0 { &a } else { &b };
+                let guess = wrong(&code);
+                scope.spawn(move || host.verify("g", &guess)["status"].as_u64().unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut sorted = statuses.clone();
+    sorted.sort();
+    assert_eq!(sorted, [404, 404, 404, 429], "{statuses:?}");
+    for host in [&a, &b] {
+        let right = host.verify("g", &code);
+        assert_eq!(right["status"], 429, "locked on every host: {right}");
+        let create =
+            host.call(json!({"op": "create", "token": "g", "to": {"sms": "393331234567"}}));
+        assert_eq!(create["error"], "too_many_attempts", "{create}");
+    }
+    let status = b.call(json!({"op": "status", "token": "g"}));
+    assert_eq!(status["state"], "locked", "{status}");
+    assert_eq!(status["attempts"], 4);
+}
+
+fn recipient_limits_hold_across_hosts_and_slots(engine: Engine) {
+    let (a, b) = two_hosts(engine, "[otp]\nresend_cooldown_secs = 30\n");
+    a.create_code("first", "393331111111");
+    // Another token (another cluster slot), another host, same number: cooldown.
+    let again = b.call(json!({"op": "create", "token": "second", "to": {"sms": "393331111111"}}));
+    assert_eq!(again["status"], 429, "{again}");
+    assert_eq!(again["error"], "rate_limited");
+
+    // Concurrent creates for one number over many tokens and both hosts: one send.
+    let (a, b) = two_hosts(engine, "[otp]\nresend_cooldown_secs = 30\n");
+    let statuses: Vec<u64> = thread::scope(|scope| {
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let host = if i % 2 == 0 { &a } else { &b };
+                scope.spawn(move || {
+                    let request = json!({"op": "create", "token": format!("tok{i}"), "to": {"sms": "393332222222"}});
+                    host.call(request)["status"].as_u64().unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 429).count(),
+        19,
+        "{statuses:?}"
+    );
+}
+
+fn a_host_with_another_secret_refuses_to_start(engine: Engine) {
+    let a = engine.start("");
+    let mut b = Daemon::prepare(&a.store_toml, "", "");
+    let stderr = b.start_refused();
+    assert!(stderr.contains("server secret differs"), "{stderr}");
+    for host in [&a, &b] {
+        assert!(
+            !stderr.contains(&secret_hex(host)),
+            "secret leaked: {stderr}"
+        );
+    }
+    assert_eq!(a.call(json!({"op": "ping"}))["status"], 200);
+}
+
+#[test]
+fn unreachable_redis_stops_start_up_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("unix://{}/none.sock", dir.path().display());
+    let store = format!("[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{url}\"\n");
+    let stderr = Daemon::prepare(&store, "", "").start_refused();
+    assert!(
+        stderr.contains("cannot reach Redis") && stderr.contains(&url),
+        "{stderr}"
+    );
+    let store =
+        "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"redis://:hunter2@127.0.0.1:1\"\n";
+    let stderr = Daemon::prepare(store, "", "").start_refused();
+    assert!(stderr.contains("cannot reach Redis"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "password shown: {stderr}");
+}
+
+/// Every key (and string value) of a daemon's prefix, from every node. (`::redis` is
+/// the client crate; `redis` is the test module `per_engine!` makes.)
+fn stored(daemon: &Daemon) -> Vec<(String, Vec<u8>)> {
+    let prefix = daemon
+        .store_toml
+        .split("key_prefix = \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a Redis daemon");
+    let urls = if daemon.store_toml.contains("cluster = ") {
+        RedisCluster::shared().urls()
+    } else {
+        vec![RedisServer::shared().url()]
+    };
+    let mut entries = Vec::new();
+    for url in urls {
+        let mut conn = ::redis::Client::open(url)
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query(&mut conn)
+            .unwrap();
+        for key in keys {
+            let kind: String = ::redis::cmd("TYPE").arg(&key).query(&mut conn).unwrap();
+            let value: Vec<u8> = if kind == "string" {
+                ::redis::cmd("GET").arg(&key).query(&mut conn).unwrap()
+            } else {
+                Vec::new()
+            };
+            entries.push((key, value));
+        }
+    }
+    entries
+}
+
+/// A daemon's server secret in hex, to look for it where it must not be.
+fn secret_hex(daemon: &Daemon) -> String {
+    std::fs::read(daemon.dir.path().join("secret.key"))
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn redis_holds_neither_codes_nor_the_secret(engine: Engine) {
+    let daemon = engine.start(NO_COOLDOWN);
+    let mut issued = Vec::new();
+    for i in 0..20 {
+        let token = format!("scan{i}");
+        let code = daemon.create_code(&token, &format!("39333100{i:04}"));
+        issued.push((token, code));
+    }
+    daemon.verify("scan0", &issued[0].1);
+    let entries = stored(&daemon);
+    assert!(entries.len() > 40, "codes, tokens, recipients: {entries:?}");
+    let secret = std::fs::read(daemon.dir.path().join("secret.key")).unwrap();
+    let secret_hex = secret_hex(&daemon);
+    for (key, value) in &entries {
+        assert!(!key.contains(&secret_hex) && !contains(value, &secret));
+        for (_, code) in &issued {
+            assert!(!key.contains(code.as_str()), "code in key {key}");
+            assert!(!contains(value, code.as_bytes()), "code in value of {key}");
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn keys_expire_by_themselves(engine: Engine) {
+    let daemon = engine.start(
+        "[otp]\nresend_cooldown_secs = 0\nretain_secs = 1\nsend_window_secs = 1\n[janitor]\ninterval_secs = 1\n",
+    );
+    let short = daemon.call(
+        json!({"op": "create", "token": "short", "to": {"sms": "393331000001"}, "ttl_secs": 1}),
+    );
+    assert_eq!(short["status"], 201);
+    let code = daemon.code_for("short");
+    assert_eq!(daemon.stats()["live"], 1);
+    thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        daemon.verify("short", &code)["status"],
+        410,
+        "expired, retained"
+    );
+    wait_for("Redis to drop every key but the secret check", || {
+        let keys: Vec<String> = stored(&daemon).into_iter().map(|(k, _)| k).collect();
+        keys.len() == 1 && keys[0].ends_with("secret-check")
+    });
+    assert_eq!(daemon.verify("short", &code)["status"], 404, "purged");
+    wait_for("the janitor to count the expiry", || {
+        daemon.stats()["expired"] == 1
+    });
+    assert_eq!(daemon.stats()["live"], 0);
+}
+
+per_engine!([redis, redis_cluster] {
+    create_on_one_host_verify_on_another,
+    fifty_concurrent_verifies_across_two_hosts_one_wins,
+    guessing_spread_across_hosts_still_locks,
+    recipient_limits_hold_across_hosts_and_slots,
+    a_host_with_another_secret_refuses_to_start,
+    redis_holds_neither_codes_nor_the_secret,
+    keys_expire_by_themselves,
+});
