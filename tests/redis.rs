@@ -38,6 +38,11 @@ fn create_on_one_host_verify_on_another(engine: Engine) {
     assert_eq!(a.verify("shared", &code)["status"], 409);
     let status = a.call(json!({"op": "status", "token": "shared"}));
     assert_eq!(status["state"], "verified", "{status}");
+    assert!(
+        a.stderr().contains("appendonly no"),
+        "the test Redis keeps nothing on disk, and otpd says so: {}",
+        a.stderr()
+    );
 
     // `live` counts every host's codes once a janitor pass has looked.
     a.create_code("pending", "393339999999");

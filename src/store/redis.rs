@@ -271,7 +271,35 @@ impl RedisStore {
             .map_err(unreachable)?;
         store.check_secret(secret).await?;
         store.refresh_live(rules::now_ms()).await?;
+        store.warn_unless_durable().await;
         Ok(store)
+    }
+
+    /// Says at start-up what a Redis crash would lose, as far as the server tells
+    /// (`CONFIG` may be disabled; then nothing is said).
+    async fn warn_unless_durable(&self) {
+        let mut conn = self.conn();
+        let mut setting = async |name: &str| {
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+                .ok()
+                .and_then(|pair| pair.into_iter().nth(1))
+        };
+        let appendonly = setting("appendonly").await;
+        let appendfsync = setting("appendfsync").await;
+        match (appendonly.as_deref(), appendfsync.as_deref()) {
+            (Some("no"), _) => tracing::warn!(
+                "Redis runs with appendonly no: a Redis restart loses every code and counter"
+            ),
+            (Some("yes"), Some(fsync)) if fsync != "always" => tracing::warn!(
+                appendfsync = fsync,
+                "Redis acknowledges writes before fsync: a Redis crash may lose the last second of codes"
+            ),
+            _ => {}
+        }
     }
 
     /// Stores this host's secret fingerprint if none is there yet; refuses to go on
