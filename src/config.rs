@@ -161,7 +161,7 @@ impl Default for StoreConfig {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port[/db]`, `rediss://…` or `unix:///path/redis.sock`.
+    /// `redis://[user:password@]host:port[/db]` or `unix:///path/redis.sock`.
     pub url: String,
     /// Redis Cluster seed nodes (`redis://host:port`); when set, `url` must be empty.
     pub cluster: Vec<String>,

@@ -10,21 +10,13 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Daemon, Engine, PATIENCE};
+use common::{Daemon, Engine, concurrently, count, wait_for};
 use serde_json::{Value, json};
 
 /// No resend cooldown, so one test can create several codes quickly.
 const NO_COOLDOWN: &str = "[otp]\nresend_cooldown_secs = 0\n";
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn create_verify_and_the_answers_that_follow(engine: Engine) {
     let daemon = engine.start("");
@@ -224,32 +216,13 @@ fn lock_ends_and_clears_the_count(engine: Engine) {
 fn fifty_concurrent_verifies_exactly_one_wins(engine: Engine) {
     let daemon = engine.start("");
     let code = daemon.create_code("race", "393331234567");
-    let barrier = std::sync::Barrier::new(50);
-    let statuses: Vec<u64> = thread::scope(|scope| {
-        let handles: Vec<_> = (0..50)
-            .map(|_| {
-                let mut conn = daemon.connect();
-                let (barrier, code) = (&barrier, &code);
-                scope.spawn(move || {
-                    barrier.wait();
-                    conn.call(json!({"op": "verify", "token": "race", "code": code}))["status"]
-                        .as_u64()
-                        .unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 200).count(),
-        1,
-        "{statuses:?}"
+    let statuses = concurrently(
+        &[&daemon],
+        50,
+        |_| json!({"op": "verify", "token": "race", "code": code}),
     );
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 409).count(),
-        49,
-        "{statuses:?}"
-    );
+    assert_eq!(count(&statuses, 200), 1, "{statuses:?}");
+    assert_eq!(count(&statuses, 409), 49, "{statuses:?}");
 }
 
 fn codes_survive_sigterm_and_sigkill(engine: Engine) {

@@ -5,20 +5,12 @@
 mod common;
 
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Daemon, Engine, PATIENCE, RedisCluster, RedisServer};
+use common::{Daemon, Engine, RedisCluster, RedisServer, concurrently, count, wait_for};
 use serde_json::json;
 
 const NO_COOLDOWN: &str = "[otp]\nresend_cooldown_secs = 0\n";
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// Two hosts on one store: `a`, then `b` with a copy of `a`'s secret.
 fn two_hosts(engine: Engine, extra: &str) -> (Daemon, Daemon) {
@@ -59,32 +51,13 @@ fn create_on_one_host_verify_on_another(engine: Engine) {
 fn fifty_concurrent_verifies_across_two_hosts_one_wins(engine: Engine) {
     let (a, b) = two_hosts(engine, "");
     let code = a.create_code("race", "393331234567");
-    let barrier = std::sync::Barrier::new(50);
-    let statuses: Vec<u64> = thread::scope(|scope| {
-        let handles: Vec<_> = (0..50)
-            .map(|i| {
-                let mut conn = if i % 2 == 0 { a.connect() } else { b.connect() };
-                let (barrier, code) = (&barrier, &code);
-                scope.spawn(move || {
-                    barrier.wait();
-                    conn.call(json!({"op": "verify", "token": "race", "code": code}))["status"]
-                        .as_u64()
-                        .unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 200).count(),
-        1,
-        "{statuses:?}"
+    let statuses = concurrently(
+        &[&a, &b],
+        50,
+        |_| json!({"op": "verify", "token": "race", "code": code}),
     );
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 409).count(),
-        49,
-        "{statuses:?}"
-    );
+    assert_eq!(count(&statuses, 200), 1, "{statuses:?}");
+    assert_eq!(count(&statuses, 409), 49, "{statuses:?}");
 }
 
 fn guessing_spread_across_hosts_still_locks(engine: Engine) {
@@ -92,19 +65,14 @@ fn guessing_spread_across_hosts_still_locks(engine: Engine) {
     let (a, b) = two_hosts(engine, extra);
     let code = a.create_code("g", "393331234567");
     // Four wrong codes at once, two per host: the count is shared and exact.
-    let statuses: Vec<u64> = thread::scope(|scope| {
-        let handles: Vec<_> = (0..4)
-            .map(|i| {
-                let host = if i % 2 == 0 { &a } else { &b };
-                let guess = wrong(&code);
-                scope.spawn(move || host.verify("g", &guess)["status"].as_u64().unwrap())
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let mut sorted = statuses.clone();
-    sorted.sort();
-    assert_eq!(sorted, [404, 404, 404, 429], "{statuses:?}");
+    let guess = wrong(&code);
+    let mut statuses = concurrently(
+        &[&a, &b],
+        4,
+        |_| json!({"op": "verify", "token": "g", "code": guess}),
+    );
+    statuses.sort();
+    assert_eq!(statuses, [404, 404, 404, 429]);
     for host in [&a, &b] {
         let right = host.verify("g", &code);
         assert_eq!(right["status"], 429, "locked on every host: {right}");
@@ -127,28 +95,13 @@ fn recipient_limits_hold_across_hosts_and_slots(engine: Engine) {
 
     // Concurrent creates for one number over many tokens and both hosts: one send.
     let (a, b) = two_hosts(engine, "[otp]\nresend_cooldown_secs = 30\n");
-    let statuses: Vec<u64> = thread::scope(|scope| {
-        let handles: Vec<_> = (0..20)
-            .map(|i| {
-                let host = if i % 2 == 0 { &a } else { &b };
-                scope.spawn(move || {
-                    let request = json!({"op": "create", "token": format!("tok{i}"), "to": {"sms": "393332222222"}});
-                    host.call(request)["status"].as_u64().unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 201).count(),
-        1,
-        "{statuses:?}"
+    let statuses = concurrently(
+        &[&a, &b],
+        20,
+        |i| json!({"op": "create", "token": format!("tok{i}"), "to": {"sms": "393332222222"}}),
     );
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 429).count(),
-        19,
-        "{statuses:?}"
-    );
+    assert_eq!(count(&statuses, 201), 1, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 19, "{statuses:?}");
 }
 
 fn a_host_with_another_secret_refuses_to_start(engine: Engine) {

@@ -308,6 +308,36 @@ impl Daemon {
     }
 }
 
+/// Sends `n` requests at once, the i-th to `hosts[i % hosts.len()]`, each on its own
+/// connection opened beforehand and released together by a barrier; returns the
+/// statuses in request order.
+pub fn concurrently(
+    hosts: &[&Daemon],
+    n: usize,
+    request: impl Fn(usize) -> Value + Sync,
+) -> Vec<u64> {
+    let barrier = std::sync::Barrier::new(n);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let mut conn = hosts[i % hosts.len()].connect();
+                let (barrier, request) = (&barrier, &request);
+                scope.spawn(move || {
+                    let line = request(i);
+                    barrier.wait();
+                    conn.call(line)["status"].as_u64().unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// How many of `statuses` are `status`.
+pub fn count(statuses: &[u64], status: u64) -> usize {
+    statuses.iter().filter(|&&s| s == status).count()
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -399,10 +429,8 @@ impl RedisServer {
                 ],
             );
             let guard = Guard::new(&dir, vec![child]);
-            wait_redis("the Redis server", || {
-                UnixStream::connect(&socket)
-                    .ok()
-                    .and_then(|s| redis_ping(s).then_some(()))
+            wait_for("the Redis server", || {
+                UnixStream::connect(&socket).is_ok_and(redis_ping)
             });
             RedisServer {
                 socket,
@@ -451,14 +479,13 @@ impl RedisCluster {
                 String::from_utf8_lossy(&out.stdout)
             );
             for port in &ports {
-                wait_redis("the cluster to agree", || {
-                    let out = Command::new("redis-cli")
+                wait_for("the cluster to agree", || {
+                    Command::new("redis-cli")
                         .args(["-p", &port.to_string(), "cluster", "info"])
                         .output()
-                        .ok()?;
-                    String::from_utf8_lossy(&out.stdout)
-                        .contains("cluster_state:ok")
-                        .then_some(())
+                        .is_ok_and(|out| {
+                            String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
+                        })
                 });
             }
             RedisCluster {
@@ -549,9 +576,10 @@ fn redis_ping<S: Read + Write>(mut stream: S) -> bool {
         && &answer == b"+PONG\r\n"
 }
 
-fn wait_redis(what: &str, mut ready: impl FnMut() -> Option<()>) {
+/// Polls `done` until it holds; panics after [`PATIENCE`].
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
-    while ready().is_none() {
+    while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
