@@ -135,11 +135,13 @@ pub enum Engine {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub engine: Engine,
-    /// Database directory; empty means `<data dir>/db`.
+    /// sled database directory; empty means `<data dir>/db`.
     pub path: PathBuf,
     /// Server secret file; empty means the systemd credential or `<data dir>/secret.key`.
     pub secret_file: PathBuf,
+    /// sled only: Redis's durability is its own `appendfsync`.
     pub durability: Durability,
+    /// sled only.
     pub cache_capacity_mb: u64,
     pub redis: RedisConfig,
 }
@@ -579,7 +581,7 @@ impl Config {
                 self.otp.ttl_secs
             ));
         }
-        if self.store.durability == Durability::Relaxed {
+        if self.store.engine == Engine::Sled && self.store.durability == Durability::Relaxed {
             warnings.push(
                 "store.durability = \"relaxed\": a crash may lose codes created or verified in the last 500 ms"
                     .into(),

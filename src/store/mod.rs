@@ -2,7 +2,7 @@
 //!
 //! An engine makes each operation atomic and durable before it returns; the rules it
 //! applies come from [`crate::rules`], so every engine answers alike. `sled` is the
-//! embedded default.
+//! embedded default; `redis` is shared by several otpd hosts.
 
 mod encoding;
 mod group_commit;
