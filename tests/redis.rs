@@ -234,7 +234,78 @@ fn keys_expire_by_themselves(engine: Engine) {
     assert_eq!(daemon.stats()["live"], 0);
 }
 
+/// The operations the socket cannot reach without a provider (delivery references and
+/// status events, discarding an undelivered code), through the store itself.
+fn delivery_records_and_discard_through_the_store(engine: Engine) {
+    use otpd::code::Digest;
+    use otpd::config::Config;
+    use otpd::rules::{Channel, DeliveryEvent, Limits, VerifyOutcome, now_ms};
+    use otpd::secret::ServerSecret;
+    use otpd::store::redis::RedisStore;
+    use otpd::store::{NewCode, Store};
+
+    let config = Config::parse(&engine.store_toml()).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let limits = Limits::from(&config.otp);
+        let secret = ServerSecret::from_bytes([7; 32]);
+        let store = RedisStore::connect(&config.store.redis, limits, &secret)
+            .await
+            .unwrap();
+        let now = now_ms();
+        let digest = Digest([9; 16]);
+        let new = NewCode {
+            token: "deliv".into(),
+            digest,
+            recipients: vec!["sms:393331234567".into()],
+            channels: vec![Channel::Sms],
+            created_at: now,
+            expires_at: now + 300_000,
+        };
+        assert!(store.create(&new, now).await.unwrap().is_ok());
+        assert_eq!(store.live(), 1);
+        store
+            .set_delivery_reference("deliv", &digest, "uuid-1")
+            .await
+            .unwrap();
+        let event = DeliveryEvent {
+            at: now,
+            status: "delivered".into(),
+            channel: Some("sms".into()),
+            detail: None,
+        };
+        assert!(
+            store
+                .record_delivery_event("uuid-1", event.clone())
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .record_delivery_event("uuid-2", event.clone())
+                .await
+                .unwrap()
+        );
+        let status = store.status("deliv").await.unwrap().unwrap();
+        assert_eq!(status.code.delivery.reference.as_deref(), Some("uuid-1"));
+        assert_eq!(status.code.delivery.events, vec![event.clone()]);
+
+        store.discard("deliv", &digest).await.unwrap();
+        assert!(store.status("deliv").await.unwrap().is_none());
+        assert_eq!(store.live(), 0);
+        assert!(!store.record_delivery_event("uuid-1", event).await.unwrap());
+        let outcome = store.verify("deliv", &digest, now_ms()).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::NotFound, "a discarded code is gone");
+
+        // A second store with another secret on the same prefix is refused.
+        let other = ServerSecret::from_bytes([8; 32]);
+        let refused = RedisStore::connect(&config.store.redis, limits, &other).await;
+        assert!(refused.is_err());
+    });
+}
+
 per_engine!([redis, redis_cluster] {
+    delivery_records_and_discard_through_the_store,
     create_on_one_host_verify_on_another,
     fifty_concurrent_verifies_across_two_hosts_one_wins,
     guessing_spread_across_hosts_still_locks,

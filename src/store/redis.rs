@@ -789,3 +789,55 @@ impl Store for RedisStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tokens_keys_share_its_hash_tag_and_hold_no_code() {
+        let keys = Keys {
+            prefix: "otpd:".into(),
+        };
+        let digest = Digest([0xab; 16]);
+        assert_eq!(keys.token("t.1"), "otpd:{t.1}:t");
+        assert_eq!(
+            keys.code("t.1", &digest),
+            format!("otpd:{{t.1}}:c:{}", "ab".repeat(16))
+        );
+        // Recipients hash on the whole key: any slot, never a token's tag.
+        assert_eq!(
+            keys.recipient("sms:393331234567"),
+            "otpd:r:sms:393331234567"
+        );
+    }
+
+    #[test]
+    fn a_commit_lists_three_arguments_per_key() {
+        let mut commit = Commit::default();
+        commit
+            .expect("a", &None)
+            .expect("b", &Some(vec![1, 2]))
+            .set("b", &[3], 5)
+            .delete("c");
+        assert_eq!(commit.keys, ["a", "b", "b", "c"]);
+        let args: Vec<&[u8]> = commit.args.iter().map(Vec::as_slice).collect();
+        assert_eq!(
+            args,
+            [
+                &b""[..],
+                b"=",
+                b"1",
+                &[1, 2],
+                b"=",
+                b"1",
+                b"*",
+                &[3],
+                b"5",
+                b"*",
+                b"",
+                b"1",
+            ]
+        );
+    }
+}
