@@ -215,7 +215,7 @@ impl RedisStore {
         limits: Limits,
         secret: &ServerSecret,
     ) -> Result<Self, StoreError> {
-        let where_ = if config.cluster.is_empty() {
+        let address = if config.cluster.is_empty() {
             redact_url(&config.url)
         } else {
             config
@@ -226,7 +226,7 @@ impl RedisStore {
                 .join(", ")
         };
         let unreachable =
-            |e: RedisError| StoreError::Database(format!("cannot reach Redis at {where_}: {e}"));
+            |e: RedisError| StoreError::Database(format!("cannot reach Redis at {address}: {e}"));
         let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
         let response_timeout = Duration::from_millis(config.response_timeout_ms);
         let mut connections = Vec::with_capacity(config.pool_size);
