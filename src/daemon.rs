@@ -1,5 +1,5 @@
-//! `otpd serve`: wires config, secret, store, delivery, janitor and server together and
-//! runs them until the shutdown future resolves.
+//! `otpd serve`: wires config, secret, store, delivery, janitor, server and the optional
+//! HTTP listener together and runs them until the shutdown future resolves.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Engine};
 use crate::delivery;
+use crate::http;
 use crate::janitor::{self, Wakeup};
 use crate::metrics::Counters;
 use crate::otp::Otp;
@@ -60,6 +61,7 @@ pub async fn run(
         config.janitor.clone(),
         stop.clone(),
     ));
+    http::start(&config, otp.clone(), stop.clone(), &tracker).await?;
     let server = tracker.spawn({
         let (otp, stop, tracker) = (otp.clone(), stop.clone(), tracker.clone());
         let server_config = config.server.clone();

@@ -7,6 +7,8 @@
 //! Codes reach people through a delivery backend ([`delivery`]); the [`janitor`]
 //! expires and purges finished items in the background. [`daemon`] wires it together
 //! from the [`config`]; [`client`] speaks the protocol for the command-line tools.
+//! The optional [`http`] listener serves the tutorial's REST API, Vonage's status
+//! webhooks and Prometheus metrics through the same service.
 
 pub mod client;
 pub mod code;
@@ -14,6 +16,7 @@ pub mod config;
 pub mod daemon;
 pub mod delivery;
 pub mod handler;
+pub mod http;
 pub mod janitor;
 pub mod metrics;
 pub mod otp;

@@ -1,7 +1,7 @@
-//! Counters since start-up, shown by the `stats` op.
+//! Counters since start-up, shown by the `stats` op (and by `GET /metrics`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -21,6 +21,10 @@ pub struct Counters {
     pub locked: AtomicU64,
     pub rate_limited: AtomicU64,
     pub delivery_failed: AtomicU64,
+    /// Time to answer a request on the Unix socket.
+    pub socket_latency: Histogram,
+    /// Time to answer a request on the HTTP listener.
+    pub http_latency: Histogram,
 }
 
 impl Default for Counters {
@@ -36,6 +40,8 @@ impl Default for Counters {
             locked: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             delivery_failed: AtomicU64::new(0),
+            socket_latency: Histogram::default(),
+            http_latency: Histogram::default(),
         }
     }
 }
@@ -43,6 +49,58 @@ impl Default for Counters {
 /// Adds one to a counter.
 pub fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Upper bounds of the latency buckets in microseconds: an answer takes from well under
+/// a millisecond (relaxed durability) to tens of milliseconds (a shared disk flush).
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000,
+];
+
+/// A latency histogram with fixed buckets, lock-free to record.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last one is beyond every bound.
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+/// A histogram as read at one moment, in Prometheus' cumulative form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    /// `(upper bound in µs, observations at or below it)`, one per [`LATENCY_BUCKETS_US`].
+    pub cumulative: Vec<(u64, u64)>,
+    /// All observations (the `+Inf` bucket).
+    pub count: u64,
+    pub sum_us: u64,
+}
+
+impl Histogram {
+    /// Records one answer's duration.
+    pub fn observe(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = LATENCY_BUCKETS_US.partition_point(|&bound| bound < us);
+        bump(&self.buckets[bucket]);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Reads the buckets; the count is their total, so it always equals `+Inf`.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut total = 0;
+        let mut cumulative = Vec::with_capacity(LATENCY_BUCKETS_US.len());
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            total += bucket.load(Ordering::Relaxed);
+            if let Some(&bound) = LATENCY_BUCKETS_US.get(i) {
+                cumulative.push((bound, total));
+            }
+        }
+        HistogramSnapshot {
+            cumulative,
+            count: total,
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A snapshot of the counters, as the `stats` op answers it.
@@ -78,5 +136,24 @@ impl Counters {
             delivery_failed: read(&self.delivery_failed),
             uptime_secs: self.started.elapsed().as_secs(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_inclusive() {
+        let histogram = Histogram::default();
+        histogram.observe(Duration::from_micros(100));
+        histogram.observe(Duration::from_micros(101));
+        histogram.observe(Duration::from_secs(10));
+        let snapshot = histogram.snapshot();
+        assert_eq!(snapshot.cumulative[0], (100, 1), "le is inclusive");
+        assert_eq!(snapshot.cumulative[1], (250, 2));
+        assert_eq!(snapshot.cumulative.last(), Some(&(2_500_000, 2)));
+        assert_eq!(snapshot.count, 3, "the slow one is only in +Inf");
+        assert_eq!(snapshot.sum_us, 10_000_201);
     }
 }

@@ -136,6 +136,43 @@ fn parse_recipients(object: &Map<String, Value>) -> Result<Recipients, ProtocolE
     Ok(recipients)
 }
 
+/// The fields of a create besides the token (and the socket's `op` and `id`).
+const CREATE_FIELDS: [&str; 5] = [
+    "to",
+    "messengerId",
+    "phoneNumber",
+    "ttl_secs",
+    "code_length",
+];
+
+/// Reads a create from `object`. With `path_token` it is the body of the HTTP listener's
+/// `POST /otp/:token`, which names the token in its URL; without, a socket request with
+/// its `op`, `id` and `token`. Both front ends so accept the same fields, and their
+/// errors name them alike.
+pub fn parse_create(
+    object: &Map<String, Value>,
+    path_token: Option<&str>,
+) -> Result<CreateRequest, ProtocolError> {
+    let envelope: &[&str] = match path_token {
+        Some(_) => &[],
+        None => &["op", "id", "token"],
+    };
+    let allowed: Vec<&str> = envelope.iter().chain(&CREATE_FIELDS).copied().collect();
+    check_fields(object, &allowed, "")?;
+    let code_length = optional_u64(object, "code_length")?
+        .map(|len| u32::try_from(len).map_err(|_| bad_request("code_length", "is too large")))
+        .transpose()?;
+    Ok(CreateRequest {
+        token: match path_token {
+            Some(token) => token.to_owned(),
+            None => required_str(object, "token")?,
+        },
+        to: parse_recipients(object)?,
+        ttl_secs: optional_u64(object, "ttl_secs")?,
+        code_length,
+    })
+}
+
 fn parse_object(object: &Map<String, Value>) -> Result<Request, ProtocolError> {
     let op = match object.get("op") {
         Some(Value::String(op)) => op.as_str(),
@@ -143,33 +180,7 @@ fn parse_object(object: &Map<String, Value>) -> Result<Request, ProtocolError> {
         None => return Err(bad_request("op", "is required")),
     };
     match op {
-        "create" => {
-            check_fields(
-                object,
-                &[
-                    "op",
-                    "id",
-                    "token",
-                    "to",
-                    "messengerId",
-                    "phoneNumber",
-                    "ttl_secs",
-                    "code_length",
-                ],
-                "",
-            )?;
-            let code_length = optional_u64(object, "code_length")?
-                .map(|len| {
-                    u32::try_from(len).map_err(|_| bad_request("code_length", "is too large"))
-                })
-                .transpose()?;
-            Ok(Request::Create(CreateRequest {
-                token: required_str(object, "token")?,
-                to: parse_recipients(object)?,
-                ttl_secs: optional_u64(object, "ttl_secs")?,
-                code_length,
-            }))
-        }
+        "create" => parse_create(object, None).map(Request::Create),
         "verify" => {
             check_fields(object, &["op", "id", "token", "code"], "")?;
             Ok(Request::Verify {

@@ -5,7 +5,7 @@ use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
@@ -60,6 +60,11 @@ impl Listener {
             listener,
             owned_path: Some(path.to_owned()),
         })
+    }
+
+    /// Waits for the next connection (the HTTP listener uses this for `unix:` sockets).
+    pub async fn accept(&self) -> std::io::Result<UnixStream> {
+        self.listener.accept().await.map(|(stream, _)| stream)
     }
 
     /// Wraps a socket someone else created (systemd socket activation): its file is
@@ -205,7 +210,12 @@ async fn serve_connection(
                 let _ = write_line(&mut writer, &response, limits.idle_timeout, true).await;
                 break;
             }
-            Ok(Ok(LineRead::Line)) => handler::respond(otp, &line).await,
+            Ok(Ok(LineRead::Line)) => {
+                let started = Instant::now();
+                let response = handler::respond(otp, &line).await;
+                otp.counters().socket_latency.observe(started.elapsed());
+                response
+            }
         };
         // Pipelined requests are answered in one write once the input runs dry.
         let more_buffered = !reader.buffer().is_empty();

@@ -3,6 +3,9 @@
 //! This is the one place a code is allowed into a log: showing it is the backend's
 //! whole job. With `log_file` set it also appends one JSON line per message, which is
 //! how tests and `otpd bench` learn the codes.
+//!
+//! Like a provider, it answers with a reference for the delivery (`log-` and 32 hex
+//! digits), so status webhooks can be tried end to end without a Vonage account.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -10,6 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Mutex, Once};
 
 use async_trait::async_trait;
+use rand::RngExt;
 
 use super::{Delivery, DeliveryError, Message, Receipt};
 use crate::config::DeliveryConfig;
@@ -51,11 +55,13 @@ impl Delivery for LogDelivery {
             );
         });
         let channels: Vec<&str> = message.to.channels().iter().map(|c| c.as_str()).collect();
+        let reference = new_reference();
         tracing::warn!(
             token = %message.token,
             code = %message.code.expose(),
             channels = %channels.join(","),
             text = ?message.text,
+            reference = %reference,
             "would send"
         );
         if let Some(file) = &self.file {
@@ -64,6 +70,7 @@ impl Delivery for LogDelivery {
                 "code": message.code.expose(),
                 "channels": channels,
                 "text": message.text,
+                "reference": reference,
             }))
             .expect("JSON of strings");
             line.push(b'\n');
@@ -71,6 +78,14 @@ impl Delivery for LogDelivery {
             file.write_all(&line)
                 .map_err(|e| DeliveryError::Unavailable(format!("log_file: {e}")))?;
         }
-        Ok(Receipt::default())
+        Ok(Receipt {
+            reference: Some(reference),
+        })
     }
+}
+
+/// A fresh reference in the shape of a provider's id: `log-` and 32 hex digits.
+fn new_reference() -> String {
+    let mut rng = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
+    format!("log-{:032x}", rng.random::<u128>())
 }

@@ -8,8 +8,12 @@
 //! run on every engine through [`per_engine!`]. The Redis engines use one Redis server
 //! (and one 3-master Redis Cluster) per test binary, started on first use in a temp dir
 //! ([`RedisServer`]); each daemon gets a key prefix of its own, so tests stay apart.
+//!
+//! [`http`] is the HTTP client for daemons started with an `[http]` listener.
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
+
+pub mod http;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -118,6 +122,7 @@ fn base_config(dir: &Path) -> String {
 impl Daemon {
     /// Starts a daemon with `extra` TOML sections merged after the base config. Keys
     /// of `[delivery]` go into `delivery_extra` (TOML allows a table only once).
+    /// `{dir}` in either stands for the daemon's temporary directory.
     pub fn start(extra: &str) -> Daemon {
         Self::start_with(extra, "")
     }
@@ -134,7 +139,8 @@ impl Daemon {
         let config = format!(
             "{}{delivery_extra}\n{extra}\n{store_toml}",
             base_config(dir.path())
-        );
+        )
+        .replace("{dir}", &dir.path().display().to_string());
         let config_path = dir.path().join("otpd.toml");
         std::fs::write(&config_path, config).unwrap();
         Daemon {
@@ -291,12 +297,42 @@ impl Daemon {
 
     /// The last code the log backend wrote for `token`.
     pub fn code_for(&self, token: &str) -> String {
+        self.logged_for(token, "code")
+    }
+
+    /// The delivery reference (`log-…`) the log backend gave `token`'s last code.
+    pub fn reference_for(&self, token: &str) -> String {
+        self.logged_for(token, "reference")
+    }
+
+    fn logged_for(&self, token: &str, field: &str) -> String {
         let text = std::fs::read_to_string(&self.log_file).unwrap_or_default();
         text.lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
             .rfind(|entry| entry["token"] == token)
-            .and_then(|entry| entry["code"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| panic!("no code logged for {token}"))
+            .and_then(|entry| entry[field].as_str().map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {field} logged for {token}"))
+    }
+
+    /// Where the HTTP listener listens (`127.0.0.1:PORT` or `unix:/path`), from the
+    /// daemon's `HTTP listener ready address=…` line. With `listen = "127.0.0.1:0"` the
+    /// kernel picks a free port, so tests need neither fixed ports nor a race to find
+    /// one; the line is written before the socket answers, so it is there once
+    /// [`Daemon::spawn`] returns.
+    pub fn http_address(&self) -> String {
+        self.stderr()
+            .lines()
+            .rev()
+            .filter(|line| line.contains("HTTP listener ready"))
+            .find_map(|line| line.split_once("address=").map(|(_, rest)| rest))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no HTTP listener in the log:\n{}", self.stderr()))
+    }
+
+    /// An HTTP client for this daemon's listener.
+    pub fn http(&self) -> http::Client {
+        http::Client::new(&self.http_address())
     }
 
     pub fn verify(&self, token: &str, code: &str) -> Value {

@@ -1,0 +1,362 @@
+//! The optional HTTP/1.1 listener (`[http] listen`): the tutorial service's REST API
+//! ([`rest`]), Vonage's signed status webhooks ([`webhooks`]) and Prometheus metrics
+//! ([`metrics`]).
+//!
+//! It calls the same [`Otp`] service as the Unix socket, so both apply one set of rules
+//! and limits, and it stops with the daemon: on shutdown it stops accepting, lets each
+//! connection finish the request in hand, then closes it.
+
+mod metrics;
+mod rest;
+mod webhooks;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, SystemdDirs};
+use crate::otp::Otp;
+use crate::server;
+
+pub use webhooks::WEBHOOK_SECRET_CREDENTIAL;
+
+/// A response: always a small, fully built body.
+type Answer = Response<Full<Bytes>>;
+
+/// The listening socket: TCP (`host:port`) or a Unix socket (`unix:/path`).
+enum Listener {
+    Tcp(TcpListener),
+    Unix(server::Listener),
+}
+
+impl Listener {
+    async fn bind(listen: &str, socket_mode: u32) -> anyhow::Result<Self> {
+        match listen.strip_prefix("unix:") {
+            Some(path) => {
+                let listener = server::Listener::bind(path.as_ref(), socket_mode)
+                    .map_err(|e| anyhow::anyhow!("http.listen: {e:#}"))?;
+                tracing::info!(address = %listen, "HTTP listener ready");
+                Ok(Listener::Unix(listener))
+            }
+            None => {
+                let listener = TcpListener::bind(listen)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("http.listen: cannot bind {listen}: {e}"))?;
+                // The bound address, not the configured one: with port 0 the kernel
+                // picks the port, and this line is how a test (or a person) learns it.
+                tracing::info!(address = %listener.local_addr()?, "HTTP listener ready");
+                Ok(Listener::Tcp(listener))
+            }
+        }
+    }
+
+    async fn accept(
+        &self,
+    ) -> std::io::Result<Either<tokio::net::TcpStream, tokio::net::UnixStream>> {
+        match self {
+            Listener::Tcp(listener) => {
+                let (stream, _) = listener.accept().await?;
+                stream.set_nodelay(true)?;
+                Ok(Either::Left(stream))
+            }
+            Listener::Unix(listener) => listener.accept().await.map(Either::Right),
+        }
+    }
+}
+
+/// What every request handler shares.
+struct App {
+    otp: Arc<Otp>,
+    webhooks: webhooks::Webhooks,
+    max_body: usize,
+    /// Longest wait for a request's headers (also between keep-alive requests) and
+    /// for its body.
+    read_timeout: Duration,
+}
+
+/// Binds `[http] listen` and serves it on `tracker` until `shutdown`; does nothing when
+/// `listen` is empty. Binding errors stop the start-up, naming `http.listen`.
+pub async fn start(
+    config: &Config,
+    otp: Arc<Otp>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<()> {
+    if config.http.listen.is_empty() {
+        return Ok(());
+    }
+    let secret = webhooks::load_secret(&config.http, &SystemdDirs::from_env())?;
+    if secret.is_none() {
+        tracing::warn!(
+            "http.webhook_signature_secret is not set (nor the credential {WEBHOOK_SECRET_CREDENTIAL}): \
+             status webhooks will be refused"
+        );
+    }
+    let listener = Listener::bind(&config.http.listen, config.server.socket_mode_bits()?).await?;
+    let app = Arc::new(App {
+        otp,
+        webhooks: webhooks::Webhooks::new(secret),
+        max_body: config.server.max_request_bytes,
+        read_timeout: Duration::from_secs(config.server.idle_timeout_secs),
+    });
+    let slots = Arc::new(Semaphore::new(config.server.max_connections));
+    tracker.spawn(serve(listener, app, slots, shutdown, tracker.clone()));
+    Ok(())
+}
+
+/// Accepts connections until `shutdown`. At `max_connections` it stops accepting until a
+/// connection ends, so the excess waits in the kernel's backlog.
+async fn serve(
+    listener: Listener,
+    app: Arc<App>,
+    slots: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (accepted, slot) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = async {
+                let slot = slots.clone().acquire_owned().await.expect("never closed");
+                (listener.accept().await, slot)
+            } => accepted,
+        };
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(error) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(%error, "HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            serve_connection(stream, app, shutdown).await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+}
+
+/// Serves one connection's requests (keep-alive) until it closes, or until shutdown,
+/// which lets the request in hand finish.
+async fn serve_connection<S>(stream: S, app: Arc<App>, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let read_timeout = app.read_timeout;
+    let service = hyper::service::service_fn(move |request| {
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(app.answer(request).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            tokio::time::timeout(read_timeout, connection)
+                .await
+                .unwrap_or(Ok(()))
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "HTTP connection ended with an error");
+    }
+}
+
+/// The endpoints, by the shape of their path. Each answers one method.
+#[derive(Debug, PartialEq, Eq)]
+enum Endpoint<'a> {
+    Home,
+    Create { token: &'a str },
+    Verify { token: &'a str, code: &'a str },
+    Metrics,
+    StatusWebhook,
+    InboundWebhook,
+}
+
+impl<'a> Endpoint<'a> {
+    /// Matches a request path (without its query); a trailing `/` is ignored, as the
+    /// tutorial's Express router did.
+    fn of(path: &'a str) -> Option<Self> {
+        let path = path
+            .strip_suffix('/')
+            .filter(|p| !p.is_empty())
+            .unwrap_or(path);
+        let segments: Vec<&str> = path.split('/').skip(1).collect();
+        Some(match segments.as_slice() {
+            [""] => Endpoint::Home,
+            ["otp", token] => Endpoint::Create { token },
+            ["otp", token, code] => Endpoint::Verify { token, code },
+            ["metrics"] => Endpoint::Metrics,
+            ["webhooks", "status"] => Endpoint::StatusWebhook,
+            ["webhooks", "inbound"] => Endpoint::InboundWebhook,
+            _ => return None,
+        })
+    }
+
+    fn method(&self) -> Method {
+        match self {
+            Endpoint::Home | Endpoint::Verify { .. } | Endpoint::Metrics => Method::GET,
+            Endpoint::Create { .. } | Endpoint::StatusWebhook | Endpoint::InboundWebhook => {
+                Method::POST
+            }
+        }
+    }
+
+    /// The endpoint's name for logs: paths are never logged, they hold codes.
+    fn name(&self) -> &'static str {
+        match self {
+            Endpoint::Home => "home",
+            Endpoint::Create { .. } => "create",
+            Endpoint::Verify { .. } => "verify",
+            Endpoint::Metrics => "metrics",
+            Endpoint::StatusWebhook => "status webhook",
+            Endpoint::InboundWebhook => "inbound webhook",
+        }
+    }
+}
+
+impl App {
+    /// Answers one request and records how long that took.
+    async fn answer(&self, request: Request<Incoming>) -> Answer {
+        let started = Instant::now();
+        let (parts, body) = request.into_parts();
+        let endpoint = Endpoint::of(parts.uri.path());
+        let answer = match &endpoint {
+            None => text(StatusCode::NOT_FOUND, "Not found"),
+            Some(endpoint) if parts.method != endpoint.method() => {
+                let mut answer = text(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed");
+                let allow = HeaderValue::from_str(endpoint.method().as_str());
+                answer
+                    .headers_mut()
+                    .insert(header::ALLOW, allow.expect("a method is a header value"));
+                answer
+            }
+            Some(endpoint) => self.route(endpoint, &parts.headers, body).await,
+        };
+        self.otp.counters().http_latency.observe(started.elapsed());
+        tracing::debug!(
+            endpoint = endpoint.as_ref().map_or("none", Endpoint::name),
+            status = answer.status().as_u16(),
+            "HTTP request"
+        );
+        answer
+    }
+
+    async fn route(
+        &self,
+        endpoint: &Endpoint<'_>,
+        headers: &hyper::HeaderMap,
+        body: Incoming,
+    ) -> Answer {
+        match *endpoint {
+            Endpoint::Home => text(StatusCode::OK, "This is the OTP service"),
+            Endpoint::Verify { token, code } => rest::verify(&self.otp, token, code).await,
+            Endpoint::Metrics => metrics::render(&self.otp, &self.webhooks),
+            Endpoint::Create { token } => match self.read_body(headers, body).await {
+                Ok(body) => rest::create(&self.otp, token, &body).await,
+                Err(answer) => answer,
+            },
+            Endpoint::StatusWebhook => match self.read_body(headers, body).await {
+                Ok(body) => self.webhooks.status(&self.otp, headers, &body).await,
+                Err(answer) => answer,
+            },
+            Endpoint::InboundWebhook => match self.read_body(headers, body).await {
+                Ok(_) => text(StatusCode::OK, "OK"),
+                Err(answer) => answer,
+            },
+        }
+    }
+
+    /// Reads a whole body of at most `max_request_bytes`: a larger `Content-Length` is
+    /// refused before reading, a longer chunked body as soon as it passes the limit.
+    async fn read_body(&self, headers: &hyper::HeaderMap, body: Incoming) -> Result<Bytes, Answer> {
+        let too_large = || {
+            text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("Request body exceeds {} bytes", self.max_body),
+            )
+        };
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.max_body as u64) {
+            return Err(too_large());
+        }
+        let collect = Limited::new(body, self.max_body).collect();
+        match tokio::time::timeout(self.read_timeout, collect).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+            Ok(Err(_)) => Err(text(StatusCode::BAD_REQUEST, "body: could not be read")),
+            Err(_) => Err(text(
+                StatusCode::REQUEST_TIMEOUT,
+                "body: not received in time",
+            )),
+        }
+    }
+}
+
+/// A plain-text answer. OTP answers are never to be cached by a proxy or browser.
+fn text(status: StatusCode, body: &str) -> Answer {
+    let mut answer = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
+    *answer.status_mut() = status;
+    let headers = answer.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    answer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_endpoints() {
+        assert_eq!(Endpoint::of("/"), Some(Endpoint::Home));
+        assert_eq!(
+            Endpoint::of("/otp/123"),
+            Some(Endpoint::Create { token: "123" })
+        );
+        assert_eq!(
+            Endpoint::of("/otp/123/"),
+            Some(Endpoint::Create { token: "123" })
+        );
+        assert_eq!(
+            Endpoint::of("/otp/123/456"),
+            Some(Endpoint::Verify {
+                token: "123",
+                code: "456"
+            })
+        );
+        assert_eq!(Endpoint::of("/metrics"), Some(Endpoint::Metrics));
+        assert_eq!(
+            Endpoint::of("/webhooks/status"),
+            Some(Endpoint::StatusWebhook)
+        );
+        assert_eq!(Endpoint::of("/otp"), None);
+        assert_eq!(Endpoint::of("/otp/1/2/3"), None);
+        assert_eq!(Endpoint::of("/nope"), None);
+    }
+}

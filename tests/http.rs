@@ -1,0 +1,763 @@
+//! The HTTP listener through the real binary: the tutorial's REST contract byte for
+//! byte, bad paths, methods and bodies, signed Vonage status webhooks filed on the code
+//! and shown by the socket's `status`, `/metrics` as Prometheus text, and shutdown.
+//!
+//! Each daemon listens on `127.0.0.1:0`; the harness reads the bound address from the
+//! daemon's log (see `Daemon::http_address`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::http::Payload;
+use common::{Daemon, PATIENCE};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const SECRET: &str = "test-signature-secret-1234567890";
+
+/// An HTTP listener on a free port, webhooks signed with [`SECRET`].
+fn http_config(extra: &str) -> String {
+    format!("[http]\nlisten = \"127.0.0.1:0\"\nwebhook_signature_secret = \"{SECRET}\"\n{extra}")
+}
+
+fn start(extra: &str) -> Daemon {
+    Daemon::start(&http_config(extra))
+}
+
+const TUTORIAL_BODY: &[u8] = br#"{"messengerId": "8192836451", "phoneNumber": "393331234567"}"#;
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn sha256_hex(body: &[u8]) -> String {
+    Sha256::digest(body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A Vonage-style webhook JWT: HS256, `iat`, `jti`, `payload_hash` of `hashed`.
+fn webhook_jwt(secret: &str, hashed: &[u8], iat: i64) -> String {
+    let claims = json!({
+        "iat": iat,
+        "jti": "c5ba8f24-1a14-4c10-bfdf-3fbe8ce511b5",
+        "iss": "Vonage",
+        "payload_hash": sha256_hex(hashed),
+        "api_key": "a1b2c3d",
+        "application_id": "aaaaaaaa-bbbb-cccc-dddd-0123456789ab",
+    });
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Posts `body` to `/webhooks/status` with `authorization` (if any).
+fn post_status(daemon: &Daemon, body: &[u8], authorization: Option<&str>) -> common::http::Reply {
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(value) = authorization {
+        headers.push(("authorization", value));
+    }
+    daemon.http().send(
+        "POST",
+        "/webhooks/status",
+        &headers,
+        Payload::Sized(body.to_vec()),
+    )
+}
+
+/// Posts `body` signed as Vonage would.
+fn post_signed(daemon: &Daemon, body: &Value) -> common::http::Reply {
+    let body = body.to_string();
+    let bearer = format!(
+        "Bearer {}",
+        webhook_jwt(SECRET, body.as_bytes(), now_secs())
+    );
+    post_status(daemon, body.as_bytes(), Some(&bearer))
+}
+
+/// Creates a code for `token` over HTTP with the tutorial's body; returns the code.
+fn http_create(daemon: &Daemon, token: &str) -> String {
+    let answer = daemon.http().post(&format!("/otp/{token}"), TUTORIAL_BODY);
+    assert_eq!((answer.status, answer.text()), (201, "Created"));
+    daemon.code_for(token)
+}
+
+/// A code of the default length that is not `code`.
+fn wrong_code(code: &str) -> &'static str {
+    if code == "000000" { "111111" } else { "000000" }
+}
+
+fn status_of(daemon: &Daemon, token: &str) -> Value {
+    let status = daemon.call(json!({"op": "status", "token": token}));
+    assert_eq!(status["status"], 200, "{status}");
+    status
+}
+
+#[test]
+fn tutorial_contract_byte_for_byte() {
+    let daemon = start("");
+    let http = daemon.http();
+
+    let home = http.get("/");
+    assert_eq!(
+        (home.status, home.body.as_slice()),
+        (200, &b"This is the OTP service"[..])
+    );
+    assert_eq!(home.header("content-type"), "text/plain; charset=utf-8");
+
+    let created = http.post("/otp/123456789", TUTORIAL_BODY);
+    assert_eq!((created.status, created.text()), (201, "Created"));
+    assert_eq!(created.header("cache-control"), "no-store");
+    let code = daemon.code_for("123456789");
+
+    let answer = http.get(&format!("/otp/123456789/{}", wrong_code(&code)));
+    assert_eq!(
+        (answer.status, answer.body.as_slice()),
+        (404, &b"Not found"[..])
+    );
+    let answer = http.get(&format!("/otp/123456789/{code}"));
+    assert_eq!((answer.status, answer.body.as_slice()), (200, &b"OK"[..]));
+    let answer = http.get(&format!("/otp/123456789/{code}"));
+    assert_eq!(
+        (answer.status, answer.body.as_slice()),
+        (409, &b"The code has already been verified"[..])
+    );
+
+    // The same store as the socket: it sees the HTTP verify.
+    let status = status_of(&daemon, "123456789");
+    assert_eq!(status["state"], "verified");
+    assert_eq!(status["channels"], json!(["messenger", "sms"]));
+
+    // The verify path holds the code, yet only the log backend's line shows it.
+    let log = daemon.stderr();
+    let mentions: Vec<&str> = log.lines().filter(|l| l.contains(&code)).collect();
+    assert_eq!(mentions.len(), 1, "{mentions:?}");
+    assert!(mentions[0].contains("would send"));
+}
+
+#[test]
+fn expired_code_answers_410() {
+    let daemon = start("");
+    let http = daemon.http();
+    let created = http.post(
+        "/otp/short-lived",
+        br#"{"phoneNumber": "+393331234567", "ttl_secs": 1}"#,
+    );
+    assert_eq!(created.status, 201, "{}", created.text());
+    let code = daemon.code_for("short-lived");
+    std::thread::sleep(Duration::from_millis(1100));
+    let answer = http.get(&format!("/otp/short-lived/{code}"));
+    assert_eq!((answer.status, answer.text()), (410, "The code is expired"));
+}
+
+#[test]
+fn too_many_attempts_answers_429_with_retry_after() {
+    let daemon = start("[otp]\nmax_attempts = 2\nlock_secs = 600\n");
+    let http = daemon.http();
+    let code = http_create(&daemon, "guessed");
+    let wrong = wrong_code(&code);
+    let answer = http.get(&format!("/otp/guessed/{wrong}"));
+    assert_eq!((answer.status, answer.text()), (404, "Not found"));
+    // The second wrong code locks the token; then even the right one is refused.
+    for attempt in [wrong, code.as_str()] {
+        let answer = http.get(&format!("/otp/guessed/{attempt}"));
+        assert_eq!((answer.status, answer.text()), (429, "Too many attempts"));
+        let retry: u64 = answer.header("retry-after").parse().unwrap();
+        assert!((1..=600).contains(&retry), "{retry}");
+    }
+    // A create on the locked token is refused the same way.
+    let answer = http.post("/otp/guessed", TUTORIAL_BODY);
+    assert_eq!((answer.status, answer.text()), (429, "Too many attempts"));
+}
+
+#[test]
+fn rate_limits_are_shared_with_the_socket() {
+    let daemon = start("");
+    let http = daemon.http();
+    assert_eq!(http.post("/otp/tok-1", TUTORIAL_BODY).status, 201);
+    // The resend cooldown counts the HTTP create against the socket's, and back.
+    let socket =
+        daemon.call(json!({"op": "create", "token": "tok-1", "to": {"sms": "393331234567"}}));
+    assert_eq!(socket["error"], "rate_limited", "{socket}");
+    let answer = http.post("/otp/tok-2", br#"{"phoneNumber": "393331234567"}"#);
+    assert_eq!((answer.status, answer.text()), (429, "Too many requests"));
+    let retry: u64 = answer.header("retry-after").parse().unwrap();
+    assert!((1..=30).contains(&retry), "{retry}");
+
+    // A code created on the socket verifies over HTTP, once.
+    let code = daemon.create_code("from-socket", "393330000001");
+    assert_eq!(http.get(&format!("/otp/from-socket/{code}")).status, 200);
+    assert_eq!(daemon.verify("from-socket", &code)["status"], 409);
+    assert_eq!(daemon.stats()["verified"], 1);
+}
+
+#[test]
+fn bad_input_answers_400_naming_the_field() {
+    let daemon = start("");
+    let http = daemon.http();
+    let cases: [(&str, &[u8], &str); 8] = [
+        ("/otp/bad%20token", TUTORIAL_BODY, "token: "),
+        ("/otp/t1", br#"{"phoneNumber": "12"}"#, "phoneNumber: "),
+        ("/otp/t1", br#"{"messengerId": "abc"}"#, "messengerId: "),
+        ("/otp/t1", b"{}", "messengerId, phoneNumber: "),
+        ("/otp/t1", b"", "messengerId, phoneNumber: "),
+        ("/otp/t1", b"not json", "body: "),
+        ("/otp/t1", b"[1, 2]", "body: "),
+        (
+            "/otp/t1",
+            br#"{"phoneNumber": "393331234567", "email": "a@b"}"#,
+            "email: ",
+        ),
+    ];
+    for (path, body, prefix) in cases {
+        let answer = http.post(path, body);
+        assert_eq!(
+            answer.status,
+            400,
+            "{path} {:?}",
+            String::from_utf8_lossy(body)
+        );
+        assert!(
+            answer.text().starts_with(prefix),
+            "{path}: {:?} should start with {prefix:?}",
+            answer.text()
+        );
+    }
+    let answer = http.get("/otp/t1/12ab56");
+    assert_eq!(answer.status, 400);
+    assert!(answer.text().starts_with("code: "), "{}", answer.text());
+    let answer = http.get("/otp/t1/%zz");
+    assert_eq!(answer.status, 400);
+    // Percent-encoded tokens are decoded, as Express did: `a%3Ab` is `a:b`.
+    assert_eq!(http.post("/otp/a%3Ab", TUTORIAL_BODY).status, 201);
+    assert_eq!(status_of(&daemon, "a:b")["state"], "pending");
+}
+
+#[test]
+fn other_paths_404_and_other_methods_405() {
+    let daemon = start("");
+    let http = daemon.http();
+    for path in ["/nope", "/otp", "/otp/a/b/c", "/webhooks", "/metrics/x"] {
+        let answer = http.get(path);
+        assert_eq!((answer.status, answer.text()), (404, "Not found"), "{path}");
+    }
+    let cases = [
+        ("POST", "/", "GET"),
+        ("DELETE", "/otp/x", "POST"),
+        ("GET", "/otp/x", "POST"),
+        ("PUT", "/otp/x/123456", "GET"),
+        ("POST", "/otp/x/123456", "GET"),
+        ("GET", "/webhooks/status", "POST"),
+        ("GET", "/webhooks/inbound", "POST"),
+        ("POST", "/metrics", "GET"),
+    ];
+    for (method, path, allow) in cases {
+        let answer = http.send(method, path, &[], Payload::empty());
+        assert_eq!(
+            (answer.status, answer.text()),
+            (405, "Method not allowed"),
+            "{method} {path}"
+        );
+        assert_eq!(answer.header("allow"), allow, "{method} {path}");
+    }
+    // A trailing slash is ignored, as by the tutorial's router; a query too.
+    assert_eq!(http.get("/?x=1").text(), "This is the OTP service");
+    assert_eq!(http.post("/otp/slash/", TUTORIAL_BODY).status, 201);
+}
+
+#[test]
+fn oversized_bodies_answer_413() {
+    let daemon = start("[server]\nmax_request_bytes = 1024\n");
+    let http = daemon.http();
+    // Exactly at the limit is fine (JSON padded with spaces).
+    let mut body = br#"{"phoneNumber": "393331234567"}"#.to_vec();
+    body.resize(1024, b' ');
+    assert_eq!(http.post("/otp/at-limit", &body).status, 201);
+
+    body.push(b' ');
+    let answer = http.post("/otp/over-limit", &body);
+    assert_eq!(
+        (answer.status, answer.text()),
+        (413, "Request body exceeds 1024 bytes")
+    );
+    let chunks = vec![vec![b' '; 600], vec![b' '; 600]];
+    let answer = http.send("POST", "/otp/chunked", &[], Payload::Chunked(chunks));
+    assert_eq!(
+        answer.status, 413,
+        "a chunked body is cut off at the limit too"
+    );
+    let answer = post_status(&daemon, &vec![b'x'; 2000], Some("Bearer x"));
+    assert_eq!(answer.status, 413, "webhooks have the same limit");
+    assert_eq!(daemon.stats()["created"], 1);
+}
+
+#[test]
+fn signed_status_webhooks_are_recorded_and_shown_by_status() {
+    let daemon = start("");
+    let http = daemon.http();
+    http_create(&daemon, "watched");
+    let reference = daemon.reference_for("watched");
+    assert!(reference.starts_with("log-"), "{reference}");
+    assert_eq!(
+        status_of(&daemon, "watched")["delivery"],
+        json!({"reference": reference, "events": []})
+    );
+
+    // A Messages API status: the reference is the message_uuid.
+    let answer = post_signed(
+        &daemon,
+        &json!({
+            "message_uuid": reference, "to": "393331234567", "from": "OTP", "channel": "sms",
+            "timestamp": "2026-11-26T09:05:00Z", "status": "delivered",
+            "usage": {"currency": "EUR", "price": "0.0333"}
+        }),
+    );
+    assert_eq!((answer.status, answer.text()), (200, "OK"));
+
+    // A Dispatch per-message status: filed by its workflow's dispatch_uuid.
+    let answer = post_signed(
+        &daemon,
+        &json!({
+            "message_uuid": "0f4d6b8e-0000-4000-8000-000000000001",
+            "to": {"type": "messenger", "id": "8192836451"},
+            "from": {"type": "messenger", "id": "1234"},
+            "timestamp": "2026-11-26T09:05:01.500Z", "status": "rejected",
+            "error": {"code": 1300, "reason": "Not part of the provider network"},
+            "_links": {"workflow": {"dispatch_uuid": reference, "href": "https://x"}}
+        }),
+    );
+    assert_eq!(answer.status, 200);
+
+    // Dispatch's final report.
+    let answer = post_signed(
+        &daemon,
+        &json!({
+            "dispatch_uuid": reference, "template": "failover", "status": "completed",
+            "timestamp": "2026-11-26T09:05:02Z", "usage": {"price": "0.05", "currency": "EUR"},
+            "_links": {"messages": [
+                {"message_uuid": "a", "href": "x", "channel": "messenger", "status": "rejected"},
+                {"message_uuid": "b", "href": "y", "channel": "sms", "status": "delivered"}
+            ]}
+        }),
+    );
+    assert_eq!(answer.status, 200);
+
+    // Unknown ids are acknowledged and dropped.
+    let answer = post_signed(
+        &daemon,
+        &json!({"message_uuid": "unknown", "status": "read", "channel": "messenger"}),
+    );
+    assert_eq!((answer.status, answer.text()), (200, "OK"));
+
+    let delivery = &status_of(&daemon, "watched")["delivery"];
+    assert_eq!(
+        delivery,
+        &json!({
+            "reference": reference,
+            "events": [
+                {"at": "2026-11-26T09:05:00Z", "status": "delivered", "channel": "sms"},
+                {"at": "2026-11-26T09:05:01.5Z", "status": "rejected", "channel": "messenger",
+                 "detail": "1300: Not part of the provider network"},
+                {"at": "2026-11-26T09:05:02Z", "status": "completed",
+                 "detail": "messenger rejected, sms delivered"}
+            ]
+        })
+    );
+
+    let answer = http.post("/webhooks/inbound", br#"{"anything": true}"#);
+    assert_eq!((answer.status, answer.text()), (200, "OK"));
+
+    // A signed body that is no status report is refused, and not retried (4xx).
+    let answer = post_signed(&daemon, &json!({"hello": "world"}));
+    assert_eq!(answer.status, 400);
+}
+
+#[test]
+fn badly_signed_webhooks_are_refused_and_logged() {
+    let daemon = start("");
+    assert_eq!(
+        daemon.http().post("/otp/guarded", TUTORIAL_BODY).status,
+        201
+    );
+    let reference = daemon.reference_for("guarded");
+    let body =
+        json!({"message_uuid": reference, "status": "read", "channel": "messenger"}).to_string();
+    let body = body.as_bytes();
+    let now = now_secs();
+
+    let cases: [(&str, String, &[u8]); 6] = [
+        (
+            "wrong secret",
+            format!("Bearer {}", webhook_jwt("another-secret", body, now)),
+            body,
+        ),
+        (
+            "tampered body",
+            format!("Bearer {}", webhook_jwt(SECRET, body, now)),
+            br#"{"message_uuid":"x","status":"read"}"#,
+        ),
+        (
+            "stale iat",
+            format!("Bearer {}", webhook_jwt(SECRET, body, now - 600)),
+            body,
+        ),
+        (
+            "iat from the future",
+            format!("Bearer {}", webhook_jwt(SECRET, body, now + 600)),
+            body,
+        ),
+        ("not a JWT", "Bearer not.a.jwt".into(), body),
+        ("not Bearer", "Basic dXNlcjpwYXNz".into(), body),
+    ];
+    for (what, authorization, sent) in &cases {
+        let answer = post_status(&daemon, sent, Some(authorization));
+        assert_eq!(
+            (answer.status, answer.text()),
+            (401, "Unauthorized"),
+            "{what}"
+        );
+    }
+    let refusals = daemon
+        .stderr()
+        .lines()
+        .filter(|line| line.contains("refused a status webhook"))
+        .count();
+    assert_eq!(refusals, cases.len(), "one log line per refusal");
+
+    // Unsigned: 503 so that Vonage retries it (signed, one hopes).
+    let answer = post_status(&daemon, body, None);
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.header("retry-after"), "60");
+
+    assert_eq!(
+        status_of(&daemon, "guarded")["delivery"]["events"],
+        json!([])
+    );
+    assert!(
+        !daemon.stderr().contains(SECRET),
+        "the secret reached the log"
+    );
+
+    // The same callback, signed right, is accepted.
+    let bearer = format!("Bearer {}", webhook_jwt(SECRET, body, now));
+    assert_eq!(post_status(&daemon, body, Some(&bearer)).status, 200);
+    assert_eq!(
+        status_of(&daemon, "guarded")["delivery"]["events"][0]["status"],
+        "read"
+    );
+}
+
+#[test]
+fn without_a_secret_every_webhook_is_refused() {
+    let daemon = Daemon::start("[http]\nlisten = \"127.0.0.1:0\"\n");
+    assert!(daemon.stderr().contains("status webhooks will be refused"));
+    let body = br#"{"message_uuid":"m","status":"read"}"#;
+    let bearer = format!("Bearer {}", webhook_jwt("", body, now_secs()));
+    let answer = post_status(&daemon, body, Some(&bearer));
+    assert_eq!(answer.status, 401);
+}
+
+/// A sample's labels, sorted by name.
+type Labels = Vec<(String, String)>;
+
+/// Prometheus samples: value by name and labels.
+type Samples = BTreeMap<(String, Labels), f64>;
+
+/// A strict reader of Prometheus' text format 0.0.4: `# HELP` / `# TYPE` before their
+/// family's samples, each family once and contiguous, valid names, quoted label values,
+/// numeric values, histograms with cumulative buckets ending in `+Inf` = `_count`.
+fn parse_prometheus(text: &str) -> Samples {
+    fn is_name(s: &str, colon: bool) -> bool {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
+    }
+    fn labels(s: &str) -> Labels {
+        let mut out = Vec::new();
+        let mut rest = s;
+        while !rest.is_empty() {
+            let (name, after) = rest.split_once("=\"").expect("label=\"value\"");
+            assert!(is_name(name, false), "label name {name:?}");
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next().expect("closing quote") {
+                    (i, '"') => break i,
+                    (_, '\\') => match chars.next().expect("escape").1 {
+                        'n' => value.push('\n'),
+                        c @ ('\\' | '"') => value.push(c),
+                        c => panic!("bad escape \\{c}"),
+                    },
+                    (_, c) => value.push(c),
+                }
+            };
+            out.push((name.to_owned(), value));
+            rest = &after[end + 1..];
+            rest = rest.strip_prefix(',').unwrap_or_else(|| {
+                assert!(rest.is_empty(), "junk after label: {rest:?}");
+                rest
+            });
+        }
+        out.sort();
+        out
+    }
+
+    assert!(text.ends_with('\n'), "text must end with a newline");
+    let mut samples = Samples::new();
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut helped: Vec<String> = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, _) = rest.split_once(' ').expect("HELP name text");
+            assert!(
+                is_name(name, true) && !helped.contains(&name.to_owned()),
+                "{line}"
+            );
+            helped.push(name.to_owned());
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "{line}"
+            );
+            assert!(
+                types.insert(name.to_owned(), kind.to_owned()).is_none(),
+                "family {name} declared twice"
+            );
+            current = Some(name.to_owned());
+            continue;
+        }
+        assert!(
+            !line.starts_with('#') && !line.is_empty(),
+            "unexpected line {line:?}"
+        );
+        let (series, value) = line.rsplit_once(' ').expect("sample value");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => (name, labels(rest.strip_suffix('}').expect("closing }"))),
+            None => (series, Vec::new()),
+        };
+        assert!(is_name(name, true), "metric name {name:?}");
+        let family = current.as_deref().expect("a sample before any TYPE");
+        let belongs = name == family
+            || (types[family] == "histogram"
+                && ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|suffix| name.strip_suffix(suffix) == Some(family)));
+        assert!(belongs, "sample {name} outside its family {family}");
+        if name.ends_with("_total") || types[family] == "counter" {
+            assert!(value >= 0.0, "{line}");
+        }
+        assert!(
+            samples.insert((name.to_owned(), labels), value).is_none(),
+            "duplicate sample {line}"
+        );
+    }
+    // Histograms: cumulative buckets, +Inf equal to _count.
+    for (family, _) in types.iter().filter(|(_, kind)| *kind == "histogram") {
+        let bucket = format!("{family}_bucket");
+        let mut series: BTreeMap<Labels, Vec<(f64, f64)>> = BTreeMap::new();
+        for ((name, labels), value) in &samples {
+            if *name == bucket {
+                let le = labels.iter().find(|(k, _)| k == "le").expect("le label");
+                let bound = if le.1 == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.1.parse().unwrap()
+                };
+                let rest: Vec<_> = labels.iter().filter(|(k, _)| k != "le").cloned().collect();
+                series.entry(rest).or_default().push((bound, *value));
+            }
+        }
+        assert!(!series.is_empty(), "histogram {family} has no buckets");
+        for (labels, mut buckets) in series {
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            assert!(
+                buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+                "{family} not cumulative"
+            );
+            let (last_bound, last_count) = *buckets.last().unwrap();
+            assert_eq!(last_bound, f64::INFINITY, "{family} lacks +Inf");
+            let count = samples[&(format!("{family}_count"), labels.clone())];
+            assert_eq!(last_count, count, "{family}: +Inf bucket != _count");
+            assert!(samples.contains_key(&(format!("{family}_sum"), labels)));
+        }
+    }
+    samples
+}
+
+fn sample(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut key: Labels = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    key.sort();
+    *samples
+        .get(&(name.to_owned(), key))
+        .unwrap_or_else(|| panic!("no sample {name}{labels:?}"))
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text() {
+    let daemon = start("");
+    let http = daemon.http();
+    let code = http_create(&daemon, "m1");
+    assert_eq!(
+        http.get(&format!("/otp/m1/{}", wrong_code(&code))).status,
+        404
+    );
+    assert_eq!(http.get(&format!("/otp/m1/{code}")).status, 200);
+    let reference = daemon.reference_for("m1");
+    post_signed(
+        &daemon,
+        &json!({"message_uuid": reference, "status": "read"}),
+    );
+    post_status(&daemon, b"{}", None);
+    for _ in 0..3 {
+        daemon.call(json!({"op": "ping"}));
+    }
+
+    let answer = http.get("/metrics");
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.header("content-type"),
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let samples = parse_prometheus(answer.text());
+    assert_eq!(sample(&samples, "otpd_codes_created_total", &[]), 1.0);
+    assert_eq!(sample(&samples, "otpd_codes_verified_total", &[]), 1.0);
+    assert_eq!(sample(&samples, "otpd_live_codes", &[]), 0.0);
+    assert_eq!(
+        sample(
+            &samples,
+            "otpd_delivery_events_total",
+            &[("status", "read")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&samples, "otpd_webhooks_total", &[("outcome", "recorded")]),
+        1.0
+    );
+    assert_eq!(
+        sample(&samples, "otpd_webhooks_total", &[("outcome", "unsigned")]),
+        1.0
+    );
+    // The socket's pings (and the harness's readiness ping) were timed…
+    let socket = sample(
+        &samples,
+        "otpd_request_duration_seconds_count",
+        &[("listener", "socket")],
+    );
+    assert!(socket >= 4.0, "{socket}");
+    // …and so was every HTTP request before this one.
+    let http_count = sample(
+        &samples,
+        "otpd_request_duration_seconds_count",
+        &[("listener", "http")],
+    );
+    assert!(http_count >= 5.0, "{http_count}");
+}
+
+#[test]
+fn unix_socket_listener() {
+    let daemon = Daemon::start("[http]\nlisten = \"unix:{dir}/http.sock\"\n");
+    let address = daemon.http_address();
+    assert_eq!(
+        address,
+        format!("unix:{}/http.sock", daemon.dir.path().display())
+    );
+    let http = daemon.http();
+    assert_eq!(http.get("/").text(), "This is the OTP service");
+    assert_eq!(http.post("/otp/over-unix", TUTORIAL_BODY).status, 201);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(daemon.dir.path().join("http.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660, "server.socket_mode applies");
+}
+
+#[test]
+fn shutdown_closes_kept_alive_connections_and_exits_cleanly() {
+    let mut daemon = start("");
+    let http = daemon.http();
+    let mut connection = http.connect();
+    let answer = connection.send("GET", "/", &[], Payload::empty());
+    assert_eq!(answer.status, 200);
+    let answer = connection.send(
+        "POST",
+        "/otp/kept",
+        &[],
+        Payload::Sized(TUTORIAL_BODY.to_vec()),
+    );
+    assert_eq!(answer.status, 201, "keep-alive serves a second request");
+    let status = daemon.stop();
+    assert!(status.success(), "{status}\n{}", daemon.stderr());
+    assert!(daemon.stderr().contains("stopped"));
+    // The listener is gone with the daemon.
+    let address = daemon.http_address();
+    assert!(std::net::TcpStream::connect(address).is_err());
+}
+
+#[test]
+fn http_is_off_by_default_and_a_taken_port_stops_start_up() {
+    let daemon = start("");
+    let plain = Daemon::start("");
+    assert!(!plain.stderr().contains("HTTP listener"));
+
+    // A second daemon configured for the first one's port refuses to start, naming
+    // the key.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("otpd.toml");
+    std::fs::write(
+        &config,
+        format!("[http]\nlisten = \"{}\"\n", daemon.http_address()),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_otpd"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "otpd did not give up");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("http.listen"), "{stderr}");
+}
