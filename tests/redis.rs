@@ -7,7 +7,9 @@ mod common;
 use std::thread;
 use std::time::Duration;
 
-use common::{Daemon, Engine, RedisCluster, RedisServer, concurrently, count, wait_for};
+use common::{
+    Daemon, Engine, OwnedRedis, RedisCluster, RedisServer, concurrently, count, wait_for,
+};
 use serde_json::json;
 
 const NO_COOLDOWN: &str = "[otp]\nresend_cooldown_secs = 0\n";
@@ -133,6 +135,37 @@ fn unreachable_redis_stops_start_up_naming_it() {
     let stderr = Daemon::prepare(store, "", "").start_refused();
     assert!(stderr.contains("cannot reach Redis"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "password shown: {stderr}");
+}
+
+#[test]
+fn a_redis_crash_fails_requests_until_it_is_back_and_loses_nothing() {
+    let mut redis = OwnedRedis::start();
+    let store = format!(
+        "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{}\"\nresponse_timeout_ms = 500\n",
+        redis.url()
+    );
+    let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
+    daemon.spawn();
+    let stderr = daemon.stderr();
+    assert!(
+        !stderr.contains("appendonly no") && !stderr.contains("before fsync"),
+        "appendfsync always draws no warning: {stderr}"
+    );
+    let code = daemon.create_code("crash", "393331234567");
+    redis.kill();
+    let answer = daemon.verify("crash", &code);
+    assert_eq!(answer["status"], 500, "{answer}");
+    assert_eq!(answer["error"], "internal_error");
+    assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
+    redis.spawn();
+    wait_for("otpd to reconnect by itself", || {
+        daemon.call(json!({"op": "status", "token": "crash"}))["status"] == 200
+    });
+    assert_eq!(
+        daemon.verify("crash", &code)["status"],
+        200,
+        "the acknowledged create survived the Redis crash"
+    );
 }
 
 /// Every key (and string value) of a daemon's prefix, from every node. (`::redis` is

@@ -453,21 +453,8 @@ impl RedisServer {
         SERVER.get_or_init(|| {
             let dir = tempfile::tempdir().expect("temp dir").keep();
             let socket = dir.join("redis.sock");
-            let child = redis_server(
-                &dir,
-                &[
-                    "--port",
-                    "0",
-                    "--unixsocket",
-                    socket.to_str().unwrap(),
-                    "--unixsocketperm",
-                    "700",
-                ],
-            );
+            let child = unix_redis(&dir, &socket, &["--unixsocketperm", "700"]);
             let guard = Guard::new(&dir, vec![child]);
-            wait_for("the Redis server", || {
-                UnixStream::connect(&socket).is_ok_and(redis_ping)
-            });
             RedisServer {
                 socket,
                 _guard: guard,
@@ -477,6 +464,51 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("unix://{}", self.socket.display())
+    }
+}
+
+/// A redis-server of one test, with an append-only file fsynced on every write, which
+/// the test may crash and start again on the same socket and directory.
+pub struct OwnedRedis {
+    dir: TempDir,
+    pub socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl OwnedRedis {
+    pub fn start() -> OwnedRedis {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut redis = OwnedRedis {
+            socket: dir.path().join("redis.sock"),
+            dir,
+            child: None,
+        };
+        redis.spawn();
+        redis
+    }
+
+    /// Starts redis-server (again) and waits until it answers.
+    pub fn spawn(&mut self) {
+        let durable = ["--appendonly", "yes", "--appendfsync", "always"];
+        self.child = Some(unix_redis(self.dir.path(), &self.socket, &durable));
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}
+
+impl Drop for OwnedRedis {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -586,7 +618,18 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Starts redis-server in `dir` without persistence, logging into the dir.
+/// Starts redis-server on a Unix socket only, and waits until it answers.
+fn unix_redis(dir: &Path, socket: &Path, args: &[&str]) -> Child {
+    let unix = ["--port", "0", "--unixsocket", socket.to_str().unwrap()];
+    let child = redis_server(dir, &[&unix[..], args].concat());
+    wait_for("the Redis server", || {
+        UnixStream::connect(socket).is_ok_and(redis_ping)
+    });
+    child
+}
+
+/// Starts redis-server in `dir` without persistence (unless `args` say otherwise),
+/// logging into the dir.
 fn redis_server(dir: &Path, args: &[&str]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
