@@ -122,26 +122,142 @@ pub enum Durability {
     Relaxed,
 }
 
-/// `[store]`: the sled database and the server secret.
+/// Which storage engine keeps the codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// The embedded sled database: one host.
+    #[default]
+    Sled,
+    /// A Redis server or cluster shared by several otpd hosts.
+    Redis,
+}
+
+/// `[store]`: the storage engine and the server secret.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// Database directory; empty means `<data dir>/db`.
+    pub engine: Engine,
+    /// sled database directory; empty means `<data dir>/db`.
     pub path: PathBuf,
     /// Server secret file; empty means the systemd credential or `<data dir>/secret.key`.
     pub secret_file: PathBuf,
+    /// sled only: Redis's durability is its own `appendfsync`.
     pub durability: Durability,
+    /// sled only.
     pub cache_capacity_mb: u64,
+    pub redis: RedisConfig,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
+            engine: Engine::Sled,
             path: PathBuf::new(),
             secret_file: PathBuf::new(),
             durability: Durability::Flush,
             cache_capacity_mb: 64,
+            redis: RedisConfig::default(),
         }
+    }
+}
+
+/// `[store.redis]`: where the shared Redis is and how to talk to it.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` or `unix:///path/redis.sock`.
+    pub url: String,
+    /// Redis Cluster seed nodes (`redis://host:port`); when set, `url` must be empty.
+    pub cluster: Vec<String>,
+    /// Prefix of every key otpd writes, so several deployments can share one Redis.
+    pub key_prefix: String,
+    /// Multiplexed connections per host; requests are spread over them.
+    pub pool_size: usize,
+    pub connect_timeout_ms: u64,
+    pub response_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            cluster: Vec::new(),
+            key_prefix: "otpd:".into(),
+            pool_size: 4,
+            connect_timeout_ms: 2000,
+            response_timeout_ms: 2000,
+        }
+    }
+}
+
+/// Strips the password from a Redis URL, so it can be shown in errors and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field(
+                "cluster",
+                &self
+                    .cluster
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("key_prefix", &self.key_prefix)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("response_timeout_ms", &self.response_timeout_ms)
+            .finish()
+    }
+}
+
+impl RedisConfig {
+    /// Refuses a Redis configuration that cannot work, naming the key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (self.url.is_empty(), self.cluster.is_empty()) {
+            (true, true) => {
+                return Err(invalid(
+                    "store.redis.url",
+                    "engine \"redis\" needs store.redis.url or store.redis.cluster",
+                ));
+            }
+            (false, false) => {
+                return Err(invalid(
+                    "store.redis.cluster",
+                    "set either store.redis.url or store.redis.cluster, not both",
+                ));
+            }
+            _ => {}
+        }
+        if self.key_prefix.contains(['{', '}']) {
+            return Err(invalid(
+                "store.redis.key_prefix",
+                "may not contain { or }: the token is the key's hash tag",
+            ));
+        }
+        check_range("store.redis.pool_size", self.pool_size as u64, 1, 64)?;
+        check_range(
+            "store.redis.connect_timeout_ms",
+            self.connect_timeout_ms,
+            1,
+            600_000,
+        )?;
+        check_range(
+            "store.redis.response_timeout_ms",
+            self.response_timeout_ms,
+            1,
+            600_000,
+        )
     }
 }
 
@@ -381,6 +497,9 @@ impl Config {
             1,
             1 << 20,
         )?;
+        if self.store.engine == Engine::Redis {
+            self.store.redis.validate()?;
+        }
         let o = &self.otp;
         check_range(
             "otp.code_length",
@@ -474,7 +593,7 @@ impl Config {
                 self.otp.ttl_secs
             ));
         }
-        if self.store.durability == Durability::Relaxed {
+        if self.store.engine == Engine::Sled && self.store.durability == Durability::Relaxed {
             warnings.push(
                 "store.durability = \"relaxed\": a crash may lose codes created or verified in the last 500 ms"
                     .into(),
@@ -508,6 +627,30 @@ mod tests {
         assert!(err.to_string().contains("otp.code_length"), "{err}");
         let err = Config::parse("[server]\nsocket_mode = \"999\"\n").unwrap_err();
         assert!(err.to_string().contains("server.socket_mode"), "{err}");
+    }
+
+    #[test]
+    fn redis_engine_needs_one_address_and_a_plain_prefix() {
+        let err = Config::parse("[store]\nengine = \"redis\"\n").unwrap_err();
+        assert!(err.to_string().contains("store.redis.url"), "{err}");
+        let both = "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"redis://a\"\ncluster = [\"redis://b\"]\n";
+        let err = Config::parse(both).unwrap_err();
+        assert!(err.to_string().contains("store.redis.cluster"), "{err}");
+        let braces = "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"redis://a\"\nkey_prefix = \"{x}\"\n";
+        let err = Config::parse(braces).unwrap_err();
+        assert!(err.to_string().contains("store.redis.key_prefix"), "{err}");
+        assert!(Config::parse("[store.redis]\ncluster = [\"redis://b\"]\n").is_ok());
+    }
+
+    #[test]
+    fn redis_password_is_redacted() {
+        assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://***@h:1/0");
+        assert_eq!(redact_url("unix:///run/r.sock"), "unix:///run/r.sock");
+        let config = RedisConfig {
+            url: "redis://u:secret@h".into(),
+            ..RedisConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("secret"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, Engine};
 use crate::delivery;
 use crate::http;
 use crate::janitor::{self, Wakeup};
@@ -17,6 +17,7 @@ use crate::rules::Limits;
 use crate::secret::ServerSecret;
 use crate::server::{self, Listener};
 use crate::store::Store;
+use crate::store::redis::RedisStore;
 use crate::store::sled::SledStore;
 use crate::systemd;
 
@@ -35,8 +36,11 @@ pub async fn run(
     if created {
         tracing::info!(path = %config.store.secret_file.display(), "created a new server secret");
     }
-    let store: Arc<dyn Store> =
-        Arc::new(SledStore::open(&config.store, Limits::from(&config.otp))?);
+    let limits = Limits::from(&config.otp);
+    let store: Arc<dyn Store> = match config.store.engine {
+        Engine::Sled => Arc::new(SledStore::open(&config.store, limits)?),
+        Engine::Redis => Arc::new(RedisStore::connect(&config.store.redis, limits, &secret).await?),
+    };
     let counters = Arc::new(Counters::default());
     let delivery = delivery::from_config(&config, counters.clone(), store.clone(), &secret)?;
     let wakeup = Arc::new(Wakeup::default());

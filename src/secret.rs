@@ -47,6 +47,20 @@ impl ServerSecret {
         Self(bytes)
     }
 
+    /// A value that tells whether two hosts hold the same secret without revealing it:
+    /// HMAC-SHA-256 of a fixed label, hex. Hosts sharing a Redis compare it at start-up.
+    pub fn fingerprint(&self) -> String {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0)
+            .expect("HMAC takes keys of any length");
+        mac.update(b"otpd server secret check v1");
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// Reads the secret at `path`, creating it (mode 0600, from the OS CSPRNG) when it
     /// does not exist yet. Returns whether it was created.
     pub fn load_or_create(path: &Path) -> Result<(Self, bool), SecretError> {
@@ -120,6 +134,15 @@ mod tests {
         assert!(!created);
         assert_eq!(first.as_bytes(), second.as_bytes());
         assert_eq!(format!("{first:?}"), "ServerSecret(***)");
+    }
+
+    #[test]
+    fn fingerprint_tells_secrets_apart_and_hides_them() {
+        let a = ServerSecret::from_bytes([1; 32]);
+        let b = ServerSecret::from_bytes([2; 32]);
+        assert_eq!(a.fingerprint(), a.clone().fingerprint());
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint().len(), 64);
     }
 
     #[test]

@@ -1,29 +1,25 @@
 //! The core daemon through its real socket: every op and status code, the rules,
 //! concurrency, restarts, the janitor, bad input and access control.
+//!
+//! Each test that touches the store runs on every engine (`sled::`, `redis::`,
+//! `redis_cluster::`, see the list at the end). Sled-only, with a plain `#[test]`: the
+//! scan of the database files and the janitor's purge counts (Redis has its own
+//! versions of both in tests/redis.rs), and the config check, which starts no store.
 
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Daemon, PATIENCE};
+use common::{Daemon, Engine, concurrently, count, wait_for};
 use serde_json::{Value, json};
 
 /// No resend cooldown, so one test can create several codes quickly.
 const NO_COOLDOWN: &str = "[otp]\nresend_cooldown_secs = 0\n";
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-#[test]
-fn create_verify_and_the_answers_that_follow() {
-    let daemon = Daemon::start("");
+fn create_verify_and_the_answers_that_follow(engine: Engine) {
+    let daemon = engine.start("");
     let created = daemon.call(json!({
         "op": "create", "id": "c1", "token": "123456789",
         "to": {"messenger": "8192836451", "sms": "+393331234567"}
@@ -78,9 +74,8 @@ fn create_verify_and_the_answers_that_follow() {
     assert_eq!(ping["version"], env!("CARGO_PKG_VERSION"));
 }
 
-#[test]
-fn tutorial_body_at_top_level_and_inside_to() {
-    let daemon = Daemon::start("");
+fn tutorial_body_at_top_level_and_inside_to(engine: Engine) {
+    let daemon = engine.start("");
     let top = daemon.call(
         json!({"op": "create", "token": "t1", "messengerId": "42", "phoneNumber": "393331234567"}),
     );
@@ -94,9 +89,8 @@ fn tutorial_body_at_top_level_and_inside_to() {
     assert_eq!(daemon.verify("t2", &code)["status"], 200);
 }
 
-#[test]
-fn expired_code_answers_410() {
-    let daemon = Daemon::start("");
+fn expired_code_answers_410(engine: Engine) {
+    let daemon = engine.start("");
     let created = daemon.call(
         json!({"op": "create", "token": "exp", "to": {"sms": "393331234567"}, "ttl_secs": 1}),
     );
@@ -108,9 +102,8 @@ fn expired_code_answers_410() {
     assert_eq!(answer["error"], "expired");
 }
 
-#[test]
-fn a_new_create_replaces_the_live_code() {
-    let daemon = Daemon::start(NO_COOLDOWN);
+fn a_new_create_replaces_the_live_code(engine: Engine) {
+    let daemon = engine.start(NO_COOLDOWN);
     let first = daemon.create_code("rep", "393331234567");
     let second = daemon.create_code("rep", "393331234567");
     if first != second {
@@ -120,9 +113,8 @@ fn a_new_create_replaces_the_live_code() {
     assert_eq!(daemon.stats()["live"], 0);
 }
 
-#[test]
-fn cancel_ends_the_code() {
-    let daemon = Daemon::start("");
+fn cancel_ends_the_code(engine: Engine) {
+    let daemon = engine.start("");
     let code = daemon.create_code("can", "393331234567");
     assert_eq!(
         daemon.call(json!({"op": "cancel", "token": "can"}))["status"],
@@ -149,9 +141,8 @@ fn cancel_ends_the_code() {
     );
 }
 
-#[test]
-fn rate_limits_per_recipient_and_cooldown() {
-    let daemon = Daemon::start("[otp]\nresend_cooldown_secs = 30\nmax_sends_per_recipient = 2\n");
+fn rate_limits_per_recipient_and_cooldown(engine: Engine) {
+    let daemon = engine.start("[otp]\nresend_cooldown_secs = 30\nmax_sends_per_recipient = 2\n");
     assert_eq!(
         daemon.call(json!({"op": "create", "token": "r1", "to": {"sms": "393331111111"}}))["status"],
         201
@@ -164,7 +155,7 @@ fn rate_limits_per_recipient_and_cooldown() {
     let other = daemon.call(json!({"op": "create", "token": "r2", "to": {"sms": "393331111111"}}));
     assert_eq!(other["status"], 429, "recipient cooldown: {other}");
 
-    let daemon = Daemon::start("[otp]\nresend_cooldown_secs = 0\nmax_sends_per_recipient = 2\n");
+    let daemon = engine.start("[otp]\nresend_cooldown_secs = 0\nmax_sends_per_recipient = 2\n");
     for token in ["w1", "w2"] {
         assert_eq!(
             daemon.call(json!({"op": "create", "token": token, "to": {"sms": "393331111111"}}))["status"],
@@ -177,10 +168,9 @@ fn rate_limits_per_recipient_and_cooldown() {
     assert_eq!(daemon.stats()["rate_limited"], 1);
 }
 
-#[test]
-fn guessing_locks_the_token() {
+fn guessing_locks_the_token(engine: Engine) {
     let daemon =
-        Daemon::start("[otp]\nresend_cooldown_secs = 0\nmax_attempts = 3\nlock_secs = 600\n");
+        engine.start("[otp]\nresend_cooldown_secs = 0\nmax_attempts = 3\nlock_secs = 600\n");
     let first = daemon.create_code("g", "393331234567");
     let wrong = |code: &str| format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000);
     assert_eq!(daemon.verify("g", &wrong(&first))["status"], 404);
@@ -207,10 +197,8 @@ fn guessing_locks_the_token() {
     assert_eq!(daemon.stats()["live"], 0);
 }
 
-#[test]
-fn lock_ends_and_clears_the_count() {
-    let daemon =
-        Daemon::start("[otp]\nresend_cooldown_secs = 0\nmax_attempts = 2\nlock_secs = 1\n");
+fn lock_ends_and_clears_the_count(engine: Engine) {
+    let daemon = engine.start("[otp]\nresend_cooldown_secs = 0\nmax_attempts = 2\nlock_secs = 1\n");
     let code = daemon.create_code("l", "393331234567");
     let wrong = format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000);
     daemon.verify("l", &wrong);
@@ -225,41 +213,20 @@ fn lock_ends_and_clears_the_count() {
     assert_eq!(daemon.verify("l", &code)["status"], 200);
 }
 
-#[test]
-fn fifty_concurrent_verifies_exactly_one_wins() {
-    let daemon = Daemon::start("");
+fn fifty_concurrent_verifies_exactly_one_wins(engine: Engine) {
+    let daemon = engine.start("");
     let code = daemon.create_code("race", "393331234567");
-    let barrier = std::sync::Barrier::new(50);
-    let statuses: Vec<u64> = thread::scope(|scope| {
-        let handles: Vec<_> = (0..50)
-            .map(|_| {
-                let mut conn = daemon.connect();
-                let (barrier, code) = (&barrier, &code);
-                scope.spawn(move || {
-                    barrier.wait();
-                    conn.call(json!({"op": "verify", "token": "race", "code": code}))["status"]
-                        .as_u64()
-                        .unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 200).count(),
-        1,
-        "{statuses:?}"
+    let statuses = concurrently(
+        &[&daemon],
+        50,
+        |_| json!({"op": "verify", "token": "race", "code": code}),
     );
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 409).count(),
-        49,
-        "{statuses:?}"
-    );
+    assert_eq!(count(&statuses, 200), 1, "{statuses:?}");
+    assert_eq!(count(&statuses, 409), 49, "{statuses:?}");
 }
 
-#[test]
-fn codes_survive_sigterm_and_sigkill() {
-    let mut daemon = Daemon::start(NO_COOLDOWN);
+fn codes_survive_sigterm_and_sigkill(engine: Engine) {
+    let mut daemon = engine.start(NO_COOLDOWN);
     let code = daemon.create_code("term", "393331234567");
     assert!(daemon.stop().success(), "SIGTERM exits 0");
     assert!(!daemon.socket.exists(), "socket removed on clean exit");
@@ -377,9 +344,8 @@ fn janitor_purges_due_items_and_keeps_the_rest() {
     assert_eq!(daemon.verify("long", &long_code)["status"], 200);
 }
 
-#[test]
-fn bad_input_gets_its_error_and_harms_nobody() {
-    let daemon = Daemon::start("[server]\nmax_request_bytes = 1024\n");
+fn bad_input_gets_its_error_and_harms_nobody(engine: Engine) {
+    let daemon = engine.start("[server]\nmax_request_bytes = 1024\n");
     let mut bystander = daemon.connect();
     let mut conn = daemon.connect();
     let cases: Vec<(&[u8], u64, &str, &str)> = vec![
@@ -433,10 +399,9 @@ fn bad_input_gets_its_error_and_harms_nobody() {
     assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
 }
 
-#[test]
-fn refused_peer_gets_403_and_is_closed() {
+fn refused_peer_gets_403_and_is_closed(engine: Engine) {
     let uid = nix::unistd::getuid().as_raw();
-    let daemon = Daemon::start(&format!("[server]\nallowed_uids = [{}]\n", uid + 1));
+    let daemon = engine.start(&format!("[server]\nallowed_uids = [{}]\n", uid + 1));
     let mut conn = daemon.connect();
     let answer = conn.receive().expect("one 403 line");
     assert_eq!(answer["status"], 403, "{answer}");
@@ -449,16 +414,14 @@ fn refused_peer_gets_403_and_is_closed() {
     );
 }
 
-#[test]
-fn allowed_peer_by_uid_is_served() {
+fn allowed_peer_by_uid_is_served(engine: Engine) {
     let uid = nix::unistd::getuid().as_raw();
-    let daemon = Daemon::start(&format!("[server]\nallowed_uids = [{uid}]\n"));
+    let daemon = engine.start(&format!("[server]\nallowed_uids = [{uid}]\n"));
     assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
 }
 
-#[test]
-fn a_thousand_pipelined_requests_are_answered_in_order() {
-    let daemon = Daemon::start("");
+fn a_thousand_pipelined_requests_are_answered_in_order(engine: Engine) {
+    let daemon = engine.start("");
     let mut conn = daemon.connect();
     let mut batch = Vec::new();
     for i in 0..1000 {
@@ -478,9 +441,8 @@ fn a_thousand_pipelined_requests_are_answered_in_order() {
     }
 }
 
-#[test]
-fn answers_still_arrive_after_the_client_half_closes() {
-    let daemon = Daemon::start("");
+fn answers_still_arrive_after_the_client_half_closes(engine: Engine) {
+    let daemon = engine.start("");
     let mut conn = daemon.connect();
     conn.send_raw(b"{\"op\":\"ping\",\"id\":1}\n{\"op\":\"stats\",\"id\":2}");
     conn.shutdown_write();
@@ -493,9 +455,8 @@ fn answers_still_arrive_after_the_client_half_closes() {
     assert!(conn.is_closed());
 }
 
-#[test]
-fn socket_mode_is_applied_and_a_live_daemon_is_not_replaced() {
-    let daemon = Daemon::start("[server]\nsocket_mode = \"0600\"\n");
+fn socket_mode_is_applied_and_a_live_daemon_is_not_replaced(engine: Engine) {
+    let daemon = engine.start("[server]\nsocket_mode = \"0600\"\n");
     let mode = std::fs::metadata(&daemon.socket)
         .unwrap()
         .permissions()
@@ -513,9 +474,8 @@ fn socket_mode_is_applied_and_a_live_daemon_is_not_replaced() {
     assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
 }
 
-#[test]
-fn a_stale_socket_file_is_replaced() {
-    let mut daemon = Daemon::start("");
+fn a_stale_socket_file_is_replaced(engine: Engine) {
+    let mut daemon = engine.start("");
     daemon.kill();
     assert!(daemon.socket.exists(), "kill -9 leaves the socket file");
     daemon.spawn();
@@ -546,9 +506,8 @@ fn bad_config_stops_start_up_naming_the_key() {
     }
 }
 
-#[test]
-fn cli_client_commands() {
-    let daemon = Daemon::start("");
+fn cli_client_commands(engine: Engine) {
+    let daemon = engine.start("");
     let otpd = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_otpd"))
             .args(args)
@@ -583,9 +542,8 @@ fn cli_client_commands() {
     );
 }
 
-#[test]
-fn codes_do_not_reach_the_log_outside_the_delivery_line() {
-    let daemon = Daemon::start("");
+fn codes_do_not_reach_the_log_outside_the_delivery_line(engine: Engine) {
+    let daemon = engine.start("");
     let code = daemon.create_code("quiet", "393331234567");
     daemon.verify("quiet", &code);
     daemon.verify("quiet", "000000");
@@ -599,3 +557,25 @@ fn codes_do_not_reach_the_log_outside_the_delivery_line() {
     assert!(mentions[0].contains("would send") && mentions[0].contains("token=quiet"));
     assert!(mentions[0].contains(&format!("code={code}")));
 }
+
+per_engine!([sled, redis, redis_cluster] {
+    create_verify_and_the_answers_that_follow,
+    tutorial_body_at_top_level_and_inside_to,
+    expired_code_answers_410,
+    a_new_create_replaces_the_live_code,
+    cancel_ends_the_code,
+    rate_limits_per_recipient_and_cooldown,
+    guessing_locks_the_token,
+    lock_ends_and_clears_the_count,
+    fifty_concurrent_verifies_exactly_one_wins,
+    codes_survive_sigterm_and_sigkill,
+    bad_input_gets_its_error_and_harms_nobody,
+    refused_peer_gets_403_and_is_closed,
+    allowed_peer_by_uid_is_served,
+    a_thousand_pipelined_requests_are_answered_in_order,
+    answers_still_arrive_after_the_client_half_closes,
+    socket_mode_is_applied_and_a_live_daemon_is_not_replaced,
+    a_stale_socket_file_is_replaced,
+    cli_client_commands,
+    codes_do_not_reach_the_log_outside_the_delivery_line,
+});

@@ -53,7 +53,7 @@ fn launch_activated(daemon: &mut Daemon, options: &[&OsStr]) {
 
 #[test]
 fn socket_activation_serves_on_fd_3_and_leaves_the_socket_file() {
-    let mut daemon = Daemon::prepare("", "");
+    let mut daemon = Daemon::prepare("", "", "");
     let socket = daemon.socket.clone();
     launch_activated(&mut daemon, &["--listen".as_ref(), socket.as_ref()]);
     wait_for_file(&daemon.socket);
@@ -90,7 +90,7 @@ fn exits_refusing(daemon: &mut Daemon, why: &str) {
 
 #[test]
 fn two_activated_sockets_are_refused() {
-    let mut daemon = Daemon::prepare("", "");
+    let mut daemon = Daemon::prepare("", "", "");
     let (first, second) = (daemon.socket.clone(), daemon.dir.path().join("second.sock"));
     let options = [
         "--listen".as_ref(),
@@ -106,7 +106,7 @@ fn two_activated_sockets_are_refused() {
 
 #[test]
 fn an_activated_datagram_socket_is_refused() {
-    let mut daemon = Daemon::prepare("", "");
+    let mut daemon = Daemon::prepare("", "", "");
     let socket = daemon.socket.clone();
     launch_activated(
         &mut daemon,
@@ -160,7 +160,7 @@ impl NotifySocket {
 
 #[test]
 fn ready_once_answering_and_stopping_on_sigterm() {
-    let mut daemon = Daemon::prepare("", "");
+    let mut daemon = Daemon::prepare("", "", "");
     let (mut notify, path) = NotifySocket::bind(daemon.dir.path());
     let mut serve = daemon.serve_command();
     serve.env("NOTIFY_SOCKET", &path);
@@ -195,7 +195,7 @@ fn ready_once_answering_and_stopping_on_sigterm() {
 #[test]
 fn watchdog_pings_at_half_the_interval() {
     const WATCHDOG: Duration = Duration::from_secs(1);
-    let mut daemon = Daemon::prepare("", "");
+    let mut daemon = Daemon::prepare("", "", "");
     let (mut notify, path) = NotifySocket::bind(daemon.dir.path());
     let mut serve = daemon.serve_command();
     serve
@@ -224,7 +224,7 @@ fn watchdog_pings_at_half_the_interval() {
 /// Starts a daemon whose `JOURNAL_STREAM` is `stream(stderr file metadata)`, creates
 /// one code (a warn-level line from the log backend), stops it, returns its stderr.
 fn stderr_with_journal_stream(stream: impl Fn(&std::fs::Metadata) -> String) -> String {
-    let mut daemon = Daemon::prepare("", "");
+    let mut daemon = Daemon::prepare("", "", "");
     let mut serve = daemon.serve_command();
     let meta = std::fs::metadata(&daemon.stderr_path).unwrap();
     serve.env("JOURNAL_STREAM", stream(&meta));

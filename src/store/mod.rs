@@ -2,10 +2,11 @@
 //!
 //! An engine makes each operation atomic and durable before it returns; the rules it
 //! applies come from [`crate::rules`], so every engine answers alike. `sled` is the
-//! embedded default.
+//! embedded default; `redis` is shared by several otpd hosts.
 
 mod encoding;
 mod group_commit;
+pub mod redis;
 pub mod sled;
 
 use async_trait::async_trait;

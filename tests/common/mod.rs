@@ -3,6 +3,12 @@
 //!
 //! Every daemon gets a fresh `TempDir`, so tests run in parallel without fixed paths.
 //! The `log` backend's `log_file` is how a test learns the codes it was sent.
+//!
+//! A daemon runs on a storage [`Engine`]. Tests written once as `fn name(engine: Engine)`
+//! run on every engine through [`per_engine!`]. The Redis engines use one Redis server
+//! (and one 3-master Redis Cluster) per test binary, started on first use in a temp dir
+//! ([`RedisServer`]); each daemon gets a key prefix of its own, so tests stay apart.
+//!
 //! [`http`] is the HTTP client for daemons started with an `[http]` listener.
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
@@ -15,6 +21,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -25,9 +33,78 @@ use tempfile::TempDir;
 /// Longest a test waits for the daemon to come up or go down: catches hangs only.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// Instantiates tests written once as `fn name(engine: Engine)` for each listed engine,
+/// as `engine::name`: `per_engine!([sled, redis, redis_cluster] { test_a, test_b });`
+#[macro_export]
+macro_rules! per_engine {
+    ([$($engine:ident),* $(,)?] $names:tt) => {
+        $( $crate::per_engine!(@one $engine $names); )*
+    };
+    (@one $engine:ident { $($name:ident),* $(,)? }) => {
+        mod $engine {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::common::Engine::named(stringify!($engine)))
+                }
+            )*
+        }
+    };
+}
+
+/// The storage engine a test daemon runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sled,
+    /// The test binary's Redis server, over its Unix socket.
+    Redis,
+    /// The test binary's 3-master Redis Cluster, over TCP on 127.0.0.1.
+    RedisCluster,
+}
+
+impl Engine {
+    /// The engine a [`per_engine!`] module is named after.
+    pub fn named(name: &str) -> Engine {
+        match name {
+            "sled" => Engine::Sled,
+            "redis" => Engine::Redis,
+            "redis_cluster" => Engine::RedisCluster,
+            other => panic!("no engine named {other}"),
+        }
+    }
+
+    /// The `[store]` TOML that puts a daemon on this engine, under a fresh key prefix.
+    pub fn store_toml(self) -> String {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let address = match self {
+            Engine::Sled => return String::new(),
+            Engine::Redis => format!("url = \"{}\"", RedisServer::shared().url()),
+            Engine::RedisCluster => format!("cluster = {:?}", RedisCluster::shared().urls()),
+        };
+        format!(
+            "[store]\nengine = \"redis\"\n[store.redis]\n{address}\nkey_prefix = \"t{}:\"\n",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Starts a daemon on this engine; see [`Daemon::start`].
+    pub fn start(self, extra: &str) -> Daemon {
+        self.start_with(extra, "")
+    }
+
+    /// Starts a daemon on this engine; see [`Daemon::start_with`].
+    pub fn start_with(self, extra: &str, delivery_extra: &str) -> Daemon {
+        let mut daemon = Daemon::prepare(&self.store_toml(), extra, delivery_extra);
+        daemon.spawn();
+        daemon
+    }
+}
+
 /// A running daemon and its directory.
 pub struct Daemon {
     pub dir: TempDir,
+    /// The `[store]` TOML it runs with, so a second host can share its store.
+    pub store_toml: String,
     pub socket: PathBuf,
     pub config_path: PathBuf,
     pub log_file: PathBuf,
@@ -54,27 +131,51 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with extra keys for the `[delivery]` table.
     pub fn start_with(extra: &str, delivery_extra: &str) -> Daemon {
-        let mut daemon = Self::prepare(extra, delivery_extra);
-        daemon.spawn();
-        daemon
+        Engine::Sled.start_with(extra, delivery_extra)
     }
 
-    /// Writes the config into a fresh directory without starting anything, for tests
-    /// that start the daemon their own way ([`Daemon::serve_command`], [`Daemon::launch`]).
-    pub fn prepare(extra: &str, delivery_extra: &str) -> Daemon {
+    /// Writes the config of a daemon on `store_toml` in a fresh directory, without
+    /// starting it.
+    pub fn prepare(store_toml: &str, extra: &str, delivery_extra: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = format!("{}{delivery_extra}\n{extra}\n", base_config(dir.path()))
-            .replace("{dir}", &dir.path().display().to_string());
+        let config = format!(
+            "{}{delivery_extra}\n{extra}\n{store_toml}",
+            base_config(dir.path())
+        )
+        .replace("{dir}", &dir.path().display().to_string());
         let config_path = dir.path().join("otpd.toml");
         std::fs::write(&config_path, config).unwrap();
         Daemon {
             socket: dir.path().join("otpd.sock"),
             log_file: dir.path().join("codes.jsonl"),
             stderr_path: dir.path().join("stderr.log"),
+            store_toml: store_toml.to_owned(),
             config_path,
             dir,
             child: None,
         }
+    }
+
+    /// Starts a second host on the same store as `other`, with a copy of its server
+    /// secret (as an operator would distribute it).
+    pub fn start_beside(other: &Daemon, extra: &str) -> Daemon {
+        let mut daemon = Daemon::prepare(&other.store_toml, extra, "");
+        std::fs::copy(
+            other.dir.path().join("secret.key"),
+            daemon.dir.path().join("secret.key"),
+        )
+        .unwrap();
+        daemon.spawn();
+        daemon
+    }
+
+    /// Starts the binary expecting it to refuse to start; returns its stderr.
+    pub fn start_refused(&mut self) -> String {
+        let command = self.serve_command();
+        self.launch(command);
+        let status = self.wait_exit();
+        assert!(!status.success(), "otpd started:\n{}", self.stderr());
+        self.stderr()
     }
 
     /// Starts the binary (again) on the same directory and waits until it answers.
@@ -141,9 +242,10 @@ impl Daemon {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Ok(stream) = UnixStream::connect(&self.socket) {
-                // Any answer will do: a daemon that refuses this peer (403) is up too.
+                // Any answer will do: a daemon that refuses this peer (403) is up too,
+                // and may have closed before the ping is written.
                 let mut conn = Conn::new(stream);
-                conn.send(&json!({"op": "ping"}));
+                let _ = conn.writer.write_all(b"{\"op\":\"ping\"}\n");
                 if conn
                     .receive()
                     .is_some_and(|answer| answer["status"].is_u64())
@@ -270,6 +372,36 @@ impl Daemon {
     }
 }
 
+/// Sends `n` requests at once, the i-th to `hosts[i % hosts.len()]`, each on its own
+/// connection opened beforehand and released together by a barrier; returns the
+/// statuses in request order.
+pub fn concurrently(
+    hosts: &[&Daemon],
+    n: usize,
+    request: impl Fn(usize) -> Value + Sync,
+) -> Vec<u64> {
+    let barrier = std::sync::Barrier::new(n);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let mut conn = hosts[i % hosts.len()].connect();
+                let (barrier, request) = (&barrier, &request);
+                scope.spawn(move || {
+                    let line = request(i);
+                    barrier.wait();
+                    conn.call(line)["status"].as_u64().unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// How many of `statuses` are `status`.
+pub fn count(statuses: &[u64], status: u64) -> usize {
+    statuses.iter().filter(|&&s| s == status).count()
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -332,5 +464,253 @@ impl Conn {
     /// Half-closes the sending side, as socat does at the end of its input.
     pub fn shutdown_write(&self) {
         self.writer.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+}
+
+/// A redis-server of this test binary, in its own temp dir; it outlives the tests
+/// (a static), so a guard process kills it when the test binary exits.
+pub struct RedisServer {
+    pub socket: PathBuf,
+    _guard: Guard,
+}
+
+impl RedisServer {
+    /// The binary's shared server, started on first use.
+    pub fn shared() -> &'static RedisServer {
+        static SERVER: OnceLock<RedisServer> = OnceLock::new();
+        SERVER.get_or_init(|| {
+            let dir = tempfile::tempdir().expect("temp dir").keep();
+            let socket = dir.join("redis.sock");
+            let child = unix_redis(&dir, &socket, &["--unixsocketperm", "700"]);
+            let guard = Guard::new(&dir, vec![child]);
+            RedisServer {
+                socket,
+                _guard: guard,
+            }
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}
+
+/// A redis-server of one test, with an append-only file fsynced on every write, which
+/// the test may crash and start again on the same socket and directory.
+pub struct OwnedRedis {
+    dir: TempDir,
+    pub socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl OwnedRedis {
+    pub fn start() -> OwnedRedis {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut redis = OwnedRedis {
+            socket: dir.path().join("redis.sock"),
+            dir,
+            child: None,
+        };
+        redis.spawn();
+        redis
+    }
+
+    /// Starts redis-server (again) and waits until it answers.
+    pub fn spawn(&mut self) {
+        let durable = ["--appendonly", "yes", "--appendfsync", "always"];
+        self.child = Some(unix_redis(self.dir.path(), &self.socket, &durable));
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}
+
+impl Drop for OwnedRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A 3-master Redis Cluster of this test binary on 127.0.0.1 (a cluster needs TCP).
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    _guard: Guard,
+}
+
+impl RedisCluster {
+    /// The binary's shared cluster, started on first use.
+    pub fn shared() -> &'static RedisCluster {
+        static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
+        CLUSTER.get_or_init(|| {
+            let dir = tempfile::tempdir().expect("temp dir").keep();
+            let mut children = Vec::new();
+            let mut ports = Vec::new();
+            for node in 0..3 {
+                let (child, port) = cluster_node(&dir, node);
+                children.push(child);
+                ports.push(port);
+            }
+            let guard = Guard::new(&dir, children);
+            let mut create = Command::new("redis-cli");
+            create.args(["--cluster", "create"]);
+            for port in &ports {
+                create.arg(format!("127.0.0.1:{port}"));
+            }
+            let out = create
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .output()
+                .expect("run redis-cli --cluster create");
+            assert!(
+                out.status.success(),
+                "redis-cli --cluster create: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            for port in &ports {
+                wait_for("the cluster to agree", || {
+                    Command::new("redis-cli")
+                        .args(["-p", &port.to_string(), "cluster", "info"])
+                        .output()
+                        .is_ok_and(|out| {
+                            String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
+                        })
+                });
+            }
+            RedisCluster {
+                ports,
+                _guard: guard,
+            }
+        })
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect()
+    }
+}
+
+/// Starts one cluster node on free ports. A port found free may be taken before
+/// redis-server binds it; the node then exits at once and is started on other ports.
+fn cluster_node(dir: &Path, node: usize) -> (Child, u16) {
+    for _ in 0..20 {
+        let (port, bus) = (free_port(), free_port());
+        let mut child = redis_server(
+            dir,
+            &[
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus.to_string(),
+                "--cluster-config-file",
+                &format!("nodes-{node}.conf"),
+            ],
+        );
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .is_some_and(redis_ping)
+            {
+                return (child, port);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("could not start Redis Cluster node {node}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts redis-server on a Unix socket only, and waits until it answers.
+fn unix_redis(dir: &Path, socket: &Path, args: &[&str]) -> Child {
+    let unix = ["--port", "0", "--unixsocket", socket.to_str().unwrap()];
+    let child = redis_server(dir, &[&unix[..], args].concat());
+    wait_for("the Redis server", || {
+        UnixStream::connect(socket).is_ok_and(redis_ping)
+    });
+    child
+}
+
+/// Starts redis-server in `dir` without persistence (unless `args` say otherwise),
+/// logging into the dir.
+fn redis_server(dir: &Path, args: &[&str]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("redis.log"))
+        .unwrap();
+    Command::new("redis-server")
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start redis-server (apt-get install redis-server)")
+}
+
+/// Sends PING on a fresh connection; true on PONG.
+fn redis_ping<S: Read + Write>(mut stream: S) -> bool {
+    let mut answer = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut answer).is_ok()
+        && &answer == b"+PONG\r\n"
+}
+
+/// Polls `done` until it holds; panics after [`PATIENCE`].
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A shell that waits on a pipe from the test binary: when the binary exits, however
+/// it exits, the pipe closes and the shell kills the Redis processes and removes their
+/// directory. Statics are never dropped, so nothing else would.
+struct Guard(Child);
+
+impl Guard {
+    fn new(dir: &Path, children: Vec<Child>) -> Guard {
+        let pids: Vec<String> = children.iter().map(|c| c.id().to_string()).collect();
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg("read _; shift; kill \"$@\"; sleep 1; rm -rf \"$0\"")
+            .arg(dir)
+            .arg("--")
+            .args(pids)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the Redis guard");
+        Guard(child)
     }
 }

@@ -1,0 +1,922 @@
+//! The shared storage engine: Redis (one server or a Redis Cluster), so several otpd
+//! hosts behind a load balancer see one set of codes.
+//!
+//! Keys (`P` is `key_prefix`; `{token}` is the hash tag, so a token's keys share one
+//! cluster slot):
+//! - `P{token}:t` → [`TokenRecord`]; `P{token}:c:<digest hex>` → [`CodeRecord`]. The key
+//!   holds the keyed digest, never the code.
+//! - `P r:<channel>:<address>` (no space) → [`RecipientRecord`], in its own slot.
+//! - `P ref:<reference>` → the code key a provider's status webhook is filed under.
+//! - `P live`: sorted set of pending codes scored by expiry, for the `live` count.
+//! - `P failovers`: sorted set of pending SMS failovers ([`PendingFailover`], encoded),
+//!   scored by due time.
+//! - `P secret-check`: [`ServerSecret::fingerprint`], so a host with another secret
+//!   refuses to start.
+//!
+//! Values are the same versioned postcard records as sled's. Every key expires by
+//! itself (`PXAT` at its purge time), so there is nothing for the janitor to purge.
+//!
+//! Each change is optimistic: read the records, let [`crate::rules`] decide (the same
+//! code as sled), then commit with [`COMMIT`], a rule-free Lua script that writes only
+//! if every key read still holds what was read, else the request starts over. A
+//! recipient lives in another slot than the token, so a create reserves the send on
+//! each recipient first (its own atomic commit) and takes it back if the token's
+//! commit then fails.
+
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
+
+use super::{DueFailovers, NewCode, PurgeReport, Store, StoreError, TokenStatus, decode, encode};
+use crate::code::Digest;
+use crate::config::{RedisConfig, redact_url};
+use crate::rules::{
+    self, CodeRecord, CodeState, DeliveryEvent, Limits, Millis, PendingFailover, RecipientRecord,
+    Refusal, TokenRecord, VerifyOutcome,
+};
+use crate::secret::ServerSecret;
+
+/// Writes a planned change only if every checked key still holds the value it was
+/// planned from. Per key, three arguments: the expected value (`''` absent, `'*'` not
+/// checked), the new value (`''` delete, `'='` unchanged) and the expiry in unix ms,
+/// which only ever moves later. Checks all keys before writing any: all or nothing.
+const COMMIT: &str = r"
+for i, key in ipairs(KEYS) do
+  local expected = ARGV[3 * i - 2]
+  if expected ~= '*' and (redis.call('GET', key) or '') ~= expected then
+    return 0
+  end
+end
+for i, key in ipairs(KEYS) do
+  local new = ARGV[3 * i - 1]
+  if new == '' then
+    redis.call('DEL', key)
+  elseif new ~= '=' then
+    local at = ARGV[3 * i]
+    local old = redis.call('PEXPIRETIME', key)
+    if old > tonumber(at) then
+      at = string.format('%d', old)
+    end
+    redis.call('SET', key, new, 'PXAT', at)
+  end
+end
+return 1
+";
+
+static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(COMMIT));
+
+/// Takes the failovers due by `ARGV[1]` (at most `ARGV[2]`) off the sorted set
+/// `KEYS[1]` in one step, so each is handed to exactly one host.
+const TAKE_DUE: &str = r"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+if #due > 0 then
+  redis.call('ZREM', KEYS[1], unpack(due))
+end
+return due
+";
+
+static TAKE_DUE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(TAKE_DUE));
+
+/// Rounds of read-plan-commit before a request gives up: under fair contention every
+/// round lets at least one contender through, so this bounds a burst of this size.
+const MAX_ROUNDS: usize = 1000;
+
+/// One multiplexed connection, to a single server or to a cluster.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+fn redis_error(e: RedisError) -> StoreError {
+    StoreError::Database(format!("redis: {e}"))
+}
+
+fn contention() -> StoreError {
+    StoreError::Database(format!(
+        "redis: gave up after {MAX_ROUNDS} conflicting attempts"
+    ))
+}
+
+fn hex(digest: &Digest) -> String {
+    digest.0.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A value as read: `None` when the key does not exist.
+type Read = Option<Vec<u8>>;
+
+fn decode_read<R: serde::de::DeserializeOwned>(read: &Read) -> Result<Option<R>, StoreError> {
+    read.as_deref().map(decode).transpose()
+}
+
+/// The key names of one deployment.
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn token(&self, token: &str) -> String {
+        format!("{}{{{token}}}:t", self.prefix)
+    }
+
+    fn code(&self, token: &str, digest: &Digest) -> String {
+        format!("{}{{{token}}}:c:{}", self.prefix, hex(digest))
+    }
+
+    fn recipient(&self, address: &str) -> String {
+        format!("{}r:{address}", self.prefix)
+    }
+
+    fn reference(&self, reference: &str) -> String {
+        format!("{}ref:{reference}", self.prefix)
+    }
+
+    fn live(&self) -> String {
+        format!("{}live", self.prefix)
+    }
+
+    fn failovers(&self) -> String {
+        format!("{}failovers", self.prefix)
+    }
+
+    fn secret_check(&self) -> String {
+        format!("{}secret-check", self.prefix)
+    }
+
+    /// A code's member in the `live` set.
+    fn live_member(token: &str, digest: &Digest) -> String {
+        format!("{token}:{}", hex(digest))
+    }
+}
+
+/// One optimistic commit for [`COMMIT`]: keys checked against what was read, and writes.
+#[derive(Default)]
+struct Commit {
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Commit {
+    fn push(&mut self, key: &str, expected: &[u8], new: &[u8], expire_at: Millis) -> &mut Self {
+        self.keys.push(key.to_owned());
+        self.args.push(expected.to_vec());
+        self.args.push(new.to_vec());
+        self.args.push(expire_at.max(1).to_string().into_bytes());
+        self
+    }
+
+    /// The commit goes through only if `key` still holds `read`.
+    fn expect(&mut self, key: &str, read: &Read) -> &mut Self {
+        self.push(key, read.as_deref().unwrap_or(b""), b"=", 0)
+    }
+
+    /// Writes `value`, expiring at `expire_at` (or later, if it already did).
+    fn set(&mut self, key: &str, value: &[u8], expire_at: Millis) -> &mut Self {
+        self.push(key, b"*", value, expire_at)
+    }
+
+    fn delete(&mut self, key: &str) -> &mut Self {
+        self.push(key, b"*", b"", 0)
+    }
+}
+
+/// The Redis storage engine.
+pub struct RedisStore {
+    connections: Vec<Connection>,
+    next: AtomicUsize,
+    keys: Keys,
+    limits: Limits,
+    /// Pending codes across all hosts as of the janitor's last pass, adjusted by this
+    /// host's own requests since.
+    live: AtomicU64,
+}
+
+impl RedisStore {
+    /// Connects, checks that the other hosts on this Redis hold the same server secret,
+    /// and counts the live codes. Fails when Redis cannot be reached.
+    pub async fn connect(
+        config: &RedisConfig,
+        limits: Limits,
+        secret: &ServerSecret,
+    ) -> Result<Self, StoreError> {
+        let address = if config.cluster.is_empty() {
+            redact_url(&config.url)
+        } else {
+            config
+                .cluster
+                .iter()
+                .map(|u| redact_url(u))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let unreachable =
+            |e: RedisError| StoreError::Database(format!("cannot reach Redis at {address}: {e}"));
+        let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
+        let response_timeout = Duration::from_millis(config.response_timeout_ms);
+        let mut connections = Vec::with_capacity(config.pool_size);
+        if config.cluster.is_empty() {
+            let client = redis::Client::open(config.url.as_str()).map_err(unreachable)?;
+            let manager = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(Some(response_timeout))
+                .set_number_of_retries(1);
+            for _ in 0..config.pool_size {
+                let connection =
+                    ConnectionManager::new_with_config(client.clone(), manager.clone())
+                        .await
+                        .map_err(unreachable)?;
+                connections.push(Connection::Single(connection));
+            }
+        } else {
+            let client = ClusterClient::builder(config.cluster.clone())
+                .connection_timeout(connect_timeout)
+                .response_timeout(response_timeout)
+                .retries(1)
+                .build()
+                .map_err(unreachable)?;
+            for _ in 0..config.pool_size {
+                let connection = client.get_async_connection().await.map_err(unreachable)?;
+                connections.push(Connection::Cluster(connection));
+            }
+        }
+        let store = Self {
+            connections,
+            next: AtomicUsize::new(0),
+            keys: Keys {
+                prefix: config.key_prefix.clone(),
+            },
+            limits,
+            live: AtomicU64::new(0),
+        };
+        let mut conn = store.conn();
+        redis::cmd("PING")
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unreachable)?;
+        store.check_secret(secret).await?;
+        store.refresh_live(rules::now_ms()).await?;
+        store.warn_unless_durable().await;
+        Ok(store)
+    }
+
+    /// Says at start-up what a Redis crash would lose, as far as the server tells
+    /// (`CONFIG` may be disabled; then nothing is said).
+    async fn warn_unless_durable(&self) {
+        let mut conn = self.conn();
+        let mut setting = async |name: &str| {
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+                .ok()
+                .and_then(|pair| pair.into_iter().nth(1))
+        };
+        let appendonly = setting("appendonly").await;
+        let appendfsync = setting("appendfsync").await;
+        match (appendonly.as_deref(), appendfsync.as_deref()) {
+            (Some("no"), _) => tracing::warn!(
+                "Redis runs with appendonly no: a Redis restart loses every code and counter"
+            ),
+            (Some("yes"), Some(fsync)) if fsync != "always" => tracing::warn!(
+                appendfsync = fsync,
+                "Redis acknowledges writes before fsync: a Redis crash may lose the last second of codes"
+            ),
+            _ => {}
+        }
+    }
+
+    /// Stores this host's secret fingerprint if none is there yet; refuses to go on
+    /// when another host stored a different one.
+    async fn check_secret(&self, secret: &ServerSecret) -> Result<(), StoreError> {
+        let key = self.keys.secret_check();
+        let mine = secret.fingerprint();
+        let mut conn = self.conn();
+        let (stored,): (String,) = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(&mine)
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        if stored == mine {
+            Ok(())
+        } else {
+            Err(StoreError::Database(format!(
+                "the server secret differs from the one the other otpd hosts on this Redis use \
+                 (key {key}); give every host the same secret file or credential"
+            )))
+        }
+    }
+
+    /// Drops expired members of the live set; returns how many, and resets the count.
+    async fn refresh_live(&self, now: Millis) -> Result<u64, StoreError> {
+        let key = self.keys.live();
+        let (expired, live): (u64, u64) = redis::pipe()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(now)
+            .cmd("ZCARD")
+            .arg(&key)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_error)?;
+        self.live.store(live, Ordering::Relaxed);
+        Ok(expired)
+    }
+
+    /// The next connection of the pool (round robin; each is multiplexed).
+    fn conn(&self) -> Connection {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        self.connections[i].clone()
+    }
+
+    async fn get(&self, conn: &mut Connection, key: &str) -> Result<Read, StoreError> {
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(conn)
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Reads keys of one hash slot in one consistent snapshot.
+    async fn get_two(
+        &self,
+        conn: &mut Connection,
+        a: &str,
+        b: &str,
+    ) -> Result<(Read, Read), StoreError> {
+        let (a, b): (Read, Read) = redis::cmd("MGET")
+            .arg(a)
+            .arg(b)
+            .query_async(conn)
+            .await
+            .map_err(redis_error)?;
+        Ok((a, b))
+    }
+
+    /// The key of the code whose delivery carries `reference`, if any.
+    async fn code_key_of(
+        &self,
+        conn: &mut Connection,
+        reference: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let key = self.get(conn, &self.keys.reference(reference)).await?;
+        Ok(key.map(|key| String::from_utf8_lossy(&key).into_owned()))
+    }
+
+    /// Runs a commit; false when a key changed since it was read.
+    async fn apply(&self, conn: &mut Connection, commit: &Commit) -> Result<bool, StoreError> {
+        let mut invocation = COMMIT_SCRIPT.prepare_invoke();
+        for key in &commit.keys {
+            invocation.key(key.as_str());
+        }
+        for arg in &commit.args {
+            invocation.arg(arg.as_slice());
+        }
+        let applied: i64 = invocation.invoke_async(conn).await.map_err(redis_error)?;
+        Ok(applied == 1)
+    }
+
+    /// When a code's key goes: `retain` after its expiry, like sled's janitor.
+    fn code_expire_at(&self, code: &CodeRecord) -> Millis {
+        code.expires_at.saturating_add(self.limits.retain)
+    }
+
+    /// When a token's key may go as far as its own fields tell: after the lock and the
+    /// send window. A create also keeps it as long as its code ([`Commit::set`] never
+    /// shortens an expiry).
+    fn token_expire_at(&self, record: &TokenRecord) -> Millis {
+        let last_send = record
+            .sends
+            .last()
+            .map_or(0, |t| t.saturating_add(self.limits.send_window));
+        record.locked_until.unwrap_or(0).max(last_send)
+    }
+
+    /// Mirrors a committed change in the live set; a failure here only skews `stats`.
+    async fn track_live(
+        &self,
+        conn: &mut Connection,
+        added: Option<(&str, Millis)>,
+        removed: &[String],
+    ) {
+        let key = self.keys.live();
+        let mut pipe = redis::pipe();
+        if let Some((member, expires_at)) = added {
+            pipe.cmd("ZADD").arg(&key).arg(expires_at).arg(member);
+        }
+        for member in removed {
+            pipe.cmd("ZREM").arg(&key).arg(member);
+        }
+        if added.is_none() && removed.is_empty() {
+            return;
+        }
+        match pipe.query_async::<Vec<i64>>(conn).await {
+            Ok(counts) => {
+                // ZADD answers 1 for a new member, each ZREM 1 for a member it removed.
+                let (adds, rems) = counts.split_at(usize::from(added.is_some()));
+                self.adjust_live(adds.iter().sum::<i64>() - rems.iter().sum::<i64>());
+            }
+            Err(error) => tracing::warn!(%error, "could not update the live set"),
+        }
+    }
+
+    fn adjust_live(&self, delta: i64) {
+        let _ = self
+            .live
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_add_signed(delta))
+            });
+    }
+
+    /// Takes back a send reserved on a recipient by a create that did not commit.
+    async fn unreserve(
+        &self,
+        conn: &mut Connection,
+        key: &str,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        for _ in 0..MAX_ROUNDS {
+            let read = self.get(conn, key).await?;
+            let Some(mut record) = decode_read::<RecipientRecord>(&read)? else {
+                return Ok(());
+            };
+            let Some(pos) = record.sends.iter().rposition(|&t| t == at) else {
+                return Ok(());
+            };
+            record.sends.remove(pos);
+            let mut commit = Commit::default();
+            commit
+                .expect(key, &read)
+                .set(key, &encode(&record), record.purge_at(&self.limits));
+            if self.apply(conn, &commit).await? {
+                return Ok(());
+            }
+        }
+        Err(contention())
+    }
+
+    /// Reserves the planned sends on each recipient, each in its own commit; false
+    /// (after taking back those reserved) when one had changed since it was read.
+    async fn reserve(
+        &self,
+        conn: &mut Connection,
+        keys: &[String],
+        reads: &[Read],
+        records: &[RecipientRecord],
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        for (i, ((key, read), record)) in keys.iter().zip(reads).zip(records).enumerate() {
+            let mut commit = Commit::default();
+            commit
+                .expect(key, read)
+                .set(key, &encode(record), record.purge_at(&self.limits));
+            if !self.apply(conn, &commit).await? {
+                for key in &keys[..i] {
+                    self.unreserve(conn, key, now).await?;
+                }
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn create(&self, new: &NewCode, now: Millis) -> Result<Result<(), Refusal>, StoreError> {
+        let mut conn = self.conn();
+        let token_key = self.keys.token(&new.token);
+        let code_key = self.keys.code(&new.token, &new.digest);
+        let recipient_keys: Vec<String> = new
+            .recipients
+            .iter()
+            .map(|r| self.keys.recipient(r))
+            .collect();
+        for _ in 0..MAX_ROUNDS {
+            let token_read = self.get(&mut conn, &token_key).await?;
+            let mut recipient_reads = Vec::with_capacity(recipient_keys.len());
+            for key in &recipient_keys {
+                recipient_reads.push(self.get(&mut conn, key).await?);
+            }
+            let mut recipients = recipient_reads
+                .iter()
+                .map(|read| decode_read(read).map(Option::unwrap_or_default))
+                .collect::<Result<Vec<RecipientRecord>, _>>()?;
+            let plan = match rules::plan_create(
+                decode_read(&token_read)?,
+                &mut recipients,
+                new.digest,
+                now,
+                &self.limits,
+            ) {
+                Ok(plan) => plan,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
+            if !self
+                .reserve(
+                    &mut conn,
+                    &recipient_keys,
+                    &recipient_reads,
+                    &recipients,
+                    now,
+                )
+                .await?
+            {
+                continue;
+            }
+            let code = CodeRecord::new(new.created_at, new.expires_at, new.channels.clone());
+            let code_expire_at = self.code_expire_at(&code);
+            let mut commit = Commit::default();
+            commit.expect(&token_key, &token_read);
+            if let Some(old) = plan.replaced {
+                commit.delete(&self.keys.code(&new.token, &old));
+            }
+            commit.set(&code_key, &encode(&code), code_expire_at).set(
+                &token_key,
+                &encode(&plan.token),
+                self.token_expire_at(&plan.token).max(code_expire_at),
+            );
+            if self.apply(&mut conn, &commit).await? {
+                let member = Keys::live_member(&new.token, &new.digest);
+                let replaced: Vec<String> = plan
+                    .replaced
+                    .filter(|old| *old != new.digest)
+                    .map(|old| Keys::live_member(&new.token, &old))
+                    .into_iter()
+                    .collect();
+                self.track_live(&mut conn, Some((&member, new.expires_at)), &replaced)
+                    .await;
+                return Ok(Ok(()));
+            }
+            for key in &recipient_keys {
+                self.unreserve(&mut conn, key, now).await?;
+            }
+        }
+        Err(contention())
+    }
+
+    async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let token_key = self.keys.token(token);
+        let code_key = self.keys.code(token, digest);
+        for _ in 0..MAX_ROUNDS {
+            let (token_read, code_read) = self.get_two(&mut conn, &token_key, &code_key).await?;
+            if code_read.is_none() {
+                return Ok(());
+            }
+            let mut commit = Commit::default();
+            commit
+                .expect(&token_key, &token_read)
+                .expect(&code_key, &code_read)
+                .delete(&code_key);
+            if let Some(mut record) = decode_read::<TokenRecord>(&token_read)?
+                && record.live == Some(*digest)
+            {
+                record.live = None;
+                commit.set(&token_key, &encode(&record), self.token_expire_at(&record));
+            }
+            if self.apply(&mut conn, &commit).await? {
+                self.track_live(&mut conn, None, &[Keys::live_member(token, digest)])
+                    .await;
+                return Ok(());
+            }
+        }
+        Err(contention())
+    }
+
+    async fn set_delivery_reference(
+        &self,
+        token: &str,
+        digest: &Digest,
+        reference: &str,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let code_key = self.keys.code(token, digest);
+        for _ in 0..MAX_ROUNDS {
+            let read = self.get(&mut conn, &code_key).await?;
+            let Some(mut code) = decode_read::<CodeRecord>(&read)? else {
+                return Ok(());
+            };
+            code.delivery.reference = Some(reference.to_owned());
+            let expire_at = self.code_expire_at(&code);
+            let mut commit = Commit::default();
+            commit
+                .expect(&code_key, &read)
+                .set(&code_key, &encode(&code), expire_at);
+            if self.apply(&mut conn, &commit).await? {
+                // Its own slot: written after the code, so it never points at nothing
+                // that was not there.
+                redis::cmd("SET")
+                    .arg(self.keys.reference(reference))
+                    .arg(&code_key)
+                    .arg("PXAT")
+                    .arg(expire_at)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+                return Ok(());
+            }
+        }
+        Err(contention())
+    }
+
+    async fn record_delivery_event(
+        &self,
+        reference: &str,
+        event: DeliveryEvent,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let Some(code_key) = self.code_key_of(&mut conn, reference).await? else {
+            return Ok(false);
+        };
+        for _ in 0..MAX_ROUNDS {
+            let read = self.get(&mut conn, &code_key).await?;
+            let Some(mut code) = decode_read::<CodeRecord>(&read)? else {
+                return Ok(false);
+            };
+            code.delivery.push(event.clone());
+            let mut commit = Commit::default();
+            commit.expect(&code_key, &read).set(
+                &code_key,
+                &encode(&code),
+                self.code_expire_at(&code),
+            );
+            if self.apply(&mut conn, &commit).await? {
+                return Ok(true);
+            }
+        }
+        Err(contention())
+    }
+
+    async fn verify(
+        &self,
+        token: &str,
+        digest: &Digest,
+        now: Millis,
+    ) -> Result<VerifyOutcome, StoreError> {
+        let mut conn = self.conn();
+        let token_key = self.keys.token(token);
+        let code_key = self.keys.code(token, digest);
+        for _ in 0..MAX_ROUNDS {
+            let (token_read, probed_read) = self.get_two(&mut conn, &token_key, &code_key).await?;
+            let plan = rules::plan_verify(
+                decode_read(&token_read)?,
+                decode_read(&probed_read)?,
+                now,
+                &self.limits,
+            );
+            // Nothing to write: MGET read both keys at one instant, so the answer holds.
+            if plan.token.is_none() && plan.code.is_none() {
+                return Ok(plan.outcome);
+            }
+            let mut commit = Commit::default();
+            commit
+                .expect(&token_key, &token_read)
+                .expect(&code_key, &probed_read);
+            let mut ended = Vec::new();
+            if let Some(code) = &plan.code {
+                commit.set(&code_key, &encode(code), self.code_expire_at(code));
+                ended.push(Keys::live_member(token, digest));
+            }
+            if let Some(record) = &plan.token {
+                if plan.invalidate_live
+                    && let Some(live) = record.live
+                {
+                    let live_key = self.keys.code(token, &live);
+                    let live_read = self.get(&mut conn, &live_key).await?;
+                    commit.expect(&live_key, &live_read);
+                    if let Some(mut code) = decode_read::<CodeRecord>(&live_read)?
+                        && rules::finish_pending(&mut code, CodeState::Locked, now)
+                    {
+                        commit.set(&live_key, &encode(&code), self.code_expire_at(&code));
+                        ended.push(Keys::live_member(token, &live));
+                    }
+                }
+                commit.set(&token_key, &encode(record), self.token_expire_at(record));
+            }
+            if self.apply(&mut conn, &commit).await? {
+                self.track_live(&mut conn, None, &ended).await;
+                return Ok(plan.outcome);
+            }
+        }
+        Err(contention())
+    }
+
+    async fn cancel(&self, token: &str, now: Millis) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let token_key = self.keys.token(token);
+        for _ in 0..MAX_ROUNDS {
+            let token_read = self.get(&mut conn, &token_key).await?;
+            let Some(live) = decode_read::<TokenRecord>(&token_read)?.and_then(|r| r.live) else {
+                return Ok(false);
+            };
+            let live_key = self.keys.code(token, &live);
+            let live_read = self.get(&mut conn, &live_key).await?;
+            let mut code = decode_read::<CodeRecord>(&live_read)?;
+            let cancelled = code
+                .as_mut()
+                .is_some_and(|code| rules::finish_pending(code, CodeState::Cancelled, now));
+            // Two reads: the commit also confirms that the answer is not stale.
+            let mut commit = Commit::default();
+            commit
+                .expect(&token_key, &token_read)
+                .expect(&live_key, &live_read);
+            if let Some(code) = code.as_ref().filter(|_| cancelled) {
+                commit.set(&live_key, &encode(code), self.code_expire_at(code));
+            }
+            if self.apply(&mut conn, &commit).await? {
+                if cancelled {
+                    self.track_live(&mut conn, None, &[Keys::live_member(token, &live)])
+                        .await;
+                }
+                return Ok(cancelled);
+            }
+        }
+        Err(contention())
+    }
+
+    async fn status(&self, token: &str) -> Result<Option<TokenStatus>, StoreError> {
+        let mut conn = self.conn();
+        let token_read = self.get(&mut conn, &self.keys.token(token)).await?;
+        let Some(record) = decode_read::<TokenRecord>(&token_read)? else {
+            return Ok(None);
+        };
+        let Some(live) = record.live else {
+            return Ok(None);
+        };
+        let code_read = self.get(&mut conn, &self.keys.code(token, &live)).await?;
+        Ok(
+            decode_read::<CodeRecord>(&code_read)?.map(|code| TokenStatus {
+                code,
+                attempts: record.attempts,
+                locked_until: record.locked_until,
+            }),
+        )
+    }
+
+    /// Redis expires keys itself; a pass only counts the codes that expired unverified
+    /// (leaving the live set) and refreshes the live count.
+    async fn purge_due(&self, now: Millis, _batch: usize) -> Result<PurgeReport, StoreError> {
+        let expired = self.refresh_live(now).await?;
+        Ok(PurgeReport {
+            purged: 0,
+            expired,
+            next_due: None,
+        })
+    }
+
+    async fn put_failover(&self, failover: &PendingFailover) -> Result<(), StoreError> {
+        redis::cmd("ZADD")
+            .arg(self.keys.failovers())
+            .arg(failover.due_at)
+            .arg(encode(failover))
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Takes the due failovers off the shared set in one script (so one host gets
+    /// each), then judges each from its code's record.
+    async fn take_due_failovers(
+        &self,
+        now: Millis,
+        batch: usize,
+    ) -> Result<DueFailovers, StoreError> {
+        let mut conn = self.conn();
+        let key = self.keys.failovers();
+        let taken: Vec<Vec<u8>> = TAKE_DUE_SCRIPT
+            .key(&key)
+            .arg(now)
+            .arg(batch)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let mut due = Vec::with_capacity(taken.len());
+        for bytes in taken {
+            let failover: PendingFailover = decode(&bytes)?;
+            let code = match self.code_key_of(&mut conn, &failover.reference).await? {
+                Some(code_key) => {
+                    decode_read::<CodeRecord>(&self.get(&mut conn, &code_key).await?)?
+                }
+                None => None,
+            };
+            let verdict = rules::failover_verdict(code.as_ref(), now);
+            due.push((failover, verdict));
+        }
+        let next: Vec<(Vec<u8>, f64)> = redis::cmd("ZRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(DueFailovers {
+            due,
+            next_due: next.first().map(|(_, score)| *score as Millis),
+        })
+    }
+
+    fn live(&self) -> u64 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Every answer came after Redis applied the write; how durable that is, is the
+    /// Redis server's `appendfsync` setting.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tokens_keys_share_its_hash_tag_and_hold_no_code() {
+        let keys = Keys {
+            prefix: "otpd:".into(),
+        };
+        let digest = Digest([0xab; 16]);
+        assert_eq!(keys.token("t.1"), "otpd:{t.1}:t");
+        assert_eq!(
+            keys.code("t.1", &digest),
+            format!("otpd:{{t.1}}:c:{}", "ab".repeat(16))
+        );
+        // Recipients hash on the whole key: any slot, never a token's tag.
+        assert_eq!(
+            keys.recipient("sms:393331234567"),
+            "otpd:r:sms:393331234567"
+        );
+    }
+
+    #[test]
+    fn a_commit_lists_three_arguments_per_key() {
+        let mut commit = Commit::default();
+        commit
+            .expect("a", &None)
+            .expect("b", &Some(vec![1, 2]))
+            .set("b", &[3], 5)
+            .delete("c");
+        assert_eq!(commit.keys, ["a", "b", "b", "c"]);
+        let args: Vec<&[u8]> = commit.args.iter().map(Vec::as_slice).collect();
+        assert_eq!(
+            args,
+            [
+                &b""[..],
+                b"=",
+                b"1",
+                &[1, 2],
+                b"=",
+                b"1",
+                b"*",
+                &[3],
+                b"5",
+                b"*",
+                b"",
+                b"1",
+            ]
+        );
+    }
+}

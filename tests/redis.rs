@@ -1,0 +1,438 @@
+//! The Redis engine's own promises: several otpd hosts on one Redis (or Redis Cluster)
+//! answer as one, a host with another secret or no Redis refuses to start, Redis holds
+//! no code, and keys expire by themselves.
+
+mod common;
+
+use std::thread;
+use std::time::Duration;
+
+use common::{
+    Daemon, Engine, OwnedRedis, RedisCluster, RedisServer, concurrently, count, wait_for,
+};
+use serde_json::json;
+
+const NO_COOLDOWN: &str = "[otp]\nresend_cooldown_secs = 0\n";
+
+/// Two hosts on one store: `a`, then `b` with a copy of `a`'s secret.
+fn two_hosts(engine: Engine, extra: &str) -> (Daemon, Daemon) {
+    let a = engine.start(extra);
+    let b = Daemon::start_beside(&a, extra);
+    (a, b)
+}
+
+fn wrong(code: &str) -> String {
+    format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000)
+}
+
+fn create_on_one_host_verify_on_another(engine: Engine) {
+    let (a, b) = two_hosts(engine, "[janitor]\ninterval_secs = 1\n");
+    let code = a.create_code("shared", "393331234567");
+    assert_eq!(b.verify("shared", &code)["status"], 200);
+    assert_eq!(a.verify("shared", &code)["status"], 409);
+    let status = a.call(json!({"op": "status", "token": "shared"}));
+    assert_eq!(status["state"], "verified", "{status}");
+    assert!(
+        a.stderr().contains("appendonly no"),
+        "the test Redis keeps nothing on disk, and otpd says so: {}",
+        a.stderr()
+    );
+
+    // `live` counts every host's codes once a janitor pass has looked.
+    a.create_code("pending", "393339999999");
+    wait_for("b's live count to see a's code", || b.stats()["live"] == 1);
+    assert_eq!(
+        b.call(json!({"op": "cancel", "token": "pending"}))["status"],
+        200
+    );
+    wait_for("a's live count to see b's cancel", || {
+        a.stats()["live"] == 0
+    });
+}
+
+fn fifty_concurrent_verifies_across_two_hosts_one_wins(engine: Engine) {
+    let (a, b) = two_hosts(engine, "");
+    let code = a.create_code("race", "393331234567");
+    let statuses = concurrently(
+        &[&a, &b],
+        50,
+        |_| json!({"op": "verify", "token": "race", "code": code}),
+    );
+    assert_eq!(count(&statuses, 200), 1, "{statuses:?}");
+    assert_eq!(count(&statuses, 409), 49, "{statuses:?}");
+}
+
+fn guessing_spread_across_hosts_still_locks(engine: Engine) {
+    let extra = "[otp]\nresend_cooldown_secs = 0\nmax_attempts = 4\nlock_secs = 600\n";
+    let (a, b) = two_hosts(engine, extra);
+    let code = a.create_code("g", "393331234567");
+    // Four wrong codes at once, two per host: the count is shared and exact.
+    let guess = wrong(&code);
+    let mut statuses = concurrently(
+        &[&a, &b],
+        4,
+        |_| json!({"op": "verify", "token": "g", "code": guess}),
+    );
+    statuses.sort();
+    assert_eq!(statuses, [404, 404, 404, 429]);
+    for host in [&a, &b] {
+        let right = host.verify("g", &code);
+        assert_eq!(right["status"], 429, "locked on every host: {right}");
+        let create =
+            host.call(json!({"op": "create", "token": "g", "to": {"sms": "393331234567"}}));
+        assert_eq!(create["error"], "too_many_attempts", "{create}");
+    }
+    let status = b.call(json!({"op": "status", "token": "g"}));
+    assert_eq!(status["state"], "locked", "{status}");
+    assert_eq!(status["attempts"], 4);
+}
+
+fn recipient_limits_hold_across_hosts_and_slots(engine: Engine) {
+    let (a, b) = two_hosts(engine, "[otp]\nresend_cooldown_secs = 30\n");
+    a.create_code("first", "393331111111");
+    // Another token (another cluster slot), another host, same number: cooldown.
+    let again = b.call(json!({"op": "create", "token": "second", "to": {"sms": "393331111111"}}));
+    assert_eq!(again["status"], 429, "{again}");
+    assert_eq!(again["error"], "rate_limited");
+
+    // Concurrent creates for one number over many tokens and both hosts: one send.
+    let (a, b) = two_hosts(engine, "[otp]\nresend_cooldown_secs = 30\n");
+    let statuses = concurrently(
+        &[&a, &b],
+        20,
+        |i| json!({"op": "create", "token": format!("tok{i}"), "to": {"sms": "393332222222"}}),
+    );
+    assert_eq!(count(&statuses, 201), 1, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 19, "{statuses:?}");
+}
+
+fn a_host_with_another_secret_refuses_to_start(engine: Engine) {
+    let a = engine.start("");
+    let mut b = Daemon::prepare(&a.store_toml, "", "");
+    let stderr = b.start_refused();
+    assert!(stderr.contains("server secret differs"), "{stderr}");
+    for host in [&a, &b] {
+        assert!(
+            !stderr.contains(&secret_hex(host)),
+            "secret leaked: {stderr}"
+        );
+    }
+    assert_eq!(a.call(json!({"op": "ping"}))["status"], 200);
+}
+
+#[test]
+fn unreachable_redis_stops_start_up_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("unix://{}/none.sock", dir.path().display());
+    let store = format!("[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{url}\"\n");
+    let stderr = Daemon::prepare(&store, "", "").start_refused();
+    assert!(
+        stderr.contains("cannot reach Redis") && stderr.contains(&url),
+        "{stderr}"
+    );
+    let store =
+        "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"redis://:hunter2@127.0.0.1:1\"\n";
+    let stderr = Daemon::prepare(store, "", "").start_refused();
+    assert!(stderr.contains("cannot reach Redis"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "password shown: {stderr}");
+}
+
+#[test]
+fn a_redis_crash_fails_requests_until_it_is_back_and_loses_nothing() {
+    let mut redis = OwnedRedis::start();
+    let store = format!(
+        "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{}\"\nresponse_timeout_ms = 500\n",
+        redis.url()
+    );
+    let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
+    daemon.spawn();
+    let stderr = daemon.stderr();
+    assert!(
+        !stderr.contains("appendonly no") && !stderr.contains("before fsync"),
+        "appendfsync always draws no warning: {stderr}"
+    );
+    let code = daemon.create_code("crash", "393331234567");
+    redis.kill();
+    let answer = daemon.verify("crash", &code);
+    assert_eq!(answer["status"], 500, "{answer}");
+    assert_eq!(answer["error"], "internal_error");
+    assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
+    redis.spawn();
+    wait_for("otpd to reconnect by itself", || {
+        daemon.call(json!({"op": "status", "token": "crash"}))["status"] == 200
+    });
+    assert_eq!(
+        daemon.verify("crash", &code)["status"],
+        200,
+        "the acknowledged create survived the Redis crash"
+    );
+}
+
+/// Every key (and string value) of a daemon's prefix, from every node. (`::redis` is
+/// the client crate; `redis` is the test module `per_engine!` makes.)
+fn stored(daemon: &Daemon) -> Vec<(String, Vec<u8>)> {
+    let prefix = daemon
+        .store_toml
+        .split("key_prefix = \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a Redis daemon");
+    let urls = if daemon.store_toml.contains("cluster = ") {
+        RedisCluster::shared().urls()
+    } else {
+        vec![RedisServer::shared().url()]
+    };
+    let mut entries = Vec::new();
+    for url in urls {
+        let mut conn = ::redis::Client::open(url)
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query(&mut conn)
+            .unwrap();
+        for key in keys {
+            let kind: String = ::redis::cmd("TYPE").arg(&key).query(&mut conn).unwrap();
+            let value: Vec<u8> = if kind == "string" {
+                ::redis::cmd("GET").arg(&key).query(&mut conn).unwrap()
+            } else {
+                Vec::new()
+            };
+            entries.push((key, value));
+        }
+    }
+    entries
+}
+
+/// A daemon's server secret in hex, to look for it where it must not be.
+fn secret_hex(daemon: &Daemon) -> String {
+    std::fs::read(daemon.dir.path().join("secret.key"))
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn redis_holds_neither_codes_nor_the_secret(engine: Engine) {
+    let daemon = engine.start(NO_COOLDOWN);
+    let mut issued = Vec::new();
+    for i in 0..20 {
+        let token = format!("scan{i}");
+        let code = daemon.create_code(&token, &format!("39333100{i:04}"));
+        issued.push((token, code));
+    }
+    daemon.verify("scan0", &issued[0].1);
+    let entries = stored(&daemon);
+    assert!(entries.len() > 40, "codes, tokens, recipients: {entries:?}");
+    let secret = std::fs::read(daemon.dir.path().join("secret.key")).unwrap();
+    let secret_hex = secret_hex(&daemon);
+    for (key, value) in &entries {
+        assert!(!key.contains(&secret_hex) && !contains(value, &secret));
+        for (_, code) in &issued {
+            assert!(!key.contains(code.as_str()), "code in key {key}");
+            assert!(!contains(value, code.as_bytes()), "code in value of {key}");
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn keys_expire_by_themselves(engine: Engine) {
+    let daemon = engine.start(
+        "[otp]\nresend_cooldown_secs = 0\nretain_secs = 1\nsend_window_secs = 1\n[janitor]\ninterval_secs = 1\n",
+    );
+    let short = daemon.call(
+        json!({"op": "create", "token": "short", "to": {"sms": "393331000001"}, "ttl_secs": 1}),
+    );
+    assert_eq!(short["status"], 201);
+    let code = daemon.code_for("short");
+    assert_eq!(daemon.stats()["live"], 1);
+    thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        daemon.verify("short", &code)["status"],
+        410,
+        "expired, retained"
+    );
+    wait_for("Redis to drop every key but the secret check", || {
+        let keys: Vec<String> = stored(&daemon).into_iter().map(|(k, _)| k).collect();
+        keys.len() == 1 && keys[0].ends_with("secret-check")
+    });
+    assert_eq!(daemon.verify("short", &code)["status"], 404, "purged");
+    wait_for("the janitor to count the expiry", || {
+        daemon.stats()["expired"] == 1
+    });
+    assert_eq!(daemon.stats()["live"], 0);
+}
+
+/// The operations the socket cannot reach without a provider (delivery references and
+/// status events, discarding an undelivered code), through the store itself.
+fn delivery_records_and_discard_through_the_store(engine: Engine) {
+    use otpd::code::Digest;
+    use otpd::config::Config;
+    use otpd::rules::{Channel, DeliveryEvent, Limits, VerifyOutcome, now_ms};
+    use otpd::secret::ServerSecret;
+    use otpd::store::redis::RedisStore;
+    use otpd::store::{NewCode, Store};
+
+    let config = Config::parse(&engine.store_toml()).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let limits = Limits::from(&config.otp);
+        let secret = ServerSecret::from_bytes([7; 32]);
+        let store = RedisStore::connect(&config.store.redis, limits, &secret)
+            .await
+            .unwrap();
+        let now = now_ms();
+        let digest = Digest([9; 16]);
+        let new = NewCode {
+            token: "deliv".into(),
+            digest,
+            recipients: vec!["sms:393331234567".into()],
+            channels: vec![Channel::Sms],
+            created_at: now,
+            expires_at: now + 300_000,
+        };
+        assert!(store.create(&new, now).await.unwrap().is_ok());
+        assert_eq!(store.live(), 1);
+        store
+            .set_delivery_reference("deliv", &digest, "uuid-1")
+            .await
+            .unwrap();
+        let event = DeliveryEvent {
+            at: now,
+            status: "delivered".into(),
+            channel: Some("sms".into()),
+            detail: None,
+        };
+        assert!(
+            store
+                .record_delivery_event("uuid-1", event.clone())
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .record_delivery_event("uuid-2", event.clone())
+                .await
+                .unwrap()
+        );
+        let status = store.status("deliv").await.unwrap().unwrap();
+        assert_eq!(status.code.delivery.reference.as_deref(), Some("uuid-1"));
+        assert_eq!(status.code.delivery.events, vec![event.clone()]);
+
+        store.discard("deliv", &digest).await.unwrap();
+        assert!(store.status("deliv").await.unwrap().is_none());
+        assert_eq!(store.live(), 0);
+        assert!(!store.record_delivery_event("uuid-1", event).await.unwrap());
+        let outcome = store.verify("deliv", &digest, now_ms()).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::NotFound, "a discarded code is gone");
+
+        // A second store with another secret on the same prefix is refused.
+        let other = ServerSecret::from_bytes([8; 32]);
+        let refused = RedisStore::connect(&config.store.redis, limits, &other).await;
+        assert!(refused.is_err());
+    });
+}
+
+/// Pending SMS failovers of the `messages` backend: kept in Redis, each taken by exactly
+/// one of two hosts at its deadline, and judged from its code's record.
+fn failovers_are_taken_once_across_hosts(engine: Engine) {
+    use otpd::code::Digest;
+    use otpd::config::Config;
+    use otpd::rules::{Channel, DeliveryEvent, FailoverVerdict, Limits, PendingFailover, now_ms};
+    use otpd::secret::ServerSecret;
+    use otpd::store::redis::RedisStore;
+    use otpd::store::{NewCode, Store};
+
+    let config = Config::parse(&engine.store_toml()).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let limits = Limits::from(&config.otp);
+        let secret = ServerSecret::from_bytes([7; 32]);
+        let connect = || RedisStore::connect(&config.store.redis, limits, &secret);
+        let (a, b) = (connect().await.unwrap(), connect().await.unwrap());
+        let now = now_ms();
+        for (token, digit) in [("unread", 1), ("read", 2)] {
+            let digest = Digest([digit; 16]);
+            let new = NewCode {
+                token: token.into(),
+                digest,
+                recipients: vec![format!("sms:39333100000{digit}")],
+                channels: vec![Channel::Messenger, Channel::Sms],
+                created_at: now,
+                expires_at: now + 300_000,
+            };
+            assert!(a.create(&new, now).await.unwrap().is_ok());
+            a.set_delivery_reference(token, &digest, &format!("uuid-{token}"))
+                .await
+                .unwrap();
+        }
+        let read = DeliveryEvent {
+            at: now,
+            status: "read".into(),
+            channel: Some("messenger".into()),
+            detail: None,
+        };
+        assert!(b.record_delivery_event("uuid-read", read).await.unwrap());
+        let failover = |reference: &str, due_at| PendingFailover {
+            reference: reference.into(),
+            due_at,
+            token: reference.trim_start_matches("uuid-").into(),
+            to: "393331000001".into(),
+            sealed_text: vec![1, 2, 3],
+        };
+        for (reference, due_at) in [
+            ("uuid-unread", now + 100),
+            ("uuid-read", now + 200),
+            ("uuid-gone", now + 300),
+            ("uuid-later", now + 60_000),
+        ] {
+            a.put_failover(&failover(reference, due_at)).await.unwrap();
+        }
+        assert!(
+            b.take_due_failovers(now, 10).await.unwrap().due.is_empty(),
+            "none due yet"
+        );
+
+        let deadline = now + 1_000;
+        let (from_a, from_b) = tokio::join!(
+            a.take_due_failovers(deadline, 10),
+            b.take_due_failovers(deadline, 10)
+        );
+        let (from_a, from_b) = (from_a.unwrap(), from_b.unwrap());
+        let mut taken: Vec<(String, FailoverVerdict)> = from_a
+            .due
+            .into_iter()
+            .chain(from_b.due)
+            .map(|(failover, verdict)| (failover.reference, verdict))
+            .collect();
+        taken.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(
+            taken,
+            vec![
+                ("uuid-gone".into(), FailoverVerdict::Gone),
+                ("uuid-read".into(), FailoverVerdict::Read),
+                ("uuid-unread".into(), FailoverVerdict::Send),
+            ],
+            "each due failover handed out once, with its verdict"
+        );
+        let again = a.take_due_failovers(deadline, 10).await.unwrap();
+        assert!(again.due.is_empty());
+        assert_eq!(again.next_due, Some(now + 60_000));
+    });
+}
+
+per_engine!([redis, redis_cluster] {
+    failovers_are_taken_once_across_hosts,
+    delivery_records_and_discard_through_the_store,
+    create_on_one_host_verify_on_another,
+    fifty_concurrent_verifies_across_two_hosts_one_wins,
+    guessing_spread_across_hosts_still_locks,
+    recipient_limits_hold_across_hosts_and_slots,
+    a_host_with_another_secret_refuses_to_start,
+    redis_holds_neither_codes_nor_the_secret,
+    keys_expire_by_themselves,
+});
