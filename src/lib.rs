@@ -6,8 +6,10 @@
 //! store ([`store`]), whose engines apply the rules of [`rules`] atomically and durably.
 //! Codes reach people through a delivery backend ([`delivery`]); the [`janitor`]
 //! expires and purges finished items in the background. [`daemon`] wires it together
-//! from the [`config`]; [`client`] speaks the protocol for the command-line tools.
+//! from the [`config`]; [`client`] speaks the protocol for the command-line tools, and
+//! [`bench`] measures a running daemon with it.
 
+pub mod bench;
 pub mod client;
 pub mod code;
 pub mod config;

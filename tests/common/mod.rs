@@ -184,8 +184,7 @@ impl Daemon {
         let text = std::fs::read_to_string(&self.log_file).unwrap_or_default();
         text.lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|entry| entry["token"] == token)
-            .last()
+            .rfind(|entry| entry["token"] == token)
             .and_then(|entry| entry["code"].as_str().map(str::to_owned))
             .unwrap_or_else(|| panic!("no code logged for {token}"))
     }
@@ -255,7 +254,7 @@ impl Conn {
     /// True when the daemon has closed the connection (reads EOF).
     pub fn is_closed(&mut self) -> bool {
         let mut rest = Vec::new();
-        matches!(self.reader.read_to_end(&mut rest), Ok(_)) && rest.is_empty()
+        self.reader.read_to_end(&mut rest).is_ok() && rest.is_empty()
     }
 
     /// Half-closes the sending side, as socat does at the end of its input.
