@@ -370,6 +370,16 @@ fn memory(pid: u32) -> Option<Memory> {
     })
 }
 
+/// CPU time (user + system) a process has used so far, from /proc/<pid>/stat.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    // The kernel reports in USER_HZ, 100 on every Linux architecture otpd targets.
+    Some(Duration::from_millis(ticks * 10))
+}
+
 /// The process listening on `socket`: its inode from /proc/net/unix, then the process
 /// holding a descriptor for that inode.
 fn socket_owner(socket: &Path) -> Option<u32> {
@@ -481,6 +491,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let abuse = Abuse::start(&run.options).await?;
     print_memory("before", pid.and_then(memory));
+    let cpu_before = pid.and_then(cpu_time);
 
     let started = Instant::now();
     run.deadline
@@ -530,6 +541,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     );
     if ran_dry > 0 {
         println!("{ran_dry} clients used up their preloaded codes early: raise --preload");
+    }
+    if let (Some(before), Some(after)) = (cpu_before, pid.and_then(cpu_time)) {
+        println!(
+            "daemon CPU: {:.2} s in {:.2} s ({:.0}% of one core)",
+            (after - before).as_secs_f64(),
+            elapsed.as_secs_f64(),
+            100.0 * (after - before).as_secs_f64() / elapsed.as_secs_f64()
+        );
     }
     match pid {
         Some(pid) => print_memory("after", memory(pid)),
