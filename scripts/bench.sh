@@ -57,7 +57,7 @@ throughput)
     redis memory
     echo "otpd mixed create+verify, relaxed:"; bench relaxed --clients "$CLIENTS" --duration "$DURATION"
     echo "otpd create, durable:"; bench durable --op create --clients "$CLIENTS" --duration "$DURATION"
-    echo "otpd verify, durable:"; bench durable --op verify --clients "$CLIENTS" --duration "$DURATION" --preload 20000
+    echo "otpd verify, durable:"; bench durable --op verify --clients "$CLIENTS" --duration "$DURATION" --preload 80000
     ;;
 abuse)
     start_otpd durable $'[server]\nmax_connections = 4096'
@@ -67,28 +67,31 @@ abuse)
     echo "quiet again:"; bench durable --clients "$CLIENTS" --duration "$DURATION"
     ;;
 janitor)
-    # 1 M codes (ttl 300 s, retain 0): RSS with 1 M live; then stop the daemon until all
-    # have expired and restart it, so its janitor meets 1 M due items at once while a
-    # verify load runs. Quiet baseline: the same load once the purge is done.
-    start_otpd big $'[otp]\nretain_secs = 0'
-    echo "filling ${FILL:-1000000} codes (ttl 300 s):"
-    bench big --op create --clients "$CLIENTS" --duration 30m --total "${FILL:-1000000}" --ttl 300
+    # 1 M codes (ttl FILL_TTL, retain 0): RSS with 1 M live; then stop the daemon until
+    # all have expired and restart it, so its janitor meets 1 M due codes at once while
+    # a verify load runs. Quiet baseline: the same load once the purge is done.
+    ttl=${FILL_TTL:-900}
+    config=$'[otp]\nttl_secs = 3600\nretain_secs = 0'
+    start_otpd big "$config"
+    filled_at=$(date +%s)
+    echo "filling ${FILL:-1000000} codes (ttl $ttl s) with ${FILL_CLIENTS:-128} clients:"
+    bench big --op create --clients "${FILL_CLIENTS:-128}" --duration 60m --total "${FILL:-1000000}" --ttl "$ttl"
     "$OTPD" stats --socket "$WORK/big/otpd.sock"
     kill "${PIDS[-1]}"; wait "${PIDS[-1]}" || true
-    echo "daemon stopped at $(date -u +%T); waiting 300 s for every code to expire"
-    sleep 300
-    start_otpd big $'[otp]\nretain_secs = 0'
-    echo "verify while the janitor purges (started $(date -u +%T)):"
+    wait_s=$(( filled_at + ttl + 5 - $(date +%s) ))
+    echo "daemon stopped at $(date -u +%T); waiting ${wait_s} s for every code to expire"
+    [ "$wait_s" -gt 0 ] && sleep "$wait_s"
+    start_otpd big "$config"
+    echo "restarted at $(date -u +%T); verify while the janitor purges:"
     "$OTPD" stats --socket "$WORK/big/otpd.sock"
-    bench big --op verify --clients "$CLIENTS" --duration "$DURATION" --preload 20000
+    bench big --op verify --clients "$CLIENTS" --duration "$DURATION" --preload 80000
     "$OTPD" stats --socket "$WORK/big/otpd.sock"
-    local_stats() { "$OTPD" stats --socket "$WORK/big/otpd.sock"; }
-    before=""
-    until [ "$before" = "$(local_stats | grep -o '"purged":[0-9]*')" ]; do
-        before=$(local_stats | grep -o '"purged":[0-9]*'); sleep 5
-    done
+    # Done when no code is live and nothing was purged for 5 s.
+    progress() { "$OTPD" stats --socket "$WORK/big/otpd.sock" | grep -oE '"(live|purged)":[0-9]+' | tr '\n' ' '; }
+    before=$(progress); sleep 5
+    until [[ "$before" == '"live":0 '* && "$before" == "$(progress)" ]]; do before=$(progress); sleep 5; done
     echo "purge done at $(date -u +%T); verify, quiet:"
     "$OTPD" stats --socket "$WORK/big/otpd.sock"
-    bench big --op verify --clients "$CLIENTS" --duration "$DURATION" --preload 20000
+    bench big --op verify --clients "$CLIENTS" --duration "$DURATION" --preload 80000
     ;;
 esac

@@ -72,8 +72,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// Codes read from the log backend's JSON-lines file, by token.
-struct CodeBook {
+/// Codes read from the log backend's JSON-lines file, by token (also used by the
+/// integration tests that create many codes).
+pub struct CodeBook {
     inner: Mutex<CodeBookInner>,
 }
 
@@ -91,7 +92,7 @@ struct LoggedCode {
 
 impl CodeBook {
     /// Follows `path` from its current end: earlier runs' codes are never read.
-    fn open(path: &Path) -> anyhow::Result<Self> {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
         let mut file =
             File::open(path).with_context(|| format!("--codes-file {}", path.display()))?;
         file.seek(SeekFrom::End(0))?;
@@ -105,7 +106,7 @@ impl CodeBook {
     }
 
     /// The code sent for `token`, reading what the daemon appended since the last call.
-    fn take(&self, token: &str) -> anyhow::Result<Option<String>> {
+    pub fn take(&self, token: &str) -> anyhow::Result<Option<String>> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(code) = inner.codes.remove(token) {
             return Ok(Some(code));

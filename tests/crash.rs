@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use common::{CodeLog, Daemon};
+use common::Daemon;
+use otpd::bench::CodeBook;
 use serde_json::json;
 
 const CYCLES: usize = 12;
@@ -29,7 +30,7 @@ enum Known {
 
 struct Shared {
     known: Mutex<HashMap<String, Known>>,
-    codes: Mutex<CodeLog>,
+    codes: CodeBook,
     violations: Mutex<Vec<String>>,
 }
 
@@ -62,9 +63,8 @@ fn client(daemon_socket: &std::path::Path, shared: &Shared, name: &str, stop: &A
         }
         let code = shared
             .codes
-            .lock()
+            .take(&token)
             .unwrap()
-            .code(&token)
             .expect("the log line is written before the create is answered");
         // Verify about half the codes now; the rest are checked after the last crash.
         if rand::random_bool(0.5) {
@@ -101,7 +101,7 @@ fn acknowledged_work_survives_sigkill() {
     let mut daemon = Daemon::start("[otp]\nresend_cooldown_secs = 0\n");
     let shared = Arc::new(Shared {
         known: Mutex::new(HashMap::new()),
-        codes: Mutex::new(CodeLog::open(&daemon)),
+        codes: CodeBook::open(&daemon.log_file).unwrap(),
         violations: Mutex::new(Vec::new()),
     });
     for cycle in 0..CYCLES {

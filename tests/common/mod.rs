@@ -6,8 +6,6 @@
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
-use std::collections::HashMap;
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -278,42 +276,5 @@ impl Conn {
     /// Half-closes the sending side, as socat does at the end of its input.
     pub fn shutdown_write(&self) {
         self.writer.shutdown(std::net::Shutdown::Write).unwrap();
-    }
-}
-
-/// Follows the log backend's file incrementally, for tests that create many codes
-/// ([`Daemon::code_for`] rereads the whole file).
-pub struct CodeLog {
-    file: File,
-    partial: Vec<u8>,
-    codes: HashMap<String, String>,
-}
-
-impl CodeLog {
-    pub fn open(daemon: &Daemon) -> CodeLog {
-        CodeLog {
-            file: File::open(&daemon.log_file).expect("open log_file"),
-            partial: Vec::new(),
-            codes: HashMap::new(),
-        }
-    }
-
-    /// The last code logged for `token` so far, if any.
-    pub fn code(&mut self, token: &str) -> Option<String> {
-        self.file.read_to_end(&mut self.partial).unwrap();
-        let complete = self
-            .partial
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |at| at + 1);
-        for line in self.partial[..complete].split(|&b| b == b'\n') {
-            if let Ok(entry) = serde_json::from_slice::<Value>(line)
-                && let (Some(token), Some(code)) = (entry["token"].as_str(), entry["code"].as_str())
-            {
-                self.codes.insert(token.to_owned(), code.to_owned());
-            }
-        }
-        self.partial.drain(..complete);
-        self.codes.get(token).cloned()
     }
 }
