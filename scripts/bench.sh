@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs otpd and Redis side by side on this machine, as BENCHMARKS.md describes.
-#   scripts/bench.sh [throughput|abuse|janitor|memory]   (default: throughput)
+#   scripts/bench.sh [throughput|abuse|purge|janitor]   (default: throughput)
 # Needs: cargo build --release; apt-get install redis-server redis-tools.
 # Every daemon runs in its own temp dir and is stopped (by its pid) at the end.
 set -euo pipefail
@@ -82,16 +82,29 @@ janitor)
     echo "daemon stopped at $(date -u +%T); waiting ${wait_s} s for every code to expire"
     [ "$wait_s" -gt 0 ] && sleep "$wait_s"
     start_otpd big "$config"
-    echo "restarted at $(date -u +%T); verify while the janitor purges:"
+    echo "restarted at $(date -u +%T); create+verify while the janitor purges:"
     "$OTPD" stats --socket "$WORK/big/otpd.sock"
-    bench big --op verify --clients "$CLIENTS" --duration "$DURATION" --preload 80000
+    bench big --clients "$CLIENTS" --duration "$DURATION"
     "$OTPD" stats --socket "$WORK/big/otpd.sock"
-    # Done when no code is live and nothing was purged for 5 s.
-    progress() { "$OTPD" stats --socket "$WORK/big/otpd.sock" | grep -oE '"(live|purged)":[0-9]+' | tr '\n' ' '; }
-    before=$(progress); sleep 5
-    until [[ "$before" == '"live":0 '* && "$before" == "$(progress)" ]]; do before=$(progress); sleep 5; done
-    echo "purge done at $(date -u +%T); verify, quiet:"
+    # Done when every filled code has expired and nothing was purged for 5 s (the
+    # verify run's own unverified codes stay live, so `live` never reaches 0).
+    counter() { "$OTPD" stats --socket "$WORK/big/otpd.sock" | grep -oE "\"$1\":[0-9]+" | cut -d: -f2; }
+    until [ "$(counter expired)" -ge "${FILL:-1000000}" ]; do sleep 5; done
+    before=-1
+    until [ "$before" = "$(counter purged)" ]; do before=$(counter purged); sleep 5; done
+    echo "purge done at $(date -u +%T); create+verify, quiet:"
     "$OTPD" stats --socket "$WORK/big/otpd.sock"
-    bench big --op verify --clients "$CLIENTS" --duration "$DURATION" --preload 80000
+    bench big --clients "$CLIENTS" --duration "$DURATION"
+    ;;
+purge)
+    # Smaller and quicker: 150 k codes with a 45 s ttl, a quiet mixed run, then the same
+    # run from 47 s after the fill began, while they expire and are purged.
+    start_otpd small $'[otp]\nretain_secs = 0'
+    started=$(date +%s)
+    bench small --op create --clients 128 --duration 5m --total "${FILL:-150000}" --ttl 45
+    echo "quiet:"; bench small --clients "$CLIENTS" --duration 8s
+    while [ $(( $(date +%s) - started )) -lt 47 ]; do sleep 1; done
+    echo "while the janitor expires and purges:"; bench small --clients "$CLIENTS" --duration 8s
+    "$OTPD" stats --socket "$WORK/small/otpd.sock"
     ;;
 esac
