@@ -48,7 +48,12 @@ impl Client {
     pub async fn send(&mut self, request: &Value) -> anyhow::Result<()> {
         let mut line = serde_json::to_vec(request)?;
         line.push(b'\n');
-        self.writer.write_all(&line).await?;
+        self.send_line(&line).await
+    }
+
+    /// Sends a request line that is already serialised (ending in `\n`).
+    pub async fn send_line(&mut self, line: &[u8]) -> anyhow::Result<()> {
+        self.writer.write_all(line).await?;
         Ok(())
     }
 

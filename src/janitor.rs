@@ -54,6 +54,7 @@ pub async fn run(
     let interval = config.interval_secs * 1000;
     loop {
         let now = now_ms();
+        let started = std::time::Instant::now();
         let next_due = match store.purge_due(now, config.batch).await {
             Ok(report) => {
                 counters.purged.fetch_add(report.purged, Ordering::Relaxed);
@@ -74,10 +75,15 @@ pub async fn run(
                 None
             }
         };
-        // A full batch may leave more due entries: yield to requests, then go on at once.
+        // A full batch may leave more due entries: go on after a pause as long as the
+        // batch took, so a large purge takes at most half the janitor's core from
+        // requests (BENCHMARKS.md, "Janitor at scale").
         let wake_at = next_due.unwrap_or(Millis::MAX).min(now + interval).max(now);
         wakeup.planned.store(wake_at, Ordering::Release);
-        let sleep = Duration::from_millis(wake_at.saturating_sub(now_ms()));
+        let mut sleep = Duration::from_millis(wake_at.saturating_sub(now_ms()));
+        if next_due.is_some_and(|due| due <= now) {
+            sleep = sleep.max(started.elapsed());
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(sleep) => {}

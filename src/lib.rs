@@ -7,10 +7,11 @@
 //! Codes reach people through a delivery backend ([`delivery`]); the [`janitor`]
 //! expires and purges finished items in the background. [`daemon`] wires it together
 //! from the [`config`] and tells systemd how it is doing ([`systemd`]); [`client`] speaks
-//! the protocol for the command-line tools. The optional [`http`] listener serves the
-//! tutorial's REST API, Vonage's status webhooks and Prometheus metrics through the
-//! same service.
+//! the protocol for the command-line tools, and [`bench`] measures a running daemon with
+//! it. The optional [`http`] listener serves the tutorial's REST API, Vonage's status
+//! webhooks and Prometheus metrics through the same service.
 
+pub mod bench;
 pub mod client;
 pub mod code;
 pub mod config;

@@ -78,6 +78,46 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Measure a running daemon: throughput, latency percentiles and its memory.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Concurrent connections, each running the op in a loop.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// How long to run (`10s`, `500ms`, `2m`).
+    #[arg(long, default_value = "10s", value_parser = otpd::bench::parse_duration)]
+    duration: std::time::Duration,
+    #[arg(long, value_enum, default_value = "mixed")]
+    op: otpd::bench::Op,
+    /// Requests each client sends before reading their answers.
+    #[arg(long, default_value_t = 1)]
+    pipeline: usize,
+    /// The daemon's `[delivery] log_file` (log backend), where codes are learnt.
+    #[arg(long)]
+    codes_file: Option<PathBuf>,
+    /// Daemon pid for RSS figures [default: the process holding the socket].
+    #[arg(long)]
+    pid: Option<u32>,
+    /// `ttl_secs` for each created code [default: the daemon's].
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// Stop after this many requests in all.
+    #[arg(long)]
+    total: Option<u64>,
+    /// Codes created before a `--op verify` run.
+    #[arg(long, default_value_t = 50_000)]
+    preload: usize,
+    /// Connections opened and left silent during the run.
+    #[arg(long, default_value_t = 0)]
+    idle_connections: usize,
+    /// Connections that send one byte a second and never end a line.
+    #[arg(long, default_value_t = 0)]
+    slow_writers: usize,
+    #[command(flatten)]
+    socket: SocketArg,
 }
 
 #[derive(clap::Args)]
@@ -122,6 +162,9 @@ fn main() -> ExitCode {
             data_dir,
         } => runtime
             .block_on(serve(config, Overrides { socket, data_dir }, activation))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => runtime
+            .block_on(otpd::bench::run(bench_options(args)))
             .map(|()| ExitCode::SUCCESS),
         command => runtime.block_on(run_client(command)),
     };
@@ -190,9 +233,28 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
+fn bench_options(args: BenchArgs) -> otpd::bench::Options {
+    otpd::bench::Options {
+        socket: args.socket.path(),
+        clients: args.clients,
+        duration: args.duration,
+        op: args.op,
+        pipeline: args.pipeline,
+        codes_file: args.codes_file,
+        pid: args.pid,
+        ttl_secs: args.ttl,
+        total: args.total,
+        preload: args.preload,
+        idle_connections: args.idle_connections,
+        slow_writers: args.slow_writers,
+    }
+}
+
 async fn run_client(command: Command) -> anyhow::Result<ExitCode> {
     let (socket, request) = match command {
-        Command::Serve { .. } => unreachable!("serve is not a client command"),
+        Command::Serve { .. } | Command::Bench(_) => {
+            unreachable!("handled in main")
+        }
         Command::Create {
             token,
             sms,

@@ -455,6 +455,22 @@ impl Conn {
         self.receive().expect("an answer")
     }
 
+    /// Like [`Conn::call`], for a daemon that may die: `None` when the request could
+    /// not be sent or its answer did not arrive.
+    pub fn try_call(&mut self, request: &Value) -> Option<Value> {
+        let mut line = serde_json::to_vec(request).unwrap();
+        line.push(b'\n');
+        self.writer.write_all(&line).ok()?;
+        let mut answer = String::new();
+        match self.reader.read_line(&mut answer) {
+            Ok(n) if n > 0 && answer.ends_with('\n') => Some(
+                serde_json::from_str(&answer)
+                    .unwrap_or_else(|e| panic!("bad JSON {answer:?}: {e}")),
+            ),
+            _ => None,
+        }
+    }
+
     /// True when the daemon has closed the connection (reads EOF).
     pub fn is_closed(&mut self) -> bool {
         let mut rest = Vec::new();

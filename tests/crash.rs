@@ -1,0 +1,160 @@
+//! Crash safety: clients create and verify while the daemon is killed with SIGKILL at
+//! random moments and restarted. Every acknowledged create must still verify (or answer
+//! 409 when its verify was acknowledged), and no code is ever acknowledged valid twice.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use common::Daemon;
+use otpd::bench::CodeBook;
+use serde_json::json;
+
+const CYCLES: usize = 12;
+const CLIENTS: usize = 4;
+
+/// What the clients were told about a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Known {
+    /// Create acknowledged (201); no verify sent.
+    Created(String),
+    /// A verify was sent but its answer was lost in the crash: 200 or 409 later.
+    VerifyInDoubt(String),
+    /// A verify was acknowledged 200: the code must never be valid again.
+    Verified(String),
+}
+
+struct Shared {
+    known: Mutex<HashMap<String, Known>>,
+    codes: CodeBook,
+    violations: Mutex<Vec<String>>,
+}
+
+impl Shared {
+    fn violation(&self, text: String) {
+        self.violations.lock().unwrap().push(text);
+    }
+}
+
+/// Creates and verifies on one connection until the daemon goes away.
+fn client(daemon_socket: &std::path::Path, shared: &Shared, name: &str, stop: &AtomicBool) {
+    let Ok(stream) = std::os::unix::net::UnixStream::connect(daemon_socket) else {
+        return;
+    };
+    let mut conn = common::Conn::new(stream);
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let token = format!("{name}-{n}");
+        // A number per create, so no per-recipient limit applies.
+        static NUMBERS: AtomicU64 = AtomicU64::new(0);
+        let number = format!("49{:010}", NUMBERS.fetch_add(1, Ordering::Relaxed));
+        let create = json!({"op": "create", "token": token, "to": {"sms": number}});
+        let Some(answer) = conn.try_call(&create) else {
+            return;
+        };
+        if answer["status"] != 201 {
+            shared.violation(format!("create {token}: {answer}"));
+            return;
+        }
+        let code = shared
+            .codes
+            .take(&token)
+            .unwrap()
+            .expect("the log line is written before the create is answered");
+        // Verify about half the codes now; the rest are checked after the last crash.
+        if rand::random_bool(0.5) {
+            shared
+                .known
+                .lock()
+                .unwrap()
+                .insert(token, Known::Created(code));
+            continue;
+        }
+        shared
+            .known
+            .lock()
+            .unwrap()
+            .insert(token.clone(), Known::VerifyInDoubt(code.clone()));
+        let verify = json!({"op": "verify", "token": token, "code": code});
+        let Some(answer) = conn.try_call(&verify) else {
+            return;
+        };
+        if answer["status"] != 200 {
+            shared.violation(format!("first verify of {token}: {answer}"));
+            return;
+        }
+        shared
+            .known
+            .lock()
+            .unwrap()
+            .insert(token, Known::Verified(code));
+    }
+}
+
+#[test]
+fn acknowledged_work_survives_sigkill() {
+    let mut daemon = Daemon::start("[otp]\nresend_cooldown_secs = 0\n");
+    let shared = Arc::new(Shared {
+        known: Mutex::new(HashMap::new()),
+        codes: CodeBook::open(&daemon.log_file).unwrap(),
+        violations: Mutex::new(Vec::new()),
+    });
+    for cycle in 0..CYCLES {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                let (shared, socket, stop) = (shared.clone(), daemon.socket.clone(), stop.clone());
+                thread::spawn(move || client(&socket, &shared, &format!("c{cycle}x{i}"), &stop))
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(rand::random_range(500..4500)));
+        daemon.kill();
+        stop.store(true, Ordering::Relaxed);
+        for client in clients {
+            client.join().expect("client thread");
+        }
+        daemon.spawn();
+    }
+
+    let known = shared.known.lock().unwrap().clone();
+    let (mut verified, mut in_doubt) = (0, 0);
+    let mut conn = daemon.connect();
+    for (token, state) in &known {
+        let code = match state {
+            Known::Created(code) | Known::VerifyInDoubt(code) | Known::Verified(code) => code,
+        };
+        let answer = conn.call(json!({"op": "verify", "token": token, "code": code}));
+        let status = answer["status"].as_u64().unwrap_or(0);
+        let fine = match state {
+            Known::Created(_) => status == 200,
+            Known::VerifyInDoubt(_) => status == 200 || status == 409,
+            Known::Verified(_) => status == 409,
+        };
+        if !fine {
+            shared.violation(format!("after the crashes, {token} ({state:?}): {answer}"));
+        }
+        verified += usize::from(matches!(state, Known::Verified(_)));
+        in_doubt += usize::from(matches!(state, Known::VerifyInDoubt(_)));
+    }
+    let violations = shared.violations.lock().unwrap();
+    assert!(
+        violations.is_empty(),
+        "{} violations, e.g. {:?}",
+        violations.len(),
+        &violations[..violations.len().min(5)]
+    );
+    assert!(
+        known.len() > CYCLES * CLIENTS && verified > 0,
+        "too little work to prove anything: {} creates, {verified} verified",
+        known.len()
+    );
+    eprintln!(
+        "{CYCLES} SIGKILL cycles: {} acknowledged creates checked ({verified} verified before, {in_doubt} in doubt)",
+        known.len()
+    );
+}

@@ -1,0 +1,85 @@
+//! Connection limits through the real socket: `max_connections` answers 503 `busy`,
+//! `idle_timeout_secs` closes silent connections and cuts off a slow writer, and the
+//! daemon keeps serving well-behaved clients throughout.
+
+mod common;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use common::Daemon;
+use serde_json::json;
+
+const IDLE_1S: &str = "[server]\nidle_timeout_secs = 1\n";
+
+/// A connection the daemon serves: slots of connections just closed (the harness's
+/// own readiness probe, say) free up as soon as the daemon notices, so retry until then.
+fn served(daemon: &Daemon) -> common::Conn {
+    for _ in 0..500 {
+        let mut conn = daemon.connect();
+        if conn
+            .try_call(&json!({"op": "ping"}))
+            .is_some_and(|answer| answer["status"] == 200)
+        {
+            return conn;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the daemon never served a new connection");
+}
+
+#[test]
+fn connections_over_the_limit_are_told_busy() {
+    let daemon = Daemon::start("[server]\nmax_connections = 3\n");
+    let held: Vec<_> = (0..3).map(|_| served(&daemon)).collect();
+    let mut extra = daemon.connect();
+    let answer = extra.receive().expect("a busy answer");
+    assert_eq!(answer["status"], 503, "{answer}");
+    assert_eq!(answer["error"], "busy");
+    assert!(extra.is_closed());
+
+    drop(held);
+    served(&daemon);
+}
+
+#[test]
+fn idle_connections_are_closed() {
+    let daemon = Daemon::start(IDLE_1S);
+    let mut idle = daemon.connect();
+    assert!(idle.is_closed(), "an idle connection stays open");
+    assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
+}
+
+#[test]
+fn a_slow_writer_is_cut_off_mid_line() {
+    let daemon = Daemon::start(IDLE_1S);
+    let stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let written = Arc::new(AtomicUsize::new(0));
+    // One byte every 100 ms of a line that would take 10 s: never a whole request.
+    let dribble = thread::spawn({
+        let written = written.clone();
+        move || {
+            for byte in b"{\"op\":\"ping\",\"pad\":\""
+                .iter()
+                .chain([b'x'; 80].iter())
+            {
+                if writer.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                written.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+    let mut conn = common::Conn::new(stream);
+    assert!(conn.is_closed(), "the slow writer got an answer");
+    let at_close = written.load(Ordering::Relaxed);
+    assert!(at_close < 100, "closed only after {at_close} bytes");
+    // Meanwhile and afterwards, other clients are served.
+    assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
+    dribble.join().unwrap();
+}
