@@ -282,11 +282,9 @@ impl Otp {
         };
         match self.delivery.send(&message).await {
             Ok(receipt) => {
-                if let Some(reference) = &receipt.reference {
-                    self.store
-                        .set_delivery_reference(&token, &digest, reference)
-                        .await?;
-                }
+                self.store
+                    .confirm_delivery(&token, &digest, receipt.reference.as_deref())
+                    .await?;
             }
             Err(error) => {
                 bump(&self.counters.delivery_failed);

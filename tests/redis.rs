@@ -298,7 +298,7 @@ fn delivery_records_and_discard_through_the_store(engine: Engine) {
         assert!(store.create(&new, now).await.unwrap().is_ok());
         assert_eq!(store.live(), 1);
         store
-            .set_delivery_reference("deliv", &digest, "uuid-1")
+            .confirm_delivery("deliv", &digest, Some("uuid-1"))
             .await
             .unwrap();
         let event = DeliveryEvent {
@@ -366,7 +366,7 @@ fn failovers_are_taken_once_across_hosts(engine: Engine) {
                 expires_at: now + 300_000,
             };
             assert!(a.create(&new, now).await.unwrap().is_ok());
-            a.set_delivery_reference(token, &digest, &format!("uuid-{token}"))
+            a.confirm_delivery(token, &digest, Some(&format!("uuid-{token}")))
                 .await
                 .unwrap();
         }

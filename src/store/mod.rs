@@ -69,22 +69,25 @@ pub struct TokenStatus {
 }
 
 /// The domain operations every storage engine provides. Each is atomic, and durable
-/// when it returns (unless the operator chose relaxed durability).
+/// when it returns (unless the operator chose relaxed durability) — except `create`,
+/// which [`Store::confirm_delivery`] or [`Store::discard`] makes durable, so that a
+/// create costs one flush however its delivery goes.
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Stores a new code for a token, replacing its previous one, unless the token is
-    /// locked or a rate limit refuses.
+    /// locked or a rate limit refuses. Atomic, but not yet durable.
     async fn create(&self, code: &NewCode, now: Millis) -> Result<Result<(), Refusal>, StoreError>;
 
     /// Removes a code whose delivery failed, so nothing stays live.
     async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError>;
 
-    /// Keeps the provider's delivery id on the code.
-    async fn set_delivery_reference(
+    /// Makes a created code final once its delivery went out: keeps the provider's
+    /// delivery id (if it gave one) and returns once the code is durable.
+    async fn confirm_delivery(
         &self,
         token: &str,
         digest: &Digest,
-        reference: &str,
+        reference: Option<&str>,
     ) -> Result<(), StoreError>;
 
     /// Records a provider status report on the code whose delivery carries

@@ -625,12 +625,16 @@ impl Store for RedisStore {
         Err(contention())
     }
 
-    async fn set_delivery_reference(
+    /// Redis applied the create already; what remains is the reference, if any.
+    async fn confirm_delivery(
         &self,
         token: &str,
         digest: &Digest,
-        reference: &str,
+        reference: Option<&str>,
     ) -> Result<(), StoreError> {
+        let Some(reference) = reference else {
+            return Ok(());
+        };
         let mut conn = self.conn();
         let code_key = self.keys.code(token, digest);
         for _ in 0..MAX_ROUNDS {

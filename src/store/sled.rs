@@ -471,14 +471,8 @@ impl Store for SledStore {
             }
             Ok(Ok(live_delta))
         })?;
-        match result {
-            Ok(delta) => {
-                self.adjust_live(delta);
-                self.durable().await?;
-                Ok(Ok(()))
-            }
-            Err(refusal) => Ok(Err(refusal)),
-        }
+        // Durable with confirm_delivery or discard, whichever follows the delivery.
+        Ok(result.map(|delta| self.adjust_live(delta)))
     }
 
     async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError> {
@@ -502,21 +496,23 @@ impl Store for SledStore {
         self.durable().await
     }
 
-    async fn set_delivery_reference(
+    async fn confirm_delivery(
         &self,
         token: &str,
         digest: &Digest,
-        reference: &str,
+        reference: Option<&str>,
     ) -> Result<(), StoreError> {
-        let key = code_key(token, digest);
-        self.transact(|tx| {
-            if let Some(mut code) = Tx::get::<CodeRecord>(tx.codes, &key)? {
-                code.delivery.reference = Some(reference.to_owned());
-                tx.put(tx.codes, &key, &mut code)?;
-                tx.references.insert(reference.as_bytes(), key.as_slice())?;
-            }
-            Ok(())
-        })?;
+        if let Some(reference) = reference {
+            let key = code_key(token, digest);
+            self.transact(|tx| {
+                if let Some(mut code) = Tx::get::<CodeRecord>(tx.codes, &key)? {
+                    code.delivery.reference = Some(reference.to_owned());
+                    tx.put(tx.codes, &key, &mut code)?;
+                    tx.references.insert(reference.as_bytes(), key.as_slice())?;
+                }
+                Ok(())
+            })?;
+        }
         self.durable().await
     }
 
