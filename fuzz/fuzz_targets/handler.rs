@@ -12,6 +12,7 @@ use otpd::metrics::Counters;
 use otpd::otp::Otp;
 use otpd::rules::Limits;
 use otpd::secret::ServerSecret;
+use otpd::store::Store;
 use otpd::store::sled::SledStore;
 
 struct Harness {
@@ -34,17 +35,22 @@ fn harness() -> &'static Harness {
             .enable_all()
             .build()
             .expect("runtime");
-        let store = runtime
-            .block_on(async { SledStore::open(&config.store, Limits::from(&config.otp)) })
-            .expect("store");
-        let delivery = otpd::delivery::from_config(&config.delivery).expect("log delivery");
+        let store: Arc<dyn Store> = Arc::new(
+            runtime
+                .block_on(async { SledStore::open(&config.store, Limits::from(&config.otp)) })
+                .expect("store"),
+        );
+        let secret = ServerSecret::from_bytes([7; 32]);
+        let counters = Arc::new(Counters::default());
+        let delivery = otpd::delivery::from_config(&config, counters.clone(), store.clone(), &secret)
+            .expect("log delivery");
         let otp = Otp::new(
             config.otp.clone(),
-            ServerSecret::from_bytes([7; 32]),
-            Arc::new(store),
+            secret,
+            store,
             delivery,
             config.delivery.template.clone(),
-            Arc::new(Counters::default()),
+            counters,
             Arc::new(Wakeup::default()),
         );
         Harness {
