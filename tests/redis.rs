@@ -25,6 +25,47 @@ fn wrong(code: &str) -> String {
     format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000)
 }
 
+/// The Redis engine opened directly, as a daemon on `engine` would open it, for the
+/// store operations the socket cannot reach; each `connect` is one more host.
+struct DirectStore {
+    config: otpd::config::Config,
+}
+
+impl DirectStore {
+    fn new(engine: Engine) -> Self {
+        let config = otpd::config::Config::parse(&engine.store_toml()).unwrap();
+        Self { config }
+    }
+
+    async fn connect_with(
+        &self,
+        secret: [u8; 32],
+    ) -> Result<otpd::store::redis::RedisStore, otpd::store::StoreError> {
+        otpd::store::redis::RedisStore::connect(
+            &self.config.store.redis,
+            otpd::rules::Limits::from(&self.config.otp),
+            &otpd::secret::ServerSecret::from_bytes(secret),
+        )
+        .await
+    }
+
+    async fn connect(&self) -> otpd::store::redis::RedisStore {
+        self.connect_with([7; 32]).await.unwrap()
+    }
+}
+
+/// A new code for `token` by SMS to `number`, valid for five minutes from `now`.
+fn new_code(token: &str, digest: u8, number: &str, now: u64) -> otpd::store::NewCode {
+    otpd::store::NewCode {
+        token: token.into(),
+        digest: otpd::code::Digest([digest; 16]),
+        recipients: vec![format!("sms:{number}")],
+        channels: vec![otpd::rules::Channel::Sms],
+        created_at: now,
+        expires_at: now + 300_000,
+    }
+}
+
 fn create_on_one_host_verify_on_another(engine: Engine) {
     let (a, b) = two_hosts(engine, "[janitor]\ninterval_secs = 1\n");
     let code = a.create_code("shared", "393331234567");
@@ -270,31 +311,16 @@ fn keys_expire_by_themselves(engine: Engine) {
 /// The operations the socket cannot reach without a provider (delivery references and
 /// status events, discarding an undelivered code), through the store itself.
 fn delivery_records_and_discard_through_the_store(engine: Engine) {
-    use otpd::code::Digest;
-    use otpd::config::Config;
-    use otpd::rules::{Channel, DeliveryEvent, Limits, VerifyOutcome, now_ms};
-    use otpd::secret::ServerSecret;
-    use otpd::store::redis::RedisStore;
-    use otpd::store::{NewCode, Store};
+    use otpd::rules::{DeliveryEvent, VerifyOutcome, now_ms};
+    use otpd::store::Store;
 
-    let config = Config::parse(&engine.store_toml()).unwrap();
+    let direct = DirectStore::new(engine);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let limits = Limits::from(&config.otp);
-        let secret = ServerSecret::from_bytes([7; 32]);
-        let store = RedisStore::connect(&config.store.redis, limits, &secret)
-            .await
-            .unwrap();
+        let store = direct.connect().await;
         let now = now_ms();
-        let digest = Digest([9; 16]);
-        let new = NewCode {
-            token: "deliv".into(),
-            digest,
-            recipients: vec!["sms:393331234567".into()],
-            channels: vec![Channel::Sms],
-            created_at: now,
-            expires_at: now + 300_000,
-        };
+        let new = new_code("deliv", 9, "393331234567", now);
+        let digest = new.digest;
         assert!(store.create(&new, now).await.unwrap().is_ok());
         assert_eq!(store.live(), 1);
         store
@@ -331,42 +357,25 @@ fn delivery_records_and_discard_through_the_store(engine: Engine) {
         assert_eq!(outcome, VerifyOutcome::NotFound, "a discarded code is gone");
 
         // A second store with another secret on the same prefix is refused.
-        let other = ServerSecret::from_bytes([8; 32]);
-        let refused = RedisStore::connect(&config.store.redis, limits, &other).await;
-        assert!(refused.is_err());
+        assert!(direct.connect_with([8; 32]).await.is_err());
     });
 }
 
 /// Pending SMS failovers of the `messages` backend: kept in Redis, each taken by exactly
 /// one of two hosts at its deadline, and judged from its code's record.
 fn failovers_are_taken_once_across_hosts(engine: Engine) {
-    use otpd::code::Digest;
-    use otpd::config::Config;
-    use otpd::rules::{Channel, DeliveryEvent, FailoverVerdict, Limits, PendingFailover, now_ms};
-    use otpd::secret::ServerSecret;
-    use otpd::store::redis::RedisStore;
-    use otpd::store::{NewCode, Store};
+    use otpd::rules::{DeliveryEvent, FailoverVerdict, PendingFailover, now_ms};
+    use otpd::store::Store;
 
-    let config = Config::parse(&engine.store_toml()).unwrap();
+    let direct = DirectStore::new(engine);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let limits = Limits::from(&config.otp);
-        let secret = ServerSecret::from_bytes([7; 32]);
-        let connect = || RedisStore::connect(&config.store.redis, limits, &secret);
-        let (a, b) = (connect().await.unwrap(), connect().await.unwrap());
+        let (a, b) = (direct.connect().await, direct.connect().await);
         let now = now_ms();
         for (token, digit) in [("unread", 1), ("read", 2)] {
-            let digest = Digest([digit; 16]);
-            let new = NewCode {
-                token: token.into(),
-                digest,
-                recipients: vec![format!("sms:39333100000{digit}")],
-                channels: vec![Channel::Messenger, Channel::Sms],
-                created_at: now,
-                expires_at: now + 300_000,
-            };
+            let new = new_code(token, digit, &format!("39333100000{digit}"), now);
             assert!(a.create(&new, now).await.unwrap().is_ok());
-            a.confirm_delivery(token, &digest, Some(&format!("uuid-{token}")))
+            a.confirm_delivery(token, &new.digest, Some(&format!("uuid-{token}")))
                 .await
                 .unwrap();
         }
