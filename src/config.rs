@@ -170,6 +170,11 @@ pub struct RedisConfig {
     pub url: String,
     /// Redis Cluster seed nodes (`redis://host:port`); when set, `url` must be empty.
     pub cluster: Vec<String>,
+    /// Redis Sentinel nodes (`redis://host:port`) that name the master; when set,
+    /// `url` and `cluster` must be empty and `sentinel_master` names the service.
+    pub sentinels: Vec<String>,
+    /// The master's name as the Sentinels know it (`sentinel monitor <name> …`).
+    pub sentinel_master: String,
     /// Prefix of every key otpd writes, so several deployments can share one Redis.
     pub key_prefix: String,
     /// Multiplexed connections per host; requests are spread over them.
@@ -183,6 +188,8 @@ impl Default for RedisConfig {
         Self {
             url: String::new(),
             cluster: Vec::new(),
+            sentinels: Vec::new(),
+            sentinel_master: String::new(),
             key_prefix: "otpd:".into(),
             pool_size: 4,
             connect_timeout_ms: 2000,
@@ -213,6 +220,15 @@ impl std::fmt::Debug for RedisConfig {
                     .map(|u| redact_url(u))
                     .collect::<Vec<_>>(),
             )
+            .field(
+                "sentinels",
+                &self
+                    .sentinels
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("sentinel_master", &self.sentinel_master)
             .field("key_prefix", &self.key_prefix)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
@@ -224,20 +240,31 @@ impl std::fmt::Debug for RedisConfig {
 impl RedisConfig {
     /// Refuses a Redis configuration that cannot work, naming the key.
     fn validate(&self) -> Result<(), ConfigError> {
-        match (self.url.is_empty(), self.cluster.is_empty()) {
-            (true, true) => {
+        let given = [
+            !self.url.is_empty(),
+            !self.cluster.is_empty(),
+            !self.sentinels.is_empty(),
+        ];
+        match given.iter().filter(|&&set| set).count() {
+            0 => {
                 return Err(invalid(
                     "store.redis.url",
-                    "engine \"redis\" needs store.redis.url or store.redis.cluster",
+                    "engine \"redis\" needs store.redis.url, store.redis.cluster or store.redis.sentinels",
                 ));
             }
-            (false, false) => {
+            1 => {}
+            _ => {
                 return Err(invalid(
                     "store.redis.cluster",
-                    "set either store.redis.url or store.redis.cluster, not both",
+                    "set only one of store.redis.url, store.redis.cluster and store.redis.sentinels",
                 ));
             }
-            _ => {}
+        }
+        if self.sentinels.is_empty() != self.sentinel_master.is_empty() {
+            return Err(invalid(
+                "store.redis.sentinel_master",
+                "store.redis.sentinels and store.redis.sentinel_master go together",
+            ));
         }
         if self.key_prefix.contains(['{', '}']) {
             return Err(invalid(
@@ -640,6 +667,19 @@ mod tests {
         let err = Config::parse(braces).unwrap_err();
         assert!(err.to_string().contains("store.redis.key_prefix"), "{err}");
         assert!(Config::parse("[store.redis]\ncluster = [\"redis://b\"]\n").is_ok());
+        let sentinel =
+            "[store]\nengine = \"redis\"\n[store.redis]\nsentinels = [\"redis://s:26379\"]\n";
+        let err = Config::parse(sentinel).unwrap_err();
+        assert!(
+            err.to_string().contains("store.redis.sentinel_master"),
+            "{err}"
+        );
+        assert!(Config::parse(&format!("{sentinel}sentinel_master = \"m\"\n")).is_ok());
+        let err = Config::parse(&format!(
+            "{sentinel}sentinel_master = \"m\"\nurl = \"redis://a\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("store.redis.cluster"), "{err}");
     }
 
     #[test]

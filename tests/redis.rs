@@ -8,7 +8,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    Daemon, Engine, OwnedRedis, RedisCluster, RedisServer, concurrently, count, wait_for,
+    Daemon, Engine, OwnedRedis, RedisCluster, RedisSentinel, RedisServer, concurrently, count,
+    wait_for,
 };
 use serde_json::json;
 
@@ -23,6 +24,44 @@ fn two_hosts(engine: Engine, extra: &str) -> (Daemon, Daemon) {
 
 fn wrong(code: &str) -> String {
     format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000)
+}
+
+/// With Redis Sentinel, otpd asks the Sentinel for the master, and asks again when the
+/// master dies: after the failover it serves on, and a code created before it verifies.
+#[test]
+fn a_sentinel_failover_is_followed() {
+    let mut sentinel = RedisSentinel::start();
+    let store = format!(
+        "[store]\nengine = \"redis\"\n[store.redis]\nsentinels = [\"{}\"]\nsentinel_master = \"{}\"\nresponse_timeout_ms = 500\n",
+        sentinel.url(),
+        RedisSentinel::MASTER
+    );
+    let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
+    daemon.spawn();
+    let code = daemon.create_code("before", "393331234567");
+    sentinel.kill_master();
+    let mut attempt = 0;
+    wait_for("otpd to reach the promoted replica", || {
+        attempt += 1;
+        let answer = daemon.call(json!({
+            "op": "create", "token": format!("after{attempt}"),
+            "to": {"sms": format!("3933310{attempt:05}")}
+        }));
+        assert!(
+            [201, 500].contains(&answer["status"].as_u64().unwrap()),
+            "only storage errors while the master is away: {answer}"
+        );
+        answer["status"] == 201
+    });
+    assert_eq!(daemon.verify("before", &code)["status"], 200);
+    assert_eq!(daemon.verify("before", &code)["status"], 409);
+    assert!(
+        daemon
+            .stderr()
+            .contains("reconnected to the master the Redis Sentinels name"),
+        "{}",
+        daemon.stderr()
+    );
 }
 
 /// The Redis engine opened directly, as a daemon on `engine` would open it, for the

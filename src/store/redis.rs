@@ -23,15 +23,20 @@
 //! each recipient first (its own atomic commit) and takes it back if the token's
 //! commit then fails.
 
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use redis::aio::MultiplexedConnection;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
+use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Script,
+    ServerErrorKind, Value,
+};
 
 use super::{DueFailovers, NewCode, PurgeReport, Store, StoreError, TokenStatus, decode, encode};
 use crate::code::Digest;
@@ -87,11 +92,100 @@ static TAKE_DUE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(TAKE_DUE
 /// round lets at least one contender through, so this bounds a burst of this size.
 const MAX_ROUNDS: usize = 1000;
 
-/// One multiplexed connection, to a single server or to a cluster.
+/// One multiplexed connection, to a single server, a cluster, or the master that the
+/// Sentinels name.
 #[derive(Clone)]
 enum Connection {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(Arc<SentinelConnection>),
+}
+
+/// A connection to the master the Sentinels name, asked for again when the master
+/// stops answering or turns read-only (a failover demoted it).
+struct SentinelConnection {
+    sentinels: tokio::sync::Mutex<SentinelClient>,
+    config: AsyncConnectionConfig,
+    master: std::sync::RwLock<MultiplexedConnection>,
+}
+
+impl SentinelConnection {
+    async fn connect(config: &RedisConfig) -> RedisResult<Self> {
+        let mut sentinels = SentinelClient::build(
+            config.sentinels.clone(),
+            config.sentinel_master.clone(),
+            None,
+            SentinelServerType::Master,
+        )?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
+            .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)));
+        let master = sentinels.get_async_connection_with_config(&config).await?;
+        Ok(Self {
+            sentinels: tokio::sync::Mutex::new(sentinels),
+            config,
+            master: std::sync::RwLock::new(master),
+        })
+    }
+
+    fn current(&self) -> MultiplexedConnection {
+        self.master
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Asks the Sentinels for the master again and connects to it.
+    async fn reconnect(&self) -> RedisResult<MultiplexedConnection> {
+        let master = self
+            .sentinels
+            .lock()
+            .await
+            .get_async_connection_with_config(&self.config)
+            .await?;
+        *self.master.write().unwrap_or_else(|e| e.into_inner()) = master.clone();
+        tracing::info!("reconnected to the master the Redis Sentinels name");
+        Ok(master)
+    }
+
+    /// Errors after which the master may have moved.
+    fn master_may_have_moved(error: &RedisError) -> bool {
+        error.is_io_error()
+            || error.is_connection_dropped()
+            || error.is_connection_refusal()
+            || error.is_timeout()
+            || error.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+    }
+
+    async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
+        match self.current().req_packed_command(cmd).await {
+            Err(e) if Self::master_may_have_moved(&e) => {
+                self.reconnect().await?.req_packed_command(cmd).await
+            }
+            result => result,
+        }
+    }
+
+    async fn commands(
+        &self,
+        pipeline: &Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        match self
+            .current()
+            .req_packed_commands(pipeline, offset, count)
+            .await
+        {
+            Err(e) if Self::master_may_have_moved(&e) => {
+                self.reconnect()
+                    .await?
+                    .req_packed_commands(pipeline, offset, count)
+                    .await
+            }
+            result => result,
+        }
+    }
 }
 
 impl ConnectionLike for Connection {
@@ -99,6 +193,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.req_packed_command(cmd),
             Connection::Cluster(c) => c.req_packed_command(cmd),
+            Connection::Sentinel(c) => Box::pin(c.command(cmd)),
         }
     }
 
@@ -111,6 +206,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Sentinel(c) => Box::pin(c.commands(pipeline, offset, count)),
         }
     }
 
@@ -118,6 +214,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.get_db(),
             Connection::Cluster(c) => c.get_db(),
+            Connection::Sentinel(c) => c.current().get_db(),
         }
     }
 }
@@ -233,12 +330,13 @@ impl RedisStore {
         limits: Limits,
         secret: &ServerSecret,
     ) -> Result<Self, StoreError> {
-        let address = if config.cluster.is_empty() {
+        let address = if !config.url.is_empty() {
             redact_url(&config.url)
         } else {
             config
                 .cluster
                 .iter()
+                .chain(&config.sentinels)
                 .map(|u| redact_url(u))
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -248,7 +346,13 @@ impl RedisStore {
         let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
         let response_timeout = Duration::from_millis(config.response_timeout_ms);
         let mut connections = Vec::with_capacity(config.pool_size);
-        if config.cluster.is_empty() {
+        if !config.sentinels.is_empty() {
+            // One connection: it is multiplexed, and a failover is followed once.
+            let connection = SentinelConnection::connect(config)
+                .await
+                .map_err(unreachable)?;
+            connections.push(Connection::Sentinel(Arc::new(connection)));
+        } else if config.cluster.is_empty() {
             let client = redis::Client::open(config.url.as_str()).map_err(unreachable)?;
             let manager = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(connect_timeout))

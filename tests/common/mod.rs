@@ -615,26 +615,35 @@ impl RedisCluster {
     }
 }
 
-/// Starts one cluster node on free ports. A port found free may be taken before
-/// redis-server binds it; the node then exits at once and is started on other ports.
+/// Starts one cluster node on free ports.
 fn cluster_node(dir: &Path, node: usize) -> (Child, u16) {
+    tcp_redis(&format!("Redis Cluster node {node}"), |port| {
+        let mut command = redis_server(dir);
+        command.args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-port",
+            &free_port().to_string(),
+            "--cluster-config-file",
+            &format!("nodes-{node}.conf"),
+        ]);
+        command
+    })
+}
+
+/// Starts a Redis process (`command` for a port) on a free TCP port and waits until it
+/// answers. A port found free may be taken before the process binds it; it then exits
+/// at once and is started again on another port.
+fn tcp_redis(what: &str, command: impl Fn(u16) -> Command) -> (Child, u16) {
     for _ in 0..20 {
-        let (port, bus) = (free_port(), free_port());
-        let mut child = redis_server(
-            dir,
-            &[
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--cluster-enabled",
-                "yes",
-                "--cluster-port",
-                &bus.to_string(),
-                "--cluster-config-file",
-                &format!("nodes-{node}.conf"),
-            ],
-        );
+        let port = free_port();
+        let mut child = command(port)
+            .spawn()
+            .expect("start redis-server (apt-get install redis-server)");
         let deadline = Instant::now() + PATIENCE;
         while Instant::now() < deadline {
             if child.try_wait().unwrap().is_some() {
@@ -651,7 +660,108 @@ fn cluster_node(dir: &Path, node: usize) -> (Child, u16) {
         let _ = child.kill();
         let _ = child.wait();
     }
-    panic!("could not start Redis Cluster node {node}");
+    panic!("could not start {what}");
+}
+
+/// A Redis master, its replica and one Sentinel watching them, on 127.0.0.1, owned by
+/// one test, which may kill the master to make the Sentinel promote the replica.
+pub struct RedisSentinel {
+    _dir: TempDir,
+    children: Vec<Child>,
+    pub master_port: u16,
+    pub sentinel_port: u16,
+}
+
+impl RedisSentinel {
+    /// The name the Sentinel knows the master by.
+    pub const MASTER: &'static str = "otpd-master";
+
+    pub fn start() -> RedisSentinel {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let node = |name: &str| {
+            let node_dir = dir.path().join(name);
+            std::fs::create_dir(&node_dir).unwrap();
+            node_dir
+        };
+        let master_dir = node("master");
+        let (master, master_port) = tcp_redis("the Redis master", |port| {
+            let mut command = redis_server(&master_dir);
+            command.args(["--bind", "127.0.0.1", "--port", &port.to_string()]);
+            command
+        });
+        let replica_dir = node("replica");
+        let (replica, replica_port) = tcp_redis("the Redis replica", |port| {
+            let mut command = redis_server(&replica_dir);
+            command.args(["--bind", "127.0.0.1", "--port", &port.to_string()]);
+            command.args(["--replicaof", "127.0.0.1", &master_port.to_string()]);
+            command
+        });
+        let sentinel_dir = node("sentinel");
+        let conf = sentinel_dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "bind 127.0.0.1\nsentinel monitor {m} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {m} 500\nsentinel failover-timeout {m} 3000\n",
+                m = Self::MASTER
+            ),
+        )
+        .unwrap();
+        let (sentinel, sentinel_port) = tcp_redis("the Redis Sentinel", |port| {
+            let mut command = Command::new("redis-server");
+            command
+                .arg(&conf)
+                .args(["--sentinel", "--port", &port.to_string()])
+                .current_dir(&sentinel_dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            command
+        });
+        let sentinel = RedisSentinel {
+            _dir: dir,
+            children: vec![master, replica, sentinel],
+            master_port,
+            sentinel_port,
+        };
+        wait_for("the Sentinel to see the replica", || {
+            redis_cli(sentinel_port, &["sentinel", "replicas", Self::MASTER])
+                .contains(&replica_port.to_string())
+        });
+        sentinel
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.sentinel_port)
+    }
+
+    /// Waits until the replica has every write, then kills the master (SIGKILL).
+    pub fn kill_master(&mut self) {
+        let acked = redis_cli(self.master_port, &["wait", "1", "10000"]);
+        assert_eq!(acked.trim(), "1", "the replica caught up");
+        let mut master = self.children.remove(0);
+        let _ = master.kill();
+        let _ = master.wait();
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `redis-cli -p PORT ARGS…` and returns what it printed.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("run redis-cli (apt-get install redis-tools)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn free_port() -> u16 {
@@ -664,31 +774,33 @@ fn free_port() -> u16 {
 
 /// Starts redis-server on a Unix socket only, and waits until it answers.
 fn unix_redis(dir: &Path, socket: &Path, args: &[&str]) -> Child {
-    let unix = ["--port", "0", "--unixsocket", socket.to_str().unwrap()];
-    let child = redis_server(dir, &[&unix[..], args].concat());
+    let child = redis_server(dir)
+        .args(["--port", "0", "--unixsocket", socket.to_str().unwrap()])
+        .args(args)
+        .spawn()
+        .expect("start redis-server (apt-get install redis-server)");
     wait_for("the Redis server", || {
         UnixStream::connect(socket).is_ok_and(redis_ping)
     });
     child
 }
 
-/// Starts redis-server in `dir` without persistence (unless `args` say otherwise),
+/// redis-server in `dir` without persistence (unless later args say otherwise),
 /// logging into the dir.
-fn redis_server(dir: &Path, args: &[&str]) -> Child {
+fn redis_server(dir: &Path) -> Command {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("redis.log"))
         .unwrap();
-    Command::new("redis-server")
+    let mut command = Command::new("redis-server");
+    command
         .args(["--save", "", "--appendonly", "no", "--dir"])
         .arg(dir)
-        .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("start redis-server (apt-get install redis-server)")
+        .stderr(log);
+    command
 }
 
 /// Sends PING on a fresh connection; true on PONG.
