@@ -23,6 +23,7 @@
 //! each recipient first (its own atomic commit) and takes it back if the token's
 //! commit then fails.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -157,32 +158,15 @@ impl SentinelConnection {
             || error.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
     }
 
-    async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
-        match self.current().req_packed_command(cmd).await {
-            Err(e) if Self::master_may_have_moved(&e) => {
-                self.reconnect().await?.req_packed_command(cmd).await
-            }
-            result => result,
-        }
-    }
-
-    async fn commands(
-        &self,
-        pipeline: &Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisResult<Vec<Value>> {
-        match self
-            .current()
-            .req_packed_commands(pipeline, offset, count)
-            .await
-        {
-            Err(e) if Self::master_may_have_moved(&e) => {
-                self.reconnect()
-                    .await?
-                    .req_packed_commands(pipeline, offset, count)
-                    .await
-            }
+    /// Runs `request` on the master; when the master may have moved, asks the
+    /// Sentinels for it again and runs `request` once more there.
+    async fn on_master<T, F, R>(&self, request: F) -> RedisResult<T>
+    where
+        F: Fn(MultiplexedConnection) -> R,
+        R: Future<Output = RedisResult<T>>,
+    {
+        match request(self.current()).await {
+            Err(e) if Self::master_may_have_moved(&e) => request(self.reconnect().await?).await,
             result => result,
         }
     }
@@ -193,7 +177,11 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.req_packed_command(cmd),
             Connection::Cluster(c) => c.req_packed_command(cmd),
-            Connection::Sentinel(c) => Box::pin(c.command(cmd)),
+            Connection::Sentinel(c) => {
+                Box::pin(c.on_master(move |mut master| async move {
+                    master.req_packed_command(cmd).await
+                }))
+            }
         }
     }
 
@@ -206,7 +194,9 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-            Connection::Sentinel(c) => Box::pin(c.commands(pipeline, offset, count)),
+            Connection::Sentinel(c) => Box::pin(c.on_master(move |mut master| async move {
+                master.req_packed_commands(pipeline, offset, count).await
+            })),
         }
     }
 

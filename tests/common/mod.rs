@@ -592,12 +592,7 @@ impl RedisCluster {
             );
             for port in &ports {
                 wait_for("the cluster to agree", || {
-                    Command::new("redis-cli")
-                        .args(["-p", &port.to_string(), "cluster", "info"])
-                        .output()
-                        .is_ok_and(|out| {
-                            String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
-                        })
+                    redis_cli(*port, &["cluster", "info"]).contains("cluster_state:ok")
                 });
             }
             RedisCluster {
