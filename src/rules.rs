@@ -116,7 +116,7 @@ impl DeliveryRecord {
     }
 }
 
-/// A code, stored under token 0x00 digest. Never holds the code itself.
+/// A code, stored with its token under its digest. Never holds the code itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CodeRecord {
     pub created_at: Millis,
@@ -124,8 +124,6 @@ pub struct CodeRecord {
     pub state: CodeState,
     pub channels: Vec<Channel>,
     pub delivery: DeliveryRecord,
-    /// The time of this record's entry in the expiry index, if it has one.
-    pub indexed_at: Option<Millis>,
 }
 
 impl CodeRecord {
@@ -136,7 +134,6 @@ impl CodeRecord {
             state: CodeState::Pending,
             channels,
             delivery: DeliveryRecord::default(),
-            indexed_at: None,
         }
     }
 
@@ -171,14 +168,12 @@ pub struct TokenRecord {
     pub locked_until: Option<Millis>,
     /// Send times within the send window, oldest first.
     pub sends: Vec<Millis>,
-    pub indexed_at: Option<Millis>,
 }
 
 /// Per-recipient (channel + address) send times, for the rate limit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecipientRecord {
     pub sends: Vec<Millis>,
-    pub indexed_at: Option<Millis>,
 }
 
 /// Why a create was refused.

@@ -6,6 +6,7 @@
 
 mod encoding;
 mod group_commit;
+mod key_locks;
 pub mod redis;
 pub mod sled;
 

@@ -1,109 +1,120 @@
 //! The embedded storage engine: sled.
 //!
-//! Trees:
-//! - `otp`: token 0x00 digest → [`CodeRecord`]; the key proves the code, the value never
-//!   holds it.
-//! - `tokens`: token → [`TokenRecord`] (live code, wrong guesses, lock, sends).
+//! Trees, each written one key at a time (no sled transactions, see [`KeyLocks`]):
+//! - `tokens`: token → [`TokenState`]: the token's record and its one code. The code
+//!   is stored only as its digest (`TokenRecord::live`), never in the clear.
 //! - `recipients`: `channel:address` → [`RecipientRecord`] (sends, for the rate limit).
-//! - `expiry`: big-endian due time, kind, subject → empty; one entry per record that the
-//!   janitor must revisit, so it reads due items in time order without scanning.
-//! - `references`: provider delivery id → `otp` key, to file status webhooks.
+//! - `expiry`: big-endian due time, kind, key → empty: when the janitor must next look
+//!   at a token or a recipient, so it reads due items in time order without scanning.
+//! - `references`: provider delivery id → token, to file status webhooks.
 //! - `failovers`: big-endian due time, delivery reference → [`PendingFailover`]; the
-//!   `messages` backend's SMS still to send, in deadline order. Only
-//!   `put_failover` and `take_due_failovers` touch it (reading `references` and `otp`).
+//!   `messages` backend's SMS still to send, in deadline order.
 //!
-//! Each operation is one sled transaction over these trees, then waits for a shared
-//! flush ([`GroupCommit`]) before it returns.
+//! An operation locks the keys it touches, reads, asks [`crate::rules`], writes, and
+//! then waits for a shared flush ([`GroupCommit`]) before it returns. Writes go in an
+//! order whose every prefix is harmless, because sled recovers a prefix of its log: an
+//! expiry entry before its record (an entry without a record is dropped when due), a
+//! record before the reference that points at it.
+//!
+//! The expiry index is lazy: a record keeps the due time of its one live entry
+//! (`indexed_at`) and gets a new entry only when it becomes due *sooner*. When it
+//! becomes due later (a verified code is kept `retain` longer), the janitor visits at
+//! the old time and files it again, so a verify writes one key. Entries a sooner one
+//! replaced are recognised by their time and dropped.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sled::transaction::{
-    ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
-    TransactionalTree,
-};
-use sled::{IVec, Transactional};
+use serde::{Deserialize, Serialize};
+use sled::IVec;
 
 use super::group_commit::GroupCommit;
+use super::key_locks::KeyLocks;
 use super::{DueFailovers, NewCode, PurgeReport, Store, StoreError, TokenStatus, decode, encode};
-use crate::code::{DIGEST_LEN, Digest};
+use crate::code::Digest;
 use crate::config::{Durability, StoreConfig};
 use crate::rules::{
     self, CodeRecord, CodeState, DeliveryEvent, Limits, Millis, PendingFailover, RecipientRecord,
     Refusal, TokenRecord, VerifyOutcome,
 };
 
-type TxResult<T> = ConflictableTransactionResult<T, StoreError>;
+/// Key in the default tree naming the layout of the other trees.
+const LAYOUT_KEY: &[u8] = b"layout";
+/// Today's layout: one key per token ([`TokenState`]).
+const LAYOUT: &[u8] = b"tokens-v2";
+/// A tree only the first development layout had (a key per code).
+const OLD_LAYOUT_TREE: &[u8] = b"otp";
 
-/// The `otp` key of a code: token, 0x00, digest.
-fn code_key(token: &str, digest: &Digest) -> Vec<u8> {
-    let mut key = Vec::with_capacity(token.len() + 1 + DIGEST_LEN);
-    key.extend_from_slice(token.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&digest.0);
-    key
+/// What the `tokens` tree keeps for a token.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct TokenState {
+    record: TokenRecord,
+    /// The code `record.live` names: present exactly when that is `Some`.
+    code: Option<CodeRecord>,
 }
 
-/// Splits an `otp` key back into token and digest.
-fn split_code_key(key: &[u8]) -> Option<(&[u8], Digest)> {
-    let split = key.len().checked_sub(DIGEST_LEN + 1)?;
-    let digest = Digest(key[split + 1..].try_into().ok()?);
-    Some((&key[..split], digest))
+impl TokenState {
+    /// The token's code if its delivery carries `reference`.
+    fn code_delivered_as(&self, reference: &str) -> Option<&CodeRecord> {
+        self.code
+            .as_ref()
+            .filter(|code| code.delivery.reference.as_deref() == Some(reference))
+    }
+
+    /// Takes the code away (discarded, replaced or purged); returns it.
+    fn remove_code(&mut self) -> Option<CodeRecord> {
+        self.record.live = None;
+        self.code.take()
+    }
 }
 
-/// A record that keeps one entry in the expiry index at the time it is next due.
-trait Indexed: Serialize + DeserializeOwned {
+/// A stored value and the due time of its live expiry entry.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Indexed<T> {
+    value: T,
+    indexed_at: Option<Millis>,
+}
+
+/// A value the janitor revisits when it is due.
+trait Due: Serialize + DeserializeOwned + Default {
     /// Expiry-index kind byte.
     const KIND: u8;
-    /// When the janitor must come back for the record; `None`: no entry.
+    /// When the janitor must next look at it; `None`: never.
     fn due(&self, limits: &Limits) -> Option<Millis>;
-    fn indexed_at(&mut self) -> &mut Option<Millis>;
 }
 
-impl Indexed for CodeRecord {
-    const KIND: u8 = b'c';
-    fn due(&self, limits: &Limits) -> Option<Millis> {
-        Some(self.due_at(limits))
-    }
-    fn indexed_at(&mut self) -> &mut Option<Millis> {
-        &mut self.indexed_at
-    }
-}
-
-impl Indexed for TokenRecord {
+impl Due for TokenState {
     const KIND: u8 = b't';
+    /// The code's expiry, then its purge `retain` later; without a code, when the lock
+    /// and the send window are over.
     fn due(&self, limits: &Limits) -> Option<Millis> {
-        self.purge_at(limits)
-    }
-    fn indexed_at(&mut self) -> &mut Option<Millis> {
-        &mut self.indexed_at
+        match &self.code {
+            Some(code) => Some(code.due_at(limits)),
+            None => self.record.purge_at(limits),
+        }
     }
 }
 
-impl Indexed for RecipientRecord {
+impl Due for RecipientRecord {
     const KIND: u8 = b'r';
     fn due(&self, limits: &Limits) -> Option<Millis> {
         Some(self.purge_at(limits))
     }
-    fn indexed_at(&mut self) -> &mut Option<Millis> {
-        &mut self.indexed_at
-    }
 }
 
-fn expiry_key(due: Millis, kind: u8, subject: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(9 + subject.len());
-    key.extend_from_slice(&due.to_be_bytes());
-    key.push(kind);
-    key.extend_from_slice(subject);
-    key
+fn expiry_key(due: Millis, kind: u8, key: &[u8]) -> Vec<u8> {
+    let mut entry = Vec::with_capacity(9 + key.len());
+    entry.extend_from_slice(&due.to_be_bytes());
+    entry.push(kind);
+    entry.extend_from_slice(key);
+    entry
 }
 
-fn split_expiry_key(key: &[u8]) -> Option<(Millis, u8, &[u8])> {
-    let due = Millis::from_be_bytes(key.get(..8)?.try_into().ok()?);
-    Some((due, *key.get(8)?, &key[9..]))
+fn split_expiry_key(entry: &[u8]) -> Option<(Millis, u8, &[u8])> {
+    let due = Millis::from_be_bytes(entry.get(..8)?.try_into().ok()?);
+    Some((due, *entry.get(8)?, &entry[9..]))
 }
 
 /// The `failovers` key: big-endian due time, then the delivery reference.
@@ -113,133 +124,8 @@ fn failover_key(failover: &PendingFailover) -> Vec<u8> {
     key
 }
 
-fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
-    ConflictableTransactionError::Abort(e)
-}
-
-/// The trees of one transaction.
-struct Tx<'a> {
-    codes: &'a TransactionalTree,
-    tokens: &'a TransactionalTree,
-    recipients: &'a TransactionalTree,
-    expiry: &'a TransactionalTree,
-    references: &'a TransactionalTree,
-    limits: &'a Limits,
-}
-
-impl Tx<'_> {
-    fn get<R: DeserializeOwned>(tree: &TransactionalTree, key: &[u8]) -> TxResult<Option<R>> {
-        tree.get(key)?
-            .map(|bytes| decode(&bytes))
-            .transpose()
-            .map_err(abort)
-    }
-
-    /// Reads a record whose expiry entry the janitor just consumed.
-    fn take_due<R: Indexed>(tree: &TransactionalTree, key: &[u8]) -> TxResult<Option<R>> {
-        let mut record: Option<R> = Self::get(tree, key)?;
-        if let Some(record) = &mut record {
-            *record.indexed_at() = None;
-        }
-        Ok(record)
-    }
-
-    /// Moves the record's expiry entry to its new due time, then writes it.
-    fn put<R: Indexed>(
-        &self,
-        tree: &TransactionalTree,
-        key: &[u8],
-        record: &mut R,
-    ) -> TxResult<()> {
-        let due = record.due(self.limits);
-        self.reindex::<R>(key, *record.indexed_at(), due)?;
-        *record.indexed_at() = due;
-        tree.insert(key, encode(record))?;
-        Ok(())
-    }
-
-    /// Deletes the record and its expiry entry.
-    fn delete<R: Indexed>(
-        &self,
-        tree: &TransactionalTree,
-        key: &[u8],
-        record: &mut R,
-    ) -> TxResult<()> {
-        self.reindex::<R>(key, *record.indexed_at(), None)?;
-        tree.remove(key)?;
-        Ok(())
-    }
-
-    fn reindex<R: Indexed>(
-        &self,
-        subject: &[u8],
-        old: Option<Millis>,
-        new: Option<Millis>,
-    ) -> TxResult<()> {
-        if old != new {
-            if let Some(due) = old {
-                self.expiry.remove(expiry_key(due, R::KIND, subject))?;
-            }
-            if let Some(due) = new {
-                self.expiry.insert(expiry_key(due, R::KIND, subject), &[])?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Deletes a code, its expiry entry and its delivery reference; returns whether it
-    /// was live.
-    fn delete_code(&self, key: &[u8], mut code: CodeRecord) -> TxResult<bool> {
-        self.delete(self.codes, key, &mut code)?;
-        if let Some(reference) = &code.delivery.reference {
-            self.references.remove(reference.as_bytes())?;
-        }
-        Ok(code.state == CodeState::Pending)
-    }
-
-    /// Writes a token record, or deletes it when nothing keeps it any more.
-    fn put_or_purge_token(
-        &self,
-        token: &[u8],
-        mut record: TokenRecord,
-        now: Millis,
-    ) -> TxResult<bool> {
-        match record.purge_at(self.limits) {
-            Some(at) if at <= now => {
-                self.delete(self.tokens, token, &mut record)?;
-                Ok(true)
-            }
-            _ => {
-                self.put(self.tokens, token, &mut record)?;
-                Ok(false)
-            }
-        }
-    }
-}
-
-/// The sled storage engine.
-pub struct SledStore {
-    db: sled::Db,
-    codes: sled::Tree,
-    tokens: sled::Tree,
-    recipients: sled::Tree,
-    expiry: sled::Tree,
-    references: sled::Tree,
-    failovers: sled::Tree,
-    limits: Limits,
-    commit: Option<GroupCommit>,
-    live: AtomicU64,
-}
-
 fn db_error(e: sled::Error) -> StoreError {
     StoreError::Database(e.to_string())
-}
-
-fn tx_error(e: TransactionError<StoreError>) -> StoreError {
-    match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => db_error(e),
-    }
 }
 
 /// At most `batch` keys of a tree keyed by big-endian due time, due by `now`.
@@ -252,18 +138,49 @@ fn due_keys(tree: &sled::Tree, now: Millis, batch: usize) -> Result<Vec<IVec>, S
         .map_err(db_error)
 }
 
+/// The due time at the head of a tree keyed by big-endian due time.
+fn first_due(tree: &sled::Tree) -> Result<Option<Millis>, StoreError> {
+    Ok(tree
+        .first()
+        .map_err(db_error)?
+        .and_then(|(key, _)| Some(Millis::from_be_bytes(key.get(..8)?.try_into().ok()?))))
+}
+
+/// What one janitor visit did.
+#[derive(Debug, Default)]
+struct Visit {
+    purged: u64,
+    expired: u64,
+    live_delta: i64,
+}
+
+/// The sled storage engine.
+pub struct SledStore {
+    db: sled::Db,
+    tokens: sled::Tree,
+    recipients: sled::Tree,
+    expiry: sled::Tree,
+    references: sled::Tree,
+    failovers: sled::Tree,
+    locks: KeyLocks,
+    limits: Limits,
+    commit: Option<GroupCommit>,
+    live: AtomicU64,
+}
+
 impl SledStore {
     /// Opens (or creates) the database; must run inside a tokio runtime.
     pub fn open(config: &StoreConfig, limits: Limits) -> Result<Self, StoreError> {
         let db = Self::open_db(&config.path, config.cache_capacity_mb)?;
+        Self::check_layout(&db, &config.path)?;
         let tree = |name: &str| db.open_tree(name).map_err(db_error);
         let store = Self {
-            codes: tree("otp")?,
             tokens: tree("tokens")?,
             recipients: tree("recipients")?,
             expiry: tree("expiry")?,
             references: tree("references")?,
             failovers: tree("failovers")?,
+            locks: KeyLocks::default(),
             limits,
             commit: (config.durability == Durability::Flush)
                 .then(|| GroupCommit::start(db.clone())),
@@ -282,38 +199,36 @@ impl SledStore {
             .map_err(|e| StoreError::Database(format!("{}: {e}", path.display())))
     }
 
+    /// Marks a new database with today's layout; refuses one written in another.
+    fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+        match db.get(LAYOUT_KEY).map_err(db_error)? {
+            Some(layout) if layout == LAYOUT => Ok(()),
+            None if !db.tree_names().iter().any(|name| name == OLD_LAYOUT_TREE) => {
+                db.insert(LAYOUT_KEY, LAYOUT).map_err(db_error)?;
+                Ok(())
+            }
+            _ => Err(StoreError::Database(format!(
+                "{}: written by an otpd development build with another layout; \
+                 remove the directory to start afresh",
+                path.display()
+            ))),
+        }
+    }
+
     /// Counts pending codes once at start-up; afterwards every operation adjusts it.
     fn count_live(&self) -> Result<u64, StoreError> {
         let mut live = 0;
-        for entry in self.codes.iter() {
-            let (_, value) = entry.map_err(db_error)?;
-            if decode::<CodeRecord>(&value)?.state == CodeState::Pending {
+        for entry in self.tokens.iter().values() {
+            let state: Indexed<TokenState> = decode(&entry.map_err(db_error)?)?;
+            if state
+                .value
+                .code
+                .is_some_and(|c| c.state == CodeState::Pending)
+            {
                 live += 1;
             }
         }
         Ok(live)
-    }
-
-    /// Runs `f` as one transaction over all trees (retried by sled on conflict).
-    fn transact<T>(&self, f: impl Fn(&Tx) -> TxResult<T>) -> Result<T, StoreError> {
-        (
-            &self.codes,
-            &self.tokens,
-            &self.recipients,
-            &self.expiry,
-            &self.references,
-        )
-            .transaction(|(codes, tokens, recipients, expiry, references)| {
-                f(&Tx {
-                    codes,
-                    tokens,
-                    recipients,
-                    expiry,
-                    references,
-                    limits: &self.limits,
-                })
-            })
-            .map_err(tx_error)
     }
 
     /// Applies a change to the live count (one per code leaving or entering pending).
@@ -338,67 +253,237 @@ impl SledStore {
         }
     }
 
-    /// Handles one due expiry entry; returns (records purged, codes expired, live delta).
-    fn purge_entry(&self, entry: &[u8], now: Millis) -> Result<(u64, u64, i64), StoreError> {
-        let Some((_, kind, subject)) = split_expiry_key(entry) else {
-            self.expiry.remove(entry).map_err(db_error)?;
-            return Ok((0, 0, 0));
-        };
-        self.transact(|tx| {
-            // Consume the entry; a record that stays is put back under its next due time.
-            // The entry may already be gone if a request moved it since the scan.
-            if tx.expiry.remove(entry)?.is_none() {
-                return Ok((0, 0, 0));
-            }
-            match kind {
-                CodeRecord::KIND => self.purge_code(tx, subject, now),
-                TokenRecord::KIND => match Tx::take_due::<TokenRecord>(tx.tokens, subject)? {
-                    Some(record) => Ok((tx.put_or_purge_token(subject, record, now)?.into(), 0, 0)),
-                    None => Ok((0, 0, 0)),
-                },
-                RecipientRecord::KIND => {
-                    match Tx::take_due::<RecipientRecord>(tx.recipients, subject)? {
-                        Some(record) if record.purge_at(&self.limits) <= now => {
-                            tx.recipients.remove(subject)?;
-                            Ok((1, 0, 0))
-                        }
-                        Some(mut record) => {
-                            tx.put(tx.recipients, subject, &mut record)?;
-                            Ok((0, 0, 0))
-                        }
-                        None => Ok((0, 0, 0)),
-                    }
-                }
-                _ => Ok((0, 0, 0)),
-            }
-        })
+    fn read<T: Due>(tree: &sled::Tree, key: &[u8]) -> Result<Option<Indexed<T>>, StoreError> {
+        tree.get(key)
+            .map_err(db_error)?
+            .map(|bytes| decode(&bytes))
+            .transpose()
     }
 
-    /// A code's entry is due: expire it if pending, purge it once past retain, and let
-    /// its token go when nothing else keeps it.
-    fn purge_code(&self, tx: &Tx, key: &[u8], now: Millis) -> TxResult<(u64, u64, i64)> {
-        let Some(mut code) = Tx::take_due::<CodeRecord>(tx.codes, key)? else {
-            return Ok((0, 0, 0));
-        };
-        if code.state == CodeState::Pending && code.expires_at <= now {
-            code.state = CodeState::Expired;
-            tx.put(tx.codes, key, &mut code)?;
-            return Ok((0, 1, -1));
-        }
-        if code.due_at(&self.limits) > now {
-            tx.put(tx.codes, key, &mut code)?;
-            return Ok((0, 0, 0));
-        }
-        tx.delete_code(key, code)?;
-        let mut purged = 1;
-        if let Some((token, digest)) = split_code_key(key)
-            && let Some(mut record) = Tx::get::<TokenRecord>(tx.tokens, token)?
-            && record.live == Some(digest)
+    /// Writes a value, first giving it an expiry entry if it is due sooner than the
+    /// one it has (or has none).
+    fn write<T: Due>(
+        &self,
+        tree: &sled::Tree,
+        key: &[u8],
+        stored: &mut Indexed<T>,
+    ) -> Result<(), StoreError> {
+        if let Some(due) = stored.value.due(&self.limits)
+            && stored.indexed_at.is_none_or(|at| due < at)
         {
-            record.live = None;
-            purged += u64::from(tx.put_or_purge_token(token, record, now)?);
+            self.expiry
+                .insert(expiry_key(due, T::KIND, key), &[])
+                .map_err(db_error)?;
+            stored.indexed_at = Some(due);
         }
-        Ok((purged, 0, 0))
+        tree.insert(key, encode(stored)).map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Drops the lookup entry of a code that is gone.
+    fn forget_reference(&self, code: Option<CodeRecord>) -> Result<(), StoreError> {
+        if let Some(reference) = code.and_then(|code| code.delivery.reference) {
+            self.references.remove(reference).map_err(db_error)?;
+        }
+        Ok(())
+    }
+
+    /// The token whose code was delivered as `reference` (the code may be gone since).
+    fn token_delivered_as(&self, reference: &str) -> Result<Option<IVec>, StoreError> {
+        self.references.get(reference).map_err(db_error)
+    }
+
+    /// One due expiry entry: handles its token or recipient if the entry is still the
+    /// live one, then removes it.
+    fn visit(&self, entry: &[u8], now: Millis) -> Result<Visit, StoreError> {
+        let visit = match split_expiry_key(entry) {
+            Some((due, kind, key)) => {
+                let _held = self.locks.lock(&[key]);
+                match kind {
+                    TokenState::KIND => self.visit_token(key, due, now)?,
+                    RecipientRecord::KIND => self.visit_recipient(key, due, now)?,
+                    _ => Visit::default(),
+                }
+            }
+            None => Visit::default(),
+        };
+        self.expiry.remove(entry).map_err(db_error)?;
+        Ok(visit)
+    }
+
+    /// Expires a pending code at its expiry, purges a finished one `retain` later, and
+    /// lets the token go once nothing keeps it; otherwise files it for its next visit.
+    fn visit_token(&self, token: &[u8], due: Millis, now: Millis) -> Result<Visit, StoreError> {
+        let mut visit = Visit::default();
+        let Some(mut stored) = Self::read::<TokenState>(&self.tokens, token)? else {
+            return Ok(visit);
+        };
+        if stored.indexed_at != Some(due) {
+            return Ok(visit); // a sooner entry replaced this one
+        }
+        stored.indexed_at = None;
+        let state = &mut stored.value;
+        if let Some(code) = &mut state.code
+            && code.state == CodeState::Pending
+            && code.expires_at <= now
+        {
+            code.state = CodeState::Expired;
+            visit.expired = 1;
+            visit.live_delta = -1;
+        }
+        let mut purged_code = None;
+        if state
+            .code
+            .as_ref()
+            .is_some_and(|c| c.due_at(&self.limits) <= now)
+        {
+            purged_code = state.remove_code();
+            visit.purged += 1;
+        }
+        if state.code.is_none()
+            && state
+                .record
+                .purge_at(&self.limits)
+                .is_some_and(|at| at <= now)
+        {
+            self.tokens.remove(token).map_err(db_error)?;
+            visit.purged += 1;
+        } else {
+            self.write(&self.tokens, token, &mut stored)?;
+        }
+        self.forget_reference(purged_code)?;
+        Ok(visit)
+    }
+
+    /// Purges a recipient once its last send left the window, else files it again.
+    fn visit_recipient(&self, key: &[u8], due: Millis, now: Millis) -> Result<Visit, StoreError> {
+        let Some(mut stored) = Self::read::<RecipientRecord>(&self.recipients, key)? else {
+            return Ok(Visit::default());
+        };
+        if stored.indexed_at != Some(due) {
+            return Ok(Visit::default());
+        }
+        stored.indexed_at = None;
+        if stored.value.purge_at(&self.limits) <= now {
+            self.recipients.remove(key).map_err(db_error)?;
+            return Ok(Visit {
+                purged: 1,
+                ..Visit::default()
+            });
+        }
+        self.write(&self.recipients, key, &mut stored)?;
+        Ok(Visit::default())
+    }
+
+    /// One janitor batch, synchronously: see [`Store::purge_due`].
+    fn purge_batch(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError> {
+        let mut report = PurgeReport::default();
+        let mut live_delta = 0;
+        for entry in due_keys(&self.expiry, now, batch)? {
+            let visit = self.visit(&entry, now)?;
+            report.purged += visit.purged;
+            report.expired += visit.expired;
+            live_delta += visit.live_delta;
+        }
+        self.adjust_live(live_delta);
+        report.next_due = first_due(&self.expiry)?;
+        Ok(report)
+    }
+
+    /// The create itself, under the locks of its token and recipients; returns the
+    /// change in live codes.
+    fn create_locked(
+        &self,
+        new: &NewCode,
+        now: Millis,
+    ) -> Result<Result<i64, Refusal>, StoreError> {
+        let token = new.token.as_bytes();
+        let mut stored = Self::read::<TokenState>(&self.tokens, token)?.unwrap_or_default();
+        let mut recipients = Vec::with_capacity(new.recipients.len());
+        for address in &new.recipients {
+            recipients.push(
+                Self::read::<RecipientRecord>(&self.recipients, address.as_bytes())?
+                    .unwrap_or_default(),
+            );
+        }
+        let mut sends: Vec<RecipientRecord> = recipients
+            .iter_mut()
+            .map(|r| std::mem::take(&mut r.value))
+            .collect();
+        let record = std::mem::take(&mut stored.value.record);
+        let plan = match rules::plan_create(Some(record), &mut sends, new.digest, now, &self.limits)
+        {
+            Ok(plan) => plan,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        for ((address, recipient), sends) in new.recipients.iter().zip(&mut recipients).zip(sends) {
+            recipient.value = sends;
+            self.write(&self.recipients, address.as_bytes(), recipient)?;
+        }
+        stored.value.record = plan.token;
+        let code = CodeRecord::new(new.created_at, new.expires_at, new.channels.clone());
+        let replaced = stored.value.code.replace(code);
+        self.write(&self.tokens, token, &mut stored)?;
+        let replaced_live = replaced
+            .as_ref()
+            .is_some_and(|c| c.state == CodeState::Pending);
+        self.forget_reference(replaced)?;
+        Ok(Ok(1 - i64::from(replaced_live)))
+    }
+
+    /// The verify itself, under the token's lock: (outcome, live change, wrote).
+    fn verify_locked(
+        &self,
+        token: &str,
+        digest: &Digest,
+        now: Millis,
+    ) -> Result<(VerifyOutcome, i64, bool), StoreError> {
+        let Some(mut stored) = Self::read::<TokenState>(&self.tokens, token.as_bytes())? else {
+            return Ok((VerifyOutcome::NotFound, 0, false));
+        };
+        let state = &mut stored.value;
+        let probed = state
+            .code
+            .clone()
+            .filter(|_| state.record.live == Some(*digest));
+        let plan = rules::plan_verify(Some(state.record.clone()), probed, now, &self.limits);
+        let wrote = plan.code.is_some() || plan.token.is_some();
+        let mut live_delta = 0;
+        if let Some(code) = plan.code {
+            live_delta -= 1;
+            state.code = Some(code);
+        }
+        if let Some(record) = plan.token {
+            if plan.invalidate_live
+                && let Some(code) = &mut state.code
+                && rules::finish_pending(code, CodeState::Locked, now)
+            {
+                live_delta -= 1;
+            }
+            state.record = record;
+        }
+        if wrote {
+            self.write(&self.tokens, token.as_bytes(), &mut stored)?;
+        }
+        Ok((plan.outcome, live_delta, wrote))
+    }
+
+    /// Changes the token's state under its lock with `change`, which says whether to
+    /// write; returns what `change` returned.
+    fn update_token<T>(
+        &self,
+        token: &[u8],
+        change: impl FnOnce(&mut TokenState) -> Option<T>,
+    ) -> Result<Option<T>, StoreError> {
+        let _held = self.locks.lock(&[token]);
+        let Some(mut stored) = Self::read::<TokenState>(&self.tokens, token)? else {
+            return Ok(None);
+        };
+        let Some(result) = change(&mut stored.value) else {
+            return Ok(None);
+        };
+        self.write(&self.tokens, token, &mut stored)?;
+        Ok(Some(result))
     }
 }
 
@@ -413,85 +498,28 @@ fn off_worker<T>(work: impl FnOnce() -> T) -> T {
     }
 }
 
-impl SledStore {
-    /// One janitor batch, synchronously: see [`Store::purge_due`].
-    fn purge_batch(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError> {
-        let due = due_keys(&self.expiry, now, batch)?;
-        let mut report = PurgeReport::default();
-        let mut live_delta = 0;
-        for entry in &due {
-            let (purged, expired, delta) = self.purge_entry(entry, now)?;
-            report.purged += purged;
-            report.expired += expired;
-            live_delta += delta;
-        }
-        self.adjust_live(live_delta);
-        report.next_due = self
-            .expiry
-            .first()
-            .map_err(db_error)?
-            .and_then(|(key, _)| split_expiry_key(&key).map(|(due, _, _)| due));
-        Ok(report)
-    }
-}
-
 #[async_trait]
 impl Store for SledStore {
     async fn create(&self, new: &NewCode, now: Millis) -> Result<Result<(), Refusal>, StoreError> {
-        let key = code_key(&new.token, &new.digest);
-        let token = new.token.as_bytes();
-        let result = self.transact(|tx| {
-            let mut recipients = Vec::with_capacity(new.recipients.len());
-            for address in &new.recipients {
-                let record: Option<RecipientRecord> = Tx::get(tx.recipients, address.as_bytes())?;
-                recipients.push(record.unwrap_or_default());
-            }
-            let token_record = Tx::get(tx.tokens, token)?;
-            let plan =
-                match rules::plan_create(token_record, &mut recipients, new.digest, now, tx.limits)
-                {
-                    Ok(plan) => plan,
-                    Err(refusal) => return Ok(Err(refusal)),
-                };
-            let mut live_delta = 1;
-            if let Some(old) = plan.replaced {
-                let old_key = code_key(&new.token, &old);
-                if let Some(old_code) = Tx::get::<CodeRecord>(tx.codes, &old_key)?
-                    && tx.delete_code(&old_key, old_code)?
-                {
-                    live_delta -= 1;
-                }
-            }
-            let mut code = CodeRecord::new(new.created_at, new.expires_at, new.channels.clone());
-            tx.put(tx.codes, &key, &mut code)?;
-            let mut token_record = plan.token;
-            tx.put(tx.tokens, token, &mut token_record)?;
-            for (address, mut record) in new.recipients.iter().zip(recipients) {
-                tx.put(tx.recipients, address.as_bytes(), &mut record)?;
-            }
-            Ok(Ok(live_delta))
-        })?;
+        let mut keys = vec![new.token.as_bytes()];
+        keys.extend(new.recipients.iter().map(|r| r.as_bytes()));
+        let result = {
+            let _held = self.locks.lock(&keys);
+            self.create_locked(new, now)?
+        };
         // Durable with confirm_delivery or discard, whichever follows the delivery.
         Ok(result.map(|delta| self.adjust_live(delta)))
     }
 
     async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError> {
-        let key = code_key(token, digest);
-        let was_live = self.transact(|tx| {
-            let Some(code) = Tx::get::<CodeRecord>(tx.codes, &key)? else {
-                return Ok(false);
-            };
-            let was_live = tx.delete_code(&key, code)?;
-            if let Some(mut record) = Tx::get::<TokenRecord>(tx.tokens, token.as_bytes())?
-                && record.live == Some(*digest)
-            {
-                record.live = None;
-                tx.put(tx.tokens, token.as_bytes(), &mut record)?;
-            }
-            Ok(was_live)
+        let removed = self.update_token(token.as_bytes(), |state| {
+            (state.record.live == Some(*digest)).then(|| state.remove_code())
         })?;
-        if was_live {
-            self.adjust_live(-1);
+        if let Some(code) = removed.flatten() {
+            if code.state == CodeState::Pending {
+                self.adjust_live(-1);
+            }
+            self.forget_reference(Some(code))?;
         }
         self.durable().await
     }
@@ -503,15 +531,19 @@ impl Store for SledStore {
         reference: Option<&str>,
     ) -> Result<(), StoreError> {
         if let Some(reference) = reference {
-            let key = code_key(token, digest);
-            self.transact(|tx| {
-                if let Some(mut code) = Tx::get::<CodeRecord>(tx.codes, &key)? {
-                    code.delivery.reference = Some(reference.to_owned());
-                    tx.put(tx.codes, &key, &mut code)?;
-                    tx.references.insert(reference.as_bytes(), key.as_slice())?;
-                }
-                Ok(())
+            let filed = self.update_token(token.as_bytes(), |state| {
+                let code = state
+                    .code
+                    .as_mut()
+                    .filter(|_| state.record.live == Some(*digest))?;
+                code.delivery.reference = Some(reference.to_owned());
+                Some(())
             })?;
+            if filed.is_some() {
+                self.references
+                    .insert(reference, token.as_bytes())
+                    .map_err(db_error)?;
+            }
         }
         self.durable().await
     }
@@ -521,21 +553,18 @@ impl Store for SledStore {
         reference: &str,
         event: DeliveryEvent,
     ) -> Result<bool, StoreError> {
-        let found = self.transact(|tx| {
-            let Some(key) = tx.references.get(reference.as_bytes())? else {
-                return Ok(false);
-            };
-            let Some(mut code) = Tx::get::<CodeRecord>(tx.codes, &key)? else {
-                return Ok(false);
-            };
-            code.delivery.push(event.clone());
-            tx.put(tx.codes, &key, &mut code)?;
-            Ok(true)
+        let Some(token) = self.token_delivered_as(reference)? else {
+            return Ok(false);
+        };
+        let recorded = self.update_token(&token, |state| {
+            let code = state.code.as_mut()?;
+            (code.delivery.reference.as_deref() == Some(reference))
+                .then(|| code.delivery.push(event))
         })?;
-        if found {
+        if recorded.is_some() {
             self.durable().await?;
         }
-        Ok(found)
+        Ok(recorded.is_some())
     }
 
     async fn verify(
@@ -544,33 +573,10 @@ impl Store for SledStore {
         digest: &Digest,
         now: Millis,
     ) -> Result<VerifyOutcome, StoreError> {
-        let key = code_key(token, digest);
-        let (outcome, live_delta, wrote) = self.transact(|tx| {
-            let token_record: Option<TokenRecord> = Tx::get(tx.tokens, token.as_bytes())?;
-            let probed = Tx::get(tx.codes, &key)?;
-            let plan = rules::plan_verify(token_record, probed, now, tx.limits);
-            let mut live_delta = 0;
-            let wrote = plan.code.is_some() || plan.token.is_some();
-            if let Some(mut code) = plan.code {
-                live_delta -= 1;
-                tx.put(tx.codes, &key, &mut code)?;
-            }
-            if let Some(mut record) = plan.token {
-                if plan.invalidate_live
-                    && let Some(live) = record.live
-                {
-                    let live_key = code_key(token, &live);
-                    if let Some(mut code) = Tx::get::<CodeRecord>(tx.codes, &live_key)?
-                        && rules::finish_pending(&mut code, CodeState::Locked, now)
-                    {
-                        live_delta -= 1;
-                        tx.put(tx.codes, &live_key, &mut code)?;
-                    }
-                }
-                tx.put(tx.tokens, token.as_bytes(), &mut record)?;
-            }
-            Ok((plan.outcome, live_delta, wrote))
-        })?;
+        let (outcome, live_delta, wrote) = {
+            let _held = self.locks.lock(&[token.as_bytes()]);
+            self.verify_locked(token, digest, now)?
+        };
         self.adjust_live(live_delta);
         if wrote {
             self.durable().await?;
@@ -579,49 +585,22 @@ impl Store for SledStore {
     }
 
     async fn cancel(&self, token: &str, now: Millis) -> Result<bool, StoreError> {
-        let cancelled = self.transact(|tx| {
-            let Some(record) = Tx::get::<TokenRecord>(tx.tokens, token.as_bytes())? else {
-                return Ok(false);
-            };
-            let Some(live) = record.live else {
-                return Ok(false);
-            };
-            let key = code_key(token, &live);
-            let Some(mut code) = Tx::get::<CodeRecord>(tx.codes, &key)? else {
-                return Ok(false);
-            };
-            let cancelled = rules::finish_pending(&mut code, CodeState::Cancelled, now);
-            if cancelled {
-                tx.put(tx.codes, &key, &mut code)?;
-            }
-            Ok(cancelled)
+        let cancelled = self.update_token(token.as_bytes(), |state| {
+            let code = state.code.as_mut()?;
+            rules::finish_pending(code, CodeState::Cancelled, now).then_some(())
         })?;
-        if cancelled {
+        if cancelled.is_some() {
             self.adjust_live(-1);
             self.durable().await?;
         }
-        Ok(cancelled)
+        Ok(cancelled.is_some())
     }
 
     async fn status(&self, token: &str) -> Result<Option<TokenStatus>, StoreError> {
-        let record: Option<TokenRecord> = self
-            .tokens
-            .get(token.as_bytes())
-            .map_err(db_error)?
-            .map(|bytes: IVec| decode(&bytes))
-            .transpose()?;
-        let Some(record) = record else {
+        let Some(stored) = Self::read::<TokenState>(&self.tokens, token.as_bytes())? else {
             return Ok(None);
         };
-        let Some(live) = record.live else {
-            return Ok(None);
-        };
-        let code = self
-            .codes
-            .get(code_key(token, &live))
-            .map_err(db_error)?
-            .map(|bytes| decode::<CodeRecord>(&bytes))
-            .transpose()?;
+        let TokenState { record, code } = stored.value;
         Ok(code.map(|code| TokenStatus {
             code,
             attempts: record.attempts,
@@ -630,10 +609,9 @@ impl Store for SledStore {
     }
 
     async fn purge_due(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError> {
-        // A batch is up to `batch` synchronous sled transactions (~150 ms for 1,000
-        // under load on the benchmark machine). Run on a runtime worker, it stalls the
-        // requests queued behind it; block_in_place hands them to another worker first
-        // (BENCHMARKS.md, "Janitor at scale").
+        // A batch is up to `batch` visits of a few sled writes each. Run on a runtime
+        // worker, it would stall the requests queued behind it; block_in_place hands
+        // them to another worker first (BENCHMARKS.md, "Janitor at scale").
         off_worker(|| self.purge_batch(now, batch))
     }
 
@@ -650,33 +628,27 @@ impl Store for SledStore {
         now: Millis,
         batch: usize,
     ) -> Result<DueFailovers, StoreError> {
-        let keys = due_keys(&self.failovers, now, batch)?;
         let mut taken = DueFailovers::default();
-        for key in keys {
-            let outcome = (&self.codes, &self.references, &self.failovers)
-                .transaction(|(codes, references, failovers)| {
-                    let Some(failover) = Tx::get::<PendingFailover>(failovers, &key)? else {
-                        return Ok(None);
-                    };
-                    failovers.remove(&key)?;
-                    let code = match references.get(failover.reference.as_bytes())? {
-                        Some(code_key) => Tx::get::<CodeRecord>(codes, &code_key)?,
-                        None => None,
-                    };
-                    let verdict = rules::failover_verdict(code.as_ref(), now);
-                    Ok(Some((failover, verdict)))
-                })
-                .map_err(tx_error)?;
-            taken.due.extend(outcome);
+        for key in due_keys(&self.failovers, now, batch)? {
+            // Removal is the claim: a failover is handed out once.
+            let Some(bytes) = self.failovers.remove(&key).map_err(db_error)? else {
+                continue;
+            };
+            let failover: PendingFailover = decode(&bytes)?;
+            let stored = match self.token_delivered_as(&failover.reference)? {
+                Some(token) => Self::read::<TokenState>(&self.tokens, &token)?,
+                None => None,
+            };
+            let code = stored
+                .as_ref()
+                .and_then(|stored| stored.value.code_delivered_as(&failover.reference));
+            let verdict = rules::failover_verdict(code, now);
+            taken.due.push((failover, verdict));
         }
         if !taken.due.is_empty() {
             self.durable().await?;
         }
-        taken.next_due = self
-            .failovers
-            .first()
-            .map_err(db_error)?
-            .and_then(|(key, _)| key.get(..8)?.try_into().ok().map(u64::from_be_bytes));
+        taken.next_due = first_due(&self.failovers)?;
         Ok(taken)
     }
 
