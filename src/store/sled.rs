@@ -677,15 +677,107 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn failovers_are_taken_once_in_deadline_order() {
-        let dir = tempfile::tempdir().unwrap();
+    fn open(dir: &tempfile::TempDir, limits: Limits) -> SledStore {
         let config = StoreConfig {
             path: dir.path().join("db"),
             ..StoreConfig::default()
         };
-        let limits = Limits::from(&OtpConfig::default());
-        let store = SledStore::open(&config, limits).unwrap();
+        SledStore::open(&config, limits).unwrap()
+    }
+
+    const LIMITS: Limits = Limits {
+        max_attempts: 3,
+        lock: 60_000,
+        retain: 1_000,
+        max_sends: 5,
+        send_window: 10_000,
+        resend_cooldown: 0,
+    };
+
+    fn new_code(token: &str, digest: u8, created_at: Millis, expires_at: Millis) -> NewCode {
+        NewCode {
+            token: token.into(),
+            digest: Digest([digest; crate::code::DIGEST_LEN]),
+            recipients: vec![format!("sms:{token}")],
+            channels: vec![rules::Channel::Sms],
+            created_at,
+            expires_at,
+        }
+    }
+
+    async fn purge(store: &SledStore, now: Millis) -> (u64, u64, Option<Millis>) {
+        let report = store.purge_due(now, 100).await.unwrap();
+        (report.purged, report.expired, report.next_due)
+    }
+
+    #[tokio::test]
+    async fn a_verified_code_is_filed_again_and_goes_retain_after_its_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, LIMITS);
+        let new = new_code("a", 1, 0, 5_000);
+        store.create(&new, 0).await.unwrap().unwrap();
+        store
+            .confirm_delivery("a", &new.digest, None)
+            .await
+            .unwrap();
+        let valid = store.verify("a", &new.digest, 100).await.unwrap();
+        assert_eq!(valid, VerifyOutcome::Valid);
+        assert_eq!(store.live(), 0);
+        // Filed at the expiry while pending; the verify did not move the entry.
+        assert_eq!(purge(&store, 4_999).await, (0, 0, Some(5_000)));
+        assert_eq!(
+            purge(&store, 5_000).await,
+            (0, 0, Some(6_000)),
+            "filed again"
+        );
+        assert!(
+            store.status("a").await.unwrap().is_some(),
+            "kept for retain"
+        );
+        // Code purged at 6 s; token and recipient once the 10 s send window is over.
+        assert_eq!(purge(&store, 6_000).await, (1, 0, Some(10_000)));
+        assert!(store.status("a").await.unwrap().is_none());
+        assert_eq!(purge(&store, 10_000).await, (2, 0, None));
+        assert!(store.tokens.is_empty() && store.recipients.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_entry_replaced_by_a_sooner_one_is_dropped_when_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, LIMITS);
+        let first = new_code("a", 1, 0, 5_000);
+        store.create(&first, 0).await.unwrap().unwrap();
+        let second = new_code("a", 2, 100, 1_000);
+        store.create(&second, 100).await.unwrap().unwrap();
+        assert_eq!(store.live(), 1, "the second replaced the first");
+        assert_eq!(purge(&store, 1_000).await, (0, 1, Some(2_000)), "expired");
+        assert_eq!(purge(&store, 2_000).await, (1, 0, Some(5_000)), "purged");
+        // The first code's entry is stale: it must not touch the token.
+        assert_eq!(purge(&store, 5_000).await, (0, 0, Some(10_000)));
+        assert_eq!(store.tokens.len(), 1, "the token stays for its send window");
+        assert_eq!(purge(&store, 10_100).await, (2, 0, None));
+        assert_eq!(store.live(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_database_of_the_first_layout_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let old = sled::open(&path).unwrap();
+        old.open_tree(OLD_LAYOUT_TREE).unwrap();
+        drop(old);
+        let config = StoreConfig {
+            path,
+            ..StoreConfig::default()
+        };
+        let error = SledStore::open(&config, LIMITS).err().unwrap().to_string();
+        assert!(error.contains("another layout"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn failovers_are_taken_once_in_deadline_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, Limits::from(&OtpConfig::default()));
         store.put_failover(&failover("late", 2_000)).await.unwrap();
         store.put_failover(&failover("early", 1_000)).await.unwrap();
         let none = store.take_due_failovers(999, 10).await.unwrap();
