@@ -133,6 +133,12 @@ impl SocketArg {
     }
 }
 
+/// sled allocates and frees on every write from every thread; under load glibc's malloc
+/// spent a quarter of the daemon's CPU there, much of it waiting on arena locks
+/// (BENCHMARKS.md, "The lean sled layout").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
