@@ -3,20 +3,27 @@
 //! Trees, each written one key at a time (no sled transactions, see [`KeyLocks`]):
 //! - `tokens`: token → [`TokenState`]: the token's record and its one code. The code
 //!   is stored only as its digest (`TokenRecord::live`), never in the clear.
-//! - `recipients`: `channel:address` → [`RecipientRecord`] (sends, for the rate limit).
-//! - `expiry`: big-endian due time, kind, key → empty: when the janitor must next look
-//!   at a token or a recipient, so it reads due items in time order without scanning.
+//! - `expiry`: big-endian due time, token → empty: when the janitor must next look at a
+//!   token, so it reads due tokens in time order without scanning.
+//! - `recipients`: big-endian start of a send-window-long bucket, `channel:address` →
+//!   [`RecipientRecord`]: a recipient's sends in that bucket, for the rate limit. A
+//!   create reads the current bucket and the one before (together they cover the
+//!   window) and writes the current one; a bucket two windows old holds nothing that
+//!   counts, so the janitor deletes it from the front. The tree is its own expiry index.
 //! - `references`: provider delivery id → token, to file status webhooks.
 //! - `failovers`: big-endian due time, delivery reference → [`PendingFailover`]; the
 //!   `messages` backend's SMS still to send, in deadline order.
 //!
+//! sled keeps a page per 16 keys or fewer and metadata for every page, so each key per
+//! code costs memory and each write costs CPU; a create writes four keys, a verify one.
+//!
 //! An operation locks the keys it touches, reads, asks [`crate::rules`], writes, and
 //! then waits for a shared flush ([`GroupCommit`]) before it returns. Writes go in an
 //! order whose every prefix is harmless, because sled recovers a prefix of its log: an
-//! expiry entry before its record (an entry without a record is dropped when due), a
-//! record before the reference that points at it.
+//! expiry entry before its token (an entry without a token is dropped when due), a
+//! token before the reference that points at it.
 //!
-//! The expiry index is lazy: a record keeps the due time of its one live entry
+//! The expiry index is lazy: a token keeps the due time of its one live entry
 //! (`indexed_at`) and gets a new entry only when it becomes due *sooner*. When it
 //! becomes due later (a verified code is kept `retain` longer), the janitor visits at
 //! the old time and files it again, so a verify writes one key. Entries a sooner one
@@ -26,7 +33,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sled::IVec;
 
@@ -42,10 +48,8 @@ use crate::rules::{
 
 /// Key in the default tree naming the layout of the other trees.
 const LAYOUT_KEY: &[u8] = b"layout";
-/// Today's layout: one key per token ([`TokenState`]).
-const LAYOUT: &[u8] = b"tokens-v2";
-/// A tree only the first development layout had (a key per code).
-const OLD_LAYOUT_TREE: &[u8] = b"otp";
+/// The layout this module reads and writes.
+const LAYOUT: &[u8] = b"1";
 
 /// What the `tokens` tree keeps for a token.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -53,6 +57,8 @@ struct TokenState {
     record: TokenRecord,
     /// The code `record.live` names: present exactly when that is `Some`.
     code: Option<CodeRecord>,
+    /// The due time of the token's live entry in the expiry index, if any.
+    indexed_at: Option<Millis>,
 }
 
 impl TokenState {
@@ -68,27 +74,9 @@ impl TokenState {
         self.record.live = None;
         self.code.take()
     }
-}
 
-/// A stored value and the due time of its live expiry entry.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Indexed<T> {
-    value: T,
-    indexed_at: Option<Millis>,
-}
-
-/// A value the janitor revisits when it is due.
-trait Due: Serialize + DeserializeOwned + Default {
-    /// Expiry-index kind byte.
-    const KIND: u8;
-    /// When the janitor must next look at it; `None`: never.
-    fn due(&self, limits: &Limits) -> Option<Millis>;
-}
-
-impl Due for TokenState {
-    const KIND: u8 = b't';
-    /// The code's expiry, then its purge `retain` later; without a code, when the lock
-    /// and the send window are over.
+    /// When the janitor must next look: at the code's expiry, then `retain` later to
+    /// purge it; without a code, when the lock and the send window are over.
     fn due(&self, limits: &Limits) -> Option<Millis> {
         match &self.code {
             Some(code) => Some(code.due_at(limits)),
@@ -97,38 +85,25 @@ impl Due for TokenState {
     }
 }
 
-impl Due for RecipientRecord {
-    const KIND: u8 = b'r';
-    fn due(&self, limits: &Limits) -> Option<Millis> {
-        Some(self.purge_at(limits))
-    }
-}
-
-fn expiry_key(due: Millis, kind: u8, key: &[u8]) -> Vec<u8> {
-    let mut entry = Vec::with_capacity(9 + key.len());
-    entry.extend_from_slice(&due.to_be_bytes());
-    entry.push(kind);
-    entry.extend_from_slice(key);
-    entry
-}
-
-fn split_expiry_key(entry: &[u8]) -> Option<(Millis, u8, &[u8])> {
-    let due = Millis::from_be_bytes(entry.get(..8)?.try_into().ok()?);
-    Some((due, *entry.get(8)?, &entry[9..]))
-}
-
-/// The `failovers` key: big-endian due time, then the delivery reference.
-fn failover_key(failover: &PendingFailover) -> Vec<u8> {
-    let mut key = failover.due_at.to_be_bytes().to_vec();
-    key.extend(failover.reference.as_bytes());
+/// A key of a tree ordered by time: big-endian milliseconds, then `rest`.
+fn timed_key(at: Millis, rest: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + rest.len());
+    key.extend_from_slice(&at.to_be_bytes());
+    key.extend_from_slice(rest);
     key
+}
+
+/// Splits a [`timed_key`].
+fn split_timed_key(key: &[u8]) -> Option<(Millis, &[u8])> {
+    let at = Millis::from_be_bytes(key.get(..8)?.try_into().ok()?);
+    Some((at, &key[8..]))
 }
 
 fn db_error(e: sled::Error) -> StoreError {
     StoreError::Database(e.to_string())
 }
 
-/// At most `batch` keys of a tree keyed by big-endian due time, due by `now`.
+/// At most `batch` keys of a [`timed_key`] tree, due by `now`.
 fn due_keys(tree: &sled::Tree, now: Millis, batch: usize) -> Result<Vec<IVec>, StoreError> {
     let end = (now + 1).to_be_bytes();
     tree.range(..end.as_slice())
@@ -138,12 +113,12 @@ fn due_keys(tree: &sled::Tree, now: Millis, batch: usize) -> Result<Vec<IVec>, S
         .map_err(db_error)
 }
 
-/// The due time at the head of a tree keyed by big-endian due time.
+/// The time at the head of a [`timed_key`] tree.
 fn first_due(tree: &sled::Tree) -> Result<Option<Millis>, StoreError> {
     Ok(tree
         .first()
         .map_err(db_error)?
-        .and_then(|(key, _)| Some(Millis::from_be_bytes(key.get(..8)?.try_into().ok()?))))
+        .and_then(|(key, _)| Some(split_timed_key(&key)?.0)))
 }
 
 /// What one janitor visit did.
@@ -158,8 +133,8 @@ struct Visit {
 pub struct SledStore {
     db: sled::Db,
     tokens: sled::Tree,
-    recipients: sled::Tree,
     expiry: sled::Tree,
+    recipients: sled::Tree,
     references: sled::Tree,
     failovers: sled::Tree,
     locks: KeyLocks,
@@ -176,8 +151,8 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name).map_err(db_error);
         let store = Self {
             tokens: tree("tokens")?,
-            recipients: tree("recipients")?,
             expiry: tree("expiry")?,
+            recipients: tree("recipients")?,
             references: tree("references")?,
             failovers: tree("failovers")?,
             locks: KeyLocks::default(),
@@ -201,9 +176,10 @@ impl SledStore {
 
     /// Marks a new database with today's layout; refuses one written in another.
     fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+        let fresh = db.tree_names().len() == 1 && db.is_empty();
         match db.get(LAYOUT_KEY).map_err(db_error)? {
             Some(layout) if layout == LAYOUT => Ok(()),
-            None if !db.tree_names().iter().any(|name| name == OLD_LAYOUT_TREE) => {
+            None if fresh => {
                 db.insert(LAYOUT_KEY, LAYOUT).map_err(db_error)?;
                 Ok(())
             }
@@ -219,12 +195,8 @@ impl SledStore {
     fn count_live(&self) -> Result<u64, StoreError> {
         let mut live = 0;
         for entry in self.tokens.iter().values() {
-            let state: Indexed<TokenState> = decode(&entry.map_err(db_error)?)?;
-            if state
-                .value
-                .code
-                .is_some_and(|c| c.state == CodeState::Pending)
-            {
+            let state: TokenState = decode(&entry.map_err(db_error)?)?;
+            if state.code.is_some_and(|c| c.state == CodeState::Pending) {
                 live += 1;
             }
         }
@@ -253,30 +225,67 @@ impl SledStore {
         }
     }
 
-    fn read<T: Due>(tree: &sled::Tree, key: &[u8]) -> Result<Option<Indexed<T>>, StoreError> {
-        tree.get(key)
+    fn read_token(&self, token: &[u8]) -> Result<Option<TokenState>, StoreError> {
+        self.tokens
+            .get(token)
             .map_err(db_error)?
             .map(|bytes| decode(&bytes))
             .transpose()
     }
 
-    /// Writes a value, first giving it an expiry entry if it is due sooner than the
-    /// one it has (or has none).
-    fn write<T: Due>(
-        &self,
-        tree: &sled::Tree,
-        key: &[u8],
-        stored: &mut Indexed<T>,
-    ) -> Result<(), StoreError> {
-        if let Some(due) = stored.value.due(&self.limits)
-            && stored.indexed_at.is_none_or(|at| due < at)
+    /// Writes a token's state, first giving it an expiry entry if it is due sooner than
+    /// the one it has (or has none).
+    fn write_token(&self, token: &[u8], state: &mut TokenState) -> Result<(), StoreError> {
+        if let Some(due) = state.due(&self.limits)
+            && state.indexed_at.is_none_or(|at| due < at)
         {
             self.expiry
-                .insert(expiry_key(due, T::KIND, key), &[])
+                .insert(timed_key(due, token), &[])
                 .map_err(db_error)?;
-            stored.indexed_at = Some(due);
+            state.indexed_at = Some(due);
         }
-        tree.insert(key, encode(stored)).map_err(db_error)?;
+        self.tokens.insert(token, encode(state)).map_err(db_error)?;
+        Ok(())
+    }
+
+    /// The start of the send-window bucket holding `at`.
+    fn bucket(&self, at: Millis) -> Millis {
+        at - at % self.limits.send_window.max(1)
+    }
+
+    /// A recipient's sends that may still be in the window at `now`: those of the
+    /// current bucket and the one before.
+    fn read_recipient(&self, address: &[u8], now: Millis) -> Result<RecipientRecord, StoreError> {
+        let current = self.bucket(now);
+        let mut sends = Vec::new();
+        for bucket in [current.checked_sub(self.limits.send_window), Some(current)] {
+            let Some(bucket) = bucket else { continue };
+            if let Some(bytes) = self
+                .recipients
+                .get(timed_key(bucket, address))
+                .map_err(db_error)?
+            {
+                sends.extend(decode::<RecipientRecord>(&bytes)?.sends);
+            }
+        }
+        Ok(RecipientRecord { sends })
+    }
+
+    /// Writes the sends of the current bucket; earlier ones stay in their own.
+    fn write_recipient(
+        &self,
+        address: &[u8],
+        record: RecipientRecord,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let current = self.bucket(now);
+        let sends = record.sends.into_iter().filter(|&t| t >= current).collect();
+        self.recipients
+            .insert(
+                timed_key(current, address),
+                encode(&RecipientRecord { sends }),
+            )
+            .map_err(db_error)?;
         Ok(())
     }
 
@@ -293,17 +302,13 @@ impl SledStore {
         self.references.get(reference).map_err(db_error)
     }
 
-    /// One due expiry entry: handles its token or recipient if the entry is still the
-    /// live one, then removes it.
+    /// One due expiry entry: handles its token if the entry is still the live one, then
+    /// removes it.
     fn visit(&self, entry: &[u8], now: Millis) -> Result<Visit, StoreError> {
-        let visit = match split_expiry_key(entry) {
-            Some((due, kind, key)) => {
-                let _held = self.locks.lock(&[key]);
-                match kind {
-                    TokenState::KIND => self.visit_token(key, due, now)?,
-                    RecipientRecord::KIND => self.visit_recipient(key, due, now)?,
-                    _ => Visit::default(),
-                }
+        let visit = match split_timed_key(entry) {
+            Some((due, token)) => {
+                let _held = self.locks.lock(&[token]);
+                self.visit_token(token, due, now)?
             }
             None => Visit::default(),
         };
@@ -315,14 +320,13 @@ impl SledStore {
     /// lets the token go once nothing keeps it; otherwise files it for its next visit.
     fn visit_token(&self, token: &[u8], due: Millis, now: Millis) -> Result<Visit, StoreError> {
         let mut visit = Visit::default();
-        let Some(mut stored) = Self::read::<TokenState>(&self.tokens, token)? else {
+        let Some(mut state) = self.read_token(token)? else {
             return Ok(visit);
         };
-        if stored.indexed_at != Some(due) {
+        if state.indexed_at != Some(due) {
             return Ok(visit); // a sooner entry replaced this one
         }
-        stored.indexed_at = None;
-        let state = &mut stored.value;
+        state.indexed_at = None;
         if let Some(code) = &mut state.code
             && code.state == CodeState::Pending
             && code.expires_at <= now
@@ -349,30 +353,23 @@ impl SledStore {
             self.tokens.remove(token).map_err(db_error)?;
             visit.purged += 1;
         } else {
-            self.write(&self.tokens, token, &mut stored)?;
+            self.write_token(token, &mut state)?;
         }
         self.forget_reference(purged_code)?;
         Ok(visit)
     }
 
-    /// Purges a recipient once its last send left the window, else files it again.
-    fn visit_recipient(&self, key: &[u8], due: Millis, now: Millis) -> Result<Visit, StoreError> {
-        let Some(mut stored) = Self::read::<RecipientRecord>(&self.recipients, key)? else {
-            return Ok(Visit::default());
+    /// Deletes at most `batch` recipient buckets whose sends all left the window.
+    fn purge_recipients(&self, now: Millis, batch: usize) -> Result<u64, StoreError> {
+        // A bucket starting at b holds sends before b + window, out of it by b + 2 windows.
+        let Some(last_due) = now.checked_sub(2 * self.limits.send_window) else {
+            return Ok(0);
         };
-        if stored.indexed_at != Some(due) {
-            return Ok(Visit::default());
-        }
-        stored.indexed_at = None;
-        if stored.value.purge_at(&self.limits) <= now {
+        let due = due_keys(&self.recipients, last_due, batch)?;
+        for key in &due {
             self.recipients.remove(key).map_err(db_error)?;
-            return Ok(Visit {
-                purged: 1,
-                ..Visit::default()
-            });
         }
-        self.write(&self.recipients, key, &mut stored)?;
-        Ok(Visit::default())
+        Ok(due.len() as u64)
     }
 
     /// One janitor batch, synchronously: see [`Store::purge_due`].
@@ -386,7 +383,13 @@ impl SledStore {
             live_delta += visit.live_delta;
         }
         self.adjust_live(live_delta);
-        report.next_due = first_due(&self.expiry)?;
+        report.purged += self.purge_recipients(now, batch)?;
+        let next_recipients = first_due(&self.recipients)?
+            .map(|bucket| bucket.saturating_add(2 * self.limits.send_window));
+        report.next_due = match (first_due(&self.expiry)?, next_recipients) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         Ok(report)
     }
 
@@ -398,32 +401,30 @@ impl SledStore {
         now: Millis,
     ) -> Result<Result<i64, Refusal>, StoreError> {
         let token = new.token.as_bytes();
-        let mut stored = Self::read::<TokenState>(&self.tokens, token)?.unwrap_or_default();
-        let mut recipients = Vec::with_capacity(new.recipients.len());
-        for address in &new.recipients {
-            recipients.push(
-                Self::read::<RecipientRecord>(&self.recipients, address.as_bytes())?
-                    .unwrap_or_default(),
-            );
-        }
-        let mut sends: Vec<RecipientRecord> = recipients
-            .iter_mut()
-            .map(|r| std::mem::take(&mut r.value))
-            .collect();
-        let record = std::mem::take(&mut stored.value.record);
-        let plan = match rules::plan_create(Some(record), &mut sends, new.digest, now, &self.limits)
-        {
+        let mut state = self.read_token(token)?.unwrap_or_default();
+        let mut recipients = new
+            .recipients
+            .iter()
+            .map(|address| self.read_recipient(address.as_bytes(), now))
+            .collect::<Result<Vec<_>, _>>()?;
+        let record = std::mem::take(&mut state.record);
+        let plan = match rules::plan_create(
+            Some(record),
+            &mut recipients,
+            new.digest,
+            now,
+            &self.limits,
+        ) {
             Ok(plan) => plan,
             Err(refusal) => return Ok(Err(refusal)),
         };
-        for ((address, recipient), sends) in new.recipients.iter().zip(&mut recipients).zip(sends) {
-            recipient.value = sends;
-            self.write(&self.recipients, address.as_bytes(), recipient)?;
+        for (address, record) in new.recipients.iter().zip(recipients) {
+            self.write_recipient(address.as_bytes(), record, now)?;
         }
-        stored.value.record = plan.token;
+        state.record = plan.token;
         let code = CodeRecord::new(new.created_at, new.expires_at, new.channels.clone());
-        let replaced = stored.value.code.replace(code);
-        self.write(&self.tokens, token, &mut stored)?;
+        let replaced = state.code.replace(code);
+        self.write_token(token, &mut state)?;
         let replaced_live = replaced
             .as_ref()
             .is_some_and(|c| c.state == CodeState::Pending);
@@ -438,10 +439,9 @@ impl SledStore {
         digest: &Digest,
         now: Millis,
     ) -> Result<(VerifyOutcome, i64, bool), StoreError> {
-        let Some(mut stored) = Self::read::<TokenState>(&self.tokens, token.as_bytes())? else {
+        let Some(mut state) = self.read_token(token.as_bytes())? else {
             return Ok((VerifyOutcome::NotFound, 0, false));
         };
-        let state = &mut stored.value;
         let probed = state
             .code
             .clone()
@@ -463,7 +463,7 @@ impl SledStore {
             state.record = record;
         }
         if wrote {
-            self.write(&self.tokens, token.as_bytes(), &mut stored)?;
+            self.write_token(token.as_bytes(), &mut state)?;
         }
         Ok((plan.outcome, live_delta, wrote))
     }
@@ -476,13 +476,13 @@ impl SledStore {
         change: impl FnOnce(&mut TokenState) -> Option<T>,
     ) -> Result<Option<T>, StoreError> {
         let _held = self.locks.lock(&[token]);
-        let Some(mut stored) = Self::read::<TokenState>(&self.tokens, token)? else {
+        let Some(mut state) = self.read_token(token)? else {
             return Ok(None);
         };
-        let Some(result) = change(&mut stored.value) else {
+        let Some(result) = change(&mut state) else {
             return Ok(None);
         };
-        self.write(&self.tokens, token, &mut stored)?;
+        self.write_token(token, &mut state)?;
         Ok(Some(result))
     }
 }
@@ -597,10 +597,9 @@ impl Store for SledStore {
     }
 
     async fn status(&self, token: &str) -> Result<Option<TokenStatus>, StoreError> {
-        let Some(stored) = Self::read::<TokenState>(&self.tokens, token.as_bytes())? else {
+        let Some(TokenState { record, code, .. }) = self.read_token(token.as_bytes())? else {
             return Ok(None);
         };
-        let TokenState { record, code } = stored.value;
         Ok(code.map(|code| TokenStatus {
             code,
             attempts: record.attempts,
@@ -609,14 +608,14 @@ impl Store for SledStore {
     }
 
     async fn purge_due(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError> {
-        // A batch is up to `batch` visits of a few sled writes each. Run on a runtime
+        // A batch is up to `batch` token visits of a few sled writes each. Run on a runtime
         // worker, it would stall the requests queued behind it; block_in_place hands
         // them to another worker first (BENCHMARKS.md, "Janitor at scale").
         off_worker(|| self.purge_batch(now, batch))
     }
 
     async fn put_failover(&self, failover: &PendingFailover) -> Result<(), StoreError> {
-        let key = failover_key(failover);
+        let key = timed_key(failover.due_at, failover.reference.as_bytes());
         self.failovers
             .insert(key, encode(failover))
             .map_err(db_error)?;
@@ -635,13 +634,13 @@ impl Store for SledStore {
                 continue;
             };
             let failover: PendingFailover = decode(&bytes)?;
-            let stored = match self.token_delivered_as(&failover.reference)? {
-                Some(token) => Self::read::<TokenState>(&self.tokens, &token)?,
+            let state = match self.token_delivered_as(&failover.reference)? {
+                Some(token) => self.read_token(&token)?,
                 None => None,
             };
-            let code = stored
+            let code = state
                 .as_ref()
-                .and_then(|stored| stored.value.code_delivered_as(&failover.reference));
+                .and_then(|state| state.code_delivered_as(&failover.reference));
             let verdict = rules::failover_verdict(code, now);
             taken.due.push((failover, verdict));
         }
@@ -734,11 +733,15 @@ mod tests {
             store.status("a").await.unwrap().is_some(),
             "kept for retain"
         );
-        // Code purged at 6 s; token and recipient once the 10 s send window is over.
+        // Code purged at 6 s; the token once its 10 s send window is over; the
+        // recipient's bucket (0–10 s) once everything in it left the window.
         assert_eq!(purge(&store, 6_000).await, (1, 0, Some(10_000)));
         assert!(store.status("a").await.unwrap().is_none());
-        assert_eq!(purge(&store, 10_000).await, (2, 0, None));
+        assert_eq!(purge(&store, 10_000).await, (1, 0, Some(20_000)));
+        assert_eq!(purge(&store, 19_999).await, (0, 0, Some(20_000)));
+        assert_eq!(purge(&store, 20_000).await, (1, 0, None));
         assert!(store.tokens.is_empty() && store.recipients.is_empty());
+        assert!(store.expiry.is_empty());
     }
 
     #[tokio::test]
@@ -753,10 +756,52 @@ mod tests {
         assert_eq!(purge(&store, 1_000).await, (0, 1, Some(2_000)), "expired");
         assert_eq!(purge(&store, 2_000).await, (1, 0, Some(5_000)), "purged");
         // The first code's entry is stale: it must not touch the token.
-        assert_eq!(purge(&store, 5_000).await, (0, 0, Some(10_000)));
+        assert_eq!(purge(&store, 5_000).await, (0, 0, Some(10_100)));
         assert_eq!(store.tokens.len(), 1, "the token stays for its send window");
-        assert_eq!(purge(&store, 10_100).await, (2, 0, None));
+        assert_eq!(purge(&store, 10_100).await, (1, 0, Some(20_000)));
+        assert_eq!(purge(&store, 20_000).await, (1, 0, None));
         assert_eq!(store.live(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_recipient_limit_spans_two_buckets_and_counts_only_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_sends: 2,
+            ..LIMITS
+        };
+        let store = open(&dir, limits);
+        let create = |token: &str, now: Millis| {
+            let mut new = new_code(token, 1, now, now + 5_000);
+            new.recipients = vec!["sms:393331234567".into()];
+            new
+        };
+        // Sends at 9 s and 11 s fall in the buckets 0–10 s and 10–20 s.
+        assert!(
+            store
+                .create(&create("a", 9_000), 9_000)
+                .await
+                .unwrap()
+                .is_ok()
+        );
+        assert!(
+            store
+                .create(&create("b", 11_000), 11_000)
+                .await
+                .unwrap()
+                .is_ok()
+        );
+        let third = store.create(&create("c", 18_999), 18_999).await.unwrap();
+        assert_eq!(third, Err(Refusal::RateLimited { retry_after: 1 }));
+        // At 19 s the 9 s send has left the 10 s window.
+        assert!(
+            store
+                .create(&create("c", 19_000), 19_000)
+                .await
+                .unwrap()
+                .is_ok()
+        );
+        assert_eq!(store.recipients.len(), 2, "one key per bucket");
     }
 
     #[tokio::test]
@@ -764,7 +809,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         let old = sled::open(&path).unwrap();
-        old.open_tree(OLD_LAYOUT_TREE).unwrap();
+        old.open_tree("otp")
+            .unwrap()
+            .insert("token", "code")
+            .unwrap();
         drop(old);
         let config = StoreConfig {
             path,
