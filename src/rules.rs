@@ -107,8 +107,13 @@ pub struct DeliveryRecord {
 pub const MAX_DELIVERY_EVENTS: usize = 16;
 
 impl DeliveryRecord {
-    /// Appends an event, dropping the oldest beyond [`MAX_DELIVERY_EVENTS`].
+    /// Appends an event, dropping the oldest beyond [`MAX_DELIVERY_EVENTS`]. An event
+    /// already held is not added again: Vonage retries a callback whose answer it did
+    /// not see, with the same timestamp.
     pub fn push(&mut self, event: DeliveryEvent) {
+        if self.events.contains(&event) {
+            return;
+        }
         if self.events.len() >= MAX_DELIVERY_EVENTS {
             self.events.remove(0);
         }
@@ -616,5 +621,28 @@ mod tests {
             failover_verdict(Some(&code), 5),
             FailoverVerdict::Finished(CodeState::Verified)
         );
+    }
+
+    #[test]
+    fn a_retried_callback_is_recorded_once_and_the_oldest_events_go() {
+        let event = |at: Millis| DeliveryEvent {
+            at,
+            status: "delivered".into(),
+            channel: Some("sms".into()),
+            detail: None,
+        };
+        let mut delivery = DeliveryRecord::default();
+        delivery.push(event(1));
+        delivery.push(event(1));
+        assert_eq!(
+            delivery.events,
+            vec![event(1)],
+            "the retry is the same event"
+        );
+        for at in 2..=(MAX_DELIVERY_EVENTS as Millis + 1) {
+            delivery.push(event(at));
+        }
+        assert_eq!(delivery.events.len(), MAX_DELIVERY_EVENTS);
+        assert_eq!(delivery.events[0], event(2), "the oldest went");
     }
 }

@@ -254,16 +254,17 @@ fn signed_status_webhooks_are_recorded_and_shown_by_status() {
         json!({"reference": reference, "events": []})
     );
 
-    // A Messages API status: the reference is the message_uuid.
-    let answer = post_signed(
-        &daemon,
-        &json!({
-            "message_uuid": reference, "to": "393331234567", "from": "OTP", "channel": "sms",
-            "timestamp": "2026-11-26T09:05:00Z", "status": "delivered",
-            "usage": {"currency": "EUR", "price": "0.0333"}
-        }),
-    );
-    assert_eq!((answer.status, answer.text()), (200, "OK"));
+    // A Messages API status: the reference is the message_uuid. Sent twice, as Vonage
+    // does when it missed the 200: recorded once.
+    let delivered = json!({
+        "message_uuid": reference, "to": "393331234567", "from": "OTP", "channel": "sms",
+        "timestamp": "2026-11-26T09:05:00Z", "status": "delivered",
+        "usage": {"currency": "EUR", "price": "0.0333"}
+    });
+    for _ in 0..2 {
+        let answer = post_signed(&daemon, &delivered);
+        assert_eq!((answer.status, answer.text()), (200, "OK"));
+    }
 
     // A Dispatch per-message status: filed by its workflow's dispatch_uuid.
     let answer = post_signed(

@@ -19,9 +19,10 @@
 //!
 //! An operation locks the keys it touches, reads, asks [`crate::rules`], writes, and
 //! then waits for a shared flush ([`GroupCommit`]) before it returns. Writes go in an
-//! order whose every prefix is harmless, because sled recovers a prefix of its log: an
-//! expiry entry before its token (an entry without a token is dropped when due), a
-//! token before the reference that points at it.
+//! order whose every prefix is harmless, because sled recovers a prefix of its log (it
+//! replays the log in order and stops at the first torn message): an expiry entry
+//! before its token (an entry without a token is dropped when due), a token before the
+//! reference that points at it.
 //!
 //! The expiry index is lazy: a token keeps the due time of its one live entry
 //! (`indexed_at`) and gets a new entry only when it becomes due *sooner*. When it
