@@ -80,6 +80,10 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub max_request_bytes: usize,
     pub idle_timeout_secs: u64,
+    /// Runtime worker threads; 0: one per core. sled's I/O threads and the group-commit
+    /// flush run beside them, so on a small machine one fewer than the cores can serve
+    /// more (BENCHMARKS.md).
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +96,7 @@ impl Default for ServerConfig {
             max_connections: 1024,
             max_request_bytes: 16 * 1024,
             idle_timeout_secs: 60,
+            worker_threads: 0,
         }
     }
 }
@@ -519,6 +524,7 @@ impl Config {
             1 << 20,
         )?;
         check_range("server.idle_timeout_secs", s.idle_timeout_secs, 1, 86_400)?;
+        check_range("server.worker_threads", s.worker_threads as u64, 0, 1024)?;
         check_range(
             "store.cache_capacity_mb",
             self.store.cache_capacity_mb,
@@ -655,6 +661,8 @@ mod tests {
         assert!(err.to_string().contains("otp.code_length"), "{err}");
         let err = Config::parse("[server]\nsocket_mode = \"999\"\n").unwrap_err();
         assert!(err.to_string().contains("server.socket_mode"), "{err}");
+        let err = Config::parse("[server]\nworker_threads = 5000\n").unwrap_err();
+        assert!(err.to_string().contains("server.worker_threads"), "{err}");
     }
 
     #[test]

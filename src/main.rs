@@ -154,25 +154,22 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("otpd: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = match cli.command {
         Command::Serve {
             config,
             socket,
             data_dir,
-        } => runtime
-            .block_on(serve(config, Overrides { socket, data_dir }, activation))
-            .map(|()| ExitCode::SUCCESS),
-        Command::Bench(args) => runtime
-            .block_on(otpd::bench::run(bench_options(args)))
-            .map(|()| ExitCode::SUCCESS),
-        command => runtime.block_on(run_client(command)),
+        } => serve_config(config, &Overrides { socket, data_dir }).and_then(|config| {
+            runtime(config.server.worker_threads)?
+                .block_on(serve(config, activation))
+                .map(|()| ExitCode::SUCCESS)
+        }),
+        Command::Bench(args) => runtime(0).and_then(|runtime| {
+            runtime
+                .block_on(otpd::bench::run(bench_options(args)))
+                .map(|()| ExitCode::SUCCESS)
+        }),
+        command => runtime(0).and_then(|runtime| runtime.block_on(run_client(command))),
     };
     result.unwrap_or_else(|e| {
         eprintln!("otpd: {e:#}");
@@ -203,16 +200,29 @@ fn init_tracing() {
     }
 }
 
-async fn serve(
-    config_file: Option<PathBuf>,
-    overrides: Overrides,
-    activation: Option<Activation>,
-) -> anyhow::Result<()> {
+/// A multi-thread runtime with `worker_threads` workers (0: one per core).
+fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+/// The daemon's configuration: the file (or the defaults), then flags and environment.
+fn serve_config(config_file: Option<PathBuf>, overrides: &Overrides) -> anyhow::Result<Config> {
     let mut config = match &config_file {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
-    config.resolve_paths(&overrides, &SystemdDirs::from_env());
+    config.resolve_paths(overrides, &SystemdDirs::from_env());
+    Ok(config)
+}
+
+async fn serve(mut config: Config, activation: Option<Activation>) -> anyhow::Result<()> {
     let listener = match activation {
         Some(Activation { listener, path }) => {
             if let Some(path) = path {

@@ -225,6 +225,30 @@ fn fifty_concurrent_verifies_exactly_one_wins(engine: Engine) {
     assert_eq!(count(&statuses, 409), 49, "{statuses:?}");
 }
 
+/// One runtime worker: the janitor's batches (which hand their worker over while they
+/// run) and the group commit still let every request through.
+#[test]
+fn one_worker_thread_serves_concurrent_requests() {
+    let daemon = Daemon::start(
+        "[server]\nworker_threads = 1\n[otp]\nretain_secs = 0\n[janitor]\ninterval_secs = 1\n",
+    );
+    let short = daemon.call(
+        json!({"op": "create", "token": "short", "to": {"sms": "393331000009"}, "ttl_secs": 1}),
+    );
+    assert_eq!(short["status"], 201);
+    let code = daemon.create_code("race", "393331234567");
+    let statuses = concurrently(
+        &[&daemon],
+        50,
+        |_| json!({"op": "verify", "token": "race", "code": code}),
+    );
+    assert_eq!(count(&statuses, 200), 1, "{statuses:?}");
+    assert_eq!(count(&statuses, 409), 49, "{statuses:?}");
+    wait_for("the janitor to purge the short code", || {
+        daemon.stats()["expired"] == 1
+    });
+}
+
 fn codes_survive_sigterm_and_sigkill(engine: Engine) {
     let mut daemon = engine.start(NO_COOLDOWN);
     let code = daemon.create_code("term", "393331234567");
