@@ -135,7 +135,7 @@ impl SocketArg {
 
 /// sled allocates and frees on every write from every thread; under load glibc's malloc
 /// spent a quarter of the daemon's CPU there, much of it waiting on arena locks
-/// (BENCHMARKS.md, "What got otpd from 5.4 k to 24 k ops/s").
+/// (BENCHMARKS.md, "What got otpd from 5.4 k to 28 k ops/s").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
