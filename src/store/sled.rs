@@ -387,10 +387,10 @@ impl SledStore {
         report.purged += self.purge_recipients(now, batch)?;
         let next_recipients = first_due(&self.recipients)?
             .map(|bucket| bucket.saturating_add(2 * self.limits.send_window));
-        report.next_due = match (first_due(&self.expiry)?, next_recipients) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        report.next_due = first_due(&self.expiry)?
+            .into_iter()
+            .chain(next_recipients)
+            .min();
         Ok(report)
     }
 
