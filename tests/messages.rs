@@ -26,7 +26,12 @@ fn stand_in() -> VonageStandIn {
 }
 
 fn start(vonage: &VonageStandIn) -> Daemon {
-    let (backend, delivery) = vonage.config("messages", "");
+    start_configured(vonage, "")
+}
+
+/// A daemon whose `[delivery.messages]` section has `section_extra` too.
+fn start_configured(vonage: &VonageStandIn, section_extra: &str) -> Daemon {
+    let (backend, delivery) = vonage.config("messages", section_extra);
     let extra = format!(
         "[otp]\nresend_cooldown_secs = 0\n[http]\nlisten = \"127.0.0.1:0\"\n\
          webhook_signature_secret = \"{SECRET}\"\n{backend}"
@@ -48,8 +53,14 @@ fn create_both(daemon: &Daemon, vonage: &VonageStandIn, token: &str) -> Seen {
 
 /// A Messages v1 status webhook for the message, signed as Vonage signs it.
 fn report(daemon: &Daemon, message: &Seen, status: &str) {
+    let answer = post_signed(daemon, &report_body(message.uuid.as_ref().unwrap(), status));
+    assert_eq!(answer.status, 200, "{}", answer.text());
+}
+
+/// A Messages v1 status report on the message `uuid`, stamped now.
+fn report_body(uuid: &str, status: &str) -> Value {
     let mut body = json!({
-        "message_uuid": message.uuid.clone().unwrap(),
+        "message_uuid": uuid,
         "to": PSID,
         "from": vonage::PAGE_ID,
         "timestamp": jiff::Timestamp::now().to_string(),
@@ -59,8 +70,7 @@ fn report(daemon: &Daemon, message: &Seen, status: &str) {
     if status == "rejected" {
         body["error"] = json!({"type": "https://developer.vonage.com/api-errors/messages#1050", "title": "1050", "detail": "Outside the 24-hour window"});
     }
-    let answer = post_signed(daemon, &body);
-    assert_eq!(answer.status, 200, "{}", answer.text());
+    body
 }
 
 fn sms_requests(vonage: &VonageStandIn) -> Vec<Seen> {
@@ -163,7 +173,29 @@ fn messenger_carries_vonage_failover_and_the_sms_follows_once_at_the_deadline() 
 #[test]
 fn no_sms_after_a_read_a_verify_a_cancel_or_vonages_own_failover() {
     let vonage = stand_in();
-    let daemon = start(&vonage);
+    // The held answer below must not time out.
+    let daemon = start_configured(&vonage, "timeout_secs = 30");
+
+    // A read reported before the send call has returned: 503, and the retry counts.
+    vonage.hold();
+    let early = std::thread::scope(|scope| {
+        let creating = scope.spawn(|| create_both(&daemon, &vonage, "early"));
+        wait_for("the Messenger message to reach Vonage", || {
+            !vonage.unanswered().is_empty()
+        });
+        let uuid = vonage.unanswered().remove(0);
+        let answer = post_signed(&daemon, &report_body(&uuid, "read"));
+        assert_eq!(
+            (answer.status, answer.header("retry-after")),
+            (503, "60"),
+            "{}",
+            answer.text()
+        );
+        vonage.release();
+        creating.join().unwrap()
+    });
+    report(&daemon, &early, "read");
+
     let read = create_both(&daemon, &vonage, "read");
     let verified = create_both(&daemon, &vonage, "verified");
     create_both(&daemon, &vonage, "cancelled");
@@ -179,6 +211,7 @@ fn no_sms_after_a_read_a_verify_a_cancel_or_vonages_own_failover() {
     report(&daemon, &rejected, "rejected");
 
     let cases = [
+        ("early", "Read"),
         ("read", "Read"),
         ("verified", "Finished(Verified)"),
         ("cancelled", "Finished(Cancelled)"),

@@ -31,6 +31,12 @@ pub const WEBHOOK_SECRET_CREDENTIAL: &str = "otpd-webhook-secret";
 /// cannot be replayed for long.
 const MAX_IAT_SKEW_SECS: i64 = 300;
 
+/// How long after its own `timestamp` a report on an unknown id is answered 503 instead
+/// of dropped. Vonage can report on a message before the call that sent it has returned
+/// to otpd, so its id is not filed yet; Vonage retries a 5xx after ~5 s, by when it is,
+/// and again after ~1 min, by when a report on an id otpd never knew is dropped.
+const EARLY_REPORT_MS: Millis = 30_000;
+
 /// Longest `detail` and `channel` kept from a report.
 const MAX_DETAIL_CHARS: usize = 200;
 const MAX_CHANNEL_CHARS: usize = 32;
@@ -60,6 +66,8 @@ pub enum Outcome {
     Recorded,
     /// Signed, but about no code otpd knows (any more): answered 200 and dropped.
     UnknownId,
+    /// Signed, recent and about no code otpd knows yet: 503, so that Vonage retries.
+    Early,
     /// No `Authorization` header: 503, so that Vonage retries.
     Unsigned,
     /// Bad signature, body hash or `iat`, or no secret configured: 401.
@@ -69,9 +77,10 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::Recorded,
         Outcome::UnknownId,
+        Outcome::Early,
         Outcome::Unsigned,
         Outcome::Unauthorized,
         Outcome::Malformed,
@@ -81,6 +90,7 @@ impl Outcome {
         match self {
             Outcome::Recorded => "recorded",
             Outcome::UnknownId => "unknown_id",
+            Outcome::Early => "early",
             Outcome::Unsigned => "unsigned",
             Outcome::Unauthorized => "unauthorized",
             Outcome::Malformed => "malformed",
@@ -161,19 +171,13 @@ impl Webhooks {
 
     /// `POST /webhooks/status`.
     pub async fn status(&self, otp: &Otp, headers: &HeaderMap, body: &[u8]) -> Answer {
-        match self.authenticate(headers, body, now_ms()) {
+        let now = now_ms();
+        match self.authenticate(headers, body, now) {
             Ok(()) => {}
             Err(Refused::Unsigned) => {
                 self.count(Outcome::Unsigned);
                 tracing::warn!("unsigned status webhook: answered 503 so that Vonage retries it");
-                let mut answer = text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Unsigned callbacks are not accepted",
-                );
-                answer
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
-                return answer;
+                return retry_later("Unsigned callbacks are not accepted");
             }
             Err(Refused::Unauthorized(reason)) => {
                 self.count(Outcome::Unauthorized);
@@ -181,7 +185,7 @@ impl Webhooks {
                 return text(StatusCode::UNAUTHORIZED, "Unauthorized");
             }
         }
-        let report = match parse_report(body, now_ms()) {
+        let report = match parse_report(body, now) {
             Ok(report) => report,
             Err(reason) => {
                 self.count(Outcome::Malformed);
@@ -213,6 +217,14 @@ impl Webhooks {
                     return text(StatusCode::INTERNAL_SERVER_ERROR, "Internal error");
                 }
             }
+        }
+        if report
+            .reported_at
+            .is_some_and(|at| now.saturating_sub(at) < EARLY_REPORT_MS)
+        {
+            self.count(Outcome::Early);
+            tracing::debug!(references = ?report.references, "recent status webhook for a delivery not filed yet; answered 503 so that Vonage retries it");
+            return retry_later("Unknown delivery id, retry later");
         }
         self.count(Outcome::UnknownId);
         tracing::debug!(references = ?report.references, "status webhook for an unknown delivery; ignored");
@@ -271,11 +283,22 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// 503 with `Retry-After`: Vonage retries 5xx answers on its own schedule.
+fn retry_later(message: &str) -> Answer {
+    let mut answer = text(StatusCode::SERVICE_UNAVAILABLE, message);
+    answer
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+    answer
+}
+
 /// A status report and the provider ids it may be filed under, most specific first.
 #[derive(Debug, PartialEq, Eq)]
 struct Report {
     references: Vec<String>,
     event: DeliveryEvent,
+    /// The report's own `timestamp`, when it has a readable one.
+    reported_at: Option<Millis>,
 }
 
 /// Reads a report: a per-message status (`message_uuid`, and for Dispatch
@@ -290,10 +313,9 @@ fn parse_report(body: &[u8], now: Millis) -> Result<Report, String> {
     {
         return Err("status: not a status name".into());
     }
-    let at = str_at("/timestamp")
+    let reported_at = str_at("/timestamp")
         .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-        .and_then(|t| Millis::try_from(t.as_millisecond()).ok())
-        .unwrap_or(now);
+        .and_then(|t| Millis::try_from(t.as_millisecond()).ok());
     let (references, channel, detail) = if let Some(message_uuid) = str_at("/message_uuid") {
         let references = [str_at("/_links/workflow/dispatch_uuid"), Some(message_uuid)];
         (
@@ -329,11 +351,12 @@ fn parse_report(body: &[u8], now: Millis) -> Result<Report, String> {
     Ok(Report {
         references,
         event: DeliveryEvent {
-            at,
+            at: reported_at.unwrap_or(now),
             status: status.to_owned(),
             channel: channel.map(|c| truncate(c, MAX_CHANNEL_CHARS)),
             detail: detail.map(|d| truncate(&d, MAX_DETAIL_CHARS)),
         },
+        reported_at,
     })
 }
 
@@ -442,6 +465,7 @@ mod tests {
         });
         let report = parse_report(body.to_string().as_bytes(), 1).unwrap();
         assert_eq!(report.references, vec!["d-1", "m-1"]);
+        assert_eq!(report.reported_at, Some(1_795_683_900_123));
         assert_eq!(
             report.event,
             DeliveryEvent {
@@ -463,6 +487,7 @@ mod tests {
         let report = parse_report(body.to_string().as_bytes(), 99).unwrap();
         assert_eq!(report.references, vec!["m-2"]);
         assert_eq!(report.event.at, 99, "unparsable timestamp: now");
+        assert_eq!(report.reported_at, None);
         assert_eq!(report.event.channel.as_deref(), Some("sms"));
         assert_eq!(
             report.event.detail.as_deref(),

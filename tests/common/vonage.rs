@@ -101,6 +101,10 @@ struct State {
     seen: Vec<Seen>,
     violations: Vec<String>,
     next_uuid: u64,
+    /// While set, answers wait for [`VonageStandIn::release`].
+    held: bool,
+    /// Uuids of requests given their uuid but not yet their answer.
+    unanswered: Vec<String>,
 }
 
 /// The running stand-in; stops with the test.
@@ -192,6 +196,21 @@ impl VonageStandIn {
         self.state.lock().unwrap().delay = delay;
     }
 
+    /// Holds every answer until [`VonageStandIn::release`]: Vonage may report on a
+    /// message before the daemon has the answer to the call that sent it.
+    pub fn hold(&self) {
+        self.state.lock().unwrap().held = true;
+    }
+
+    pub fn release(&self) {
+        self.state.lock().unwrap().held = false;
+    }
+
+    /// Uuids of the requests received and not answered yet.
+    pub fn unanswered(&self) -> Vec<String> {
+        self.state.lock().unwrap().unanswered.clone()
+    }
+
     /// Every request so far; fails the test if any broke a rule.
     pub fn requests(&self) -> Vec<Seen> {
         let state = self.state.lock().unwrap();
@@ -269,9 +288,14 @@ async fn answer(
         state.next_uuid += 1;
         let reply = state.script.pop_front().unwrap_or(Reply::Accept);
         let uuid = format!("00000000-0000-4000-8000-{:012}", state.next_uuid);
+        state.unanswered.push(uuid.clone());
         (reply, state.delay, uuid)
     };
     tokio::time::sleep(delay).await;
+    while state.lock().unwrap().held {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    state.lock().unwrap().unanswered.retain(|u| *u != uuid);
     let status = match &reply {
         Reply::Accept => 202,
         Reply::Problem => 400,
