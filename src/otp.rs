@@ -279,6 +279,7 @@ impl Otp {
             code: &code,
             to: &to,
             text: delivery::render(&self.template, &code, ttl_secs),
+            ttl_secs,
         };
         match self.delivery.send(&message).await {
             Ok(receipt) => {

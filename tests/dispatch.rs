@@ -105,6 +105,29 @@ fn both_channels_send_messenger_then_sms_and_keep_the_dispatch_uuid() {
 }
 
 #[test]
+fn a_short_lived_code_fails_over_within_its_life() {
+    // 120 s configured; a 60 s code waits half its life, a 20 s one Dispatch's minimum.
+    for (ttl_secs, expiry_time) in [(60, 30), (20, 15)] {
+        let vonage = VonageStandIn::start_expecting(vonage::Expect {
+            failover_secs: expiry_time,
+            ..vonage::Expect::default()
+        });
+        let daemon = start(&vonage, "failover_secs = 120");
+        let created = daemon.call(json!({
+            "op": "create", "token": "short", "ttl_secs": ttl_secs,
+            "to": {"messenger": PSID, "sms": PHONE}
+        }));
+        assert_eq!(created["status"], 201, "{created}");
+        let seen = vonage.requests();
+        assert_eq!(
+            seen[0].body["workflow"][0]["failover"],
+            json!({"expiry_time": expiry_time, "condition_status": "read"}),
+            "ttl_secs {ttl_secs}"
+        );
+    }
+}
+
+#[test]
 fn sms_only_is_a_one_step_workflow() {
     let vonage = VonageStandIn::start();
     let daemon = start(&vonage, "");

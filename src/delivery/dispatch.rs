@@ -1,7 +1,7 @@
 //! The `dispatch` backend: one Vonage Dispatch API `failover` workflow per code.
 //!
 //! With both channels the workflow is the Messenger message, failing over to the SMS
-//! when it is not read within `failover_secs`; Vonage runs the timer. With one channel
+//! when it is not read in time (`Vonage::failover_after`); Vonage runs the timer. With one channel
 //! it is a one-step workflow holding that message: the schema allows it (the array has
 //! no minimum, and the last step carries no `failover`), and it keeps one endpoint, one
 //! `dispatch_uuid` and one set of webhooks for every create.
@@ -41,8 +41,7 @@ impl DispatchDelivery {
                 "message": {"content": content, "messenger": self.vonage.messenger_options},
             });
             if message.to.sms.is_some() {
-                step["failover"] =
-                    json!({"expiry_time": self.vonage.failover_secs, "condition_status": "read"});
+                step["failover"] = json!({"expiry_time": self.vonage.failover_after(message.ttl_secs), "condition_status": "read"});
             }
             workflow.push(step);
         }

@@ -205,7 +205,7 @@ impl Delivery for MessagesDelivery {
         if let Some(number) = &message.to.sms {
             let failover = PendingFailover {
                 reference: uuid.clone(),
-                due_at: now_ms() + inner.vonage.failover_secs * 1000,
+                due_at: now_ms() + inner.vonage.failover_after(message.ttl_secs) * 1000,
                 token: message.token.to_owned(),
                 to: number.clone(),
                 sealed_text: inner.sealer.seal(message.token, &message.text),

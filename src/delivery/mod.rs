@@ -75,6 +75,8 @@ pub struct Message<'a> {
     /// The template with `{code}` and `{minutes}` filled in. It holds the code: only
     /// ever sent to the provider, never logged (except by the `log` backend).
     pub text: String,
+    /// How long the code is valid, which bounds when an SMS failover may still help.
+    pub ttl_secs: u64,
 }
 
 /// What the provider said when it took the message.

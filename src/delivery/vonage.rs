@@ -48,7 +48,7 @@ pub struct Vonage {
     /// Facebook Page id; `None` when this deployment sends SMS only.
     messenger_from: Option<String>,
     pub sms_from: String,
-    pub failover_secs: u64,
+    failover_secs: u64,
     /// `message.messenger` / `messenger` object: category and, for tagged messages, tag.
     pub messenger_options: Value,
     section: &'static str,
@@ -56,6 +56,14 @@ pub struct Vonage {
 }
 
 impl Vonage {
+    /// Seconds to wait for the Messenger message to be read before the SMS goes out:
+    /// `failover_secs`, but at most half the code's validity (and at least the 15 s
+    /// Dispatch allows), so that the SMS does not bring a code that has expired.
+    pub fn failover_after(&self, ttl_secs: u64) -> u64 {
+        self.failover_secs
+            .min((ttl_secs / 2).max(*FAILOVER_SECS.start()))
+    }
+
     /// Validates the API's section of `config` and loads the private key. Every error
     /// names its key.
     pub fn from_config(api: Api, config: &Config, counters: Arc<Counters>) -> anyhow::Result<Self> {
