@@ -552,11 +552,12 @@ impl Config {
             1000,
         )?;
         check_range("otp.send_window_secs", o.send_window_secs, 1, 30 * 86_400)?;
+        // Sends are remembered for one send window, so a longer cooldown would end early.
         check_range(
             "otp.resend_cooldown_secs",
             o.resend_cooldown_secs,
             0,
-            86_400,
+            o.send_window_secs.min(86_400),
         )?;
         check_range(
             "janitor.interval_secs",
@@ -663,6 +664,13 @@ mod tests {
         assert!(err.to_string().contains("server.socket_mode"), "{err}");
         let err = Config::parse("[server]\nworker_threads = 5000\n").unwrap_err();
         assert!(err.to_string().contains("server.worker_threads"), "{err}");
+        let err =
+            Config::parse("[otp]\nsend_window_secs = 2\nresend_cooldown_secs = 10\n").unwrap_err();
+        assert!(
+            err.to_string().contains("otp.resend_cooldown_secs"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("0..=2"), "{err}");
     }
 
     #[test]

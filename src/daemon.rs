@@ -31,6 +31,7 @@ pub async fn run(
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
+    server::raise_open_file_limit(config.server.max_connections);
     systemd::status("opening the store");
     let (secret, created) = ServerSecret::load_or_create(&config.store.secret_file)?;
     if created {

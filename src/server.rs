@@ -51,11 +51,20 @@ impl Listener {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         }
-        let listener = UnixListener::bind(path)
-            .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", path.display()))?;
-        // Permissions are set before the first accept, so no peer slips in under the
-        // default mode.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        // Bound under a private name and given its mode before it takes the real name,
+        // so no peer can connect while the socket still has the umask's mode.
+        let mut staging = path.as_os_str().to_owned();
+        staging.push(format!(".{}.new", std::process::id()));
+        let staging = PathBuf::from(staging);
+        let _ = std::fs::remove_file(&staging);
+        let listener = UnixListener::bind(&staging)
+            .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", staging.display()))?;
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
+            .and_then(|()| std::fs::rename(&staging, path))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&staging);
+            })
+            .map_err(|e| anyhow::anyhow!("cannot place the socket at {}: {e}", path.display()))?;
         Ok(Self {
             listener,
             owned_path: Some(path.to_owned()),
@@ -104,6 +113,34 @@ impl ConnectionLimits {
 }
 
 /// Accepts connections until `shutdown`, each served by its own task on `tracker`.
+/// Descriptors kept beside the connections: the database, listeners, the log file.
+const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// Raises the soft open-file limit to the hard one: every connection holds a descriptor,
+/// and the usual soft limit (1024) is no more than the default `max_connections`. Warns
+/// when the limit still cannot hold `max_connections`: past it, new clients wait in the
+/// kernel's queue without even a `busy` answer.
+pub fn raise_open_file_limit(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    // Under the packaged unit setrlimit is filtered out; LimitNOFILE= sets it there.
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let needed = max_connections as u64 + RESERVED_DESCRIPTORS;
+    if limit < needed {
+        tracing::warn!(
+            "the open-file limit ({limit}) cannot hold server.max_connections ({max_connections}) \
+             plus {RESERVED_DESCRIPTORS} for the database and listeners: raise it (LimitNOFILE=) \
+             or lower max_connections"
+        );
+    }
+}
+
 pub async fn serve(
     listener: Listener,
     otp: Arc<Otp>,
@@ -118,14 +155,19 @@ pub async fn serve(
         allowed_gids: config.allowed_gids.clone(),
     });
     let slots = Arc::new(Semaphore::new(config.max_connections));
+    let mut last_accept_warning = None;
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(error) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
+                    // EMFILE and friends: back off instead of spinning, and say so once
+                    // a minute rather than at every try.
+                    if last_accept_warning.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!(%error, "accept failed; retrying every 50 ms");
+                        last_accept_warning = Some(Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -217,8 +259,9 @@ async fn serve_connection(
                 response
             }
         };
-        // Pipelined requests are answered in one write once the input runs dry.
-        let more_buffered = !reader.buffer().is_empty();
+        // Pipelined requests are answered in one write once no whole request is left
+        // in the input (the start of one is not enough: its end may be long coming).
+        let more_buffered = reader.buffer().contains(&b'\n');
         if write_line(&mut writer, &response, limits.idle_timeout, !more_buffered)
             .await
             .is_err()

@@ -563,6 +563,15 @@ fn cli_client_commands(engine: Engine) {
     );
 }
 
+fn an_answer_is_not_held_back_by_the_start_of_the_next_request(engine: Engine) {
+    let daemon = engine.start("");
+    let mut conn = daemon.connect();
+    conn.send_raw(b"{\"op\":\"ping\",\"id\":1}\n{\"op\":\"pi");
+    assert_eq!(conn.receive().expect("the first answer")["id"], 1);
+    conn.send_raw(b"ng\",\"id\":2}\n");
+    assert_eq!(conn.receive().expect("the second answer")["id"], 2);
+}
+
 fn codes_do_not_reach_the_log_outside_the_delivery_line(engine: Engine) {
     let daemon = engine.start("");
     let code = daemon.create_code("quiet", "393331234567");
@@ -595,6 +604,7 @@ per_engine!([sled, redis, redis_cluster] {
     allowed_peer_by_uid_is_served,
     a_thousand_pipelined_requests_are_answered_in_order,
     answers_still_arrive_after_the_client_half_closes,
+    an_answer_is_not_held_back_by_the_start_of_the_next_request,
     socket_mode_is_applied_and_a_live_daemon_is_not_replaced,
     a_stale_socket_file_is_replaced,
     cli_client_commands,

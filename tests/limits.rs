@@ -83,3 +83,33 @@ fn a_slow_writer_is_cut_off_mid_line() {
     assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
     dribble.join().unwrap();
 }
+
+#[test]
+fn a_low_open_file_limit_is_raised_so_every_allowed_connection_is_served() {
+    let mut daemon = Daemon::prepare("", "[server]\nmax_connections = 100\n", "");
+    // A soft limit of 64 descriptors, as a shell with `ulimit -Sn 64` would pass on.
+    let mut command = daemon.command("sh");
+    command
+        .args(["-c", "ulimit -Sn 64 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_otpd"))
+        .args(daemon.serve_args());
+    daemon.launch(command);
+    daemon.wait_until_ready();
+
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a Max open files line")
+        .split_whitespace()
+        .collect();
+    let (soft, hard) = (open_files[3], open_files[4]);
+    assert_eq!(
+        soft, hard,
+        "the soft limit was raised to the hard one: {limits}"
+    );
+    assert_ne!(soft, "64");
+
+    // 90 connections at once, more than 64 descriptors: `served` fails unless each is.
+    let _held: Vec<_> = (0..90).map(|_| served(&daemon)).collect();
+}
