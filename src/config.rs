@@ -364,7 +364,8 @@ pub enum Backend {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
-    pub backend: Backend,
+    /// Unset: see [`DeliveryConfig::backend`].
+    pub backend: Option<Backend>,
     /// Message text; `{code}` and `{minutes}` are replaced.
     pub template: String,
     /// Log backend: also append one JSON line per message here (empty: off).
@@ -376,11 +377,32 @@ pub struct DeliveryConfig {
 impl Default for DeliveryConfig {
     fn default() -> Self {
         Self {
-            backend: Backend::Log,
+            backend: None,
             template: "Your verification code is {code}. It expires in {minutes} minutes.".into(),
             log_file: PathBuf::new(),
             dispatch: VonageConfig::default(),
             messages: VonageConfig::default(),
+        }
+    }
+}
+
+impl DeliveryConfig {
+    /// The backend named by `backend`; unset, the Vonage API whose section names an
+    /// `application_id` (configured credentials must not fall back to printing codes to
+    /// the log), else `log`.
+    pub fn backend(&self) -> Result<Backend, ConfigError> {
+        let dispatch = !self.dispatch.application_id.is_empty();
+        let messages = !self.messages.application_id.is_empty();
+        match (self.backend, dispatch, messages) {
+            (Some(backend), _, _) => Ok(backend),
+            (None, true, true) => Err(invalid(
+                "delivery.backend",
+                "both [delivery.dispatch] and [delivery.messages] name an application_id; \
+                 set \"dispatch\" or \"messages\"",
+            )),
+            (None, true, false) => Ok(Backend::Dispatch),
+            (None, false, true) => Ok(Backend::Messages),
+            (None, false, false) => Ok(Backend::Log),
         }
     }
 }
@@ -566,6 +588,7 @@ impl Config {
             86_400,
         )?;
         check_range("janitor.batch", self.janitor.batch as u64, 1, 1_000_000)?;
+        self.delivery.backend()?;
         if !self.delivery.template.contains("{code}") {
             return Err(invalid("delivery.template", "must contain {code}"));
         }
@@ -648,6 +671,24 @@ mod tests {
         assert_eq!(config.otp.code_length, 6);
         assert_eq!(config.server.socket_mode_bits().unwrap(), 0o660);
         assert_eq!(config.store.durability, Durability::Flush);
+    }
+
+    #[test]
+    fn the_backend_follows_the_configured_vonage_application() {
+        let backend = |text: &str| Config::parse(text).map(|c| c.delivery.backend().unwrap());
+        assert_eq!(backend("").unwrap(), Backend::Log);
+        let dispatch = "[delivery.dispatch]\napplication_id = \"a\"\n";
+        let messages = "[delivery.messages]\napplication_id = \"b\"\n";
+        assert_eq!(backend(dispatch).unwrap(), Backend::Dispatch);
+        assert_eq!(backend(messages).unwrap(), Backend::Messages);
+        let named = format!("[delivery]\nbackend = \"log\"\n{dispatch}");
+        assert_eq!(
+            backend(&named).unwrap(),
+            Backend::Log,
+            "a named backend wins"
+        );
+        let err = backend(&format!("{dispatch}{messages}")).unwrap_err();
+        assert!(err.to_string().contains("delivery.backend"), "{err}");
     }
 
     #[test]

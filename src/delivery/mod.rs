@@ -130,7 +130,7 @@ pub fn from_config(
     store: Arc<dyn Store>,
     secret: &ServerSecret,
 ) -> anyhow::Result<Arc<dyn Delivery>> {
-    Ok(match config.delivery.backend {
+    Ok(match config.delivery.backend()? {
         Backend::Log => Arc::new(LogDelivery::new(&config.delivery)?),
         Backend::Dispatch => Arc::new(DispatchDelivery::new(config, counters)?),
         Backend::Messages => Arc::new(MessagesDelivery::new(config, counters, store, secret)?),
