@@ -107,17 +107,18 @@ pub struct DeliveryRecord {
 pub const MAX_DELIVERY_EVENTS: usize = 16;
 
 impl DeliveryRecord {
-    /// Appends an event, dropping the oldest beyond [`MAX_DELIVERY_EVENTS`]. An event
-    /// already held is not added again: Vonage retries a callback whose answer it did
-    /// not see, with the same timestamp.
-    pub fn push(&mut self, event: DeliveryEvent) {
+    /// Appends an event, dropping the oldest beyond [`MAX_DELIVERY_EVENTS`]; false when
+    /// the event is already held: Vonage retries a callback whose answer it did not
+    /// see, with the same timestamp.
+    pub fn push(&mut self, event: DeliveryEvent) -> bool {
         if self.events.contains(&event) {
-            return;
+            return false;
         }
         if self.events.len() >= MAX_DELIVERY_EVENTS {
             self.events.remove(0);
         }
         self.events.push(event);
+        true
     }
 }
 

@@ -329,6 +329,13 @@ fn signed_status_webhooks_are_recorded_and_shown_by_status() {
         })
     );
 
+    let samples = parse_prometheus(http.get("/metrics").text());
+    let outcome = |name| sample(&samples, "otpd_webhooks_total", &[("outcome", name)]);
+    assert_eq!(
+        ["recorded", "duplicate", "unknown_id", "early"].map(outcome),
+        [3.0, 1.0, 2.0, 1.0]
+    );
+
     let answer = http.post("/webhooks/inbound", br#"{"anything": true}"#);
     assert_eq!((answer.status, answer.text()), (200, "OK"));
 

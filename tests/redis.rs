@@ -351,7 +351,7 @@ fn keys_expire_by_themselves(engine: Engine) {
 /// status events, discarding an undelivered code), through the store itself.
 fn delivery_records_and_discard_through_the_store(engine: Engine) {
     use otpd::rules::{DeliveryEvent, VerifyOutcome, now_ms};
-    use otpd::store::Store;
+    use otpd::store::{Filed, Store};
 
     let direct = DirectStore::new(engine);
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -372,18 +372,16 @@ fn delivery_records_and_discard_through_the_store(engine: Engine) {
             channel: Some("sms".into()),
             detail: None,
         };
-        assert!(
-            store
-                .record_delivery_event("uuid-1", event.clone())
-                .await
-                .unwrap()
-        );
-        assert!(
-            !store
-                .record_delivery_event("uuid-2", event.clone())
-                .await
-                .unwrap()
-        );
+        for filed in [Filed::Recorded, Filed::AlreadyRecorded] {
+            let outcome = store.record_delivery_event("uuid-1", event.clone()).await;
+            assert_eq!(
+                outcome.unwrap(),
+                filed,
+                "a provider's retry is recorded once"
+            );
+        }
+        let outcome = store.record_delivery_event("uuid-2", event.clone()).await;
+        assert_eq!(outcome.unwrap(), Filed::UnknownReference);
         let status = store.status("deliv").await.unwrap().unwrap();
         assert_eq!(status.code.delivery.reference.as_deref(), Some("uuid-1"));
         assert_eq!(status.code.delivery.events, vec![event.clone()]);
@@ -391,7 +389,8 @@ fn delivery_records_and_discard_through_the_store(engine: Engine) {
         store.discard("deliv", &digest).await.unwrap();
         assert!(store.status("deliv").await.unwrap().is_none());
         assert_eq!(store.live(), 0);
-        assert!(!store.record_delivery_event("uuid-1", event).await.unwrap());
+        let outcome = store.record_delivery_event("uuid-1", event).await;
+        assert_eq!(outcome.unwrap(), Filed::UnknownReference);
         let outcome = store.verify("deliv", &digest, now_ms()).await.unwrap();
         assert_eq!(outcome, VerifyOutcome::NotFound, "a discarded code is gone");
 
@@ -404,7 +403,7 @@ fn delivery_records_and_discard_through_the_store(engine: Engine) {
 /// one of two hosts at its deadline, and judged from its code's record.
 fn failovers_are_taken_once_across_hosts(engine: Engine) {
     use otpd::rules::{DeliveryEvent, FailoverVerdict, PendingFailover, now_ms};
-    use otpd::store::Store;
+    use otpd::store::{Filed, Store};
 
     let direct = DirectStore::new(engine);
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -424,7 +423,8 @@ fn failovers_are_taken_once_across_hosts(engine: Engine) {
             channel: Some("messenger".into()),
             detail: None,
         };
-        assert!(b.record_delivery_event("uuid-read", read).await.unwrap());
+        let outcome = b.record_delivery_event("uuid-read", read).await;
+        assert_eq!(outcome.unwrap(), Filed::Recorded);
         let failover = |reference: &str, due_at| PendingFailover {
             reference: reference.into(),
             due_at,

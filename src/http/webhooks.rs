@@ -22,6 +22,7 @@ use crate::config::{HttpConfig, SystemdDirs};
 use crate::metrics::bump;
 use crate::otp::Otp;
 use crate::rules::{DeliveryEvent, Millis, now_ms};
+use crate::store::Filed;
 
 /// Name of the systemd credential that may hold the signature secret.
 pub const WEBHOOK_SECRET_CREDENTIAL: &str = "otpd-webhook-secret";
@@ -64,6 +65,8 @@ pub fn load_secret(config: &HttpConfig, dirs: &SystemdDirs) -> anyhow::Result<Op
 pub enum Outcome {
     /// Filed on the code it is about.
     Recorded,
+    /// Already filed: Vonage sent it again. 200, nothing changes.
+    Duplicate,
     /// Signed, but about no code otpd knows (any more): answered 200 and dropped.
     UnknownId,
     /// Signed, recent and about no code otpd knows yet: 503, so that Vonage retries.
@@ -77,8 +80,9 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 6] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::Recorded,
+        Outcome::Duplicate,
         Outcome::UnknownId,
         Outcome::Early,
         Outcome::Unsigned,
@@ -89,6 +93,7 @@ impl Outcome {
     pub fn label(self) -> &'static str {
         match self {
             Outcome::Recorded => "recorded",
+            Outcome::Duplicate => "duplicate",
             Outcome::UnknownId => "unknown_id",
             Outcome::Early => "early",
             Outcome::Unsigned => "unsigned",
@@ -199,8 +204,12 @@ impl Webhooks {
                 .record_delivery_event(reference, report.event.clone())
                 .await
             {
-                Ok(false) => continue,
-                Ok(true) => {
+                Ok(Filed::UnknownReference) => continue,
+                Ok(Filed::AlreadyRecorded) => {
+                    self.count(Outcome::Duplicate);
+                    return text(StatusCode::OK, "OK");
+                }
+                Ok(Filed::Recorded) => {
                     self.count(Outcome::Recorded);
                     let index = STATUSES.iter().position(|s| *s == report.event.status);
                     bump(&self.statuses[index.unwrap_or(STATUSES.len())]);

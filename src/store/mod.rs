@@ -41,6 +41,17 @@ pub struct NewCode {
     pub expires_at: Millis,
 }
 
+/// What became of a provider's status report ([`Store::record_delivery_event`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filed {
+    /// Added to the events of the code it is about.
+    Recorded,
+    /// The code already holds it (a provider's retry).
+    AlreadyRecorded,
+    /// No code has a delivery with this reference.
+    UnknownReference,
+}
+
 /// What the janitor did in one batch.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PurgeReport {
@@ -91,13 +102,12 @@ pub trait Store: Send + Sync {
         reference: Option<&str>,
     ) -> Result<(), StoreError>;
 
-    /// Records a provider status report on the code whose delivery carries
-    /// `reference`; returns false when no code does.
+    /// Records a provider status report on the code whose delivery carries `reference`.
     async fn record_delivery_event(
         &self,
         reference: &str,
         event: DeliveryEvent,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Filed, StoreError>;
 
     /// Checks a typed code (as its digest) against the token's code.
     async fn verify(

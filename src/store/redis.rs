@@ -39,7 +39,9 @@ use redis::{
     ServerErrorKind, Value,
 };
 
-use super::{DueFailovers, NewCode, PurgeReport, Store, StoreError, TokenStatus, decode, encode};
+use super::{
+    DueFailovers, Filed, NewCode, PurgeReport, Store, StoreError, TokenStatus, decode, encode,
+};
 use crate::code::Digest;
 use crate::config::{RedisConfig, redact_url};
 use crate::rules::{
@@ -763,17 +765,19 @@ impl Store for RedisStore {
         &self,
         reference: &str,
         event: DeliveryEvent,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Filed, StoreError> {
         let mut conn = self.conn();
         let Some(code_key) = self.code_key_of(&mut conn, reference).await? else {
-            return Ok(false);
+            return Ok(Filed::UnknownReference);
         };
         for _ in 0..MAX_ROUNDS {
             let read = self.get(&mut conn, &code_key).await?;
             let Some(mut code) = decode_read::<CodeRecord>(&read)? else {
-                return Ok(false);
+                return Ok(Filed::UnknownReference);
             };
-            code.delivery.push(event.clone());
+            if !code.delivery.push(event.clone()) {
+                return Ok(Filed::AlreadyRecorded);
+            }
             let mut commit = Commit::default();
             commit.expect(&code_key, &read).set(
                 &code_key,
@@ -781,7 +785,7 @@ impl Store for RedisStore {
                 self.code_expire_at(&code),
             );
             if self.apply(&mut conn, &commit).await? {
-                return Ok(true);
+                return Ok(Filed::Recorded);
             }
         }
         Err(contention())

@@ -39,7 +39,9 @@ use sled::IVec;
 
 use super::group_commit::GroupCommit;
 use super::key_locks::KeyLocks;
-use super::{DueFailovers, NewCode, PurgeReport, Store, StoreError, TokenStatus, decode, encode};
+use super::{
+    DueFailovers, Filed, NewCode, PurgeReport, Store, StoreError, TokenStatus, decode, encode,
+};
 use crate::code::Digest;
 use crate::config::{Durability, StoreConfig};
 use crate::rules::{
@@ -553,19 +555,23 @@ impl Store for SledStore {
         &self,
         reference: &str,
         event: DeliveryEvent,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Filed, StoreError> {
         let Some(token) = self.token_delivered_as(reference)? else {
-            return Ok(false);
+            return Ok(Filed::UnknownReference);
         };
-        let recorded = self.update_token(&token, |state| {
+        let added = self.update_token(&token, |state| {
             let code = state.code.as_mut()?;
             (code.delivery.reference.as_deref() == Some(reference))
                 .then(|| code.delivery.push(event))
         })?;
-        if recorded.is_some() {
-            self.durable().await?;
-        }
-        Ok(recorded.is_some())
+        Ok(match added {
+            None => Filed::UnknownReference,
+            Some(false) => Filed::AlreadyRecorded,
+            Some(true) => {
+                self.durable().await?;
+                Filed::Recorded
+            }
+        })
     }
 
     async fn verify(
