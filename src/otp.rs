@@ -257,8 +257,8 @@ impl Otp {
             created_at: now,
             expires_at,
         };
-        match self.store.create(&new, now).await? {
-            Ok(()) => {}
+        let replaced = match self.store.create(&new, now).await? {
+            Ok(replaced) => replaced,
             Err(Refusal::Locked { retry_after }) => {
                 return Err(OtpError::TooManyAttempts {
                     retry_after_secs: secs_rounded_up(retry_after),
@@ -270,7 +270,7 @@ impl Otp {
                     retry_after_secs: secs_rounded_up(retry_after),
                 });
             }
-        }
+        };
         self.janitor
             .due_by(expires_at.min(now + self.limits.send_window));
 
@@ -289,10 +289,10 @@ impl Otp {
             }
             Err(error) => {
                 bump(&self.counters.delivery_failed);
-                if let Err(e) = self.store.discard(&token, &digest).await {
+                if let Err(e) = self.store.discard(&token, &digest, replaced).await {
                     tracing::error!(token, error = %e, "could not discard an undelivered code");
                 }
-                tracing::warn!(token, %error, "delivery failed; the code was discarded");
+                tracing::warn!(token, %error, "delivery failed; the code was discarded (any previous one stands)");
                 return Err(match error {
                     DeliveryError::Refused(detail) => OtpError::DeliveryFailed(detail),
                     DeliveryError::Unavailable(detail) => OtpError::DeliveryUnavailable(detail),

@@ -143,6 +143,11 @@ impl CodeRecord {
         }
     }
 
+    /// Issued and not yet verified, cancelled, invalidated or expired by the janitor.
+    pub fn is_pending(&self) -> bool {
+        self.state == CodeState::Pending
+    }
+
     /// The state as of `now`: a pending code past its expiry is expired even when the
     /// janitor has not come by yet.
     pub fn state_at(&self, now: Millis) -> CodeState {

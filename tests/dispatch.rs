@@ -223,6 +223,29 @@ fn a_refusal_answers_502_with_the_provider_detail_and_nothing_stays_live() {
 }
 
 #[test]
+fn a_resend_that_fails_leaves_the_code_already_sent() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    let to = json!({"messenger": PSID, "sms": PHONE});
+    assert_eq!(create(&daemon, "t7", to.clone())["status"], 201);
+    vonage.script(&[Reply::Problem]);
+    assert_eq!(create(&daemon, "t7", to)["status"], 502);
+    let seen = vonage.requests();
+    let (sent, failed) = (seen[0].code(), seen[1].code());
+    assert_eq!(daemon.stats()["live"], 1);
+    let status = daemon.call(json!({"op": "status", "token": "t7"}));
+    assert_eq!(
+        status["delivery"]["reference"],
+        seen[0].uuid.clone().unwrap(),
+        "{status}"
+    );
+    if failed != sent {
+        assert_eq!(daemon.verify("t7", &failed)["status"], 404);
+    }
+    assert_eq!(daemon.verify("t7", &sent)["status"], 200);
+}
+
+#[test]
 fn unauthorized_is_a_configuration_error() {
     let vonage = VonageStandIn::start();
     let daemon = start(&vonage, "");

@@ -72,7 +72,9 @@ struct DirectStore {
 
 impl DirectStore {
     fn new(engine: Engine) -> Self {
-        let config = otpd::config::Config::parse(&engine.store_toml()).unwrap();
+        // No resend cooldown: a test resends at once.
+        let toml = format!("[otp]\nresend_cooldown_secs = 0\n{}", engine.store_toml());
+        let config = otpd::config::Config::parse(&toml).unwrap();
         Self { config }
     }
 
@@ -386,12 +388,50 @@ fn delivery_records_and_discard_through_the_store(engine: Engine) {
         assert_eq!(status.code.delivery.reference.as_deref(), Some("uuid-1"));
         assert_eq!(status.code.delivery.events, vec![event.clone()]);
 
-        store.discard("deliv", &digest).await.unwrap();
-        assert!(store.status("deliv").await.unwrap().is_none());
+        // A resend whose delivery failed gives the first code back, reports and all.
+        let resend = new_code("deliv", 8, "393331234567", now);
+        let replaced = store.create(&resend, now).await.unwrap().unwrap();
+        assert_eq!(replaced.as_ref().map(|r| r.digest), Some(digest));
+        store
+            .discard("deliv", &resend.digest, replaced)
+            .await
+            .unwrap();
+        assert_eq!(store.live(), 1);
+        let status = store.status("deliv").await.unwrap().unwrap();
+        assert_eq!(status.code.delivery.events, vec![event.clone()]);
+        let outcome = store.record_delivery_event("uuid-1", event.clone()).await;
+        assert_eq!(
+            outcome.unwrap(),
+            Filed::AlreadyRecorded,
+            "still filed by uuid-1"
+        );
+
+        // A resend verified before its delivery was judged failed did arrive: it stays.
+        let arrived = new_code("deliv", 6, "393331234567", now);
+        let replaced = store.create(&arrived, now).await.unwrap().unwrap();
+        let outcome = store.verify("deliv", &arrived.digest, now).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::Valid);
+        store
+            .discard("deliv", &arrived.digest, replaced)
+            .await
+            .unwrap();
+        let outcome = store.verify("deliv", &arrived.digest, now).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::AlreadyVerified);
+        assert_eq!(store.live(), 0);
+
+        // A first code whose delivery failed: nothing to give back, nothing stays.
+        let lone = new_code("lone", 5, "393331234599", now);
+        assert_eq!(store.create(&lone, now).await.unwrap(), Ok(None));
+        store.discard("lone", &lone.digest, None).await.unwrap();
+        assert!(store.status("lone").await.unwrap().is_none());
         assert_eq!(store.live(), 0);
         let outcome = store.record_delivery_event("uuid-1", event).await;
-        assert_eq!(outcome.unwrap(), Filed::UnknownReference);
-        let outcome = store.verify("deliv", &digest, now_ms()).await.unwrap();
+        assert_eq!(
+            outcome.unwrap(),
+            Filed::UnknownReference,
+            "replaced for good"
+        );
+        let outcome = store.verify("lone", &lone.digest, now_ms()).await.unwrap();
         assert_eq!(outcome, VerifyOutcome::NotFound, "a discarded code is gone");
 
         // A second store with another secret on the same prefix is refused.

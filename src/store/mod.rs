@@ -41,6 +41,15 @@ pub struct NewCode {
     pub expires_at: Millis,
 }
 
+/// The code a create replaced. The caller keeps it until the new code's delivery is
+/// settled, so that [`Store::discard`] can put it back: a resend that never went out
+/// must not take away the code the person already has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplacedCode {
+    pub digest: Digest,
+    pub code: CodeRecord,
+}
+
 /// What became of a provider's status report ([`Store::record_delivery_event`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filed {
@@ -86,12 +95,24 @@ pub struct TokenStatus {
 /// create costs one flush however its delivery goes.
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Stores a new code for a token, replacing its previous one, unless the token is
-    /// locked or a rate limit refuses. Atomic, but not yet durable.
-    async fn create(&self, code: &NewCode, now: Millis) -> Result<Result<(), Refusal>, StoreError>;
+    /// Stores a new code for a token, replacing its previous one (returned), unless the
+    /// token is locked or a rate limit refuses. Atomic, but not yet durable.
+    async fn create(
+        &self,
+        code: &NewCode,
+        now: Millis,
+    ) -> Result<Result<Option<ReplacedCode>, Refusal>, StoreError>;
 
-    /// Removes a code whose delivery failed, so nothing stays live.
-    async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError>;
+    /// Removes a code whose delivery failed and puts back the one it `replaced`, as if
+    /// the create had not been (its sends still count toward the rate limits: the
+    /// provider may have sent before it failed). Leaves a code already verified alone:
+    /// it evidently arrived.
+    async fn discard(
+        &self,
+        token: &str,
+        digest: &Digest,
+        replaced: Option<ReplacedCode>,
+    ) -> Result<(), StoreError>;
 
     /// Makes a created code final once its delivery went out: keeps the provider's
     /// delivery id (if it gave one) and returns once the code is durable.

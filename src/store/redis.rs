@@ -40,7 +40,8 @@ use redis::{
 };
 
 use super::{
-    DueFailovers, Filed, NewCode, PurgeReport, Store, StoreError, TokenStatus, decode, encode,
+    DueFailovers, Filed, NewCode, PurgeReport, ReplacedCode, Store, StoreError, TokenStatus,
+    decode, encode,
 };
 use crate::code::Digest;
 use crate::config::{RedisConfig, redact_url};
@@ -620,7 +621,11 @@ impl RedisStore {
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn create(&self, new: &NewCode, now: Millis) -> Result<Result<(), Refusal>, StoreError> {
+    async fn create(
+        &self,
+        new: &NewCode,
+        now: Millis,
+    ) -> Result<Result<Option<ReplacedCode>, Refusal>, StoreError> {
         let mut conn = self.conn();
         let token_key = self.keys.token(&new.token);
         let code_key = self.keys.code(&new.token, &new.digest);
@@ -665,8 +670,14 @@ impl Store for RedisStore {
             let code_expire_at = self.code_expire_at(&code);
             let mut commit = Commit::default();
             commit.expect(&token_key, &token_read);
+            // The replaced code as it is when deleted, handed back for a discard.
+            let mut replaced = None;
             if let Some(old) = plan.replaced {
-                commit.delete(&self.keys.code(&new.token, &old));
+                let old_key = self.keys.code(&new.token, &old);
+                let old_read = self.get(&mut conn, &old_key).await?;
+                replaced = decode_read::<CodeRecord>(&old_read)?
+                    .map(|code| ReplacedCode { digest: old, code });
+                commit.expect(&old_key, &old_read).delete(&old_key);
             }
             commit.set(&code_key, &encode(&code), code_expire_at).set(
                 &token_key,
@@ -675,15 +686,15 @@ impl Store for RedisStore {
             );
             if self.apply(&mut conn, &commit).await? {
                 let member = Keys::live_member(&new.token, &new.digest);
-                let replaced: Vec<String> = plan
+                let gone: Vec<String> = plan
                     .replaced
                     .filter(|old| *old != new.digest)
                     .map(|old| Keys::live_member(&new.token, &old))
                     .into_iter()
                     .collect();
-                self.track_live(&mut conn, Some((&member, new.expires_at)), &replaced)
+                self.track_live(&mut conn, Some((&member, new.expires_at)), &gone)
                     .await;
-                return Ok(Ok(()));
+                return Ok(Ok(replaced));
             }
             for key in &recipient_keys {
                 self.unreserve(&mut conn, key, now).await?;
@@ -692,28 +703,48 @@ impl Store for RedisStore {
         Err(contention())
     }
 
-    async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError> {
+    async fn discard(
+        &self,
+        token: &str,
+        digest: &Digest,
+        replaced: Option<ReplacedCode>,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let token_key = self.keys.token(token);
         let code_key = self.keys.code(token, digest);
         for _ in 0..MAX_ROUNDS {
             let (token_read, code_read) = self.get_two(&mut conn, &token_key, &code_key).await?;
-            if code_read.is_none() {
-                return Ok(());
+            if !decode_read::<CodeRecord>(&code_read)?.is_some_and(|code| code.is_pending()) {
+                return Ok(()); // gone, or verified: it arrived after all
             }
             let mut commit = Commit::default();
             commit
                 .expect(&token_key, &token_read)
                 .expect(&code_key, &code_read)
                 .delete(&code_key);
+            let mut restored = None;
             if let Some(mut record) = decode_read::<TokenRecord>(&token_read)?
                 && record.live == Some(*digest)
             {
-                record.live = None;
-                commit.set(&token_key, &encode(&record), self.token_expire_at(&record));
+                record.live = replaced.as_ref().map(|old| old.digest);
+                let mut expire_at = self.token_expire_at(&record);
+                if let Some(old) = &replaced {
+                    let old_expire_at = self.code_expire_at(&old.code);
+                    commit.set(
+                        &self.keys.code(token, &old.digest),
+                        &encode(&old.code),
+                        old_expire_at,
+                    );
+                    expire_at = expire_at.max(old_expire_at);
+                    restored = old.code.is_pending().then_some(old);
+                }
+                commit.set(&token_key, &encode(&record), expire_at);
             }
             if self.apply(&mut conn, &commit).await? {
-                self.track_live(&mut conn, None, &[Keys::live_member(token, digest)])
+                let back = restored
+                    .map(|old| (Keys::live_member(token, &old.digest), old.code.expires_at));
+                let back = back.as_ref().map(|(member, at)| (member.as_str(), *at));
+                self.track_live(&mut conn, back, &[Keys::live_member(token, digest)])
                     .await;
                 return Ok(());
             }

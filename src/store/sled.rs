@@ -40,7 +40,8 @@ use sled::IVec;
 use super::group_commit::GroupCommit;
 use super::key_locks::KeyLocks;
 use super::{
-    DueFailovers, Filed, NewCode, PurgeReport, Store, StoreError, TokenStatus, decode, encode,
+    DueFailovers, Filed, NewCode, PurgeReport, ReplacedCode, Store, StoreError, TokenStatus,
+    decode, encode,
 };
 use crate::code::Digest;
 use crate::config::{Durability, StoreConfig};
@@ -293,8 +294,8 @@ impl SledStore {
     }
 
     /// Drops the lookup entry of a code that is gone.
-    fn forget_reference(&self, code: Option<CodeRecord>) -> Result<(), StoreError> {
-        if let Some(reference) = code.and_then(|code| code.delivery.reference) {
+    fn forget_reference(&self, code: Option<&CodeRecord>) -> Result<(), StoreError> {
+        if let Some(reference) = code.and_then(|code| code.delivery.reference.as_ref()) {
             self.references.remove(reference).map_err(db_error)?;
         }
         Ok(())
@@ -358,7 +359,7 @@ impl SledStore {
         } else {
             self.write_token(token, &mut state)?;
         }
-        self.forget_reference(purged_code)?;
+        self.forget_reference(purged_code.as_ref())?;
         Ok(visit)
     }
 
@@ -397,12 +398,12 @@ impl SledStore {
     }
 
     /// The create itself, under the locks of its token and recipients; returns the
-    /// change in live codes.
+    /// change in live codes and the code it replaced.
     fn create_locked(
         &self,
         new: &NewCode,
         now: Millis,
-    ) -> Result<Result<i64, Refusal>, StoreError> {
+    ) -> Result<Result<(i64, Option<ReplacedCode>), Refusal>, StoreError> {
         let token = new.token.as_bytes();
         let mut state = self.read_token(token)?.unwrap_or_default();
         let mut recipients = new
@@ -428,11 +429,13 @@ impl SledStore {
         let code = CodeRecord::new(new.created_at, new.expires_at, new.channels.clone());
         let replaced = state.code.replace(code);
         self.write_token(token, &mut state)?;
-        let replaced_live = replaced
-            .as_ref()
-            .is_some_and(|c| c.state == CodeState::Pending);
-        self.forget_reference(replaced)?;
-        Ok(Ok(1 - i64::from(replaced_live)))
+        self.forget_reference(replaced.as_ref())?;
+        let replaced_live = replaced.as_ref().is_some_and(CodeRecord::is_pending);
+        let replaced = plan
+            .replaced
+            .zip(replaced)
+            .map(|(digest, code)| ReplacedCode { digest, code });
+        Ok(Ok((1 - i64::from(replaced_live), replaced)))
     }
 
     /// The verify itself, under the token's lock: (outcome, live change, wrote).
@@ -503,7 +506,11 @@ fn off_worker<T>(work: impl FnOnce() -> T) -> T {
 
 #[async_trait]
 impl Store for SledStore {
-    async fn create(&self, new: &NewCode, now: Millis) -> Result<Result<(), Refusal>, StoreError> {
+    async fn create(
+        &self,
+        new: &NewCode,
+        now: Millis,
+    ) -> Result<Result<Option<ReplacedCode>, Refusal>, StoreError> {
         let mut keys = vec![new.token.as_bytes()];
         keys.extend(new.recipients.iter().map(|r| r.as_bytes()));
         let result = {
@@ -511,18 +518,40 @@ impl Store for SledStore {
             self.create_locked(new, now)?
         };
         // Durable with confirm_delivery or discard, whichever follows the delivery.
-        Ok(result.map(|delta| self.adjust_live(delta)))
+        Ok(result.map(|(delta, replaced)| {
+            self.adjust_live(delta);
+            replaced
+        }))
     }
 
-    async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError> {
+    async fn discard(
+        &self,
+        token: &str,
+        digest: &Digest,
+        replaced: Option<ReplacedCode>,
+    ) -> Result<(), StoreError> {
+        let restored = replaced.as_ref().map(|old| &old.code);
         let removed = self.update_token(token.as_bytes(), |state| {
-            (state.record.live == Some(*digest)).then(|| state.remove_code())
+            let undelivered = state.record.live == Some(*digest)
+                && state.code.as_ref().is_some_and(CodeRecord::is_pending);
+            undelivered.then(|| {
+                let removed = state.remove_code();
+                if let Some(old) = &replaced {
+                    state.record.live = Some(old.digest);
+                    state.code = Some(old.code.clone());
+                }
+                removed
+            })
         })?;
         if let Some(code) = removed.flatten() {
-            if code.state == CodeState::Pending {
-                self.adjust_live(-1);
+            let back = restored.is_some_and(CodeRecord::is_pending);
+            self.adjust_live(i64::from(back) - 1);
+            self.forget_reference(Some(&code))?;
+            if let Some(reference) = restored.and_then(|old| old.delivery.reference.as_ref()) {
+                self.references
+                    .insert(reference.as_bytes(), token.as_bytes())
+                    .map_err(db_error)?;
             }
-            self.forget_reference(Some(code))?;
         }
         self.durable().await
     }
@@ -671,7 +700,7 @@ impl Store for SledStore {
 mod tests {
     use super::*;
     use crate::config::OtpConfig;
-    use crate::rules::FailoverVerdict;
+    use crate::rules::{DeliveryEvent, FailoverVerdict};
 
     fn failover(token: &str, due_at: Millis) -> PendingFailover {
         PendingFailover {
@@ -749,6 +778,45 @@ mod tests {
         assert_eq!(purge(&store, 20_000).await, (1, 0, None));
         assert!(store.tokens.is_empty() && store.recipients.is_empty());
         assert!(store.expiry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_undelivered_resend_puts_the_previous_code_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, LIMITS);
+        let first = new_code("a", 1, 0, 5_000);
+        assert!(store.create(&first, 0).await.unwrap().unwrap().is_none());
+        store
+            .confirm_delivery("a", &first.digest, Some("uuid-1"))
+            .await
+            .unwrap();
+        let second = new_code("a", 2, 100, 5_100);
+        let replaced = store.create(&second, 100).await.unwrap().unwrap();
+        assert_eq!(replaced.as_ref().map(|r| r.digest), Some(first.digest));
+        store.discard("a", &second.digest, replaced).await.unwrap();
+        assert_eq!(store.live(), 1);
+        let event = DeliveryEvent {
+            at: 150,
+            status: "read".into(),
+            channel: None,
+            detail: None,
+        };
+        let filed = store.record_delivery_event("uuid-1", event).await.unwrap();
+        assert_eq!(filed, Filed::Recorded, "its status reports are filed again");
+        let outcome = store.verify("a", &second.digest, 200).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::NotFound);
+        let outcome = store.verify("a", &first.digest, 200).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::Valid);
+
+        // A resend verified before its delivery was judged failed did arrive: it stays.
+        let third = new_code("a", 3, 300, 5_300);
+        let replaced = store.create(&third, 300).await.unwrap().unwrap();
+        let outcome = store.verify("a", &third.digest, 400).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::Valid);
+        store.discard("a", &third.digest, replaced).await.unwrap();
+        let outcome = store.verify("a", &third.digest, 500).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::AlreadyVerified);
+        assert_eq!(store.live(), 0);
     }
 
     #[tokio::test]
