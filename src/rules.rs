@@ -95,6 +95,20 @@ pub struct DeliveryEvent {
     pub detail: Option<String>,
 }
 
+/// Status of the event recording the SMS the `messages` backend sent itself after an
+/// unread Messenger message; its detail is the SMS's `message_uuid`.
+pub const FAILOVER_SENT: &str = "failover_sent";
+
+impl DeliveryEvent {
+    /// The provider id this event adds to its delivery: the failover SMS's, whose own
+    /// status reports are then filed on the same code.
+    pub fn new_reference(&self) -> Option<&str> {
+        (self.status == FAILOVER_SENT)
+            .then_some(self.detail.as_deref())
+            .flatten()
+    }
+}
+
 /// What is known about a code's delivery.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryRecord {
@@ -107,6 +121,13 @@ pub struct DeliveryRecord {
 pub const MAX_DELIVERY_EVENTS: usize = 16;
 
 impl DeliveryRecord {
+    /// Every provider id this delivery's reports are filed under: its own and that of
+    /// a failover SMS otpd sent ([`DeliveryEvent::new_reference`]).
+    pub fn references(&self) -> impl Iterator<Item = &str> {
+        let added = self.events.iter().filter_map(DeliveryEvent::new_reference);
+        self.reference.as_deref().into_iter().chain(added)
+    }
+
     /// Appends an event, dropping the oldest beyond [`MAX_DELIVERY_EVENTS`]; false when
     /// the event is already held: Vonage retries a callback whose answer it did not
     /// see, with the same timestamp.

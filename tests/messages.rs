@@ -144,6 +144,21 @@ fn messenger_carries_vonage_failover_and_the_sms_follows_once_at_the_deadline() 
         .unwrap();
     assert_eq!(failover["detail"], sent[0].uuid.clone().unwrap());
 
+    // The SMS's own status reports are filed on the code too.
+    let mut delivered = report_body(sent[0].uuid.as_ref().unwrap(), "delivered");
+    delivered["channel"] = json!("sms");
+    delivered["to"] = json!(PHONE);
+    delivered["from"] = json!(vonage::SMS_FROM);
+    let answer = post_signed(&daemon, &delivered);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(
+        events(&daemon, "m1")
+            .iter()
+            .any(|e| e["status"] == "delivered" && e["channel"] == "sms"),
+        "{:?}",
+        events(&daemon, "m1")
+    );
+
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(sms_requests(&vonage).len(), 1, "no second SMS");
     assert_eq!(

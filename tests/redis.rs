@@ -510,6 +510,22 @@ fn failovers_are_taken_once_across_hosts(engine: Engine) {
         let again = a.take_due_failovers(deadline, 10).await.unwrap();
         assert!(again.due.is_empty());
         assert_eq!(again.next_due, Some(now + 60_000));
+
+        // The SMS sent for "unread" is filed on its code, so its own reports are too.
+        let event = |status: &str, detail: Option<&str>| DeliveryEvent {
+            at: deadline,
+            status: status.into(),
+            channel: Some("sms".into()),
+            detail: detail.map(str::to_owned),
+        };
+        let sent = event("failover_sent", Some("uuid-sms"));
+        let outcome = a.record_delivery_event("uuid-unread", sent.clone()).await;
+        assert_eq!(outcome.unwrap(), Filed::Recorded);
+        let delivered = event("delivered", None);
+        let outcome = b.record_delivery_event("uuid-sms", delivered.clone()).await;
+        assert_eq!(outcome.unwrap(), Filed::Recorded);
+        let status = a.status("unread").await.unwrap().unwrap();
+        assert_eq!(status.code.delivery.events, vec![sent, delivered]);
     });
 }
 

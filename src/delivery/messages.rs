@@ -28,7 +28,7 @@ use super::vonage::{Api, Vonage};
 use super::{Delivery, DeliveryError, Message, Receipt};
 use crate::config::Config;
 use crate::metrics::Counters;
-use crate::rules::{DeliveryEvent, FailoverVerdict, PendingFailover, now_ms};
+use crate::rules::{DeliveryEvent, FAILOVER_SENT, FailoverVerdict, PendingFailover, now_ms};
 use crate::secret::ServerSecret;
 use crate::store::Store;
 
@@ -155,7 +155,7 @@ impl Inner {
                     sms_uuid = uuid,
                     "Messenger message not read in time: sent the SMS"
                 );
-                ("failover_sent", uuid)
+                (FAILOVER_SENT, uuid)
             }
             Err(e) => {
                 tracing::error!(token = failover.token, error = %e, "failover SMS not sent");

@@ -501,6 +501,26 @@ impl RedisStore {
         Ok(key.map(|key| String::from_utf8_lossy(&key).into_owned()))
     }
 
+    /// Files the code at `code_key` under a provider's `reference`. The entry has its own
+    /// slot, so it is written after the code and never points at nothing that was not
+    /// there.
+    async fn file_reference(
+        &self,
+        conn: &mut Connection,
+        reference: &str,
+        code_key: &str,
+        expire_at: Millis,
+    ) -> Result<(), StoreError> {
+        redis::cmd("SET")
+            .arg(self.keys.reference(reference))
+            .arg(code_key)
+            .arg("PXAT")
+            .arg(expire_at)
+            .query_async::<()>(conn)
+            .await
+            .map_err(redis_error)
+    }
+
     /// Runs a commit; false when a key changed since it was read.
     async fn apply(&self, conn: &mut Connection, commit: &Commit) -> Result<bool, StoreError> {
         let mut invocation = COMMIT_SCRIPT.prepare_invoke();
@@ -776,16 +796,8 @@ impl Store for RedisStore {
                 .expect(&code_key, &read)
                 .set(&code_key, &encode(&code), expire_at);
             if self.apply(&mut conn, &commit).await? {
-                // Its own slot: written after the code, so it never points at nothing
-                // that was not there.
-                redis::cmd("SET")
-                    .arg(self.keys.reference(reference))
-                    .arg(&code_key)
-                    .arg("PXAT")
-                    .arg(expire_at)
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .map_err(redis_error)?;
+                self.file_reference(&mut conn, reference, &code_key, expire_at)
+                    .await?;
                 return Ok(());
             }
         }
@@ -809,13 +821,16 @@ impl Store for RedisStore {
             if !code.delivery.push(event.clone()) {
                 return Ok(Filed::AlreadyRecorded);
             }
+            let expire_at = self.code_expire_at(&code);
             let mut commit = Commit::default();
-            commit.expect(&code_key, &read).set(
-                &code_key,
-                &encode(&code),
-                self.code_expire_at(&code),
-            );
+            commit
+                .expect(&code_key, &read)
+                .set(&code_key, &encode(&code), expire_at);
             if self.apply(&mut conn, &commit).await? {
+                if let Some(new_reference) = event.new_reference() {
+                    self.file_reference(&mut conn, new_reference, &code_key, expire_at)
+                        .await?;
+                }
                 return Ok(Filed::Recorded);
             }
         }

@@ -70,7 +70,7 @@ impl TokenState {
     fn code_delivered_as(&self, reference: &str) -> Option<&CodeRecord> {
         self.code
             .as_ref()
-            .filter(|code| code.delivery.reference.as_deref() == Some(reference))
+            .filter(|code| code.delivery.references().any(|r| r == reference))
     }
 
     /// Takes the code away (discarded, replaced or purged); returns it.
@@ -295,9 +295,15 @@ impl SledStore {
 
     /// Drops the lookup entry of a code that is gone.
     fn forget_reference(&self, code: Option<&CodeRecord>) -> Result<(), StoreError> {
-        if let Some(reference) = code.and_then(|code| code.delivery.reference.as_ref()) {
+        for reference in code.iter().flat_map(|code| code.delivery.references()) {
             self.references.remove(reference).map_err(db_error)?;
         }
+        Ok(())
+    }
+
+    /// Files `token`'s code under `reference`, for the provider's status reports.
+    fn file_reference(&self, reference: &str, token: &[u8]) -> Result<(), StoreError> {
+        self.references.insert(reference, token).map_err(db_error)?;
         Ok(())
     }
 
@@ -547,10 +553,8 @@ impl Store for SledStore {
             let back = restored.is_some_and(CodeRecord::is_pending);
             self.adjust_live(i64::from(back) - 1);
             self.forget_reference(Some(&code))?;
-            if let Some(reference) = restored.and_then(|old| old.delivery.reference.as_ref()) {
-                self.references
-                    .insert(reference.as_bytes(), token.as_bytes())
-                    .map_err(db_error)?;
+            for reference in restored.iter().flat_map(|old| old.delivery.references()) {
+                self.file_reference(reference, token.as_bytes())?;
             }
         }
         self.durable().await
@@ -572,9 +576,7 @@ impl Store for SledStore {
                 Some(())
             })?;
             if filed.is_some() {
-                self.references
-                    .insert(reference, token.as_bytes())
-                    .map_err(db_error)?;
+                self.file_reference(reference, token.as_bytes())?;
             }
         }
         self.durable().await
@@ -588,15 +590,18 @@ impl Store for SledStore {
         let Some(token) = self.token_delivered_as(reference)? else {
             return Ok(Filed::UnknownReference);
         };
+        let new_reference = event.new_reference().map(str::to_owned);
         let added = self.update_token(&token, |state| {
-            let code = state.code.as_mut()?;
-            (code.delivery.reference.as_deref() == Some(reference))
-                .then(|| code.delivery.push(event))
+            state.code_delivered_as(reference)?;
+            state.code.as_mut().map(|code| code.delivery.push(event))
         })?;
         Ok(match added {
             None => Filed::UnknownReference,
             Some(false) => Filed::AlreadyRecorded,
             Some(true) => {
+                if let Some(new_reference) = new_reference {
+                    self.file_reference(&new_reference, &token)?;
+                }
                 self.durable().await?;
                 Filed::Recorded
             }
@@ -817,6 +822,36 @@ mod tests {
         let outcome = store.verify("a", &third.digest, 500).await.unwrap();
         assert_eq!(outcome, VerifyOutcome::AlreadyVerified);
         assert_eq!(store.live(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failover_sms_is_filed_with_its_code_and_forgotten_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, LIMITS);
+        let new = new_code("a", 1, 0, 5_000);
+        store.create(&new, 0).await.unwrap().unwrap();
+        store
+            .confirm_delivery("a", &new.digest, Some("uuid-m"))
+            .await
+            .unwrap();
+        let event = |status: &str, detail: Option<&str>| DeliveryEvent {
+            at: 100,
+            status: status.into(),
+            channel: Some("sms".into()),
+            detail: detail.map(str::to_owned),
+        };
+        let sent = event(rules::FAILOVER_SENT, Some("uuid-s"));
+        let filed = store.record_delivery_event("uuid-m", sent).await.unwrap();
+        assert_eq!(filed, Filed::Recorded);
+        let filed = store.record_delivery_event("uuid-s", event("delivered", None));
+        assert_eq!(filed.await.unwrap(), Filed::Recorded);
+        assert_eq!(store.references.len(), 2);
+        // Expired at 5 s, purged `retain` later: both ids go with the code.
+        assert_eq!(purge(&store, 5_000).await.1, 1);
+        purge(&store, 6_000).await;
+        assert!(store.references.is_empty());
+        let filed = store.record_delivery_event("uuid-s", event("read", None));
+        assert_eq!(filed.await.unwrap(), Filed::UnknownReference);
     }
 
     #[tokio::test]
