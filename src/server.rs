@@ -105,10 +105,50 @@ struct ConnectionLimits {
 }
 
 impl ConnectionLimits {
-    fn allows(&self, uid: u32, gid: u32) -> bool {
+    /// Whether the peer may use otpd: its uid, its primary gid or one of its
+    /// supplementary groups (a user added with `adduser alice otpd` has the group only
+    /// there) is allowed, or no allow-list is set.
+    fn allows(&self, stream: &UnixStream, uid: u32, gid: u32) -> bool {
         (self.allowed_uids.is_empty() && self.allowed_gids.is_empty())
             || self.allowed_uids.contains(&uid)
             || self.allowed_gids.contains(&gid)
+            || (!self.allowed_gids.is_empty()
+                && peer_groups(stream)
+                    .iter()
+                    .any(|group| self.allowed_gids.contains(group)))
+    }
+}
+
+/// The peer's supplementary groups as they were when it connected (`SO_PEERGROUPS`,
+/// Linux 4.13); empty if the kernel cannot tell.
+fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    const GID_SIZE: usize = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    loop {
+        let mut len = (groups.len() * GID_SIZE) as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into `groups`, which has them,
+        // and sets `len` to what it wrote (or, with ERANGE, to what it needs).
+        let result = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / GID_SIZE;
+        if result == 0 {
+            groups.truncate(needed);
+            return groups;
+        }
+        let range = std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE);
+        if !range || needed <= groups.len() {
+            return Vec::new();
+        }
+        groups.resize(needed, 0);
     }
 }
 
@@ -211,7 +251,7 @@ async fn serve_connection(
     shutdown: CancellationToken,
 ) {
     match stream.peer_cred() {
-        Ok(cred) if limits.allows(cred.uid(), cred.gid()) => {}
+        Ok(cred) if limits.allows(&stream, cred.uid(), cred.gid()) => {}
         Ok(cred) => {
             tracing::warn!(
                 uid = cred.uid(),

@@ -441,6 +441,37 @@ fn allowed_peer_by_uid_is_served(engine: Engine) {
     assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
 }
 
+/// `adduser alice otpd` gives alice the group as a supplementary one, not her primary.
+/// Connecting as another user takes root (CI runs as root); elsewhere this says so and
+/// checks nothing.
+#[test]
+fn a_peer_allowed_by_a_supplementary_group_is_served() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: connecting as another user needs root");
+        return;
+    }
+    let daemon = Daemon::start("[server]\nallowed_gids = [4321]\nsocket_mode = \"0666\"\n");
+    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ping_with_groups = |groups: &str| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534"])
+            .arg(format!("--groups={groups}"))
+            .args([env!("CARGO_BIN_EXE_otpd"), "ping", "--socket"])
+            .arg(&daemon.socket)
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    let allowed = ping_with_groups("100,4321");
+    assert!(allowed.status.success(), "{allowed:?}");
+    let refused = ping_with_groups("100,4322");
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        daemon.stderr().contains("refused a peer") && daemon.stderr().contains("uid=65534"),
+        "{}",
+        daemon.stderr()
+    );
+}
+
 fn a_thousand_pipelined_requests_are_answered_in_order(engine: Engine) {
     let daemon = engine.start("");
     let mut conn = daemon.connect();
