@@ -29,6 +29,9 @@ impl Listener {
     /// Binds the socket at `path` with permission bits `mode`. A leftover socket file of
     /// a dead daemon is replaced; a live daemon's socket is refused.
     pub fn bind(path: &Path, mode: u32) -> anyhow::Result<Self> {
+        // Bound by its absolute path, which the kernel then shows (ss, /proc/net/unix)
+        // and `otpd bench` finds the daemon by.
+        let path = &std::path::absolute(path)?;
         match std::fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_socket() => {
                 match std::os::unix::net::UnixStream::connect(path) {
@@ -51,20 +54,14 @@ impl Listener {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         }
-        // Bound under a private name and given its mode before it takes the real name,
-        // so no peer can connect while the socket still has the umask's mode.
-        let mut staging = path.as_os_str().to_owned();
-        staging.push(format!(".{}.new", std::process::id()));
-        let staging = PathBuf::from(staging);
-        let _ = std::fs::remove_file(&staging);
-        let listener = UnixListener::bind(&staging)
-            .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", staging.display()))?;
-        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
-            .and_then(|()| std::fs::rename(&staging, path))
-            .inspect_err(|_| {
-                let _ = std::fs::remove_file(&staging);
-            })
-            .map_err(|e| anyhow::anyhow!("cannot place the socket at {}: {e}", path.display()))?;
+        // Bound owner-only, then given its mode: no peer can connect while the socket
+        // would still have a permissive umask's mode. (The umask is the process's, so
+        // anything created meanwhile gets owner-only too, which is harmless.)
+        let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = UnixListener::bind(path);
+        nix::sys::stat::umask(umask);
+        let listener = bound.map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
         Ok(Self {
             listener,
             owned_path: Some(path.to_owned()),

@@ -641,3 +641,29 @@ per_engine!([sled, redis, redis_cluster] {
     cli_client_commands,
     codes_do_not_reach_the_log_outside_the_delivery_line,
 });
+
+/// `otpd bench` against a real daemon: it learns codes from the log backend's file,
+/// every request gets its expected answer, and it finds the daemon for its RSS.
+#[test]
+fn the_benchmark_runs_against_the_daemon() {
+    let daemon = Daemon::start("[otp]\nresend_cooldown_secs = 0\n");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_otpd"))
+        .args(["bench", "--clients", "2", "--total", "200", "--socket"])
+        .arg(&daemon.socket)
+        .arg("--codes-file")
+        .arg(&daemon.log_file)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{report}{output:?}");
+    assert!(
+        report.contains("[201:200]"),
+        "200 creates, all 201: {report}"
+    );
+    assert!(
+        report.contains("[200:200]"),
+        "200 verifies, all 200: {report}"
+    );
+    assert!(report.contains("daemon RSS after:"), "{report}");
+    assert_eq!(daemon.stats()["verified"], 200);
+}
