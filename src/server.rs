@@ -286,7 +286,8 @@ async fn serve_connection(
             Ok(Ok(LineRead::TooLong)) => {
                 let message = format!("request line exceeds {} bytes", limits.max_request_bytes);
                 let response = Response::error(None, 413, "request_too_large", message, None);
-                let _ = write_line(&mut writer, &response, limits.idle_timeout, true).await;
+                let write = write_line(&mut writer, &response, true);
+                let _ = give_up_on_slow_reader(write, limits.idle_timeout, &shutdown).await;
                 break;
             }
             Ok(Ok(LineRead::Line)) => {
@@ -299,36 +300,54 @@ async fn serve_connection(
         // Pipelined requests are answered in one write once no whole request is left
         // in the input (the start of one is not enough: its end may be long coming).
         let more_buffered = reader.buffer().contains(&b'\n');
-        if write_line(&mut writer, &response, limits.idle_timeout, !more_buffered)
+        let write = write_line(&mut writer, &response, !more_buffered);
+        if give_up_on_slow_reader(write, limits.idle_timeout, &shutdown)
             .await
             .is_err()
         {
             return;
         }
     }
-    let _ = tokio::time::timeout(limits.idle_timeout, async {
+    let close = async {
         writer.flush().await?;
         writer.shutdown().await
-    })
-    .await;
+    };
+    let _ = give_up_on_slow_reader(close, limits.idle_timeout, &shutdown).await;
 }
 
-/// Writes one answer; a peer that does not read within `timeout` is dropped.
+/// Once shutdown has begun, how long a peer that does not read its answers is waited
+/// for (otherwise `idle_timeout`), so that one such peer cannot hold the stop.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs a write to the peer; gives up when the peer has not taken it within `idle`, or
+/// within [`SHUTDOWN_GRACE`] of the start of shutdown.
+async fn give_up_on_slow_reader(
+    write: impl Future<Output = std::io::Result<()>>,
+    idle: Duration,
+    shutdown: &CancellationToken,
+) -> std::io::Result<()> {
+    let shutdown_grace_over = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        written = write => written,
+        _ = tokio::time::sleep(idle) => Err(ErrorKind::TimedOut.into()),
+        _ = shutdown_grace_over => Err(ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Writes one answer, and flushes when `flush`.
 async fn write_line<W: AsyncWrite + Unpin>(
     writer: &mut BufWriter<W>,
     response: &Response,
-    timeout: Duration,
     flush: bool,
 ) -> std::io::Result<()> {
-    tokio::time::timeout(timeout, async {
-        writer.write_all(&response.to_line()).await?;
-        if flush {
-            writer.flush().await?;
-        }
-        Ok(())
-    })
-    .await
-    .unwrap_or_else(|_| Err(ErrorKind::TimedOut.into()))
+    writer.write_all(&response.to_line()).await?;
+    if flush {
+        writer.flush().await?;
+    }
+    Ok(())
 }
 
 /// The outcome of reading one request line.

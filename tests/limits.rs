@@ -113,3 +113,34 @@ fn a_low_open_file_limit_is_raised_so_every_allowed_connection_is_served() {
     // 90 connections at once, more than 64 descriptors: `served` fails unless each is.
     let _held: Vec<_> = (0..90).map(|_| served(&daemon)).collect();
 }
+
+#[test]
+fn a_client_that_never_reads_does_not_hold_up_shutdown() {
+    let mut daemon = Daemon::start(""); // idle_timeout_secs: the default 60
+    let peer = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    // Far more answers than the socket buffers hold, none of them read. Writing blocks
+    // once the daemon, stuck writing answers, stops reading: hence its own thread.
+    let written = Arc::new(AtomicUsize::new(0));
+    let mut writer = peer.try_clone().unwrap();
+    let progress = written.clone();
+    thread::spawn(move || {
+        let chunk = "{\"op\":\"ping\"}\n".repeat(1_000);
+        while writer.write_all(chunk.as_bytes()).is_ok() {
+            progress.fetch_add(chunk.len(), Ordering::Relaxed);
+        }
+    });
+    let mut last = 0;
+    common::wait_for("the daemon to stop taking requests", || {
+        thread::sleep(Duration::from_millis(300));
+        let now = written.load(Ordering::Relaxed);
+        std::mem::replace(&mut last, now) == now && now > 0
+    });
+    let asked = std::time::Instant::now();
+    assert!(daemon.stop().success());
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "shutdown waited {:?} for a peer that does not read",
+        asked.elapsed()
+    );
+    drop(peer);
+}
