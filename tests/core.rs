@@ -542,6 +542,11 @@ fn bad_config_stops_start_up_naming_the_key() {
         ("[otp]\nttl_secs = 0\n", "otp.ttl_secs"),
         ("[server]\nsocket_mode = \"rw\"\n", "server.socket_mode"),
         ("[delivery]\nbackend = \"pigeon\"\n", "pigeon"),
+        // A Vonage section the log backend does not use is checked all the same.
+        (
+            "[delivery.messages]\nfailover_secs = 5\n",
+            "delivery.messages.failover_secs",
+        ),
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, toml).unwrap();

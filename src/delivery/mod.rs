@@ -130,6 +130,9 @@ pub fn from_config(
     store: Arc<dyn Store>,
     secret: &ServerSecret,
 ) -> anyhow::Result<Arc<dyn Delivery>> {
+    for api in [vonage::Api::Dispatch, vonage::Api::Messages] {
+        api.check(config)?;
+    }
     Ok(match config.delivery.backend()? {
         Backend::Log => Arc::new(LogDelivery::new(&config.delivery)?),
         Backend::Dispatch => Arc::new(DispatchDelivery::new(config, counters)?),

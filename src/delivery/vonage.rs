@@ -32,6 +32,15 @@ pub enum Api {
     Messages,
 }
 
+/// The checked values of one Vonage section, before its key is loaded.
+struct Settings {
+    api_url: String,
+    messenger_from: Option<String>,
+    sms_from: String,
+    failover_secs: u64,
+    messenger_options: Value,
+}
+
 impl Api {
     /// The section name under `[delivery]`.
     fn section(self) -> &'static str {
@@ -40,51 +49,29 @@ impl Api {
             Api::Messages => "messages",
         }
     }
-}
 
-/// A Vonage application, ready to send.
-pub struct Vonage {
-    pub client: ApiClient,
-    /// Facebook Page id; `None` when this deployment sends SMS only.
-    messenger_from: Option<String>,
-    pub sms_from: String,
-    failover_secs: u64,
-    /// `message.messenger` / `messenger` object: category and, for tagged messages, tag.
-    pub messenger_options: Value,
-    section: &'static str,
-    api_url: String,
-}
-
-impl Vonage {
-    /// Seconds to wait for the Messenger message to be read before the SMS goes out:
-    /// `failover_secs`, but at most half the code's validity (and at least the 15 s
-    /// Dispatch allows), so that the SMS does not bring a code that has expired.
-    pub fn failover_after(&self, ttl_secs: u64) -> u64 {
-        self.failover_secs
-            .min((ttl_secs / 2).max(*FAILOVER_SECS.start()))
+    /// Checks the API's section, naming the key at fault. A section otpd does not use
+    /// is checked too: a wrong value there is as much a mistake as anywhere else.
+    pub fn check(self, config: &Config) -> anyhow::Result<()> {
+        self.settings(config).map(drop)
     }
 
-    /// Validates the API's section of `config` and loads the private key. Every error
-    /// names its key.
-    pub fn from_config(api: Api, config: &Config, counters: Arc<Counters>) -> anyhow::Result<Self> {
-        let v: &VonageConfig = match api {
+    fn section_of(self, config: &Config) -> &VonageConfig {
+        match self {
             Api::Dispatch => &config.delivery.dispatch,
             Api::Messages => &config.delivery.messages,
-        };
-        let section = api.section();
-        let key = |name: &str| format!("delivery.{section}.{name}");
+        }
+    }
+
+    fn settings(self, config: &Config) -> anyhow::Result<Settings> {
+        let v = self.section_of(config);
+        let key = |name: &str| format!("delivery.{}.{name}", self.section());
         let api_url = v.api_url.trim_end_matches('/').to_owned();
         let uri: Uri = api_url
             .parse()
             .map_err(|_| anyhow::anyhow!("{}: {:?} is not a URL", key("api_url"), v.api_url))?;
         if !matches!(uri.scheme_str(), Some("https" | "http")) || uri.host().is_none() {
             anyhow::bail!("{}: {:?} is not an http(s) URL", key("api_url"), v.api_url);
-        }
-        if v.application_id.trim().is_empty() {
-            anyhow::bail!(
-                "{}: required (the id of your Vonage application)",
-                key("application_id")
-            );
         }
         let messenger_from = match v.messenger_from.as_str() {
             "" => None,
@@ -147,7 +134,51 @@ impl Vonage {
                 key("messenger_category")
             ),
         };
-        check_template_length(config, messenger_from.is_some())?;
+        Ok(Settings {
+            api_url,
+            messenger_from,
+            sms_from: v.sms_from.clone(),
+            failover_secs: v.failover_secs,
+            messenger_options,
+        })
+    }
+}
+
+/// A Vonage application, ready to send.
+pub struct Vonage {
+    pub client: ApiClient,
+    /// Facebook Page id; `None` when this deployment sends SMS only.
+    messenger_from: Option<String>,
+    pub sms_from: String,
+    failover_secs: u64,
+    /// `message.messenger` / `messenger` object: category and, for tagged messages, tag.
+    pub messenger_options: Value,
+    section: &'static str,
+    api_url: String,
+}
+
+impl Vonage {
+    /// Seconds to wait for the Messenger message to be read before the SMS goes out:
+    /// `failover_secs`, but at most half the code's validity (and at least the 15 s
+    /// Dispatch allows), so that the SMS does not bring a code that has expired.
+    pub fn failover_after(&self, ttl_secs: u64) -> u64 {
+        self.failover_secs
+            .min((ttl_secs / 2).max(*FAILOVER_SECS.start()))
+    }
+
+    /// Validates the API's section of `config` and loads the private key. Every error
+    /// names its key.
+    pub fn from_config(api: Api, config: &Config, counters: Arc<Counters>) -> anyhow::Result<Self> {
+        let settings = api.settings(config)?;
+        let v = api.section_of(config);
+        let key = |name: &str| format!("delivery.{}.{name}", api.section());
+        if v.application_id.trim().is_empty() {
+            anyhow::bail!(
+                "{}: required (the id of your Vonage application)",
+                key("application_id")
+            );
+        }
+        check_template_length(config, settings.messenger_from.is_some())?;
 
         let private_key = jwt::load_key(&v.private_key_file, &key("private_key_file"))?;
         let signer = JwtSigner::new(v.application_id.clone(), private_key, Arc::new(SystemClock));
@@ -157,19 +188,26 @@ impl Vonage {
             v.max_retries,
             counters,
         )?;
-        if messenger_from.is_none() {
+        if settings.messenger_from.is_none() {
             tracing::info!(
                 "{} is empty: Messenger is off, codes go by SMS only",
                 key("messenger_from")
             );
         }
+        let Settings {
+            api_url,
+            messenger_from,
+            sms_from,
+            failover_secs,
+            messenger_options,
+        } = settings;
         Ok(Self {
             client,
             messenger_from,
-            sms_from: v.sms_from.clone(),
-            failover_secs: v.failover_secs,
+            sms_from,
+            failover_secs,
             messenger_options,
-            section,
+            section: api.section(),
             api_url,
         })
     }
