@@ -103,7 +103,7 @@ struct ConnectionLimits {
 
 impl ConnectionLimits {
     /// Whether the peer may use otpd: its uid, its primary gid or one of its
-    /// supplementary groups (a user added with `adduser alice otpd` has the group only
+    /// supplementary groups (a user added with `adduser alice otpd-clients` has the group only
     /// there) is allowed, or no allow-list is set.
     fn allows(&self, stream: &UnixStream, uid: u32, gid: u32) -> bool {
         (self.allowed_uids.is_empty() && self.allowed_gids.is_empty())

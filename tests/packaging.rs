@@ -89,14 +89,16 @@ fn units_point_where_the_package_installs() {
     assert!(installs("packaging/otpd.8", "usr/share/man/man8/otpd.8"));
 
     // The socket the client tools look for is the one otpd.socket creates, for the
-    // group the sysusers file creates, which is the service's.
+    // clients' group the sysusers file creates: not the service's, which may read the
+    // config.
     assert_eq!(
         directive(SOCKET, "ListenStream"),
         otpd::client::SYSTEM_SOCKET
     );
-    assert_eq!(directive(SOCKET, "SocketGroup"), "otpd");
+    assert_eq!(directive(SOCKET, "SocketGroup"), "otpd-clients");
     assert_eq!(directive(SERVICE, "User"), "otpd");
     assert!(SYSUSERS.lines().any(|line| line.starts_with("u otpd ")));
+    assert!(SYSUSERS.lines().any(|line| line.starts_with("g otpd-clients ")));
 }
 
 #[test]
