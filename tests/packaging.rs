@@ -98,7 +98,11 @@ fn units_point_where_the_package_installs() {
     assert_eq!(directive(SOCKET, "SocketGroup"), "otpd-clients");
     assert_eq!(directive(SERVICE, "User"), "otpd");
     assert!(SYSUSERS.lines().any(|line| line.starts_with("u otpd ")));
-    assert!(SYSUSERS.lines().any(|line| line.starts_with("g otpd-clients ")));
+    assert!(
+        SYSUSERS
+            .lines()
+            .any(|line| line.starts_with("g otpd-clients "))
+    );
 }
 
 #[test]

@@ -750,16 +750,22 @@ mod tests {
         (report.purged, report.expired, report.next_due)
     }
 
+    /// A code for token `a`, valid from 0 to 5 s, delivered as `reference`.
+    async fn delivered(store: &SledStore, reference: Option<&str>) -> NewCode {
+        let new = new_code("a", 1, 0, 5_000);
+        store.create(&new, 0).await.unwrap().unwrap();
+        store
+            .confirm_delivery("a", &new.digest, reference)
+            .await
+            .unwrap();
+        new
+    }
+
     #[tokio::test]
     async fn a_verified_code_is_filed_again_and_goes_retain_after_its_expiry() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir, LIMITS);
-        let new = new_code("a", 1, 0, 5_000);
-        store.create(&new, 0).await.unwrap().unwrap();
-        store
-            .confirm_delivery("a", &new.digest, None)
-            .await
-            .unwrap();
+        let new = delivered(&store, None).await;
         let valid = store.verify("a", &new.digest, 100).await.unwrap();
         assert_eq!(valid, VerifyOutcome::Valid);
         assert_eq!(store.live(), 0);
@@ -828,12 +834,7 @@ mod tests {
     async fn a_failover_sms_is_filed_with_its_code_and_forgotten_with_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir, LIMITS);
-        let new = new_code("a", 1, 0, 5_000);
-        store.create(&new, 0).await.unwrap().unwrap();
-        store
-            .confirm_delivery("a", &new.digest, Some("uuid-m"))
-            .await
-            .unwrap();
+        delivered(&store, Some("uuid-m")).await;
         let event = |status: &str, detail: Option<&str>| DeliveryEvent {
             at: 100,
             status: status.into(),
