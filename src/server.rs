@@ -103,8 +103,8 @@ struct ConnectionLimits {
 
 impl ConnectionLimits {
     /// Whether the peer may use otpd: its uid, its primary gid or one of its
-    /// supplementary groups (a user added with `adduser alice otpd-clients` has the group only
-    /// there) is allowed, or no allow-list is set.
+    /// supplementary groups is allowed (`adduser alice otpd-clients` gives alice the
+    /// group as a supplementary one), or no allow-list is set.
     fn allows(&self, stream: &UnixStream, uid: u32, gid: u32) -> bool {
         (self.allowed_uids.is_empty() && self.allowed_gids.is_empty())
             || self.allowed_uids.contains(&uid)
@@ -149,7 +149,6 @@ fn peer_groups(stream: &UnixStream) -> Vec<u32> {
     }
 }
 
-/// Accepts connections until `shutdown`, each served by its own task on `tracker`.
 /// Descriptors kept beside the connections: the database, listeners, the log file.
 const RESERVED_DESCRIPTORS: u64 = 64;
 
@@ -178,6 +177,7 @@ pub fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
+/// Accepts connections until `shutdown`, each served by its own task on `tracker`.
 pub async fn serve(
     listener: Listener,
     otp: Arc<Otp>,
@@ -201,7 +201,8 @@ pub async fn serve(
                 Err(error) => {
                     // EMFILE and friends: back off instead of spinning, and say so once
                     // a minute rather than at every try.
-                    if last_accept_warning.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(60)) {
+                    let quiet = Duration::from_secs(60);
+                    if last_accept_warning.is_none_or(|at: Instant| at.elapsed() >= quiet) {
                         tracing::warn!(%error, "accept failed; retrying every 50 ms");
                         last_accept_warning = Some(Instant::now());
                     }
