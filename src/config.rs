@@ -187,6 +187,11 @@ pub struct RedisConfig {
     pub pool_size: usize,
     pub connect_timeout_ms: u64,
     pub response_timeout_ms: u64,
+    /// Replicas that must hold a change (`WAIT`) before it is acknowledged, so that a
+    /// failover to one of them loses nothing acknowledged; 0 = do not wait.
+    pub min_replicas: u32,
+    /// Longest wait for them; a change they do not confirm answers 500.
+    pub replica_timeout_ms: u64,
 }
 
 impl Default for RedisConfig {
@@ -200,6 +205,8 @@ impl Default for RedisConfig {
             pool_size: 4,
             connect_timeout_ms: 2000,
             response_timeout_ms: 2000,
+            min_replicas: 0,
+            replica_timeout_ms: 1000,
         }
     }
 }
@@ -239,6 +246,8 @@ impl std::fmt::Debug for RedisConfig {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("response_timeout_ms", &self.response_timeout_ms)
+            .field("min_replicas", &self.min_replicas)
+            .field("replica_timeout_ms", &self.replica_timeout_ms)
             .finish()
     }
 }
@@ -290,6 +299,18 @@ impl RedisConfig {
             self.response_timeout_ms,
             1,
             600_000,
+        )?;
+        check_range("store.redis.min_replicas", self.min_replicas.into(), 0, 16)?;
+        // The wait must end before the command's own response timeout does.
+        let longest_wait = match self.min_replicas {
+            0 => 600_000,
+            _ => self.response_timeout_ms.saturating_sub(1).max(1),
+        };
+        check_range(
+            "store.redis.replica_timeout_ms",
+            self.replica_timeout_ms,
+            1,
+            longest_wait,
         )
     }
 }
@@ -712,6 +733,23 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("0..=2"), "{err}");
+    }
+
+    #[test]
+    fn waiting_for_replicas_ends_before_the_response_timeout() {
+        let redis = "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"redis://a\"\nresponse_timeout_ms = 500\n";
+        assert!(Config::parse(redis).is_ok(), "no wait, no bound");
+        let err = Config::parse(&format!("{redis}min_replicas = 1\n")).unwrap_err();
+        assert!(
+            err.to_string().contains("store.redis.replica_timeout_ms"),
+            "{err}"
+        );
+        assert!(
+            Config::parse(&format!(
+                "{redis}min_replicas = 1\nreplica_timeout_ms = 400\n"
+            ))
+            .is_ok()
+        );
     }
 
     #[test]

@@ -64,6 +64,31 @@ fn a_sentinel_failover_is_followed() {
     );
 }
 
+/// With `min_replicas`, a change is acknowledged only once a replica holds it (`WAIT`),
+/// and answers 500 when none confirms it in time.
+#[test]
+fn acknowledged_changes_wait_for_a_replica() {
+    let mut redis = RedisSentinel::start();
+    let store = format!(
+        "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{}\"\nmin_replicas = 1\nreplica_timeout_ms = 300\n",
+        redis.master_url()
+    );
+    let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
+    daemon.spawn();
+    let code = daemon.create_code("replicated", "393331234567");
+    assert_eq!(daemon.verify("replicated", &code)["status"], 200);
+
+    redis.kill_replica();
+    let answer =
+        daemon.call(json!({"op": "create", "token": "alone", "to": {"sms": "393331234568"}}));
+    assert_eq!(answer["status"], 500, "{answer}");
+    let log = daemon.stderr();
+    assert!(
+        log.contains("0 of the 1 replicas store.redis.min_replicas asks for confirmed the change within 300 ms"),
+        "{log}"
+    );
+}
+
 /// The Redis engine opened directly, as a daemon on `engine` would open it, for the
 /// store operations the socket cannot reach; each `connect` is one more host.
 struct DirectStore {

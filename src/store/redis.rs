@@ -313,6 +313,9 @@ pub struct RedisStore {
     /// Pending codes across all hosts as of the janitor's last pass, adjusted by this
     /// host's own requests since.
     live: AtomicU64,
+    /// `WAIT` for this many replicas (0: not at all) for up to `replica_timeout_ms`.
+    min_replicas: u32,
+    replica_timeout_ms: u64,
 }
 
 impl RedisStore {
@@ -378,6 +381,8 @@ impl RedisStore {
             },
             limits,
             live: AtomicU64::new(0),
+            min_replicas: config.min_replicas,
+            replica_timeout_ms: config.replica_timeout_ms,
         };
         let mut conn = store.conn();
         redis::cmd("PING")
@@ -519,6 +524,27 @@ impl RedisStore {
             .query_async::<()>(conn)
             .await
             .map_err(redis_error)
+    }
+
+    /// Returns once `min_replicas` replicas hold every change sent on `conn` so far
+    /// (Redis `WAIT`), so that a failover cannot lose what is acknowledged next.
+    async fn replicated(&self, conn: &mut Connection) -> Result<(), StoreError> {
+        if self.min_replicas == 0 {
+            return Ok(());
+        }
+        let acknowledged: u32 = redis::cmd("WAIT")
+            .arg(self.min_replicas)
+            .arg(self.replica_timeout_ms)
+            .query_async(conn)
+            .await
+            .map_err(redis_error)?;
+        if acknowledged < self.min_replicas {
+            return Err(StoreError::Database(format!(
+                "{acknowledged} of the {} replicas store.redis.min_replicas asks for confirmed the change within {} ms",
+                self.min_replicas, self.replica_timeout_ms
+            )));
+        }
+        Ok(())
     }
 
     /// Runs a commit; false when a key changed since it was read.
@@ -766,7 +792,7 @@ impl Store for RedisStore {
                 let back = back.as_ref().map(|(member, at)| (member.as_str(), *at));
                 self.track_live(&mut conn, back, &[Keys::live_member(token, digest)])
                     .await;
-                return Ok(());
+                return self.replicated(&mut conn).await;
             }
         }
         Err(contention())
@@ -798,7 +824,7 @@ impl Store for RedisStore {
             if self.apply(&mut conn, &commit).await? {
                 self.file_reference(&mut conn, reference, &code_key, expire_at)
                     .await?;
-                return Ok(());
+                return self.replicated(&mut conn).await;
             }
         }
         Err(contention())
@@ -831,6 +857,7 @@ impl Store for RedisStore {
                     self.file_reference(&mut conn, new_reference, &code_key, expire_at)
                         .await?;
                 }
+                self.replicated(&mut conn).await?;
                 return Ok(Filed::Recorded);
             }
         }
@@ -885,6 +912,7 @@ impl Store for RedisStore {
             }
             if self.apply(&mut conn, &commit).await? {
                 self.track_live(&mut conn, None, &ended).await;
+                self.replicated(&mut conn).await?;
                 return Ok(plan.outcome);
             }
         }
@@ -917,6 +945,7 @@ impl Store for RedisStore {
                 if cancelled {
                     self.track_live(&mut conn, None, &[Keys::live_member(token, &live)])
                         .await;
+                    self.replicated(&mut conn).await?;
                 }
                 return Ok(cancelled);
             }
@@ -955,13 +984,15 @@ impl Store for RedisStore {
     }
 
     async fn put_failover(&self, failover: &PendingFailover) -> Result<(), StoreError> {
+        let mut conn = self.conn();
         redis::cmd("ZADD")
             .arg(self.keys.failovers())
             .arg(failover.due_at)
             .arg(encode(failover))
-            .query_async::<()>(&mut self.conn())
+            .query_async::<()>(&mut conn)
             .await
-            .map_err(redis_error)
+            .map_err(redis_error)?;
+        self.replicated(&mut conn).await
     }
 
     /// Takes the due failovers off the shared set in one script (so one host gets
@@ -980,6 +1011,8 @@ impl Store for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
+        // Not waited for: a take a failover loses hands the SMS out again, a lesser harm
+        // than failing here, after the take, and sending none.
         let mut due = Vec::with_capacity(taken.len());
         for bytes in taken {
             let failover: PendingFailover = decode(&bytes)?;

@@ -682,6 +682,8 @@ impl RedisSentinel {
         let (master, master_port) = tcp_redis("the Redis master", |port| {
             let mut command = redis_server(&master_dir);
             command.args(["--bind", "127.0.0.1", "--port", &port.to_string()]);
+            // The replica's first sync starts at once, not after the default 5 s.
+            command.args(["--repl-diskless-sync-delay", "0"]);
             command
         });
         let replica_dir = node("replica");
@@ -719,6 +721,9 @@ impl RedisSentinel {
             master_port,
             sentinel_port,
         };
+        wait_for("the replica to be in sync", || {
+            redis_cli(master_port, &["info", "replication"]).contains("state=online")
+        });
         wait_for("the Sentinel to see the replica", || {
             redis_cli(sentinel_port, &["sentinel", "replicas", Self::MASTER])
                 .contains(&replica_port.to_string())
@@ -728,6 +733,18 @@ impl RedisSentinel {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.sentinel_port)
+    }
+
+    /// `redis://` URL of the master itself.
+    pub fn master_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.master_port)
+    }
+
+    /// Kills the replica (SIGKILL); before [`RedisSentinel::kill_master`] only.
+    pub fn kill_replica(&mut self) {
+        let replica = &mut self.children[1];
+        let _ = replica.kill();
+        let _ = replica.wait();
     }
 
     /// Waits until the replica has every write, then kills the master (SIGKILL).
