@@ -181,6 +181,10 @@ pub struct RedisConfig {
     pub sentinels: Vec<String>,
     /// The master's name as the Sentinels know it (`sentinel monitor <name> …`).
     pub sentinel_master: String,
+    /// Credentials of the master (and replicas) the Sentinels name: `requirepass`, or
+    /// an ACL user and its password. Empty: none.
+    pub master_username: String,
+    pub master_password: String,
     /// Prefix of every key otpd writes, so several deployments can share one Redis.
     pub key_prefix: String,
     /// Multiplexed connections per host; requests are spread over them.
@@ -201,6 +205,8 @@ impl Default for RedisConfig {
             cluster: Vec::new(),
             sentinels: Vec::new(),
             sentinel_master: String::new(),
+            master_username: String::new(),
+            master_password: String::new(),
             key_prefix: "otpd:".into(),
             pool_size: 4,
             connect_timeout_ms: 2000,
@@ -242,6 +248,15 @@ impl std::fmt::Debug for RedisConfig {
                     .collect::<Vec<_>>(),
             )
             .field("sentinel_master", &self.sentinel_master)
+            .field("master_username", &self.master_username)
+            .field(
+                "master_password",
+                &if self.master_password.is_empty() {
+                    ""
+                } else {
+                    "***"
+                },
+            )
             .field("key_prefix", &self.key_prefix)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
@@ -279,6 +294,14 @@ impl RedisConfig {
             return Err(invalid(
                 "store.redis.sentinel_master",
                 "store.redis.sentinels and store.redis.sentinel_master go together",
+            ));
+        }
+        if self.sentinels.is_empty()
+            && !(self.master_username.is_empty() && self.master_password.is_empty())
+        {
+            return Err(invalid(
+                "store.redis.master_password",
+                "only for store.redis.sentinels; with url or cluster, the credentials go in the URLs",
             ));
         }
         if self.key_prefix.contains(['{', '}']) {
@@ -733,6 +756,19 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("0..=2"), "{err}");
+    }
+
+    #[test]
+    fn a_master_password_is_for_sentinels_only_and_never_shown() {
+        let url = "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"redis://a\"\nmaster_password = \"pw\"\n";
+        let err = Config::parse(url).unwrap_err();
+        assert!(
+            err.to_string().contains("store.redis.master_password"),
+            "{err}"
+        );
+        let sentinels = "[store]\nengine = \"redis\"\n[store.redis]\nsentinels = [\"redis://s:26379\"]\nsentinel_master = \"m\"\nmaster_password = \"pw-123\"\n";
+        let config = Config::parse(sentinels).unwrap();
+        assert!(!format!("{:?}", config.store.redis).contains("pw-123"));
     }
 
     #[test]

@@ -64,6 +64,32 @@ fn a_sentinel_failover_is_followed() {
     );
 }
 
+/// A master behind a password is reached through the Sentinels with
+/// `master_password`, and refused without it, naming the cause.
+#[test]
+fn a_password_protected_master_is_reached_with_master_password() {
+    let sentinel = RedisSentinel::start_with_password(Some("s3cret-pw"));
+    let store = |login: &str| {
+        format!(
+            "[store]\nengine = \"redis\"\n[store.redis]\nsentinels = [\"{}\"]\nsentinel_master = \"{}\"\n{login}",
+            sentinel.url(),
+            RedisSentinel::MASTER
+        )
+    };
+    let mut refused = Daemon::prepare(&store(""), NO_COOLDOWN, "");
+    let error = refused.start_refused();
+    assert!(error.contains("cannot reach Redis"), "{error}");
+
+    let mut daemon = Daemon::prepare(&store("master_password = \"s3cret-pw\"\n"), NO_COOLDOWN, "");
+    daemon.spawn();
+    let code = daemon.create_code("behind-a-password", "393331234567");
+    assert_eq!(daemon.verify("behind-a-password", &code)["status"], 200);
+    assert!(
+        !daemon.stderr().contains("s3cret-pw"),
+        "the password reached the log"
+    );
+}
+
 /// With `min_replicas`, a change is acknowledged only once a replica holds it (`WAIT`),
 /// and answers 500 when none confirms it in time.
 #[test]

@@ -33,10 +33,10 @@ use redis::aio::MultiplexedConnection;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
-    AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Script,
-    ServerErrorKind, Value,
+    AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisConnectionInfo, RedisError, RedisFuture,
+    RedisResult, Script, ServerErrorKind, Value,
 };
 
 use super::{
@@ -115,10 +115,17 @@ struct SentinelConnection {
 
 impl SentinelConnection {
     async fn connect(config: &RedisConfig) -> RedisResult<Self> {
+        let master_login = (!config.master_password.is_empty()).then(|| {
+            let mut login = RedisConnectionInfo::default().set_password(&config.master_password);
+            if !config.master_username.is_empty() {
+                login = login.set_username(&config.master_username);
+            }
+            SentinelNodeConnectionInfo::default().set_redis_connection_info(login)
+        });
         let mut sentinels = SentinelClient::build(
             config.sentinels.clone(),
             config.sentinel_master.clone(),
-            None,
+            master_login,
             SentinelServerType::Master,
         )?;
         let config = AsyncConnectionConfig::new()

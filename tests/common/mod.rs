@@ -665,6 +665,8 @@ pub struct RedisSentinel {
     children: Vec<Child>,
     pub master_port: u16,
     pub sentinel_port: u16,
+    /// `requirepass` of the master and the replica, if any.
+    password: Option<String>,
 }
 
 impl RedisSentinel {
@@ -672,6 +674,15 @@ impl RedisSentinel {
     pub const MASTER: &'static str = "otpd-master";
 
     pub fn start() -> RedisSentinel {
+        Self::start_with_password(None)
+    }
+
+    /// The same, with the master and the replica behind `requirepass`.
+    pub fn start_with_password(password: Option<&str>) -> RedisSentinel {
+        let auth: Vec<&str> = match password {
+            Some(password) => vec!["--requirepass", password, "--masterauth", password],
+            None => Vec::new(),
+        };
         let dir = tempfile::tempdir().expect("temp dir");
         let node = |name: &str| {
             let node_dir = dir.path().join(name);
@@ -684,6 +695,7 @@ impl RedisSentinel {
             command.args(["--bind", "127.0.0.1", "--port", &port.to_string()]);
             // The replica's first sync starts at once, not after the default 5 s.
             command.args(["--repl-diskless-sync-delay", "0"]);
+            command.args(&auth);
             command
         });
         let replica_dir = node("replica");
@@ -691,6 +703,7 @@ impl RedisSentinel {
             let mut command = redis_server(&replica_dir);
             command.args(["--bind", "127.0.0.1", "--port", &port.to_string()]);
             command.args(["--replicaof", "127.0.0.1", &master_port.to_string()]);
+            command.args(&auth);
             command
         });
         let sentinel_dir = node("sentinel");
@@ -699,8 +712,11 @@ impl RedisSentinel {
             &conf,
             format!(
                 "bind 127.0.0.1\nsentinel monitor {m} 127.0.0.1 {master_port} 1\n\
-                 sentinel down-after-milliseconds {m} 500\nsentinel failover-timeout {m} 3000\n",
-                m = Self::MASTER
+                 sentinel down-after-milliseconds {m} 500\nsentinel failover-timeout {m} 3000\n{pass}",
+                m = Self::MASTER,
+                pass = password
+                    .map(|p| format!("sentinel auth-pass {} {p}\n", Self::MASTER))
+                    .unwrap_or_default(),
             ),
         )
         .unwrap();
@@ -720,9 +736,12 @@ impl RedisSentinel {
             children: vec![master, replica, sentinel],
             master_port,
             sentinel_port,
+            password: password.map(str::to_owned),
         };
         wait_for("the replica to be in sync", || {
-            redis_cli(master_port, &["info", "replication"]).contains("state=online")
+            sentinel
+                .master_cli(&["info", "replication"])
+                .contains("state=online")
         });
         wait_for("the Sentinel to see the replica", || {
             redis_cli(sentinel_port, &["sentinel", "replicas", Self::MASTER])
@@ -747,9 +766,18 @@ impl RedisSentinel {
         let _ = replica.wait();
     }
 
+    /// `redis-cli` on the master, logged in.
+    fn master_cli(&self, args: &[&str]) -> String {
+        let mut login = Vec::new();
+        if let Some(password) = &self.password {
+            login = vec!["--no-auth-warning", "-a", password];
+        }
+        redis_cli(self.master_port, &[&login[..], args].concat())
+    }
+
     /// Waits until the replica has every write, then kills the master (SIGKILL).
     pub fn kill_master(&mut self) {
-        let acked = redis_cli(self.master_port, &["wait", "1", "10000"]);
+        let acked = self.master_cli(&["wait", "1", "10000"]);
         assert_eq!(acked.trim(), "1", "the replica caught up");
         let mut master = self.children.remove(0);
         let _ = master.kill();
@@ -818,9 +846,10 @@ fn redis_server(dir: &Path) -> Command {
 /// Sends PING on a fresh connection; true on PONG.
 fn redis_ping<S: Read + Write>(mut stream: S) -> bool {
     let mut answer = [0u8; 7];
+    // A server behind requirepass answers a PING it cannot take yet with -NOAUTH.
     stream.write_all(b"PING\r\n").is_ok()
         && stream.read_exact(&mut answer).is_ok()
-        && &answer == b"+PONG\r\n"
+        && [b"+PONG\r\n", b"-NOAUTH"].contains(&&answer)
 }
 
 /// Polls `done` until it holds; panics after [`PATIENCE`].
