@@ -172,7 +172,8 @@ impl Default for StoreConfig {
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]` or `unix:///path/redis.sock`.
+    /// `redis://[user:password@]host:port[/db]`, `rediss://…` (TLS) or
+    /// `unix:///path/redis.sock`.
     pub url: String,
     /// Redis Cluster seed nodes (`redis://host:port`); when set, `url` must be empty.
     pub cluster: Vec<String>,
@@ -185,6 +186,9 @@ pub struct RedisConfig {
     /// an ACL user and its password. Empty: none.
     pub master_username: String,
     pub master_password: String,
+    /// CA certificates (PEM) that a `rediss://` server's certificate must chain to,
+    /// instead of the system's; empty: the system's.
+    pub tls_ca_file: PathBuf,
     /// Prefix of every key otpd writes, so several deployments can share one Redis.
     pub key_prefix: String,
     /// Multiplexed connections per host; requests are spread over them.
@@ -207,6 +211,7 @@ impl Default for RedisConfig {
             sentinel_master: String::new(),
             master_username: String::new(),
             master_password: String::new(),
+            tls_ca_file: PathBuf::new(),
             key_prefix: "otpd:".into(),
             pool_size: 4,
             connect_timeout_ms: 2000,
@@ -257,6 +262,7 @@ impl std::fmt::Debug for RedisConfig {
                     "***"
                 },
             )
+            .field("tls_ca_file", &self.tls_ca_file)
             .field("key_prefix", &self.key_prefix)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
@@ -302,6 +308,27 @@ impl RedisConfig {
             return Err(invalid(
                 "store.redis.master_password",
                 "only for store.redis.sentinels; with url or cluster, the credentials go in the URLs",
+            ));
+        }
+        if self
+            .sentinels
+            .iter()
+            .any(|url| url.starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "store.redis.sentinels",
+                "TLS (rediss://) is not supported through Sentinels yet; use url or cluster",
+            ));
+        }
+        let tls = self
+            .cluster
+            .iter()
+            .chain([&self.url])
+            .any(|url| url.starts_with("rediss://"));
+        if !self.tls_ca_file.as_os_str().is_empty() && !tls {
+            return Err(invalid(
+                "store.redis.tls_ca_file",
+                "only for rediss:// addresses in store.redis.url or store.redis.cluster",
             ));
         }
         if self.key_prefix.contains(['{', '}']) {
@@ -769,6 +796,18 @@ mod tests {
         let sentinels = "[store]\nengine = \"redis\"\n[store.redis]\nsentinels = [\"redis://s:26379\"]\nsentinel_master = \"m\"\nmaster_password = \"pw-123\"\n";
         let config = Config::parse(sentinels).unwrap();
         assert!(!format!("{:?}", config.store.redis).contains("pw-123"));
+    }
+
+    #[test]
+    fn a_tls_ca_file_needs_a_rediss_address() {
+        let redis = "[store]\nengine = \"redis\"\n[store.redis]\n";
+        let plain = format!("{redis}url = \"redis://a\"\ntls_ca_file = \"/ca.pem\"\n");
+        let err = Config::parse(&plain).unwrap_err();
+        assert!(err.to_string().contains("store.redis.tls_ca_file"), "{err}");
+        assert!(Config::parse(&plain.replace("redis://", "rediss://")).is_ok());
+        let sentinels = format!("{redis}sentinels = [\"rediss://s\"]\nsentinel_master = \"m\"\n");
+        let err = Config::parse(&sentinels).unwrap_err();
+        assert!(err.to_string().contains("store.redis.sentinels"), "{err}");
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    Daemon, Engine, OwnedRedis, RedisCluster, RedisSentinel, RedisServer, concurrently, count,
-    wait_for,
+    Daemon, Engine, OwnedRedis, RedisCluster, RedisSentinel, RedisServer, RedisTls, concurrently,
+    count, wait_for,
 };
 use serde_json::json;
 
@@ -62,6 +62,31 @@ fn a_sentinel_failover_is_followed() {
         "{}",
         daemon.stderr()
     );
+}
+
+/// `rediss://` with the CA of the server's certificate in `tls_ca_file`; without it
+/// the certificate is not trusted and start-up stops, naming Redis.
+#[test]
+fn a_tls_redis_is_reached_with_its_ca() {
+    let redis = RedisTls::start();
+    let store = |extra: &str| {
+        format!(
+            "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{}\"\n{extra}",
+            redis.url()
+        )
+    };
+    let mut untrusting = Daemon::prepare(&store(""), NO_COOLDOWN, "");
+    let error = untrusting.start_refused();
+    assert!(
+        error.contains(&format!("cannot reach Redis at {}", redis.url())),
+        "{error}"
+    );
+
+    let ca = format!("tls_ca_file = \"{}\"\n", RedisTls::ca_file().display());
+    let mut daemon = Daemon::prepare(&store(&ca), NO_COOLDOWN, "");
+    daemon.spawn();
+    let code = daemon.create_code("over-tls", "393331234567");
+    assert_eq!(daemon.verify("over-tls", &code)["status"], 200);
 }
 
 /// A master behind a password is reached through the Sentinels with

@@ -36,7 +36,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisConnectionInfo, RedisError, RedisFuture,
-    RedisResult, Script, ServerErrorKind, Value,
+    RedisResult, Script, ServerErrorKind, TlsCertificates, Value,
 };
 
 use super::{
@@ -219,6 +219,23 @@ impl ConnectionLike for Connection {
     }
 }
 
+/// The CA certificates of `tls_ca_file`, when set, for `rediss://` connections.
+fn tls_roots(config: &RedisConfig) -> Result<Option<TlsCertificates>, StoreError> {
+    if config.tls_ca_file.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let pem = std::fs::read(&config.tls_ca_file).map_err(|e| {
+        StoreError::Database(format!(
+            "store.redis.tls_ca_file {}: {e}",
+            config.tls_ca_file.display()
+        ))
+    })?;
+    Ok(Some(TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
+}
+
 fn redis_error(e: RedisError) -> StoreError {
     StoreError::Database(format!("redis: {e}"))
 }
@@ -356,7 +373,11 @@ impl RedisStore {
                 .map_err(unreachable)?;
             connections.push(Connection::Sentinel(Arc::new(connection)));
         } else if config.cluster.is_empty() {
-            let client = redis::Client::open(config.url.as_str()).map_err(unreachable)?;
+            let client = match tls_roots(config)? {
+                Some(roots) => redis::Client::build_with_tls(config.url.as_str(), roots),
+                None => redis::Client::open(config.url.as_str()),
+            }
+            .map_err(unreachable)?;
             let manager = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(connect_timeout))
                 .set_response_timeout(Some(response_timeout))
@@ -369,12 +390,14 @@ impl RedisStore {
                 connections.push(Connection::Single(connection));
             }
         } else {
-            let client = ClusterClient::builder(config.cluster.clone())
+            let mut builder = ClusterClient::builder(config.cluster.clone())
                 .connection_timeout(connect_timeout)
                 .response_timeout(response_timeout)
-                .retries(1)
-                .build()
-                .map_err(unreachable)?;
+                .retries(1);
+            if let Some(roots) = tls_roots(config)? {
+                builder = builder.certs(roots);
+            }
+            let client = builder.build().map_err(unreachable)?;
             for _ in 0..config.pool_size {
                 let connection = client.get_async_connection().await.map_err(unreachable)?;
                 connections.push(Connection::Cluster(connection));

@@ -658,6 +658,64 @@ fn tcp_redis(what: &str, command: impl Fn(u16) -> Command) -> (Child, u16) {
     panic!("could not start {what}");
 }
 
+/// A redis-server of one test that takes TLS on `tls_port`, with the certificate in
+/// `tests/fixtures` (for 127.0.0.1, signed by `redis-test-ca.pem`; made once with
+/// openssl, valid for a century, its CA key thrown away). Its plain port only tells
+/// the harness it is up.
+pub struct RedisTls {
+    _dir: TempDir,
+    child: Child,
+    pub tls_port: u16,
+}
+
+impl RedisTls {
+    pub fn start() -> RedisTls {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fixture = |name: &str| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(name)
+        };
+        let tls_port = std::cell::Cell::new(0);
+        let (child, _) = tcp_redis("the TLS Redis", |port| {
+            tls_port.set(free_port());
+            let mut command = redis_server(dir.path());
+            command
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--tls-port", &tls_port.get().to_string()])
+                .arg("--tls-cert-file")
+                .arg(fixture("redis-test-server.pem"))
+                .arg("--tls-key-file")
+                .arg(fixture("redis-test-server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(fixture("redis-test-ca.pem"))
+                .args(["--tls-auth-clients", "no"]);
+            command
+        });
+        RedisTls {
+            _dir: dir,
+            child,
+            tls_port: tls_port.get(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.tls_port)
+    }
+
+    /// The CA the server's certificate chains to.
+    pub fn ca_file() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/redis-test-ca.pem")
+    }
+}
+
+impl Drop for RedisTls {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A Redis master, its replica and one Sentinel watching them, on 127.0.0.1, owned by
 /// one test, which may kill the master to make the Sentinel promote the replica.
 pub struct RedisSentinel {
