@@ -359,12 +359,15 @@ impl Otp {
         validate_token(token)?;
         let status = self.store.status(token).await?.ok_or(OtpError::NotFound)?;
         let now = now_ms();
+        let locked_until = status.locked_until.filter(|&until| until > now);
+        // The end of a lock clears the count, even before a write records that.
+        let lock_over = status.locked_until.is_some() && locked_until.is_none();
         Ok(StatusReport {
             state: status.code.state_at(now),
             created_at: status.code.created_at,
             expires_at: status.code.expires_at,
-            attempts: status.attempts,
-            locked_until: status.locked_until.filter(|&until| until > now),
+            attempts: if lock_over { 0 } else { status.attempts },
+            locked_until,
             channels: status.code.channels,
             delivery: status.code.delivery,
         })

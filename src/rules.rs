@@ -233,21 +233,25 @@ pub enum VerifyOutcome {
 }
 
 /// Drops send times that fell out of the window, then checks the cooldown and the count.
-/// On refusal returns how long until a send would be allowed.
+/// On refusal returns how long until a send would be allowed: the later of the two
+/// ends, so that a client waiting that long is not refused again.
 fn check_sends(sends: &mut Vec<Millis>, now: Millis, limits: &Limits) -> Result<(), Millis> {
     sends.retain(|&t| now.saturating_sub(t) < limits.send_window);
-    if let Some(&last) = sends.last() {
-        let cooldown_end = last.saturating_add(limits.resend_cooldown);
-        if now < cooldown_end {
-            return Err(cooldown_end - now);
-        }
-    }
+    let cooldown_end = sends
+        .last()
+        .map_or(0, |&last| last.saturating_add(limits.resend_cooldown));
     let max = limits.max_sends as usize;
-    if sends.len() >= max {
-        let must_age_out = sends[sends.len() - max];
-        return Err(must_age_out.saturating_add(limits.send_window) - now);
+    let count_end = match sends.len().checked_sub(max) {
+        // The oldest send that must leave the window before one more is allowed.
+        Some(excess) => sends[excess].saturating_add(limits.send_window),
+        None => 0,
+    };
+    let allowed_at = cooldown_end.max(count_end);
+    if now < allowed_at {
+        Err(allowed_at - now)
+    } else {
+        Ok(())
     }
-    Ok(())
 }
 
 impl TokenRecord {
@@ -530,6 +534,21 @@ mod tests {
         );
         // Once the window has passed, sends are allowed again.
         assert!(plan_create(None, &mut recipient, D1, 900_001, &LIMITS).is_ok());
+    }
+
+    #[test]
+    fn retry_after_waits_out_both_the_cooldown_and_the_count() {
+        let limits = Limits {
+            max_sends: 2,
+            send_window: 10_000,
+            resend_cooldown: 2_000,
+            ..LIMITS
+        };
+        let mut sends = vec![0, 3_000];
+        // Inside the cooldown (until 5 s) and at the count (until 10 s): the later one.
+        assert_eq!(check_sends(&mut sends, 4_000, &limits), Err(6_000));
+        assert_eq!(check_sends(&mut sends, 9_999, &limits), Err(1));
+        assert_eq!(check_sends(&mut sends, 10_000, &limits), Ok(()));
     }
 
     #[test]

@@ -204,6 +204,12 @@ fn lock_ends_and_clears_the_count(engine: Engine) {
     daemon.verify("l", &wrong);
     assert_eq!(daemon.verify("l", &wrong)["status"], 429);
     thread::sleep(Duration::from_millis(1100));
+    let status = daemon.call(json!({"op": "status", "token": "l"}));
+    assert_eq!(
+        (&status["attempts"], &status["locked_until"]),
+        (&json!(0), &Value::Null),
+        "the lock is over, and so is its count: {status}"
+    );
     let code = daemon.create_code("l", "393331234567");
     assert_eq!(
         daemon.verify("l", &wrong)["status"],
