@@ -102,6 +102,33 @@ fn expired_code_answers_410(engine: Engine) {
     assert_eq!(answer["error"], "expired");
 }
 
+/// `expired` counts a code that expired unverified however it left: seen by the
+/// janitor, replaced by a new create before the janitor came by, or expired while
+/// the daemon was down. Every engine counts alike.
+fn every_expiry_is_counted(engine: Engine) {
+    let mut daemon =
+        engine.start("[otp]\nresend_cooldown_secs = 0\n[janitor]\ninterval_secs = 1\n");
+    let create = |daemon: &Daemon, token: &str| {
+        let request =
+            json!({"op": "create", "token": token, "to": {"sms": "393331234567"}, "ttl_secs": 1});
+        assert_eq!(daemon.call(request)["status"], 201);
+    };
+    let expired = |daemon: &Daemon| daemon.stats()["expired"].as_u64().unwrap();
+    create(&daemon, "replaced");
+    thread::sleep(Duration::from_millis(1100));
+    create(&daemon, "replaced");
+    wait_for("the replaced code to count", || expired(&daemon) == 1);
+    create(&daemon, "while-down");
+    daemon.stop();
+    thread::sleep(Duration::from_millis(1100));
+    daemon.spawn();
+    // The counters start again at 0; both codes left pending expired while it was down.
+    wait_for("the codes expired while down to count", || {
+        expired(&daemon) == 2
+    });
+    assert_eq!(daemon.stats()["live"], 0);
+}
+
 fn a_new_create_replaces_the_live_code(engine: Engine) {
     let daemon = engine.start(NO_COOLDOWN);
     let first = daemon.create_code("rep", "393331234567");
@@ -634,6 +661,7 @@ per_engine!([sled, redis, redis_cluster] {
     create_verify_and_the_answers_that_follow,
     tutorial_body_at_top_level_and_inside_to,
     expired_code_answers_410,
+    every_expiry_is_counted,
     a_new_create_replaces_the_live_code,
     cancel_ends_the_code,
     rate_limits_per_recipient_and_cooldown,

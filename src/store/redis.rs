@@ -337,6 +337,9 @@ pub struct RedisStore {
     /// Pending codes across all hosts as of the janitor's last pass, adjusted by this
     /// host's own requests since.
     live: AtomicU64,
+    /// Codes this host saw leave the live set expired outside a janitor pass (at
+    /// start-up, or replaced after their expiry), for the next pass to report.
+    expired_unreported: AtomicU64,
     /// `WAIT` for this many replicas (0: not at all) for up to `replica_timeout_ms`.
     min_replicas: u32,
     replica_timeout_ms: u64,
@@ -411,6 +414,7 @@ impl RedisStore {
             },
             limits,
             live: AtomicU64::new(0),
+            expired_unreported: AtomicU64::new(0),
             min_replicas: config.min_replicas,
             replica_timeout_ms: config.replica_timeout_ms,
         };
@@ -420,7 +424,9 @@ impl RedisStore {
             .await
             .map_err(unreachable)?;
         store.check_secret(secret).await?;
-        store.refresh_live(rules::now_ms()).await?;
+        // Codes that expired while no host was running count at the first pass.
+        let expired = store.refresh_live(rules::now_ms()).await?;
+        store.expired_unreported.store(expired, Ordering::Relaxed);
         store.warn_unless_durable().await;
         Ok(store)
     }
@@ -606,13 +612,14 @@ impl RedisStore {
         record.locked_until.unwrap_or(0).max(last_send)
     }
 
-    /// Mirrors a committed change in the live set; a failure here only skews `stats`.
+    /// Mirrors a committed change in the live set and the live count; returns how many
+    /// of `removed` were still there. A failure here only skews `stats`.
     async fn track_live(
         &self,
         conn: &mut Connection,
         added: Option<(&str, Millis)>,
         removed: &[String],
-    ) {
+    ) -> i64 {
         let key = self.keys.live();
         let mut pipe = redis::pipe();
         if let Some((member, expires_at)) = added {
@@ -622,15 +629,20 @@ impl RedisStore {
             pipe.cmd("ZREM").arg(&key).arg(member);
         }
         if added.is_none() && removed.is_empty() {
-            return;
+            return 0;
         }
         match pipe.query_async::<Vec<i64>>(conn).await {
             Ok(counts) => {
                 // ZADD answers 1 for a new member, each ZREM 1 for a member it removed.
                 let (adds, rems) = counts.split_at(usize::from(added.is_some()));
-                self.adjust_live(adds.iter().sum::<i64>() - rems.iter().sum::<i64>());
+                let removed = rems.iter().sum::<i64>();
+                self.adjust_live(adds.iter().sum::<i64>() - removed);
+                removed
             }
-            Err(error) => tracing::warn!(%error, "could not update the live set"),
+            Err(error) => {
+                tracing::warn!(%error, "could not update the live set");
+                0
+            }
         }
     }
 
@@ -768,8 +780,17 @@ impl Store for RedisStore {
                     .map(|old| Keys::live_member(&new.token, &old))
                     .into_iter()
                     .collect();
-                self.track_live(&mut conn, Some((&member, new.expires_at)), &gone)
+                let removed = self
+                    .track_live(&mut conn, Some((&member, new.expires_at)), &gone)
                     .await;
+                // A pending code replaced after its expiry, before a janitor pass
+                // counted it: it expired all the same.
+                let expired_unseen = replaced
+                    .as_ref()
+                    .is_some_and(|old| old.code.is_pending() && old.code.expires_at <= now);
+                if expired_unseen && removed > 0 {
+                    self.expired_unreported.fetch_add(1, Ordering::Relaxed);
+                }
                 return Ok(Ok(replaced));
             }
             for key in &recipient_keys {
@@ -1005,7 +1026,8 @@ impl Store for RedisStore {
     /// Redis expires keys itself; a pass only counts the codes that expired unverified
     /// (leaving the live set) and refreshes the live count.
     async fn purge_due(&self, now: Millis, _batch: usize) -> Result<PurgeReport, StoreError> {
-        let expired = self.refresh_live(now).await?;
+        let expired =
+            self.refresh_live(now).await? + self.expired_unreported.swap(0, Ordering::Relaxed);
         Ok(PurgeReport {
             purged: 0,
             expired,
