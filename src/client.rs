@@ -66,9 +66,15 @@ impl Client {
         serde_json::from_str(&self.line).context("otpd sent a line that is not JSON")
     }
 
-    /// Sends one request and reads its answer.
+    /// Sends one request and reads its answer. A daemon that turns the connection away
+    /// (`busy`, `forbidden`) answers and closes without reading, so the request may
+    /// meet a closed pipe: its answer is still there to read, and says more.
     pub async fn call(&mut self, request: &Value) -> anyhow::Result<Value> {
-        self.send(request).await?;
-        self.receive().await
+        let sent = self.send(request).await;
+        match (sent, self.receive().await) {
+            (_, Ok(answer)) => Ok(answer),
+            (Err(send_error), Err(_)) => Err(send_error),
+            (Ok(()), Err(receive_error)) => Err(receive_error),
+        }
     }
 }

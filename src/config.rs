@@ -23,7 +23,7 @@ pub const VONAGE_KEY_CREDENTIAL: &str = "otpd-vonage-key";
 /// A configuration error: always names the key it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -689,7 +689,7 @@ impl Config {
 
         if let Some(socket) = &overrides.socket {
             self.server.socket = socket.clone();
-        } else if self.server.socket.as_os_str().is_empty() {
+        } else if from_flag || self.server.socket.as_os_str().is_empty() {
             self.server.socket = match (&dirs.runtime, from_flag) {
                 (Some(runtime), false) => runtime.join(SOCKET_NAME),
                 _ => data_dir.join(SOCKET_NAME),
@@ -885,6 +885,20 @@ mod tests {
             config.store.secret_file,
             PathBuf::from("/var/lib/otpd/secret.key")
         );
+    }
+
+    #[test]
+    fn a_data_dir_flag_beats_the_files_paths() {
+        let file = "[server]\nsocket = \"/file.sock\"\n[store]\npath = \"/file-db\"\n";
+        let mut config = Config::parse(file).unwrap();
+        let data_dir = Overrides {
+            socket: None,
+            data_dir: Some("/flag".into()),
+        };
+        config.resolve_paths(&data_dir, &SystemdDirs::default());
+        assert_eq!(config.server.socket, PathBuf::from("/flag/otpd.sock"));
+        assert_eq!(config.store.path, PathBuf::from("/flag/db"));
+        assert_eq!(config.store.secret_file, PathBuf::from("/flag/secret.key"));
     }
 
     #[test]

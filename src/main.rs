@@ -133,6 +133,9 @@ impl SocketArg {
     }
 }
 
+/// How long the client tools wait for an answer.
+const CLIENT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// sled allocates and frees on every write from every thread; under load glibc's malloc
 /// spent a quarter of the daemon's CPU there, much of it waiting on arena locks
 /// (BENCHMARKS.md, "What got otpd from 5.4 k to 28 k ops/s").
@@ -305,7 +308,11 @@ async fn run_client(command: Command) -> anyhow::Result<ExitCode> {
         Command::Ping { socket } => (socket, json!({"op": "ping"})),
     };
     let mut client = Client::connect(&socket.path()).await?;
-    let response = client.call(&request).await?;
+    // Longer than any answer takes (a create waits at most for its provider's retries):
+    // only a daemon that has stopped answering meets it.
+    let response = tokio::time::timeout(CLIENT_PATIENCE, client.call(&request))
+        .await
+        .map_err(|_| anyhow::anyhow!("otpd did not answer within {CLIENT_PATIENCE:?}"))??;
     println!("{response}");
     Ok(if response.get("ok") == Some(&Value::Bool(true)) {
         ExitCode::SUCCESS

@@ -144,3 +144,25 @@ fn a_client_that_never_reads_does_not_hold_up_shutdown() {
     );
     drop(peer);
 }
+
+#[test]
+fn the_client_tools_show_the_busy_answer() {
+    let daemon = Daemon::start("[server]\nmax_connections = 1\n");
+    let _held = served(&daemon);
+    // Turned away before it is read, the request often meets a closed pipe; the answer
+    // waits all the same.
+    for _ in 0..20 {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_otpd"))
+            .args(["ping", "--socket"])
+            .arg(&daemon.socket)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("\"busy\""), "{stdout}{out:?}");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "a refusal, not a failure to talk"
+        );
+    }
+}
