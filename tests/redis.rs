@@ -26,16 +26,21 @@ fn wrong(code: &str) -> String {
     format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000)
 }
 
+/// The `[store]` TOML of the Redis engine, `keys` being its `[store.redis]` lines.
+fn redis_store(keys: &str) -> String {
+    format!("[store]\nengine = \"redis\"\n[store.redis]\n{keys}")
+}
+
 /// With Redis Sentinel, otpd asks the Sentinel for the master, and asks again when the
 /// master dies: after the failover it serves on, and a code created before it verifies.
 #[test]
 fn a_sentinel_failover_is_followed() {
     let mut sentinel = RedisSentinel::start();
-    let store = format!(
-        "[store]\nengine = \"redis\"\n[store.redis]\nsentinels = [\"{}\"]\nsentinel_master = \"{}\"\nresponse_timeout_ms = 500\n",
+    let store = redis_store(&format!(
+        "sentinels = [\"{}\"]\nsentinel_master = \"{}\"\nresponse_timeout_ms = 500\n",
         sentinel.url(),
         RedisSentinel::MASTER
-    );
+    ));
     let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
     daemon.spawn();
     let code = daemon.create_code("before", "393331234567");
@@ -69,12 +74,7 @@ fn a_sentinel_failover_is_followed() {
 #[test]
 fn a_tls_redis_is_reached_with_its_ca() {
     let redis = RedisTls::start();
-    let store = |extra: &str| {
-        format!(
-            "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{}\"\n{extra}",
-            redis.url()
-        )
-    };
+    let store = |extra: &str| redis_store(&format!("url = \"{}\"\n{extra}", redis.url()));
     let mut untrusting = Daemon::prepare(&store(""), NO_COOLDOWN, "");
     let error = untrusting.start_refused();
     assert!(
@@ -95,11 +95,11 @@ fn a_tls_redis_is_reached_with_its_ca() {
 fn a_password_protected_master_is_reached_with_master_password() {
     let sentinel = RedisSentinel::start_with_password(Some("s3cret-pw"));
     let store = |login: &str| {
-        format!(
-            "[store]\nengine = \"redis\"\n[store.redis]\nsentinels = [\"{}\"]\nsentinel_master = \"{}\"\n{login}",
+        redis_store(&format!(
+            "sentinels = [\"{}\"]\nsentinel_master = \"{}\"\n{login}",
             sentinel.url(),
             RedisSentinel::MASTER
-        )
+        ))
     };
     let mut refused = Daemon::prepare(&store(""), NO_COOLDOWN, "");
     let error = refused.start_refused();
@@ -120,10 +120,10 @@ fn a_password_protected_master_is_reached_with_master_password() {
 #[test]
 fn acknowledged_changes_wait_for_a_replica() {
     let mut redis = RedisSentinel::start();
-    let store = format!(
-        "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{}\"\nmin_replicas = 1\nreplica_timeout_ms = 300\n",
+    let store = redis_store(&format!(
+        "url = \"{}\"\nmin_replicas = 1\nreplica_timeout_ms = 300\n",
         redis.master_url()
-    );
+    ));
     let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
     daemon.spawn();
     let code = daemon.create_code("replicated", "393331234567");
@@ -282,15 +282,14 @@ fn a_host_with_another_secret_refuses_to_start(engine: Engine) {
 fn unreachable_redis_stops_start_up_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("unix://{}/none.sock", dir.path().display());
-    let store = format!("[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{url}\"\n");
+    let store = redis_store(&format!("url = \"{url}\"\n"));
     let stderr = Daemon::prepare(&store, "", "").start_refused();
     assert!(
         stderr.contains("cannot reach Redis") && stderr.contains(&url),
         "{stderr}"
     );
-    let store =
-        "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"redis://:hunter2@127.0.0.1:1\"\n";
-    let stderr = Daemon::prepare(store, "", "").start_refused();
+    let store = redis_store("url = \"redis://:hunter2@127.0.0.1:1\"\n");
+    let stderr = Daemon::prepare(&store, "", "").start_refused();
     assert!(stderr.contains("cannot reach Redis"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "password shown: {stderr}");
 }
@@ -298,10 +297,10 @@ fn unreachable_redis_stops_start_up_naming_it() {
 #[test]
 fn a_redis_crash_fails_requests_until_it_is_back_and_loses_nothing() {
     let mut redis = OwnedRedis::start();
-    let store = format!(
-        "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{}\"\nresponse_timeout_ms = 500\n",
+    let store = redis_store(&format!(
+        "url = \"{}\"\nresponse_timeout_ms = 500\n",
         redis.url()
-    );
+    ));
     let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
     daemon.spawn();
     let stderr = daemon.stderr();
