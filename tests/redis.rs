@@ -58,7 +58,8 @@ fn a_sentinel_failover_is_followed() {
         );
         answer["status"] == 201
     });
-    assert_eq!(daemon.verify("before", &code)["status"], 200);
+    let first = daemon.verify("before", &code);
+    assert_eq!(first["status"], 200, "{first}\n{}", daemon.stderr());
     assert_eq!(daemon.verify("before", &code)["status"], 409);
     assert!(
         daemon
@@ -121,7 +122,7 @@ fn a_password_protected_master_is_reached_with_master_password() {
 fn acknowledged_changes_wait_for_a_replica() {
     let mut redis = RedisSentinel::start();
     let store = redis_store(&format!(
-        "url = \"{}\"\nmin_replicas = 1\nreplica_timeout_ms = 300\n",
+        "url = \"{}\"\nmin_replicas = 1\nreplica_timeout_ms = 1500\n",
         redis.master_url()
     ));
     let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
@@ -135,7 +136,7 @@ fn acknowledged_changes_wait_for_a_replica() {
     assert_eq!(answer["status"], 500, "{answer}");
     let log = daemon.stderr();
     assert!(
-        log.contains("0 of the 1 replicas store.redis.min_replicas asks for confirmed the change within 300 ms"),
+        log.contains("0 of the 1 replicas store.redis.min_replicas asks for confirmed the change within 1500 ms"),
         "{log}"
     );
 }

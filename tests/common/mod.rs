@@ -717,7 +717,10 @@ impl Drop for RedisTls {
 }
 
 /// A Redis master, its replica and one Sentinel watching them, on 127.0.0.1, owned by
-/// one test, which may kill the master to make the Sentinel promote the replica.
+/// one test, which may kill the master to make the Sentinel promote the replica. The
+/// Sentinel waits 2 s before it calls the master down: on a machine busy with a whole
+/// test suite a shorter wait made it fail over a live master, whose writes the
+/// resync then erased.
 pub struct RedisSentinel {
     _dir: TempDir,
     children: Vec<Child>,
@@ -770,7 +773,7 @@ impl RedisSentinel {
             &conf,
             format!(
                 "bind 127.0.0.1\nsentinel monitor {m} 127.0.0.1 {master_port} 1\n\
-                 sentinel down-after-milliseconds {m} 500\nsentinel failover-timeout {m} 3000\n{pass}",
+                 sentinel down-after-milliseconds {m} 2000\nsentinel failover-timeout {m} 6000\n{pass}",
                 m = Self::MASTER,
                 pass = password
                     .map(|p| format!("sentinel auth-pass {} {p}\n", Self::MASTER))
