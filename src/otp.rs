@@ -12,7 +12,7 @@ use crate::janitor::Wakeup;
 use crate::metrics::{Counters, Stats, bump};
 use crate::rules::{Channel, CodeState, Limits, Millis, Refusal, VerifyOutcome, now_ms};
 use crate::secret::ServerSecret;
-use crate::store::{NewCode, Store, StoreError};
+use crate::store::{NewCode, Store, StoreError, TokenStatus};
 
 /// Why a request did not succeed; each maps to one protocol error code.
 #[derive(Debug, thiserror::Error)]
@@ -357,19 +357,21 @@ impl Otp {
     /// The token's code: state, times, attempts and delivery; never the code.
     pub async fn status(&self, token: &str) -> Result<StatusReport, OtpError> {
         validate_token(token)?;
-        let status = self.store.status(token).await?.ok_or(OtpError::NotFound)?;
+        let TokenStatus {
+            code,
+            token: mut record,
+        } = self.store.status(token).await?.ok_or(OtpError::NotFound)?;
         let now = now_ms();
-        let locked_until = status.locked_until.filter(|&until| until > now);
-        // The end of a lock clears the count, even before a write records that.
-        let lock_over = status.locked_until.is_some() && locked_until.is_none();
+        // As the next write would record it: an ended lock, and its count, are gone.
+        record.end_lock_if_over(now);
         Ok(StatusReport {
-            state: status.code.state_at(now),
-            created_at: status.code.created_at,
-            expires_at: status.code.expires_at,
-            attempts: if lock_over { 0 } else { status.attempts },
-            locked_until,
-            channels: status.code.channels,
-            delivery: status.code.delivery,
+            state: code.state_at(now),
+            created_at: code.created_at,
+            expires_at: code.expires_at,
+            attempts: record.attempts,
+            locked_until: record.locked_until,
+            channels: code.channels,
+            delivery: code.delivery,
         })
     }
 

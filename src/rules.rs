@@ -256,7 +256,7 @@ fn check_sends(sends: &mut Vec<Millis>, now: Millis, limits: &Limits) -> Result<
 
 impl TokenRecord {
     /// Ends a lock whose time is over; the end of a lock clears the wrong-code count.
-    fn end_lock_if_over(&mut self, now: Millis) -> bool {
+    pub fn end_lock_if_over(&mut self, now: Millis) -> bool {
         match self.locked_until {
             Some(until) if until <= now => {
                 self.locked_until = None;

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use crate::code::Digest;
 use crate::rules::{
     Channel, CodeRecord, DeliveryEvent, FailoverVerdict, Millis, PendingFailover, Refusal,
-    VerifyOutcome,
+    TokenRecord, VerifyOutcome,
 };
 
 pub use encoding::{decode, encode};
@@ -81,12 +81,11 @@ pub struct DueFailovers {
     pub next_due: Option<Millis>,
 }
 
-/// A token's current code as `status` shows it.
+/// A token's current code and record, for `status`.
 #[derive(Debug, Clone)]
 pub struct TokenStatus {
     pub code: CodeRecord,
-    pub attempts: u32,
-    pub locked_until: Option<Millis>,
+    pub token: TokenRecord,
 }
 
 /// The domain operations every storage engine provides. Each is atomic, and durable

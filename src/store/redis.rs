@@ -1017,8 +1017,7 @@ impl Store for RedisStore {
         Ok(
             decode_read::<CodeRecord>(&code_read)?.map(|code| TokenStatus {
                 code,
-                attempts: record.attempts,
-                locked_until: record.locked_until,
+                token: record,
             }),
         )
     }

@@ -643,8 +643,7 @@ impl Store for SledStore {
         };
         Ok(code.map(|code| TokenStatus {
             code,
-            attempts: record.attempts,
-            locked_until: record.locked_until,
+            token: record,
         }))
     }
 
