@@ -38,7 +38,7 @@ impl DispatchDelivery {
             let mut step = json!({
                 "from": {"type": "messenger", "id": self.vonage.messenger_from()?},
                 "to": {"type": "messenger", "id": psid},
-                "message": {"content": content, "messenger": self.vonage.messenger_options},
+                "message": {"content": content, "messenger": self.vonage.settings.messenger_options},
             });
             if message.to.sms.is_some() {
                 step["failover"] = json!({"expiry_time": self.vonage.failover_after(message.ttl_secs), "condition_status": "read"});
@@ -47,7 +47,7 @@ impl DispatchDelivery {
         }
         if let Some(number) = &message.to.sms {
             workflow.push(json!({
-                "from": {"type": "sms", "number": self.vonage.sms_from},
+                "from": {"type": "sms", "number": self.vonage.settings.sms_from},
                 "to": {"type": "sms", "number": number},
                 "message": {"content": content},
             }));

@@ -76,7 +76,7 @@ impl Inner {
     fn sms(&self, number: &str, text: &str) -> Value {
         json!({
             "to": number,
-            "from": self.vonage.sms_from,
+            "from": self.vonage.settings.sms_from,
             "channel": "sms",
             "message_type": "text",
             "text": text,
@@ -196,7 +196,7 @@ impl Delivery for MessagesDelivery {
             "channel": "messenger",
             "message_type": "text",
             "text": message.text,
-            "messenger": inner.vonage.messenger_options,
+            "messenger": inner.vonage.settings.messenger_options,
         });
         if let Some(number) = &message.to.sms {
             body["failover"] = json!([inner.sms(number, &message.text)]);

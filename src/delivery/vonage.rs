@@ -33,12 +33,14 @@ pub enum Api {
 }
 
 /// The checked values of one Vonage section, before its key is loaded.
-struct Settings {
+pub struct Settings {
     api_url: String,
+    /// Facebook Page id; `None` when this deployment sends SMS only.
     messenger_from: Option<String>,
-    sms_from: String,
+    pub sms_from: String,
     failover_secs: u64,
-    messenger_options: Value,
+    /// `message.messenger` / `messenger` object: category and, for tagged messages, tag.
+    pub messenger_options: Value,
 }
 
 impl Api {
@@ -48,6 +50,11 @@ impl Api {
             Api::Dispatch => "dispatch",
             Api::Messages => "messages",
         }
+    }
+
+    /// The full name of the section's key `name`, as errors show it.
+    fn key(self, name: &str) -> String {
+        format!("delivery.{}.{name}", self.section())
     }
 
     /// Checks the API's section, naming the key at fault. A section otpd does not use
@@ -65,20 +72,23 @@ impl Api {
 
     fn settings(self, config: &Config) -> anyhow::Result<Settings> {
         let v = self.section_of(config);
-        let key = |name: &str| format!("delivery.{}.{name}", self.section());
         let api_url = v.api_url.trim_end_matches('/').to_owned();
-        let uri: Uri = api_url
-            .parse()
-            .map_err(|_| anyhow::anyhow!("{}: {:?} is not a URL", key("api_url"), v.api_url))?;
+        let uri: Uri = api_url.parse().map_err(|_| {
+            anyhow::anyhow!("{}: {:?} is not a URL", self.key("api_url"), v.api_url)
+        })?;
         if !matches!(uri.scheme_str(), Some("https" | "http")) || uri.host().is_none() {
-            anyhow::bail!("{}: {:?} is not an http(s) URL", key("api_url"), v.api_url);
+            anyhow::bail!(
+                "{}: {:?} is not an http(s) URL",
+                self.key("api_url"),
+                v.api_url
+            );
         }
         let messenger_from = match v.messenger_from.as_str() {
             "" => None,
             id if id.len() <= 50 && id.bytes().all(|b| b.is_ascii_digit()) => Some(id.to_owned()),
             _ => anyhow::bail!(
                 "{}: must be a Facebook Page id (digits)",
-                key("messenger_from")
+                self.key("messenger_from")
             ),
         };
         let sender_ok = if v.sms_from.bytes().all(|b| b.is_ascii_digit()) {
@@ -92,13 +102,13 @@ impl Api {
         if !sender_ok {
             anyhow::bail!(
                 "{}: must be a number of up to 15 digits or an alphanumeric sender id of up to 11 characters",
-                key("sms_from")
+                self.key("sms_from")
             );
         }
         if !FAILOVER_SECS.contains(&v.failover_secs) {
             anyhow::bail!(
                 "{}: {} is out of range {}..={}",
-                key("failover_secs"),
+                self.key("failover_secs"),
                 v.failover_secs,
                 FAILOVER_SECS.start(),
                 FAILOVER_SECS.end()
@@ -107,14 +117,14 @@ impl Api {
         if !(1..=300).contains(&v.timeout_secs) {
             anyhow::bail!(
                 "{}: {} is out of range 1..=300",
-                key("timeout_secs"),
+                self.key("timeout_secs"),
                 v.timeout_secs
             );
         }
         if v.max_retries > 10 {
             anyhow::bail!(
                 "{}: {} is out of range 0..=10",
-                key("max_retries"),
+                self.key("max_retries"),
                 v.max_retries
             );
         }
@@ -122,16 +132,16 @@ impl Api {
             ("response" | "update", "") => json!({"category": v.messenger_category}),
             ("message_tag", "") => anyhow::bail!(
                 "{}: required when messenger_category = \"message_tag\"",
-                key("messenger_tag")
+                self.key("messenger_tag")
             ),
             ("message_tag", tag) => json!({"category": "message_tag", "tag": tag}),
             ("response" | "update", _) => anyhow::bail!(
                 "{}: only allowed with messenger_category = \"message_tag\"",
-                key("messenger_tag")
+                self.key("messenger_tag")
             ),
             (other, _) => anyhow::bail!(
                 "{}: {other:?} is not one of response, update, message_tag",
-                key("messenger_category")
+                self.key("messenger_category")
             ),
         };
         Ok(Settings {
@@ -147,14 +157,8 @@ impl Api {
 /// A Vonage application, ready to send.
 pub struct Vonage {
     pub client: ApiClient,
-    /// Facebook Page id; `None` when this deployment sends SMS only.
-    messenger_from: Option<String>,
-    pub sms_from: String,
-    failover_secs: u64,
-    /// `message.messenger` / `messenger` object: category and, for tagged messages, tag.
-    pub messenger_options: Value,
-    section: &'static str,
-    api_url: String,
+    pub settings: Settings,
+    api: Api,
 }
 
 impl Vonage {
@@ -162,7 +166,8 @@ impl Vonage {
     /// `failover_secs`, but at most half the code's validity (and at least the 15 s
     /// Dispatch allows), so that the SMS does not bring a code that has expired.
     pub fn failover_after(&self, ttl_secs: u64) -> u64 {
-        self.failover_secs
+        self.settings
+            .failover_secs
             .min((ttl_secs / 2).max(*FAILOVER_SECS.start()))
     }
 
@@ -171,16 +176,15 @@ impl Vonage {
     pub fn from_config(api: Api, config: &Config, counters: Arc<Counters>) -> anyhow::Result<Self> {
         let settings = api.settings(config)?;
         let v = api.section_of(config);
-        let key = |name: &str| format!("delivery.{}.{name}", api.section());
         if v.application_id.trim().is_empty() {
             anyhow::bail!(
                 "{}: required (the id of your Vonage application)",
-                key("application_id")
+                api.key("application_id")
             );
         }
         check_template_length(config, settings.messenger_from.is_some())?;
 
-        let private_key = jwt::load_key(&v.private_key_file, &key("private_key_file"))?;
+        let private_key = jwt::load_key(&v.private_key_file, &api.key("private_key_file"))?;
         let signer = JwtSigner::new(v.application_id.clone(), private_key, Arc::new(SystemClock));
         let client = ApiClient::new(
             signer,
@@ -191,38 +195,27 @@ impl Vonage {
         if settings.messenger_from.is_none() {
             tracing::info!(
                 "{} is empty: Messenger is off, codes go by SMS only",
-                key("messenger_from")
+                api.key("messenger_from")
             );
         }
-        let Settings {
-            api_url,
-            messenger_from,
-            sms_from,
-            failover_secs,
-            messenger_options,
-        } = settings;
         Ok(Self {
             client,
-            messenger_from,
-            sms_from,
-            failover_secs,
-            messenger_options,
-            section: api.section(),
-            api_url,
+            settings,
+            api,
         })
     }
 
     /// `{api_url}{path}` as a request URI.
     pub fn endpoint(&self, path: &str) -> anyhow::Result<Uri> {
-        Ok(format!("{}{path}", self.api_url).parse()?)
+        Ok(format!("{}{path}", self.settings.api_url).parse()?)
     }
 
     /// The Page id, or a refusal naming the key when Messenger is not configured.
     pub fn messenger_from(&self) -> Result<&str, DeliveryError> {
-        self.messenger_from.as_deref().ok_or_else(|| {
+        self.settings.messenger_from.as_deref().ok_or_else(|| {
             DeliveryError::Refused(format!(
-                "Messenger is not configured (delivery.{}.messenger_from is empty)",
-                self.section
+                "Messenger is not configured ({} is empty)",
+                self.api.key("messenger_from")
             ))
         })
     }
