@@ -293,8 +293,8 @@ impl SledStore {
         Ok(())
     }
 
-    /// Drops the lookup entry of a code that is gone.
-    fn forget_reference(&self, code: Option<&CodeRecord>) -> Result<(), StoreError> {
+    /// Drops the lookup entries of a code that is gone (every id it was delivered as).
+    fn forget_references(&self, code: Option<&CodeRecord>) -> Result<(), StoreError> {
         for reference in code.iter().flat_map(|code| code.delivery.references()) {
             self.references.remove(reference).map_err(db_error)?;
         }
@@ -365,7 +365,7 @@ impl SledStore {
         } else {
             self.write_token(token, &mut state)?;
         }
-        self.forget_reference(purged_code.as_ref())?;
+        self.forget_references(purged_code.as_ref())?;
         Ok(visit)
     }
 
@@ -435,7 +435,7 @@ impl SledStore {
         let code = CodeRecord::new(new.created_at, new.expires_at, new.channels.clone());
         let replaced = state.code.replace(code);
         self.write_token(token, &mut state)?;
-        self.forget_reference(replaced.as_ref())?;
+        self.forget_references(replaced.as_ref())?;
         let replaced_live = replaced.as_ref().is_some_and(CodeRecord::is_pending);
         let replaced = plan
             .replaced
@@ -552,7 +552,7 @@ impl Store for SledStore {
         if let Some(code) = removed.flatten() {
             let back = restored.is_some_and(CodeRecord::is_pending);
             self.adjust_live(i64::from(back) - 1);
-            self.forget_reference(Some(&code))?;
+            self.forget_references(Some(&code))?;
             for reference in restored.iter().flat_map(|old| old.delivery.references()) {
                 self.file_reference(reference, token.as_bytes())?;
             }
