@@ -91,11 +91,7 @@ fn tutorial_body_at_top_level_and_inside_to(engine: Engine) {
 
 fn expired_code_answers_410(engine: Engine) {
     let daemon = engine.start("");
-    let created = daemon.call(
-        json!({"op": "create", "token": "exp", "to": {"sms": "393331234567"}, "ttl_secs": 1}),
-    );
-    assert_eq!(created["status"], 201, "{created}");
-    let code = daemon.code_for("exp");
+    let code = daemon.create_short_code("exp", "393331234567");
     thread::sleep(Duration::from_millis(1100));
     let answer = daemon.verify("exp", &code);
     assert_eq!(answer["status"], 410, "{answer}");
@@ -108,11 +104,7 @@ fn expired_code_answers_410(engine: Engine) {
 fn every_expiry_is_counted(engine: Engine) {
     let mut daemon =
         engine.start("[otp]\nresend_cooldown_secs = 0\n[janitor]\ninterval_secs = 1\n");
-    let create = |daemon: &Daemon, token: &str| {
-        let request =
-            json!({"op": "create", "token": token, "to": {"sms": "393331234567"}, "ttl_secs": 1});
-        assert_eq!(daemon.call(request)["status"], 201);
-    };
+    let create = |daemon: &Daemon, token: &str| daemon.create_short_code(token, "393331234567");
     let expired = |daemon: &Daemon| daemon.stats()["expired"].as_u64().unwrap();
     create(&daemon, "replaced");
     thread::sleep(Duration::from_millis(1100));
@@ -269,10 +261,7 @@ fn one_worker_thread_serves_concurrent_requests() {
     let daemon = Daemon::start(
         "[server]\nworker_threads = 1\n[otp]\nretain_secs = 0\n[janitor]\ninterval_secs = 1\n",
     );
-    let short = daemon.call(
-        json!({"op": "create", "token": "short", "to": {"sms": "393331000009"}, "ttl_secs": 1}),
-    );
-    assert_eq!(short["status"], 201);
+    daemon.create_short_code("short", "393331000009");
     assert_one_of_fifty_verifies_wins(&daemon);
     wait_for("the janitor to purge the short code", || {
         daemon.stats()["expired"] == 1
@@ -368,11 +357,7 @@ fn janitor_purges_due_items_and_keeps_the_rest() {
     let daemon = Daemon::start(
         "[otp]\nresend_cooldown_secs = 0\nretain_secs = 1\nsend_window_secs = 1\n[janitor]\ninterval_secs = 1\n",
     );
-    let short = daemon.call(
-        json!({"op": "create", "token": "short", "to": {"sms": "393331000001"}, "ttl_secs": 1}),
-    );
-    assert_eq!(short["status"], 201);
-    let short_code = daemon.code_for("short");
+    let short_code = daemon.create_short_code("short", "393331000001");
     let long_code = daemon.create_code("long", "393331000002");
     assert_eq!(daemon.stats()["live"], 2);
     // short: expires after 1 s and is purged 1 s later (retain), then its token goes;

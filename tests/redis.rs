@@ -402,11 +402,7 @@ fn keys_expire_by_themselves(engine: Engine) {
     let daemon = engine.start(
         "[otp]\nresend_cooldown_secs = 0\nretain_secs = 1\nsend_window_secs = 1\n[janitor]\ninterval_secs = 1\n",
     );
-    let short = daemon.call(
-        json!({"op": "create", "token": "short", "to": {"sms": "393331000001"}, "ttl_secs": 1}),
-    );
-    assert_eq!(short["status"], 201);
-    let code = daemon.code_for("short");
+    let code = daemon.create_short_code("short", "393331000001");
     assert_eq!(daemon.stats()["live"], 1);
     thread::sleep(Duration::from_millis(1100));
     assert_eq!(

@@ -318,9 +318,20 @@ impl Daemon {
     /// Creates a code for `token` by SMS to `number` and returns it, read from the
     /// log backend's file. Panics unless the create answered 201.
     pub fn create_code(&self, token: &str, number: &str) -> String {
-        let response = self.call(json!({"op": "create", "token": token, "to": {"sms": number}}));
+        self.create_code_from(json!({"op": "create", "token": token, "to": {"sms": number}}))
+    }
+
+    /// Like [`Daemon::create_code`], for a code valid one second only.
+    pub fn create_short_code(&self, token: &str, number: &str) -> String {
+        self.create_code_from(
+            json!({"op": "create", "token": token, "to": {"sms": number}, "ttl_secs": 1}),
+        )
+    }
+
+    fn create_code_from(&self, request: Value) -> String {
+        let response = self.call(request.clone());
         assert_eq!(response["status"], 201, "{response}");
-        self.code_for(token)
+        self.code_for(request["token"].as_str().unwrap())
     }
 
     /// The last code the log backend wrote for `token`.
