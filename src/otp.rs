@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::code::Code;
 use crate::config::{CODE_LENGTHS, OtpConfig};
-use crate::delivery::{self, Delivery, DeliveryError, Message, Recipients};
+use crate::delivery::{Delivery, DeliveryError, Message, Recipients};
 use crate::janitor::Wakeup;
 use crate::metrics::{Counters, Stats, bump};
 use crate::rules::{Channel, CodeState, Limits, Millis, Refusal, VerifyOutcome, now_ms};
@@ -278,7 +278,7 @@ impl Otp {
             token: &token,
             code: &code,
             to: &to,
-            text: delivery::render(&self.template, &code, ttl_secs),
+            template: &self.template,
             ttl_secs,
         };
         match self.delivery.send(&message).await {

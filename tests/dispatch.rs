@@ -39,11 +39,12 @@ fn messenger_step(code: &str, failover: bool) -> Value {
     step
 }
 
-fn sms_step(code: &str) -> Value {
+/// The SMS step, whose text names the minutes the code has left when it goes out.
+fn sms_step(code: &str, minutes_left: u64) -> Value {
     json!({
         "from": {"type": "sms", "number": vonage::SMS_FROM},
         "to": {"type": "sms", "number": PHONE},
-        "message": {"content": {"type": "text", "text": format!("{code} is your code. It expires in 5 minutes.")}},
+        "message": {"content": {"type": "text", "text": format!("{code} is your code. It expires in {minutes_left} minutes.")}},
     })
 }
 
@@ -85,9 +86,10 @@ fn both_channels_send_messenger_then_sms_and_keep_the_dispatch_uuid() {
     assert_eq!(seen.len(), 1);
     let code = seen[0].code();
     assert_eq!(seen[0].path, "/v0.1/dispatch");
+    // The SMS goes out 120 s after the Messenger message, with 3 of the 5 minutes left.
     assert_eq!(
         seen[0].body,
-        json!({"template": "failover", "workflow": [messenger_step(&code, true), sms_step(&code)]})
+        json!({"template": "failover", "workflow": [messenger_step(&code, true), sms_step(&code, 3)]})
     );
 
     let status = daemon.call(json!({"op": "status", "token": "t1"}));
@@ -137,7 +139,7 @@ fn sms_only_is_a_one_step_workflow() {
     let code = seen[0].code();
     assert_eq!(
         seen[0].body,
-        json!({"template": "failover", "workflow": [sms_step(&code)]})
+        json!({"template": "failover", "workflow": [sms_step(&code, 5)]})
     );
     assert_log_is_clean(&daemon, &code);
 }

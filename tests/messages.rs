@@ -42,9 +42,15 @@ fn start_configured(vonage: &VonageStandIn, section_extra: &str) -> Daemon {
 /// Creates a code for both channels; returns the stand-in's record of the Messenger
 /// message.
 fn create_both(daemon: &Daemon, vonage: &VonageStandIn, token: &str) -> Seen {
+    create_both_with(daemon, vonage, json!({"token": token}))
+}
+
+/// [`create_both`] with the request's other fields (`token`, `ttl_secs`) in `fields`.
+fn create_both_with(daemon: &Daemon, vonage: &VonageStandIn, mut fields: Value) -> Seen {
     let before = vonage.requests().len();
-    let created = daemon
-        .call(json!({"op": "create", "token": token, "to": {"messenger": PSID, "sms": PHONE}}));
+    fields["op"] = json!("create");
+    fields["to"] = json!({"messenger": PSID, "sms": PHONE});
+    let created = daemon.call(fields);
     assert_eq!(created["status"], 201, "{created}");
     let seen = vonage.requests();
     assert_eq!(seen.len(), before + 1);
@@ -110,16 +116,16 @@ fn messenger_carries_vonage_failover_and_the_sms_follows_once_at_the_deadline() 
     let vonage = stand_in();
     let daemon = start(&vonage);
     let created_at = Instant::now();
-    let messenger = create_both(&daemon, &vonage, "m1");
+    let messenger = create_both_with(&daemon, &vonage, json!({"token": "m1", "ttl_secs": 75}));
     let code = messenger.code();
-    let text = format!("{code} is your code. It expires in 5 minutes.");
-    let sms = json!({"to": PHONE, "from": vonage::SMS_FROM, "channel": "sms", "message_type": "text", "text": text});
+    let text = format!("{code} is your code. It expires in 2 minutes.");
+    let sms = |text: &str| json!({"to": PHONE, "from": vonage::SMS_FROM, "channel": "sms", "message_type": "text", "text": text});
     assert_eq!(messenger.path, "/v1/messages");
     assert_eq!(
         messenger.body,
         json!({
             "to": PSID, "from": vonage::PAGE_ID, "channel": "messenger", "message_type": "text",
-            "text": text, "messenger": {"category": "response"}, "failover": [sms],
+            "text": text, "messenger": {"category": "response"}, "failover": [sms(&text)],
         })
     );
     let status = daemon.call(json!({"op": "status", "token": "m1"}));
@@ -132,7 +138,11 @@ fn messenger_carries_vonage_failover_and_the_sms_follows_once_at_the_deadline() 
     wait_for_failover_sent(&daemon, "m1");
     let sent = sms_requests(&vonage);
     assert_eq!(sent.len(), 1, "exactly one SMS");
-    assert_eq!(sent[0].body, sms, "the same text, to the same number");
+    assert_eq!(
+        sent[0].body,
+        sms(&format!("{code} is your code. It expires in 1 minutes.")),
+        "the same number, and the minutes left after the 15 s wait (60 s of 75)"
+    );
     assert!(
         sent[0].at - created_at >= Duration::from_secs(FAILOVER_SECS),
         "the SMS went out before the deadline"

@@ -32,24 +32,31 @@ impl DispatchDelivery {
 
     /// The request body for a message.
     fn workflow(&self, message: &Message<'_>) -> Result<Value, DeliveryError> {
-        let content = json!({"type": "text", "text": message.text});
+        let content = |text: String| json!({"type": "text", "text": text});
+        let failover_after = self.vonage.failover_after(message.ttl_secs);
         let mut workflow = Vec::with_capacity(2);
         if let Some(psid) = &message.to.messenger {
             let mut step = json!({
                 "from": {"type": "messenger", "id": self.vonage.messenger_from()?},
                 "to": {"type": "messenger", "id": psid},
-                "message": {"content": content, "messenger": self.vonage.settings.messenger_options},
+                "message": {"content": content(message.text()), "messenger": self.vonage.settings.messenger_options},
             });
             if message.to.sms.is_some() {
-                step["failover"] = json!({"expiry_time": self.vonage.failover_after(message.ttl_secs), "condition_status": "read"});
+                step["failover"] =
+                    json!({"expiry_time": failover_after, "condition_status": "read"});
             }
             workflow.push(step);
         }
         if let Some(number) = &message.to.sms {
+            // After a Messenger step the SMS goes out at the failover deadline.
+            let text = match message.to.messenger {
+                Some(_) => message.failover_text(failover_after),
+                None => message.text(),
+            };
             workflow.push(json!({
                 "from": {"type": "sms", "number": self.vonage.settings.sms_from},
                 "to": {"type": "sms", "number": number},
-                "message": {"content": content},
+                "message": {"content": content(text)},
             }));
         }
         Ok(json!({"template": "failover", "workflow": workflow}))

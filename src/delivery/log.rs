@@ -56,11 +56,12 @@ impl Delivery for LogDelivery {
         });
         let channels: Vec<&str> = message.to.channels().iter().map(|c| c.as_str()).collect();
         let reference = new_reference();
+        let text = message.text();
         tracing::warn!(
             token = %message.token,
             code = %message.code.expose(),
             channels = %channels.join(","),
-            text = ?message.text,
+            text = ?text,
             reference = %reference,
             "would send"
         );
@@ -69,7 +70,7 @@ impl Delivery for LogDelivery {
                 "token": message.token,
                 "code": message.code.expose(),
                 "channels": channels,
-                "text": message.text,
+                "text": text,
                 "reference": reference,
             }))
             .expect("JSON of strings");

@@ -184,31 +184,36 @@ impl Delivery for MessagesDelivery {
         let inner = &self.inner;
         let Some(psid) = &message.to.messenger else {
             let number = message.to.sms.as_deref().expect("a create names a channel");
-            let uuid = inner.post(&inner.sms(number, &message.text)).await?;
+            let uuid = inner.post(&inner.sms(number, &message.text())).await?;
             tracing::info!(token = message.token, message_uuid = uuid, "sent SMS");
             return Ok(Receipt {
                 reference: Some(uuid),
             });
         };
+        let text = message.text();
         let mut body = json!({
             "to": psid,
             "from": inner.vonage.messenger_from()?,
             "channel": "messenger",
             "message_type": "text",
-            "text": message.text,
+            "text": text,
             "messenger": inner.vonage.settings.messenger_options,
         });
         if let Some(number) = &message.to.sms {
-            body["failover"] = json!([inner.sms(number, &message.text)]);
+            // Vonage's own failover, on a rejection, goes out at once.
+            body["failover"] = json!([inner.sms(number, &text)]);
         }
         let uuid = inner.post(&body).await?;
         if let Some(number) = &message.to.sms {
+            let after = inner.vonage.failover_after(message.ttl_secs);
             let failover = PendingFailover {
                 reference: uuid.clone(),
-                due_at: now_ms() + inner.vonage.failover_after(message.ttl_secs) * 1000,
+                due_at: now_ms() + after * 1000,
                 token: message.token.to_owned(),
                 to: number.clone(),
-                sealed_text: inner.sealer.seal(message.token, &message.text),
+                sealed_text: inner
+                    .sealer
+                    .seal(message.token, &message.failover_text(after)),
             };
             inner.store.put_failover(&failover).await.map_err(|e| {
                 DeliveryError::Unavailable(format!("cannot keep the SMS failover: {e}"))

@@ -72,11 +72,29 @@ pub struct Message<'a> {
     pub token: &'a str,
     pub code: &'a Code,
     pub to: &'a Recipients,
-    /// The template with `{code}` and `{minutes}` filled in. It holds the code: only
-    /// ever sent to the provider, never logged (except by the `log` backend).
-    pub text: String,
+    /// The text with `{code}` and `{minutes}` still to fill in.
+    pub template: &'a str,
     /// How long the code is valid, which bounds when an SMS failover may still help.
     pub ttl_secs: u64,
+}
+
+impl Message<'_> {
+    /// The text to send now. It holds the code: only ever sent to the provider, never
+    /// logged (except by the `log` backend).
+    pub fn text(&self) -> String {
+        render(self.template, self.code, self.ttl_secs)
+    }
+
+    /// The text of an SMS that goes out `after_secs` from now, when the Messenger
+    /// message was not read: it names the minutes left then, not the full validity, so
+    /// that nobody counts on time the code no longer has.
+    pub fn failover_text(&self, after_secs: u64) -> String {
+        render(
+            self.template,
+            self.code,
+            self.ttl_secs.saturating_sub(after_secs),
+        )
+    }
 }
 
 /// What the provider said when it took the message.
@@ -114,7 +132,7 @@ pub trait Delivery: Send + Sync {
 }
 
 /// Fills `{code}` and `{minutes}` into the template.
-pub fn render(template: &str, code: &Code, ttl_secs: u64) -> String {
+fn render(template: &str, code: &Code, ttl_secs: u64) -> String {
     let minutes = ttl_secs.div_ceil(60).max(1);
     template
         .replace("{minutes}", &minutes.to_string())
@@ -159,6 +177,21 @@ mod tests {
             render("{code} for {minutes} min", &code, 1),
             "123456 for 1 min"
         );
+    }
+
+    #[test]
+    fn a_failover_text_names_the_minutes_left_at_its_deadline() {
+        let code = Code::from_input("123456");
+        let message = Message {
+            token: "t",
+            code: &code,
+            to: &Recipients::default(),
+            template: "{code} for {minutes} min",
+            ttl_secs: 300,
+        };
+        assert_eq!(message.text(), "123456 for 5 min");
+        assert_eq!(message.failover_text(120), "123456 for 3 min");
+        assert_eq!(message.failover_text(400), "123456 for 1 min");
     }
 
     #[test]
