@@ -63,6 +63,14 @@ impl GroupCommit {
     }
 }
 
+#[cfg(test)]
+impl GroupCommit {
+    /// How many tickets are known durable: rises only when a commit was asked for.
+    pub fn durable_tickets(&self) -> u64 {
+        self.shared.progress.borrow().durable
+    }
+}
+
 impl Drop for GroupCommit {
     fn drop(&mut self) {
         self.flusher.abort();

@@ -18,7 +18,11 @@
 //! code costs memory and each write costs CPU; a create writes four keys, a verify one.
 //!
 //! An operation locks the keys it touches, reads, asks [`crate::rules`], writes, and
-//! then waits for a shared flush ([`GroupCommit`]) before it returns. Writes go in an
+//! then waits for a shared flush ([`GroupCommit`]) before it returns. An answer drawn
+//! from a record without writing (409 already verified, a duplicate status report, a
+//! refusal, `status`) waits for a flush too: the record may hold another request's
+//! write that is not yet on disk, and an answer must not outlive a crash that the
+//! state it reports would not. Writes go in an
 //! order whose every prefix is harmless, because sled recovers a prefix of its log (it
 //! replays the log in order and stops at the first torn message): an expiry entry
 //! before its token (an entry without a token is dropped when due), a token before the
@@ -221,7 +225,8 @@ impl SledStore {
         }
     }
 
-    /// Waits for the shared flush, unless durability is relaxed.
+    /// Waits for the shared flush, unless durability is relaxed: after a write, and
+    /// before answering from a record read (see the module doc).
     async fn durable(&self) -> Result<(), StoreError> {
         match &self.commit {
             Some(commit) => commit.commit().await,
@@ -444,15 +449,16 @@ impl SledStore {
         Ok(Ok((1 - i64::from(replaced_live), replaced)))
     }
 
-    /// The verify itself, under the token's lock: (outcome, live change, wrote).
+    /// The verify itself, under the token's lock: the outcome and the change in live
+    /// codes, or `None` when the token has no record at all.
     fn verify_locked(
         &self,
         token: &str,
         digest: &Digest,
         now: Millis,
-    ) -> Result<(VerifyOutcome, i64, bool), StoreError> {
+    ) -> Result<Option<(VerifyOutcome, i64)>, StoreError> {
         let Some(mut state) = self.read_token(token.as_bytes())? else {
-            return Ok((VerifyOutcome::NotFound, 0, false));
+            return Ok(None);
         };
         let probed = state
             .code
@@ -477,7 +483,7 @@ impl SledStore {
         if wrote {
             self.write_token(token.as_bytes(), &mut state)?;
         }
-        Ok((plan.outcome, live_delta, wrote))
+        Ok(Some((plan.outcome, live_delta)))
     }
 
     /// Changes the token's state under its lock with `change`, which says whether to
@@ -523,11 +529,17 @@ impl Store for SledStore {
             let _held = self.locks.lock(&keys);
             self.create_locked(new, now)?
         };
-        // Durable with confirm_delivery or discard, whichever follows the delivery.
-        Ok(result.map(|(delta, replaced)| {
-            self.adjust_live(delta);
-            replaced
-        }))
+        match result {
+            // Durable with confirm_delivery or discard, whichever follows the delivery.
+            Ok((delta, replaced)) => {
+                self.adjust_live(delta);
+                Ok(Ok(replaced))
+            }
+            Err(refusal) => {
+                self.durable().await?;
+                Ok(Err(refusal))
+            }
+        }
     }
 
     async fn discard(
@@ -595,17 +607,18 @@ impl Store for SledStore {
             state.code_delivered_as(reference)?;
             state.code.as_mut().map(|code| code.delivery.push(event))
         })?;
-        Ok(match added {
+        let filed = match added {
             None => Filed::UnknownReference,
             Some(false) => Filed::AlreadyRecorded,
             Some(true) => {
                 if let Some(new_reference) = new_reference {
                     self.file_reference(&new_reference, &token)?;
                 }
-                self.durable().await?;
                 Filed::Recorded
             }
-        })
+        };
+        self.durable().await?;
+        Ok(filed)
     }
 
     async fn verify(
@@ -614,14 +627,15 @@ impl Store for SledStore {
         digest: &Digest,
         now: Millis,
     ) -> Result<VerifyOutcome, StoreError> {
-        let (outcome, live_delta, wrote) = {
+        let verified = {
             let _held = self.locks.lock(&[token.as_bytes()]);
             self.verify_locked(token, digest, now)?
         };
+        let Some((outcome, live_delta)) = verified else {
+            return Ok(VerifyOutcome::NotFound);
+        };
         self.adjust_live(live_delta);
-        if wrote {
-            self.durable().await?;
-        }
+        self.durable().await?;
         Ok(outcome)
     }
 
@@ -632,8 +646,8 @@ impl Store for SledStore {
         })?;
         if cancelled.is_some() {
             self.adjust_live(-1);
-            self.durable().await?;
         }
+        self.durable().await?;
         Ok(cancelled.is_some())
     }
 
@@ -641,6 +655,7 @@ impl Store for SledStore {
         let Some(TokenState { record, code, .. }) = self.read_token(token.as_bytes())? else {
             return Ok(None);
         };
+        self.durable().await?;
         Ok(code.map(|code| TokenStatus {
             code,
             token: record,
@@ -788,6 +803,83 @@ mod tests {
         assert_eq!(purge(&store, 20_000).await, (1, 0, None));
         assert!(store.tokens.is_empty() && store.recipients.is_empty());
         assert!(store.expiry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn answers_drawn_from_a_record_wait_for_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(
+            &dir,
+            Limits {
+                max_sends: 1,
+                ..LIMITS
+            },
+        );
+        let new = delivered(&store, Some("uuid-1")).await;
+        // Another request's verify, written but not yet flushed.
+        store.verify_locked("a", &new.digest, 100).unwrap();
+        let flushed = || store.commit.as_ref().unwrap().durable_tickets();
+
+        let before = flushed();
+        let outcome = store.verify("a", &new.digest, 200).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::AlreadyVerified);
+        assert!(
+            flushed() > before,
+            "409 answered before the verify was durable"
+        );
+
+        let before = flushed();
+        assert!(store.status("a").await.unwrap().is_some());
+        assert!(
+            flushed() > before,
+            "status answered from an unflushed record"
+        );
+
+        let before = flushed();
+        assert!(!store.cancel("a", 300).await.unwrap());
+        assert!(
+            flushed() > before,
+            "cancel answered from an unflushed record"
+        );
+
+        let event = DeliveryEvent {
+            at: 1,
+            status: "delivered".into(),
+            channel: None,
+            detail: None,
+        };
+        store
+            .record_delivery_event("uuid-1", event.clone())
+            .await
+            .unwrap();
+        let before = flushed();
+        let filed = store.record_delivery_event("uuid-1", event).await.unwrap();
+        assert_eq!(filed, Filed::AlreadyRecorded);
+        assert!(
+            flushed() > before,
+            "a duplicate report answered before it was durable"
+        );
+
+        let before = flushed();
+        let refused = store
+            .create(&new_code("a", 2, 400, 5_000), 400)
+            .await
+            .unwrap();
+        assert!(
+            matches!(refused, Err(Refusal::RateLimited { .. })),
+            "{refused:?}"
+        );
+        assert!(
+            flushed() > before,
+            "a refusal answered from an unflushed record"
+        );
+
+        let before = flushed();
+        assert_eq!(
+            store.verify("nobody", &new.digest, 500).await.unwrap(),
+            VerifyOutcome::NotFound
+        );
+        assert_eq!(flushed(), before, "no record, nothing to wait for");
     }
 
     #[tokio::test]
