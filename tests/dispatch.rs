@@ -225,6 +225,33 @@ fn a_refusal_answers_502_with_the_provider_detail_and_nothing_stays_live() {
 }
 
 #[test]
+fn a_provider_echoing_the_request_gets_no_code_or_number_into_answers_or_logs() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    vonage.script(&[Reply::Echo(500), Reply::Echo(400)]);
+    let answer = create(&daemon, "t8", json!({"messenger": PSID, "sms": PHONE}));
+    assert_eq!(answer["status"], 502, "{answer}");
+    let seen = vonage.requests();
+    assert_eq!(seen.len(), 2, "the 500 was retried");
+    let (message, log) = (answer["message"].as_str().unwrap(), daemon.stderr());
+    assert!(
+        message.contains("you sent"),
+        "the provider's words stay: {message}"
+    );
+    assert!(
+        log.contains("you sent"),
+        "the retry and the failure are logged:\n{log}"
+    );
+    for secret in [seen[0].code(), seen[1].code(), PHONE.into(), PSID.into()] {
+        assert!(
+            !message.contains(&secret),
+            "{secret} in the answer: {message}"
+        );
+        assert!(!log.contains(&secret), "{secret} in the log:\n{log}");
+    }
+}
+
+#[test]
 fn a_resend_that_fails_leaves_the_code_already_sent() {
     let vonage = VonageStandIn::start();
     let daemon = start(&vonage, "");

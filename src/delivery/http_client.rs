@@ -5,7 +5,10 @@
 //! with the JSON body), refused (a 4xx other than 429: retrying the same request will
 //! not help, so the create fails with 502), or unavailable (429, 5xx, connection
 //! errors, timeouts: retried with exponential backoff and jitter, honouring
-//! `Retry-After`, then 503). It never logs a request body: bodies hold codes.
+//! `Retry-After`, then 503). It never logs a request body: bodies hold codes. Nor does
+//! it pass on what a provider's error says about the body: the numbers it sent (the
+//! code, phone numbers, Messenger ids) are withheld from every error, in case the
+//! provider echoes its request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +29,10 @@ use crate::metrics::{Counters, bump};
 
 /// Largest answer body read from the provider.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// Most characters kept of a problem's `title` and of its `detail`.
+const MAX_PROBLEM_CHARS: usize = 200;
+/// Shortest run of digits withheld from provider errors: the shortest code.
+const MIN_WITHHELD_DIGITS: usize = 4;
 /// First retry delay; doubled per attempt, with jitter.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// Longest delay between two attempts, from backoff or `Retry-After`. A create is
@@ -77,11 +84,12 @@ impl ApiClient {
 
     /// POSTs `body` as JSON; answers the provider's JSON on 2xx.
     pub async fn post_json(&self, url: &Uri, body: &Value) -> Result<Value, DeliveryError> {
+        let sent = SentNumbers::of(body);
         let body = Bytes::from(serde_json::to_vec(body).expect("JSON values serialize"));
         let mut attempt = 0;
         let outcome = loop {
             bump(&self.counters.delivery_attempts);
-            let (reason, retry_after) = match self.attempt(url, body.clone()).await {
+            let (reason, retry_after) = match self.attempt(url, body.clone(), &sent).await {
                 Attempt::Accepted(answer) => break Ok(answer),
                 Attempt::Refused(message) => break Err(DeliveryError::Refused(message)),
                 Attempt::Retry {
@@ -115,7 +123,7 @@ impl ApiClient {
     }
 
     /// One request, bounded by the timeout from connect to the last body byte.
-    async fn attempt(&self, url: &Uri, body: Bytes) -> Attempt {
+    async fn attempt(&self, url: &Uri, body: Bytes, sent: &SentNumbers) -> Attempt {
         let token = match self.signer.token() {
             Ok(token) => token,
             Err(e) => return Attempt::Refused(format!("cannot sign the Vonage JWT: {e}")),
@@ -158,7 +166,7 @@ impl ApiClient {
                 Err(e) => Attempt::Refused(format!("{status} with an unreadable body: {e}")),
             };
         }
-        let problem = describe_problem(status, &bytes);
+        let problem = sent.withhold(describe_problem(status, &bytes));
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             return Attempt::Retry {
                 reason: problem,
@@ -207,7 +215,7 @@ fn describe_problem(status: StatusCode, body: &[u8]) -> String {
     for field in ["title", "detail"] {
         if let Some(text) = problem[field].as_str().filter(|t| !t.is_empty()) {
             message.push_str(": ");
-            message.push_str(text);
+            message.extend(text.chars().take(MAX_PROBLEM_CHARS));
         }
     }
     let invalid: Vec<&str> = match &problem["invalid_parameters"] {
@@ -224,8 +232,44 @@ fn describe_problem(status: StatusCode, body: &[u8]) -> String {
     message
 }
 
+/// The runs of digits in the strings of a request body, longest first: what a
+/// provider's error must not carry back (see the module doc).
+struct SentNumbers(Vec<String>);
+
+impl SentNumbers {
+    fn of(body: &Value) -> Self {
+        let mut numbers = Vec::new();
+        collect_digit_runs(body, &mut numbers);
+        numbers.sort_by_key(|run| std::cmp::Reverse(run.len()));
+        numbers.dedup();
+        Self(numbers)
+    }
+
+    fn withhold(&self, mut text: String) -> String {
+        for number in &self.0 {
+            text = text.replace(number.as_str(), "[withheld]");
+        }
+        text
+    }
+}
+
+fn collect_digit_runs(value: &Value, runs: &mut Vec<String>) {
+    match value {
+        Value::String(text) => runs.extend(
+            text.split(|c: char| !c.is_ascii_digit())
+                .filter(|run| run.len() >= MIN_WITHHELD_DIGITS)
+                .map(str::to_owned),
+        ),
+        Value::Array(items) => items.iter().for_each(|v| collect_digit_runs(v, runs)),
+        Value::Object(fields) => fields.values().for_each(|v| collect_digit_runs(v, runs)),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
@@ -239,6 +283,29 @@ mod tests {
             describe_problem(StatusCode::BAD_GATEWAY, b"<html>"),
             "502 Bad Gateway"
         );
+    }
+
+    #[test]
+    fn numbers_sent_are_withheld_from_a_problem_that_echoes_them() {
+        let sent = json!({"to": "393331234567", "text": "Code 081234, valid 5 minutes", "n": [{"id": "8192836451"}]});
+        let echo = json!({"title": "Bad Request", "detail": sent.to_string()}).to_string();
+        let message = SentNumbers::of(&sent)
+            .withhold(describe_problem(StatusCode::BAD_REQUEST, echo.as_bytes()));
+        for number in ["393331234567", "081234", "8192836451"] {
+            assert!(!message.contains(number), "{number} in {message}");
+        }
+        assert!(
+            message.starts_with("400 Bad Request: Bad Request: "),
+            "{message}"
+        );
+        assert!(
+            message.contains("valid 5 minutes"),
+            "short numbers stay: {message}"
+        );
+
+        let long = json!({"detail": "x".repeat(1000)}).to_string();
+        let message = describe_problem(StatusCode::BAD_REQUEST, long.as_bytes());
+        assert_eq!(message.len(), "400 Bad Request: ".len() + MAX_PROBLEM_CHARS);
     }
 
     #[test]

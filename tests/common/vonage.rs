@@ -44,6 +44,9 @@ pub enum Reply {
     TooMany { retry_after_secs: u64 },
     /// 500.
     ServerError,
+    /// A problem with this status whose `detail` echoes the request body, as a careless
+    /// provider might: what otpd passes on of it must not carry the code.
+    Echo(u16),
     /// Never answers.
     Hang,
 }
@@ -302,8 +305,10 @@ async fn answer(
         Reply::Unauthorized => 401,
         Reply::TooMany { .. } => 429,
         Reply::ServerError => 500,
+        Reply::Echo(status) => *status,
         Reply::Hang => 0,
     };
+    let echo = body.to_string();
     state.lock().unwrap().seen.push(Seen {
         at,
         path: path.clone(),
@@ -345,6 +350,11 @@ async fn answer(
             .status(500)
             .body(Full::new(Bytes::from_static(b"oops")))
             .unwrap(),
+        Reply::Echo(status) => problem(
+            StatusCode::from_u16(status).unwrap(),
+            "Echo",
+            &format!("you sent {echo}"),
+        ),
         Reply::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             unreachable!("the daemon gives up long before")
