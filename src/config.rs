@@ -222,14 +222,27 @@ impl Default for RedisConfig {
     }
 }
 
-/// Strips the password from a Redis URL, so it can be shown in errors and logs.
+/// Strips the credentials from a Redis URL, so it can be shown in errors and logs: the
+/// user part before `@` (also of a URL too mangled to parse) and a `pass` or
+/// `password` query value (`unix://` URLs carry them there).
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let host_start = base.find("://").map_or(0, |scheme| scheme + 3);
+    let mut redacted = match base.rfind('@') {
+        Some(at) if at >= host_start => format!("{}***@{}", &base[..host_start], &base[at + 1..]),
+        _ => base.to_owned(),
+    };
+    if !query.is_empty() {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if matches!(key, "pass" | "password") => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        redacted = format!("{redacted}?{}", pairs.join("&"));
     }
+    redacted
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -574,6 +587,21 @@ impl SystemdDirs {
     }
 }
 
+/// "line L, column C: what is wrong", without the quoted source line that the toml
+/// crate's own message carries: that line may hold a secret (a misspelt
+/// `webhook_signature_secret`, a Redis URL with its password, or the first line of a
+/// key file given as the config by mistake).
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end();
+    let Some(start) = error.span().map(|span| span.start.min(text.len())) else {
+        return message.to_owned();
+    };
+    let before = &text[..text.floor_char_boundary(start)];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    format!("line {line}, column {column}: {message}")
+}
+
 impl Config {
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -594,7 +622,7 @@ impl Config {
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<text>"),
-            message: e.to_string(),
+            message: describe_toml_error(text, &e),
         })?;
         config.validate()?;
         Ok(config)
@@ -766,6 +794,20 @@ mod tests {
     fn unknown_key_is_named() {
         let err = Config::parse("[otp]\ncode_lenght = 6\n").unwrap_err();
         assert!(err.to_string().contains("code_lenght"), "{err}");
+        assert!(err.to_string().contains("line 2, column 1"), "{err}");
+    }
+
+    #[test]
+    fn a_parse_error_does_not_quote_the_line_it_is_on() {
+        for text in [
+            "[http]\nwebhook_signature_secre = \"S3CRET-VALUE\"\n",
+            "[store.redis]\nurl = \"redis://u:S3CRET-VALUE@h:1\" junk\n",
+            "-----BEGIN PRIVATE KEY----- S3CRET-VALUE\n",
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(!err.contains("S3CRET-VALUE"), "{err}");
+            assert!(err.contains("line "), "{err}");
+        }
     }
 
     #[test]
@@ -857,6 +899,12 @@ mod tests {
     fn redis_password_is_redacted() {
         assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://***@h:1/0");
         assert_eq!(redact_url("unix:///run/r.sock"), "unix:///run/r.sock");
+        assert_eq!(
+            redact_url("unix:///run/r.sock?db=1&user=u&pass=pw"),
+            "unix:///run/r.sock?db=1&user=u&pass=***"
+        );
+        assert_eq!(redact_url("redis//u:pw@h:1"), "***@h:1", "unparseable");
+        assert_eq!(redact_url("rediss://u:p@w@h:1/0"), "rediss://***@h:1/0");
         let config = RedisConfig {
             url: "redis://u:secret@h".into(),
             ..RedisConfig::default()

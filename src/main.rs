@@ -236,6 +236,10 @@ async fn serve(mut config: Config, activation: Option<Activation>) -> anyhow::Re
         }
         None => Listener::bind(&config.server.socket, config.server.socket_mode_bits()?)?,
     };
+    // What otpd creates from here on (database, secret, log_file) is its own user's
+    // alone, whatever the caller's umask: it holds tokens, phone numbers and digests.
+    // (otpd.service sets UMask=0077 too; the socket has its own mode.)
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     otpd::daemon::run(config, listener, shutdown_signal()?).await
 }
 

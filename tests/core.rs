@@ -311,8 +311,13 @@ fn database_holds_neither_codes_nor_the_secret() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     let mut db = Vec::new();
-    for entry in walk(&daemon.dir.path().join("db")) {
-        db.extend(std::fs::read(entry).unwrap());
+    let db_dir = daemon.dir.path().join("db");
+    for entry in walk(&db_dir).into_iter().chain([db_dir.clone()]) {
+        let mode = std::fs::metadata(&entry).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{} is open to others", entry.display());
+        if entry.is_file() {
+            db.extend(std::fs::read(entry).unwrap());
+        }
     }
     assert!(db.len() > 1000, "database files were read");
     assert!(
