@@ -267,14 +267,7 @@ impl std::fmt::Debug for RedisConfig {
             )
             .field("sentinel_master", &self.sentinel_master)
             .field("master_username", &self.master_username)
-            .field(
-                "master_password",
-                &if self.master_password.is_empty() {
-                    ""
-                } else {
-                    "***"
-                },
-            )
+            .field("master_password", &hidden(&self.master_password))
             .field("tls_ca_file", &self.tls_ca_file)
             .field("key_prefix", &self.key_prefix)
             .field("pool_size", &self.pool_size)
@@ -531,7 +524,7 @@ impl Default for VonageConfig {
 }
 
 /// `[http]`: the optional REST listener of the tutorial service.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// `host:port` or `unix:/path`; empty: no HTTP listener.
@@ -539,6 +532,23 @@ pub struct HttpConfig {
     /// Vonage account signature secret for status webhooks (or credential
     /// `otpd-webhook-secret`).
     pub webhook_signature_secret: String,
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field(
+                "webhook_signature_secret",
+                &hidden(&self.webhook_signature_secret),
+            )
+            .finish()
+    }
+}
+
+/// A secret as `Debug` shows it: whether it is set, never what it is.
+fn hidden(secret: &str) -> &'static str {
+    if secret.is_empty() { "" } else { "***" }
 }
 
 /// Command-line overrides; they beat the file.
@@ -756,6 +766,19 @@ impl Config {
                     .into(),
             );
         }
+        let vonage = match self.delivery.backend() {
+            Ok(Backend::Dispatch) => Some(("dispatch", &self.delivery.dispatch)),
+            Ok(Backend::Messages) => Some(("messages", &self.delivery.messages)),
+            Ok(Backend::Log) | Err(_) => None,
+        };
+        if let Some((name, section)) = vonage
+            && section.api_url.starts_with("http://")
+        {
+            warnings.push(format!(
+                "delivery.{name}.api_url is plain http: the bearer token and the codes \
+                 cross the network unencrypted (for a local stand-in only)"
+            ));
+        }
         warnings
     }
 }
@@ -838,6 +861,31 @@ mod tests {
         let sentinels = "[store]\nengine = \"redis\"\n[store.redis]\nsentinels = [\"redis://s:26379\"]\nsentinel_master = \"m\"\nmaster_password = \"pw-123\"\n";
         let config = Config::parse(sentinels).unwrap();
         assert!(!format!("{:?}", config.store.redis).contains("pw-123"));
+    }
+
+    #[test]
+    fn plain_http_to_the_provider_is_warned_about() {
+        let warned = |url: &str| {
+            let text =
+                format!("[delivery.messages]\napplication_id = \"a\"\napi_url = \"{url}\"\n");
+            Config::parse(&text).unwrap().warnings().join("\n")
+        };
+        assert!(warned("http://127.0.0.1:9").contains("delivery.messages.api_url"));
+        assert_eq!(warned("https://api.nexmo.com"), "");
+    }
+
+    #[test]
+    fn debug_output_hides_every_secret() {
+        let text = "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"redis://u:pw-url@h\"\n\
+                    [http]\nwebhook_signature_secret = \"pw-webhook\"\n";
+        let shown = format!("{:?}", Config::parse(text).unwrap());
+        assert!(
+            shown.contains("webhook_signature_secret: \"***\""),
+            "{shown}"
+        );
+        for secret in ["pw-url", "pw-webhook"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
     }
 
     #[test]
