@@ -246,13 +246,19 @@ pub fn parse(line: &[u8]) -> Envelope {
             }),
         };
     };
+    // Only ids that come back exactly as sent are echoed: a string, or an integer within
+    // 64 bits (a larger one, or a fraction, would be a float, echoed rounded), so that
+    // the client can match the answer.
     let id = object.get("id").cloned();
+    let echoable = |id: &Value| id.is_string() || id.is_i64() || id.is_u64();
     let request = match &id {
-        Some(Value::String(_) | Value::Number(_)) | None => parse_object(&object),
-        Some(_) => Err(bad_request("id", "must be a string or a number")),
+        Some(id) if !echoable(id) => Err(bad_request(
+            "id",
+            "must be a string or an integer within 64 bits",
+        )),
+        _ => parse_object(&object),
     };
-    // An id of the wrong type is not echoed back: it is not one the client can match.
-    let id = id.filter(|id| id.is_string() || id.is_number());
+    let id = id.filter(echoable);
     Envelope { id, request }
 }
 
@@ -472,6 +478,19 @@ mod tests {
         let env = parse_str(r#"{"op":"ping","id":[1]}"#);
         assert_eq!(env.id, None);
         assert!(env.request.unwrap_err().message.starts_with("id:"));
+    }
+
+    #[test]
+    fn an_id_that_would_come_back_rounded_is_refused() {
+        for id in ["18446744073709551616", "1e2", "1.5"] {
+            let env = parse_str(&format!(r#"{{"op":"ping","id":{id}}}"#));
+            assert_eq!(env.id, None, "{id}");
+            assert!(env.request.unwrap_err().message.starts_with("id:"), "{id}");
+        }
+        for id in ["18446744073709551615", "-9223372036854775808", "0"] {
+            let env = parse_str(&format!(r#"{{"op":"ping","id":{id}}}"#));
+            assert_eq!(env.id.unwrap().to_string(), id);
+        }
     }
 
     #[test]
