@@ -316,14 +316,49 @@ fn a_redis_crash_fails_requests_until_it_is_back_and_loses_nothing() {
     assert_eq!(answer["error"], "internal_error");
     assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
     redis.spawn();
-    wait_for("otpd to reconnect by itself", || {
-        daemon.call(json!({"op": "status", "token": "crash"}))["status"] == 200
-    });
+    // Every pooled connection (4) is made again: none hands a request the outage's error.
+    for _ in 0..8 {
+        let answer = daemon.call(json!({"op": "status", "token": "crash"}));
+        assert_eq!(answer["status"], 200, "once Redis is back: {answer}");
+    }
     assert_eq!(
         daemon.verify("crash", &code)["status"],
         200,
         "the acknowledged create survived the Redis crash"
     );
+}
+
+#[test]
+fn a_refused_login_is_tried_again_until_redis_takes_it() {
+    let redis = OwnedRedis::start();
+    redis.cli(&["ACL", "SETUSER", "otpd", "on", ">otpd-pw", "~*", "+@all"]);
+    let store = redis_store(&format!(
+        "url = \"{}?user=otpd&pass=otpd-pw\"\n",
+        redis.url()
+    ));
+    let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
+    daemon.spawn();
+    let code = daemon.create_code("login", "393331234567");
+
+    // The user is switched off and its connections dropped: every login is refused.
+    redis.cli(&["ACL", "SETUSER", "otpd", "off"]);
+    redis.cli(&["CLIENT", "KILL", "USER", "otpd"]);
+    for _ in 0..3 {
+        let answer = daemon.call(json!({"op": "status", "token": "login"}));
+        assert_eq!(answer["status"], 500, "{answer}");
+    }
+    assert!(
+        daemon.stderr().contains("WRONGPASS") || daemon.stderr().contains("uthentication"),
+        "the refused login is logged: {}",
+        daemon.stderr()
+    );
+
+    redis.cli(&["ACL", "SETUSER", "otpd", "on"]);
+    for _ in 0..8 {
+        let answer = daemon.call(json!({"op": "status", "token": "login"}));
+        assert_eq!(answer["status"], 200, "login taken again: {answer}");
+    }
+    assert_eq!(daemon.verify("login", &code)["status"], 200);
 }
 
 /// Every key (and string value) of a daemon's prefix, from every node. (`::redis` is

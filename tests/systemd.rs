@@ -10,7 +10,7 @@ use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Conn, Daemon, PATIENCE};
+use common::{Conn, Daemon, OwnedRedis, PATIENCE, wait_for};
 use serde_json::json;
 
 /// Waits (at most [`PATIENCE`]) until `path` exists.
@@ -218,6 +218,43 @@ fn watchdog_pings_at_half_the_interval() {
         "{}",
         daemon.stderr()
     );
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn the_watchdog_keeps_otpd_running_through_a_redis_outage() {
+    const WATCHDOG: Duration = Duration::from_secs(1);
+    let mut redis = OwnedRedis::start();
+    let store = format!(
+        "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{}\"\n",
+        redis.url()
+    );
+    let mut daemon = Daemon::prepare(&store, "", "");
+    let (mut notify, path) = NotifySocket::bind(daemon.dir.path());
+    let mut serve = daemon.serve_command();
+    serve
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", WATCHDOG.as_micros().to_string());
+    daemon.launch(serve);
+    notify.wait_for("READY=1");
+    notify.wait_for("WATCHDOG=1");
+
+    // Redis down: a restart would not bring it back (and would fail to start), so the
+    // pings go on, and the outage is logged once.
+    redis.kill();
+    let down = Instant::now();
+    while Instant::now() - down < WATCHDOG * 3 {
+        notify.wait_for("WATCHDOG=1");
+    }
+    let log = daemon.stderr();
+    assert_eq!(log.matches("the store fails").count(), 1, "{log}");
+    assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
+
+    redis.spawn();
+    wait_for("the store to answer again", || {
+        daemon.stderr().contains("the store answers again")
+    });
+    notify.wait_for("WATCHDOG=1");
     assert!(daemon.stop().success());
 }
 

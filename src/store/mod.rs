@@ -165,4 +165,9 @@ pub trait Store: Send + Sync {
 
     /// Makes everything written so far durable (at shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// A round trip through the engine for the watchdog: a read, and (sled) a shared
+    /// flush. It returns, with an error if the database fails, unless the engine is
+    /// stuck.
+    async fn probe(&self) -> Result<(), StoreError>;
 }

@@ -713,6 +713,11 @@ impl Store for SledStore {
     async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await.map(|_| ()).map_err(db_error)
     }
+
+    async fn probe(&self) -> Result<(), StoreError> {
+        self.db.get(LAYOUT_KEY).map_err(db_error)?;
+        self.durable().await
+    }
 }
 
 #[cfg(test)]

@@ -559,6 +559,18 @@ impl OwnedRedis {
     pub fn url(&self) -> String {
         format!("unix://{}", self.socket.display())
     }
+
+    /// Runs `redis-cli ARGS…` on it and returns what it printed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .arg("-s")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        assert!(output.status.success(), "redis-cli {args:?}: {output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
 }
 
 impl Drop for OwnedRedis {

@@ -23,21 +23,11 @@
 //! each recipient first (its own atomic commit) and takes it back if the token's
 //! commit then fails.
 
-use std::future::Future;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock};
-use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::MultiplexedConnection;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
-use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{
-    AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisConnectionInfo, RedisError, RedisFuture,
-    RedisResult, Script, ServerErrorKind, TlsCertificates, Value,
-};
+use redis::{RedisError, Script};
 
 use super::{
     DueFailovers, Filed, NewCode, PurgeReport, ReplacedCode, Store, StoreError, TokenStatus,
@@ -50,6 +40,10 @@ use crate::rules::{
     Refusal, TokenRecord, VerifyOutcome,
 };
 use crate::secret::ServerSecret;
+
+mod connection;
+
+use connection::{Connection, OpenError};
 
 /// Writes a planned change only if every checked key still holds the value it was
 /// planned from. Per key, three arguments: the expected value (`''` absent, `'*'` not
@@ -95,146 +89,6 @@ static TAKE_DUE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(TAKE_DUE
 /// Rounds of read-plan-commit before a request gives up: under fair contention every
 /// round lets at least one contender through, so this bounds a burst of this size.
 const MAX_ROUNDS: usize = 1000;
-
-/// One multiplexed connection, to a single server, a cluster, or the master that the
-/// Sentinels name.
-#[derive(Clone)]
-enum Connection {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-    Sentinel(Arc<SentinelConnection>),
-}
-
-/// A connection to the master the Sentinels name, asked for again when the master
-/// stops answering or turns read-only (a failover demoted it).
-struct SentinelConnection {
-    sentinels: tokio::sync::Mutex<SentinelClient>,
-    config: AsyncConnectionConfig,
-    master: std::sync::RwLock<MultiplexedConnection>,
-}
-
-impl SentinelConnection {
-    async fn connect(config: &RedisConfig) -> RedisResult<Self> {
-        let master_login = (!config.master_password.is_empty()).then(|| {
-            let mut login = RedisConnectionInfo::default().set_password(&config.master_password);
-            if !config.master_username.is_empty() {
-                login = login.set_username(&config.master_username);
-            }
-            SentinelNodeConnectionInfo::default().set_redis_connection_info(login)
-        });
-        let mut sentinels = SentinelClient::build(
-            config.sentinels.clone(),
-            config.sentinel_master.clone(),
-            master_login,
-            SentinelServerType::Master,
-        )?;
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
-            .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)));
-        let master = sentinels.get_async_connection_with_config(&config).await?;
-        Ok(Self {
-            sentinels: tokio::sync::Mutex::new(sentinels),
-            config,
-            master: std::sync::RwLock::new(master),
-        })
-    }
-
-    fn current(&self) -> MultiplexedConnection {
-        self.master
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Asks the Sentinels for the master again and connects to it.
-    async fn reconnect(&self) -> RedisResult<MultiplexedConnection> {
-        let master = self
-            .sentinels
-            .lock()
-            .await
-            .get_async_connection_with_config(&self.config)
-            .await?;
-        *self.master.write().unwrap_or_else(|e| e.into_inner()) = master.clone();
-        tracing::info!("reconnected to the master the Redis Sentinels name");
-        Ok(master)
-    }
-
-    /// Errors after which the master may have moved.
-    fn master_may_have_moved(error: &RedisError) -> bool {
-        error.is_io_error()
-            || error.is_connection_dropped()
-            || error.is_connection_refusal()
-            || error.is_timeout()
-            || error.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
-    }
-
-    /// Runs `request` on the master; when the master may have moved, asks the
-    /// Sentinels for it again and runs `request` once more there.
-    async fn on_master<T, F, R>(&self, request: F) -> RedisResult<T>
-    where
-        F: Fn(MultiplexedConnection) -> R,
-        R: Future<Output = RedisResult<T>>,
-    {
-        match request(self.current()).await {
-            Err(e) if Self::master_may_have_moved(&e) => request(self.reconnect().await?).await,
-            result => result,
-        }
-    }
-}
-
-impl ConnectionLike for Connection {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Connection::Single(c) => c.req_packed_command(cmd),
-            Connection::Cluster(c) => c.req_packed_command(cmd),
-            Connection::Sentinel(c) => {
-                Box::pin(c.on_master(move |mut master| async move {
-                    master.req_packed_command(cmd).await
-                }))
-            }
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-            Connection::Sentinel(c) => Box::pin(c.on_master(move |mut master| async move {
-                master.req_packed_commands(pipeline, offset, count).await
-            })),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Connection::Single(c) => c.get_db(),
-            Connection::Cluster(c) => c.get_db(),
-            Connection::Sentinel(c) => c.current().get_db(),
-        }
-    }
-}
-
-/// The CA certificates of `tls_ca_file`, when set, for `rediss://` connections.
-fn tls_roots(config: &RedisConfig) -> Result<Option<TlsCertificates>, StoreError> {
-    if config.tls_ca_file.as_os_str().is_empty() {
-        return Ok(None);
-    }
-    let pem = std::fs::read(&config.tls_ca_file).map_err(|e| {
-        StoreError::Database(format!(
-            "store.redis.tls_ca_file {}: {e}",
-            config.tls_ca_file.display()
-        ))
-    })?;
-    Ok(Some(TlsCertificates {
-        client_tls: None,
-        root_cert: Some(pem),
-    }))
-}
 
 fn redis_error(e: RedisError) -> StoreError {
     StoreError::Database(format!("redis: {e}"))
@@ -366,46 +220,10 @@ impl RedisStore {
         };
         let unreachable =
             |e: RedisError| StoreError::Database(format!("cannot reach Redis at {address}: {e}"));
-        let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
-        let response_timeout = Duration::from_millis(config.response_timeout_ms);
-        let mut connections = Vec::with_capacity(config.pool_size);
-        if !config.sentinels.is_empty() {
-            // One connection: it is multiplexed, and a failover is followed once.
-            let connection = SentinelConnection::connect(config)
-                .await
-                .map_err(unreachable)?;
-            connections.push(Connection::Sentinel(Arc::new(connection)));
-        } else if config.cluster.is_empty() {
-            let client = match tls_roots(config)? {
-                Some(roots) => redis::Client::build_with_tls(config.url.as_str(), roots),
-                None => redis::Client::open(config.url.as_str()),
-            }
-            .map_err(unreachable)?;
-            let manager = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(connect_timeout))
-                .set_response_timeout(Some(response_timeout))
-                .set_number_of_retries(1);
-            for _ in 0..config.pool_size {
-                let connection =
-                    ConnectionManager::new_with_config(client.clone(), manager.clone())
-                        .await
-                        .map_err(unreachable)?;
-                connections.push(Connection::Single(connection));
-            }
-        } else {
-            let mut builder = ClusterClient::builder(config.cluster.clone())
-                .connection_timeout(connect_timeout)
-                .response_timeout(response_timeout)
-                .retries(1);
-            if let Some(roots) = tls_roots(config)? {
-                builder = builder.certs(roots);
-            }
-            let client = builder.build().map_err(unreachable)?;
-            for _ in 0..config.pool_size {
-                let connection = client.get_async_connection().await.map_err(unreachable)?;
-                connections.push(Connection::Cluster(connection));
-            }
-        }
+        let connections = connection::open_pool(config).await.map_err(|e| match e {
+            OpenError::Config(e) => e,
+            OpenError::Redis(e) => unreachable(e),
+        })?;
         let store = Self {
             connections,
             next: AtomicUsize::new(0),
@@ -1098,6 +916,13 @@ impl Store for RedisStore {
     /// Redis server's `appendfsync` setting.
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn probe(&self) -> Result<(), StoreError> {
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(redis_error)
     }
 }
 

@@ -1,0 +1,297 @@
+//! Connections to Redis: a pool of multiplexed connections to one server, to the
+//! master the Sentinels name, or to a Redis Cluster.
+//!
+//! A server or Sentinel connection is a [`Reconnecting`] one: dropped after a
+//! connection-level error, together with every other connection of the pool (they
+//! went to the same server), and made again by the next request that needs it. So a
+//! request after an outage meets the server as it is now, and a failed login is tried
+//! again rather than kept. redis-rs's `ConnectionManager` did neither: a refused login
+//! lasted until otpd restarted, and each pooled connection failed one more request,
+//! with the outage's error, whenever it was next used after Redis was back. One
+//! request can still fail after an outage: the first to use a connection Redis closed
+//! while nothing was sent on it (redis-rs cannot tell that from a request lost in
+//! flight, so it is not retried).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisConnectionInfo, RedisError, RedisFuture,
+    RedisResult, ServerErrorKind, TlsCertificates, Value,
+};
+
+use crate::config::RedisConfig;
+use crate::store::StoreError;
+
+/// One multiplexed connection of the pool.
+#[derive(Clone)]
+pub enum Connection {
+    Server(Arc<Reconnecting>),
+    Cluster(ClusterConnection),
+}
+
+/// The pool `config` asks for: `pool_size` connections to one server or a cluster, or
+/// one to the Sentinels' master (it is multiplexed, and a failover is followed once).
+pub async fn open_pool(config: &RedisConfig) -> Result<Vec<Connection>, OpenError> {
+    let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
+    let response_timeout = Duration::from_millis(config.response_timeout_ms);
+    let connection_config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(Some(response_timeout));
+    let mut pool = Vec::with_capacity(config.pool_size);
+    let losses = Arc::new(AtomicU64::new(0));
+    if !config.sentinels.is_empty() {
+        let target = Target::Sentinels(sentinel_client(config)?);
+        let connection = Reconnecting::open(target, connection_config, losses).await?;
+        pool.push(Connection::Server(Arc::new(connection)));
+    } else if config.cluster.is_empty() {
+        let client = match tls_roots(config)? {
+            Some(roots) => redis::Client::build_with_tls(config.url.as_str(), roots),
+            None => redis::Client::open(config.url.as_str()),
+        }?;
+        for _ in 0..config.pool_size {
+            let target = Target::Server(client.clone());
+            let config = connection_config.clone();
+            let connection = Reconnecting::open(target, config, losses.clone()).await?;
+            pool.push(Connection::Server(Arc::new(connection)));
+        }
+    } else {
+        let mut builder = ClusterClient::builder(config.cluster.clone())
+            .connection_timeout(connect_timeout)
+            .response_timeout(response_timeout)
+            .retries(1);
+        if let Some(roots) = tls_roots(config)? {
+            builder = builder.certs(roots);
+        }
+        let client = builder.build()?;
+        for _ in 0..config.pool_size {
+            pool.push(Connection::Cluster(client.get_async_connection().await?));
+        }
+    }
+    Ok(pool)
+}
+
+/// Why the pool could not be opened: a setting, or Redis itself.
+#[derive(Debug)]
+pub enum OpenError {
+    Config(StoreError),
+    Redis(RedisError),
+}
+
+impl From<RedisError> for OpenError {
+    fn from(e: RedisError) -> Self {
+        OpenError::Redis(e)
+    }
+}
+
+impl From<StoreError> for OpenError {
+    fn from(e: StoreError) -> Self {
+        OpenError::Config(e)
+    }
+}
+
+fn sentinel_client(config: &RedisConfig) -> RedisResult<SentinelClient> {
+    let master_login = (!config.master_password.is_empty()).then(|| {
+        let mut login = RedisConnectionInfo::default().set_password(&config.master_password);
+        if !config.master_username.is_empty() {
+            login = login.set_username(&config.master_username);
+        }
+        SentinelNodeConnectionInfo::default().set_redis_connection_info(login)
+    });
+    SentinelClient::build(
+        config.sentinels.clone(),
+        config.sentinel_master.clone(),
+        master_login,
+        SentinelServerType::Master,
+    )
+}
+
+/// The CA certificates of `tls_ca_file`, when set, for `rediss://` connections.
+fn tls_roots(config: &RedisConfig) -> Result<Option<TlsCertificates>, StoreError> {
+    if config.tls_ca_file.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let pem = std::fs::read(&config.tls_ca_file).map_err(|e| {
+        StoreError::Database(format!(
+            "store.redis.tls_ca_file {}: {e}",
+            config.tls_ca_file.display()
+        ))
+    })?;
+    Ok(Some(TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
+}
+
+/// Where a [`Reconnecting`] connection connects.
+enum Target {
+    Server(redis::Client),
+    /// The master the Sentinels name, asked for at every connect.
+    Sentinels(SentinelClient),
+}
+
+/// A multiplexed connection made on demand and forgotten when it breaks (see the
+/// module doc).
+pub struct Reconnecting {
+    /// Held while connecting, so that concurrent requests make one connection.
+    target: tokio::sync::Mutex<Target>,
+    config: AsyncConnectionConfig,
+    current: RwLock<Current>,
+    /// Connections the pool lost so far, shared by all its connections.
+    losses: Arc<AtomicU64>,
+    /// The target is the Sentinels' master, which a failover moves.
+    follows_sentinels: bool,
+}
+
+/// The live connection, if any, and how many losses the pool had counted when it was
+/// made: it is trusted only while no other was lost since.
+#[derive(Default)]
+struct Current {
+    connection: Option<MultiplexedConnection>,
+    losses: u64,
+}
+
+impl Reconnecting {
+    /// Connects once, so that start-up fails while Redis cannot be reached.
+    async fn open(
+        target: Target,
+        config: AsyncConnectionConfig,
+        losses: Arc<AtomicU64>,
+    ) -> RedisResult<Self> {
+        let connection = Self {
+            follows_sentinels: matches!(target, Target::Sentinels(_)),
+            target: tokio::sync::Mutex::new(target),
+            config,
+            current: RwLock::default(),
+            losses,
+        };
+        connection.connection().await?;
+        Ok(connection)
+    }
+
+    fn current(&self) -> std::sync::RwLockReadGuard<'_, Current> {
+        self.current.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The live connection, unless the pool lost one since it was made.
+    fn live(&self) -> Option<(u64, MultiplexedConnection)> {
+        let current = self.current();
+        let trusted = current.losses == self.losses.load(Ordering::Acquire);
+        let connection = current.connection.clone().filter(|_| trusted)?;
+        Some((current.losses, connection))
+    }
+
+    /// The live connection, or a new one.
+    async fn connection(&self) -> RedisResult<(u64, MultiplexedConnection)> {
+        if let Some(live) = self.live() {
+            return Ok(live);
+        }
+        let mut target = self.target.lock().await;
+        if let Some(live) = self.live() {
+            return Ok(live); // made while this request waited for the lock
+        }
+        let losses = self.losses.load(Ordering::Acquire);
+        let connection = match &mut *target {
+            Target::Server(client) => {
+                client
+                    .get_multiplexed_async_connection_with_config(&self.config)
+                    .await?
+            }
+            Target::Sentinels(sentinels) => {
+                let master = sentinels
+                    .get_async_connection_with_config(&self.config)
+                    .await?;
+                if losses > 0 {
+                    tracing::info!("reconnected to the master the Redis Sentinels name");
+                }
+                master
+            }
+        };
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Current {
+            connection: Some(connection.clone()),
+            losses,
+        };
+        Ok((losses, connection))
+    }
+
+    /// Runs `request`. After an error that may have broken the connection, counts it
+    /// lost (once, however many requests met it), so that every connection of the pool
+    /// is made again; when the Sentinels' master may have moved, runs `request` once
+    /// more on the master they name now.
+    async fn run<T, F, R>(&self, request: F) -> RedisResult<T>
+    where
+        F: Fn(MultiplexedConnection) -> R,
+        R: Future<Output = RedisResult<T>>,
+    {
+        let (losses, connection) = self.connection().await?;
+        match request(connection).await {
+            Err(e) if connection_lost(&e) => {
+                let _ = self.losses.compare_exchange(
+                    losses,
+                    losses + 1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                if !self.follows_sentinels {
+                    return Err(e);
+                }
+                request(self.connection().await?.1).await
+            }
+            result => result,
+        }
+    }
+}
+
+/// Errors after which the connection may be gone, or (for a Sentinel master, demoted
+/// by a failover) talking to the wrong server.
+fn connection_lost(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || error.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+            Connection::Server(c) => Box::pin(c.run(move |mut connection| async move {
+                connection.req_packed_command(cmd).await
+            })),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Server(c) => Box::pin(c.run(move |mut connection| async move {
+                connection
+                    .req_packed_commands(pipeline, offset, count)
+                    .await
+            })),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Cluster(c) => c.get_db(),
+            Connection::Server(c) => c
+                .current()
+                .connection
+                .as_ref()
+                .map_or(0, ConnectionLike::get_db),
+        }
+    }
+}
