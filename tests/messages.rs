@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::http::{SECRET, post_signed};
 use common::vonage::{self, Expect, Reply, Seen, VonageStandIn};
-use common::{Daemon, PATIENCE};
+use common::{Daemon, OwnedRedis, PATIENCE};
 use serde_json::{Value, json};
 
 const PSID: &str = "8192836451";
@@ -284,6 +284,51 @@ fn a_restart_while_waiting_neither_loses_nor_repeats_the_sms() {
     daemon.spawn();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(sms_requests(&vonage).len(), 1, "repeated after restart");
+}
+
+#[test]
+fn a_store_failure_after_the_messenger_message_went_out_discards_nothing() {
+    let vonage = stand_in();
+    let mut redis = OwnedRedis::start();
+    let (backend, delivery) = vonage.config("messages", "");
+    let store = format!(
+        "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{}\"\nresponse_timeout_ms = 500\n",
+        redis.url()
+    );
+    let mut daemon = Daemon::prepare(&store, &backend, &delivery);
+    daemon.spawn();
+
+    // Redis goes away while Vonage is taking the Messenger message.
+    vonage.hold();
+    let creating = {
+        let socket = daemon.socket.clone();
+        std::thread::spawn(move || {
+            let mut conn =
+                common::Conn::new(std::os::unix::net::UnixStream::connect(socket).unwrap());
+            conn.call(
+                json!({"op": "create", "token": "lost", "to": {"messenger": PSID, "sms": PHONE}}),
+            )
+        })
+    };
+    wait_for("the Messenger message", || !vonage.unanswered().is_empty());
+    redis.kill();
+    vonage.release();
+    let answer = creating.join().unwrap();
+    assert_eq!(
+        (answer["status"].as_u64(), answer["error"].as_str()),
+        (Some(500), Some("internal_error")),
+        "a storage failure, not a failed delivery: {answer}"
+    );
+    assert!(
+        daemon.stderr().contains("cannot keep the SMS failover"),
+        "{}",
+        daemon.stderr()
+    );
+
+    // The message went out, so its code was not taken back.
+    redis.spawn();
+    let code = vonage.requests().last().unwrap().code();
+    assert_eq!(daemon.verify("lost", &code)["status"], 200);
 }
 
 #[test]

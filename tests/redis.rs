@@ -587,6 +587,8 @@ fn failovers_are_taken_once_across_hosts(engine: Engine) {
         ] {
             a.put_failover(&failover(reference, due_at)).await.unwrap();
         }
+        // One entry no engine can read, due among them, holds none of them up.
+        zadd_unreadable_failover(&direct.config.store.redis, now + 150);
         assert!(
             b.take_due_failovers(now, 10).await.unwrap().due.is_empty(),
             "none due yet"
@@ -634,6 +636,23 @@ fn failovers_are_taken_once_across_hosts(engine: Engine) {
         let status = a.status("unread").await.unwrap().unwrap();
         assert_eq!(status.code.delivery.events, vec![sent, delivered]);
     });
+}
+
+/// Adds an entry that does not decode to the pending failovers, due at `due_at`.
+fn zadd_unreadable_failover(config: &otpd::config::RedisConfig, due_at: u64) {
+    let mut zadd = ::redis::cmd("ZADD");
+    zadd.arg(format!("{}failovers", config.key_prefix))
+        .arg(due_at)
+        .arg(b"\xffnot a failover".as_slice());
+    if config.cluster.is_empty() {
+        let client = ::redis::Client::open(config.url.as_str()).unwrap();
+        zadd.query::<()>(&mut client.get_connection().unwrap())
+            .unwrap();
+    } else {
+        let client = ::redis::cluster::ClusterClient::new(config.cluster.clone()).unwrap();
+        zadd.query::<()>(&mut client.get_connection().unwrap())
+            .unwrap();
+    }
 }
 
 per_engine!([redis, redis_cluster] {

@@ -215,10 +215,16 @@ impl Delivery for MessagesDelivery {
                     .sealer
                     .seal(message.token, &message.failover_text(after)),
             };
-            inner.store.put_failover(&failover).await.map_err(|e| {
-                DeliveryError::Unavailable(format!("cannot keep the SMS failover: {e}"))
-            })?;
-            inner.added.notify_one();
+            // The Messenger message is out, so this is no failed delivery (which would
+            // discard a code the person has): the code stands, without its SMS.
+            match inner.store.put_failover(&failover).await {
+                Ok(()) => inner.added.notify_one(),
+                Err(error) => tracing::error!(
+                    token = message.token,
+                    %error,
+                    "cannot keep the SMS failover: no SMS will follow the Messenger message"
+                ),
+            }
         }
         tracing::info!(
             token = message.token,

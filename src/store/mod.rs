@@ -20,6 +20,14 @@ use crate::rules::{
 
 pub use encoding::{decode, encode};
 
+/// A stored failover, or `None` (logged) when it does not decode: one unreadable
+/// entry is dropped rather than holding up the failovers behind it.
+fn readable_failover(bytes: &[u8]) -> Option<PendingFailover> {
+    decode(bytes)
+        .inspect_err(|error| tracing::error!(%error, "dropped an unreadable pending SMS failover"))
+        .ok()
+}
+
 /// A storage failure. The request that met it answers 500; the daemon keeps serving.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -151,8 +159,9 @@ pub trait Store: Send + Sync {
     async fn put_failover(&self, failover: &PendingFailover) -> Result<(), StoreError>;
 
     /// Removes at most `batch` failovers due by `now`, each with
-    /// [`crate::rules::failover_verdict`] on its code as stored at that moment. Removal
-    /// and verdict are one atomic step, so a failover is handed out once.
+    /// [`crate::rules::failover_verdict`] on its code as stored just before or after.
+    /// The removal is atomic, so a failover is handed out once; an unreadable one is
+    /// removed and logged, never handed out.
     async fn take_due_failovers(
         &self,
         now: Millis,

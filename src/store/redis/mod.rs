@@ -74,17 +74,19 @@ return 1
 
 static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(COMMIT));
 
-/// Takes the failovers due by `ARGV[1]` (at most `ARGV[2]`) off the sorted set
-/// `KEYS[1]` in one step, so each is handed to exactly one host.
-const TAKE_DUE: &str = r"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-if #due > 0 then
-  redis.call('ZREM', KEYS[1], unpack(due))
+/// Removes the members `ARGV` from the sorted set `KEYS[1]` and returns those it
+/// removed, so a failover another host took first is handed to that host alone.
+const TAKE: &str = r"
+local taken = {}
+for _, member in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[1], member) == 1 then
+    taken[#taken + 1] = member
+  end
 end
-return due
+return taken
 ";
 
-static TAKE_DUE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(TAKE_DUE));
+static TAKE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(TAKE));
 
 /// Rounds of read-plan-commit before a request gives up: under fair contention every
 /// round lets at least one contender through, so this bounds a burst of this size.
@@ -864,8 +866,11 @@ impl Store for RedisStore {
         self.replicated(&mut conn).await
     }
 
-    /// Takes the due failovers off the shared set in one script (so one host gets
-    /// each), then judges each from its code's record.
+    /// Judges the due failovers from their codes' records first, then takes them off
+    /// the shared set in one script (so one host gets each): an error before the take
+    /// leaves them all for the next pass, and nothing can fail after it. The take is
+    /// not waited for (`WAIT`): a take a failover loses hands the SMS out again, a
+    /// lesser harm than sending none.
     async fn take_due_failovers(
         &self,
         now: Millis,
@@ -873,18 +878,22 @@ impl Store for RedisStore {
     ) -> Result<DueFailovers, StoreError> {
         let mut conn = self.conn();
         let key = self.keys.failovers();
-        let taken: Vec<Vec<u8>> = TAKE_DUE_SCRIPT
-            .key(&key)
+        let members: Vec<Vec<u8>> = redis::cmd("ZRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
             .arg(now)
+            .arg("LIMIT")
+            .arg(0)
             .arg(batch)
-            .invoke_async(&mut conn)
+            .query_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        // Not waited for: a take a failover loses hands the SMS out again, a lesser harm
-        // than failing here, after the take, and sending none.
-        let mut due = Vec::with_capacity(taken.len());
-        for bytes in taken {
-            let failover: PendingFailover = decode(&bytes)?;
+        let mut judged = Vec::with_capacity(members.len());
+        for member in &members {
+            // Taken all the same: an unreadable entry would otherwise come back forever.
+            let Some(failover) = super::readable_failover(member) else {
+                continue;
+            };
             let code = match self.code_key_of(&mut conn, &failover.reference).await? {
                 Some(code_key) => {
                     decode_read::<CodeRecord>(&self.get(&mut conn, &code_key).await?)?
@@ -892,8 +901,23 @@ impl Store for RedisStore {
                 None => None,
             };
             let verdict = rules::failover_verdict(code.as_ref(), now);
-            due.push((failover, verdict));
+            judged.push((member, failover, verdict));
         }
+        let taken: Vec<Vec<u8>> = if members.is_empty() {
+            Vec::new()
+        } else {
+            TAKE_SCRIPT
+                .key(&key)
+                .arg(&members)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(redis_error)?
+        };
+        let due = judged
+            .into_iter()
+            .filter(|(member, ..)| taken.contains(member))
+            .map(|(_, failover, verdict)| (failover, verdict))
+            .collect();
         let next: Vec<(Vec<u8>, f64)> = redis::cmd("ZRANGE")
             .arg(&key)
             .arg(0)
