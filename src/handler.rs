@@ -46,12 +46,7 @@ pub async fn respond(otp: &Otp, line: &[u8]) -> Response {
     };
     match result {
         Ok((status, body)) => Response::ok(id, status, body),
-        Err(error) => {
-            if error.status() == 500 {
-                tracing::error!(?error, "request failed");
-            }
-            Response::from_otp_error(id, &error)
-        }
+        Err(error) => Response::from_otp_error(id, &error),
     }
 }
 

@@ -10,9 +10,11 @@ use crate::config::{CODE_LENGTHS, OtpConfig};
 use crate::delivery::{Delivery, DeliveryError, Message, Recipients};
 use crate::janitor::Wakeup;
 use crate::metrics::{Counters, Stats, bump};
-use crate::rules::{Channel, CodeState, Limits, Millis, Refusal, VerifyOutcome, now_ms};
+use crate::rules::{
+    Channel, CodeState, DeliveryEvent, Limits, Millis, Refusal, VerifyOutcome, now_ms,
+};
 use crate::secret::ServerSecret;
-use crate::store::{NewCode, Store, StoreError, TokenStatus};
+use crate::store::{Filed, NewCode, Store, StoreError, TokenStatus};
 
 /// Why a request did not succeed; each maps to one protocol error code.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +36,7 @@ pub enum OtpError {
     #[error("the provider could not be reached: {0}")]
     DeliveryUnavailable(String),
     #[error("internal storage error")]
-    Storage(#[from] StoreError),
+    Storage(StoreError),
 }
 
 impl OtpError {
@@ -81,6 +83,15 @@ fn bad(field: &'static str, reason: impl Into<String>) -> OtpError {
     OtpError::BadRequest {
         field,
         reason: reason.into(),
+    }
+}
+
+/// Logs a storage failure with the operation and the token (or delivery id) it met,
+/// and makes it the 500 the client gets (which says nothing of it).
+fn storage_failed<'a>(op: &'static str, key: &'a str) -> impl FnOnce(StoreError) -> OtpError + 'a {
+    move |error| {
+        tracing::error!(op, key, %error, "storage failed; answered 500");
+        OtpError::Storage(error)
     }
 }
 
@@ -196,8 +207,16 @@ impl Otp {
         }
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+    /// Records a provider's status report (a webhook) on the code it is about.
+    pub async fn record_delivery_event(
+        &self,
+        reference: &str,
+        event: DeliveryEvent,
+    ) -> Result<Filed, OtpError> {
+        self.store
+            .record_delivery_event(reference, event)
+            .await
+            .map_err(storage_failed("record_delivery_event", reference))
     }
 
     pub fn counters(&self) -> &Arc<Counters> {
@@ -257,7 +276,12 @@ impl Otp {
             created_at: now,
             expires_at,
         };
-        let replaced = match self.store.create(&new, now).await? {
+        let replaced = match self
+            .store
+            .create(&new, now)
+            .await
+            .map_err(storage_failed("create", &token))?
+        {
             Ok(replaced) => replaced,
             Err(Refusal::Locked { retry_after }) => {
                 return Err(OtpError::TooManyAttempts {
@@ -285,7 +309,8 @@ impl Otp {
             Ok(receipt) => {
                 self.store
                     .confirm_delivery(&token, &digest, receipt.reference.as_deref())
-                    .await?;
+                    .await
+                    .map_err(storage_failed("create", &token))?;
             }
             Err(error) => {
                 bump(&self.counters.delivery_failed);
@@ -318,7 +343,12 @@ impl Otp {
             ));
         }
         let digest = Code::from_input(code).digest(&self.secret, token);
-        match self.store.verify(token, &digest, now_ms()).await? {
+        let outcome = self
+            .store
+            .verify(token, &digest, now_ms())
+            .await
+            .map_err(storage_failed("verify", token))?;
+        match outcome {
             VerifyOutcome::Valid => {
                 bump(&self.counters.verified);
                 Ok(())
@@ -346,7 +376,12 @@ impl Otp {
     /// Ends the token's pending code.
     pub async fn cancel(&self, token: &str) -> Result<(), OtpError> {
         validate_token(token)?;
-        if self.store.cancel(token, now_ms()).await? {
+        let cancelled = self
+            .store
+            .cancel(token, now_ms())
+            .await
+            .map_err(storage_failed("cancel", token))?;
+        if cancelled {
             bump(&self.counters.cancelled);
             Ok(())
         } else {
@@ -360,7 +395,12 @@ impl Otp {
         let TokenStatus {
             code,
             token: mut record,
-        } = self.store.status(token).await?.ok_or(OtpError::NotFound)?;
+        } = self
+            .store
+            .status(token)
+            .await
+            .map_err(storage_failed("status", token))?
+            .ok_or(OtpError::NotFound)?;
         let now = now_ms();
         // As the next write would record it: an ended lock, and its count, are gone.
         record.end_lock_if_over(now);

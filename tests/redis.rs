@@ -314,6 +314,11 @@ fn a_redis_crash_fails_requests_until_it_is_back_and_loses_nothing() {
     let answer = daemon.verify("crash", &code);
     assert_eq!(answer["status"], 500, "{answer}");
     assert_eq!(answer["error"], "internal_error");
+    let log = daemon.stderr();
+    assert!(
+        log.contains(r#"op="verify" key="crash""#),
+        "the failure is logged with what it met: {log}"
+    );
     assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
     redis.spawn();
     // Every pooled connection (4) is made again: none hands a request the outage's error.

@@ -67,10 +67,7 @@ fn refusal(error: &OtpError) -> Answer {
         OtpError::RateLimited { .. } => "Too many requests",
         OtpError::DeliveryFailed(_) => "The code could not be delivered",
         OtpError::DeliveryUnavailable(_) => "Delivery is unavailable; try again later",
-        OtpError::Storage(_) => {
-            tracing::error!(?error, "HTTP request failed");
-            "Internal error"
-        }
+        OtpError::Storage(_) => "Internal error",
     };
     let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut answer = text(status, body);
