@@ -82,14 +82,25 @@ pub async fn run(
     );
     systemd::ready(&format!("serving on {}", config.server.socket.display()));
 
-    shutdown.await;
+    let mut server = server;
+    // The server runs until shutdown; one that ends before has panicked.
+    let crashed = tokio::select! {
+        () = shutdown => None,
+        ended = &mut server => Some(ended.err().map_or("ended".into(), |e| e.to_string())),
+    };
     tracing::info!("shutting down: finishing in-flight requests");
     systemd::stopping("shutting down: finishing in-flight requests");
     stop.cancel();
-    let _ = server.await;
+    if crashed.is_none() {
+        let _ = server.await;
+    }
     tracker.close();
     tracker.wait().await;
     store.flush().await?;
+    if let Some(error) = crashed {
+        // Exiting non-zero lets systemd restart the daemon.
+        anyhow::bail!("the socket server stopped by itself: {error}");
+    }
     tracing::info!("stopped");
     Ok(())
 }

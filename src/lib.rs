@@ -28,3 +28,14 @@ pub mod secret;
 pub mod server;
 pub mod store;
 pub mod systemd;
+
+/// Lower-case hex of `bytes`: digests in Redis keys, the secret's fingerprint, payload
+/// hashes.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut text = String::with_capacity(2 * bytes.len());
+    for byte in bytes {
+        let _ = write!(text, "{byte:02x}");
+    }
+    text
+}

@@ -1,4 +1,5 @@
-//! The OTP rules of DESIGN.md as pure state transitions over stored records.
+//! The OTP rules (README.md, "Rules, and the choices made where the design is silent")
+//! as pure state transitions over stored records.
 //!
 //! A storage engine reads the records a request touches, asks these functions what the
 //! answer is and what to write, and writes it atomically. Keeping the rules free of I/O
@@ -185,8 +186,14 @@ impl CodeRecord {
         if self.state == CodeState::Pending {
             self.expires_at
         } else {
-            self.expires_at.saturating_add(limits.retain)
+            self.purge_at(limits)
         }
+    }
+
+    /// When the record can go, whatever becomes of it: `retain` after its expiry, so
+    /// late verifies still get 409 or 410.
+    pub fn purge_at(&self, limits: &Limits) -> Millis {
+        self.expires_at.saturating_add(limits.retain)
     }
 }
 
@@ -268,16 +275,19 @@ impl TokenRecord {
     }
 
     /// When the record can go: never while it has a code (the code's purge comes back
-    /// for it), else once the lock is over and the last send left the window.
+    /// for it), else at [`TokenRecord::free_at`].
     pub fn purge_at(&self, limits: &Limits) -> Option<Millis> {
-        if self.live.is_some() {
-            return None;
-        }
+        self.live.is_none().then(|| self.free_at(limits))
+    }
+
+    /// When the record's own fields stop mattering: the lock is over and the last send
+    /// left the window.
+    pub fn free_at(&self, limits: &Limits) -> Millis {
         let last_send = self
             .sends
             .last()
             .map_or(0, |t| t.saturating_add(limits.send_window));
-        Some(self.locked_until.unwrap_or(0).max(last_send))
+        self.locked_until.unwrap_or(0).max(last_send)
     }
 }
 

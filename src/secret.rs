@@ -42,7 +42,8 @@ impl ServerSecret {
         &self.0
     }
 
-    /// Builds a secret from bytes (tests and the Redis engine's check value).
+    /// Builds a secret from known bytes, for tests and fuzzing; the daemon's comes from
+    /// [`ServerSecret::load_or_create`].
     pub fn from_bytes(bytes: [u8; SECRET_LEN]) -> Self {
         Self(bytes)
     }
@@ -54,11 +55,7 @@ impl ServerSecret {
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0)
             .expect("HMAC takes keys of any length");
         mac.update(b"otpd server secret check v1");
-        mac.finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        crate::hex(&mac.finalize().into_bytes())
     }
 
     /// Reads the secret at `path`, creating it (mode 0600, from the OS CSPRNG) when it

@@ -6,7 +6,7 @@
 //! only when the signature, the hash of the exact body and a recent `iat` all hold.
 //! Badly signed ones get 401 (and a log line); unsigned ones get 503, because Vonage
 //! sends an unsigned callback only after an internal error and retries 5xx answers, so
-//! the retry can arrive signed. See VONAGE.md beside DESIGN.md.
+//! the retry can arrive signed (README.md, "Vonage status webhooks", has Vonage's sources).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -282,10 +282,7 @@ impl Webhooks {
 
 /// Lower-case hex SHA-256, as `payload_hash` carries it.
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex(&Sha256::digest(bytes))
 }
 
 /// 503 with `Retry-After`: Vonage retries 5xx answers on its own schedule.

@@ -20,6 +20,13 @@ use crate::rules::{
 
 pub use encoding::{decode, encode};
 
+/// Applies a change to an engine's live count (one per code leaving or entering
+/// pending), saturating: a count is never worth a panic.
+fn adjust_live(live: &std::sync::atomic::AtomicU64, delta: i64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let _ = live.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add_signed(delta)));
+}
+
 /// A stored failover, or `None` (logged) when it does not decode: one unreadable
 /// entry is dropped rather than holding up the failovers behind it.
 fn readable_failover(bytes: &[u8]) -> Option<PendingFailover> {

@@ -211,20 +211,6 @@ impl SledStore {
         Ok(live)
     }
 
-    /// Applies a change to the live count (one per code leaving or entering pending).
-    fn adjust_live(&self, delta: i64) {
-        if delta >= 0 {
-            self.live.fetch_add(delta as u64, Ordering::Relaxed);
-        } else {
-            // Saturating: a count is never worth a panic.
-            let _ = self
-                .live
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                    Some(v.saturating_sub(delta.unsigned_abs()))
-                });
-        }
-    }
-
     /// Waits for the shared flush, unless durability is relaxed: after a write, and
     /// before answering from a record read (see the module doc).
     async fn durable(&self) -> Result<(), StoreError> {
@@ -397,7 +383,7 @@ impl SledStore {
             report.expired += visit.expired;
             live_delta += visit.live_delta;
         }
-        self.adjust_live(live_delta);
+        super::adjust_live(&self.live, live_delta);
         report.purged += self.purge_recipients(now, batch)?;
         let next_recipients = first_due(&self.recipients)?
             .map(|bucket| bucket.saturating_add(2 * self.limits.send_window));
@@ -460,10 +446,9 @@ impl SledStore {
         let Some(mut state) = self.read_token(token.as_bytes())? else {
             return Ok(None);
         };
-        let probed = state
-            .code
-            .clone()
-            .filter(|_| state.record.live == Some(*digest));
+        let probed = (state.record.live == Some(*digest))
+            .then(|| state.code.clone())
+            .flatten();
         let plan = rules::plan_verify(Some(state.record.clone()), probed, now, &self.limits);
         let wrote = plan.code.is_some() || plan.token.is_some();
         let mut live_delta = 0;
@@ -532,7 +517,7 @@ impl Store for SledStore {
         match result {
             // Durable with confirm_delivery or discard, whichever follows the delivery.
             Ok((delta, replaced)) => {
-                self.adjust_live(delta);
+                super::adjust_live(&self.live, delta);
                 Ok(Ok(replaced))
             }
             Err(refusal) => {
@@ -563,7 +548,7 @@ impl Store for SledStore {
         })?;
         if let Some(code) = removed.flatten() {
             let back = restored.is_some_and(CodeRecord::is_pending);
-            self.adjust_live(i64::from(back) - 1);
+            super::adjust_live(&self.live, i64::from(back) - 1);
             self.forget_references(Some(&code))?;
             for reference in restored.iter().flat_map(|old| old.delivery.references()) {
                 self.file_reference(reference, token.as_bytes())?;
@@ -634,7 +619,7 @@ impl Store for SledStore {
         let Some((outcome, live_delta)) = verified else {
             return Ok(VerifyOutcome::NotFound);
         };
-        self.adjust_live(live_delta);
+        super::adjust_live(&self.live, live_delta);
         self.durable().await?;
         Ok(outcome)
     }
@@ -645,7 +630,7 @@ impl Store for SledStore {
             rules::finish_pending(code, CodeState::Cancelled, now).then_some(())
         })?;
         if cancelled.is_some() {
-            self.adjust_live(-1);
+            super::adjust_live(&self.live, -1);
         }
         self.durable().await?;
         Ok(cancelled.is_some())

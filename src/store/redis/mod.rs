@@ -103,7 +103,7 @@ fn contention() -> StoreError {
 }
 
 fn hex(digest: &Digest) -> String {
-    digest.0.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex(&digest.0)
 }
 
 /// A value as read: `None` when the key does not exist.
@@ -416,20 +416,15 @@ impl RedisStore {
         Ok(applied == 1)
     }
 
-    /// When a code's key goes: `retain` after its expiry, like sled's janitor.
+    /// When a code's key goes, as sled's janitor would purge it.
     fn code_expire_at(&self, code: &CodeRecord) -> Millis {
-        code.expires_at.saturating_add(self.limits.retain)
+        code.purge_at(&self.limits)
     }
 
-    /// When a token's key may go as far as its own fields tell: after the lock and the
-    /// send window. A create also keeps it as long as its code ([`Commit::set`] never
-    /// shortens an expiry).
+    /// When a token's key may go as far as its own fields tell. A create also keeps it
+    /// as long as its code ([`Commit::set`] never shortens an expiry).
     fn token_expire_at(&self, record: &TokenRecord) -> Millis {
-        let last_send = record
-            .sends
-            .last()
-            .map_or(0, |t| t.saturating_add(self.limits.send_window));
-        record.locked_until.unwrap_or(0).max(last_send)
+        record.free_at(&self.limits)
     }
 
     /// Mirrors a committed change in the live set and the live count; returns how many
@@ -456,7 +451,7 @@ impl RedisStore {
                 // ZADD answers 1 for a new member, each ZREM 1 for a member it removed.
                 let (adds, rems) = counts.split_at(usize::from(added.is_some()));
                 let removed = rems.iter().sum::<i64>();
-                self.adjust_live(adds.iter().sum::<i64>() - removed);
+                super::adjust_live(&self.live, adds.iter().sum::<i64>() - removed);
                 removed
             }
             Err(error) => {
@@ -464,14 +459,6 @@ impl RedisStore {
                 0
             }
         }
-    }
-
-    fn adjust_live(&self, delta: i64) {
-        let _ = self
-            .live
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_add_signed(delta))
-            });
     }
 
     /// Takes back a send reserved on a recipient by a create that did not commit.
