@@ -308,7 +308,7 @@ impl Otp {
         match self.delivery.send(&message).await {
             Ok(receipt) => {
                 self.store
-                    .confirm_delivery(&token, &digest, receipt.reference.as_deref())
+                    .confirm_delivery(&token, &digest, &receipt.reference)
                     .await
                     .map_err(storage_failed("create", &token))?;
             }

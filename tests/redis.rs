@@ -477,7 +477,7 @@ fn delivery_records_and_discard_through_the_store(engine: Engine) {
         assert!(store.create(&new, now).await.unwrap().is_ok());
         assert_eq!(store.live(), 1);
         store
-            .confirm_delivery("deliv", &digest, Some("uuid-1"))
+            .confirm_delivery("deliv", &digest, "uuid-1")
             .await
             .unwrap();
         let event = DeliveryEvent {
@@ -565,7 +565,7 @@ fn failovers_are_taken_once_across_hosts(engine: Engine) {
         for (token, digit) in [("unread", 1), ("read", 2)] {
             let new = new_code(token, digit, &format!("39333100000{digit}"), now);
             assert!(a.create(&new, now).await.unwrap().is_ok());
-            a.confirm_delivery(token, &new.digest, Some(&format!("uuid-{token}")))
+            a.confirm_delivery(token, &new.digest, &format!("uuid-{token}"))
                 .await
                 .unwrap();
         }

@@ -77,7 +77,7 @@ impl Delivery for DispatchDelivery {
             "sent via Dispatch"
         );
         Ok(Receipt {
-            reference: Some(uuid.to_owned()),
+            reference: uuid.to_owned(),
         })
     }
 }

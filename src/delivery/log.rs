@@ -79,9 +79,7 @@ impl Delivery for LogDelivery {
             file.write_all(&line)
                 .map_err(|e| DeliveryError::Unavailable(format!("log_file: {e}")))?;
         }
-        Ok(Receipt {
-            reference: Some(reference),
-        })
+        Ok(Receipt { reference })
     }
 }
 

@@ -186,9 +186,7 @@ impl Delivery for MessagesDelivery {
             let number = message.to.sms.as_deref().expect("a create names a channel");
             let uuid = inner.post(&inner.sms(number, &message.text())).await?;
             tracing::info!(token = message.token, message_uuid = uuid, "sent SMS");
-            return Ok(Receipt {
-                reference: Some(uuid),
-            });
+            return Ok(Receipt { reference: uuid });
         };
         let text = message.text();
         let mut body = json!({
@@ -231,9 +229,7 @@ impl Delivery for MessagesDelivery {
             message_uuid = uuid,
             "sent Messenger message"
         );
-        Ok(Receipt {
-            reference: Some(uuid),
-        })
+        Ok(Receipt { reference: uuid })
     }
 
     fn background(

@@ -100,8 +100,9 @@ impl Message<'_> {
 /// What the provider said when it took the message.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Receipt {
-    /// The provider's id for this delivery (`dispatch_uuid`, `message_uuid`).
-    pub reference: Option<String>,
+    /// The provider's id for this delivery (`dispatch_uuid`, `message_uuid`; the `log`
+    /// backend makes one up), by which status webhooks find the code.
+    pub reference: String,
 }
 
 /// Why a delivery did not happen.

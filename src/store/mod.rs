@@ -129,12 +129,12 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
 
     /// Makes a created code final once its delivery went out: keeps the provider's
-    /// delivery id (if it gave one) and returns once the code is durable.
+    /// delivery id and returns once the code is durable.
     async fn confirm_delivery(
         &self,
         token: &str,
         digest: &Digest,
-        reference: Option<&str>,
+        reference: &str,
     ) -> Result<(), StoreError>;
 
     /// Records a provider status report on the code whose delivery carries `reference`.

@@ -561,20 +561,18 @@ impl Store for SledStore {
         &self,
         token: &str,
         digest: &Digest,
-        reference: Option<&str>,
+        reference: &str,
     ) -> Result<(), StoreError> {
-        if let Some(reference) = reference {
-            let filed = self.update_token(token.as_bytes(), |state| {
-                let code = state
-                    .code
-                    .as_mut()
-                    .filter(|_| state.record.live == Some(*digest))?;
-                code.delivery.reference = Some(reference.to_owned());
-                Some(())
-            })?;
-            if filed.is_some() {
-                self.file_reference(reference, token.as_bytes())?;
-            }
+        let filed = self.update_token(token.as_bytes(), |state| {
+            let code = state
+                .code
+                .as_mut()
+                .filter(|_| state.record.live == Some(*digest))?;
+            code.delivery.reference = Some(reference.to_owned());
+            Some(())
+        })?;
+        if filed.is_some() {
+            self.file_reference(reference, token.as_bytes())?;
         }
         self.durable().await
     }
@@ -757,7 +755,7 @@ mod tests {
     }
 
     /// A code for token `a`, valid from 0 to 5 s, delivered as `reference`.
-    async fn delivered(store: &SledStore, reference: Option<&str>) -> NewCode {
+    async fn delivered(store: &SledStore, reference: &str) -> NewCode {
         let new = new_code("a", 1, 0, 5_000);
         store.create(&new, 0).await.unwrap().unwrap();
         store
@@ -771,7 +769,7 @@ mod tests {
     async fn a_verified_code_is_filed_again_and_goes_retain_after_its_expiry() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir, LIMITS);
-        let new = delivered(&store, None).await;
+        let new = delivered(&store, "uuid-0").await;
         let valid = store.verify("a", &new.digest, 100).await.unwrap();
         assert_eq!(valid, VerifyOutcome::Valid);
         assert_eq!(store.live(), 0);
@@ -807,7 +805,7 @@ mod tests {
                 ..LIMITS
             },
         );
-        let new = delivered(&store, Some("uuid-1")).await;
+        let new = delivered(&store, "uuid-1").await;
         // Another request's verify, written but not yet flushed.
         store.verify_locked("a", &new.digest, 100).unwrap();
         let flushed = || store.commit.as_ref().unwrap().durable_tickets();
@@ -881,7 +879,7 @@ mod tests {
         let first = new_code("a", 1, 0, 5_000);
         assert!(store.create(&first, 0).await.unwrap().unwrap().is_none());
         store
-            .confirm_delivery("a", &first.digest, Some("uuid-1"))
+            .confirm_delivery("a", &first.digest, "uuid-1")
             .await
             .unwrap();
         let second = new_code("a", 2, 100, 5_100);
@@ -917,7 +915,7 @@ mod tests {
     async fn a_failover_sms_is_filed_with_its_code_and_forgotten_with_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir, LIMITS);
-        delivered(&store, Some("uuid-m")).await;
+        delivered(&store, "uuid-m").await;
         let event = |status: &str, detail: Option<&str>| DeliveryEvent {
             at: 100,
             status: status.into(),

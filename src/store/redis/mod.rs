@@ -656,22 +656,21 @@ impl Store for RedisStore {
         Err(contention())
     }
 
-    /// Redis applied the create already; what remains is the reference, if any.
+    /// Redis applied the create already; what remains is the reference, and a replica
+    /// holding it: the replication stream is ordered, so that `WAIT` covers the create
+    /// too, whichever connection made it.
     async fn confirm_delivery(
         &self,
         token: &str,
         digest: &Digest,
-        reference: Option<&str>,
+        reference: &str,
     ) -> Result<(), StoreError> {
-        let Some(reference) = reference else {
-            return Ok(());
-        };
         let mut conn = self.conn();
         let code_key = self.keys.code(token, digest);
         for _ in 0..MAX_ROUNDS {
             let read = self.get(&mut conn, &code_key).await?;
             let Some(mut code) = decode_read::<CodeRecord>(&read)? else {
-                return Ok(());
+                return Ok(()); // replaced meanwhile: nothing of this create is left
             };
             code.delivery.reference = Some(reference.to_owned());
             let expire_at = self.code_expire_at(&code);
