@@ -177,6 +177,29 @@ pub fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
+/// What an accept loop does when `accept` fails (EMFILE and friends): waits instead
+/// of spinning, and says so once a minute rather than at every try.
+#[derive(Default)]
+pub struct AcceptBackoff {
+    last_warning: Option<Instant>,
+}
+
+impl AcceptBackoff {
+    const PAUSE: Duration = Duration::from_millis(50);
+    const QUIET: Duration = Duration::from_secs(60);
+
+    pub async fn wait(&mut self, listener: &'static str, error: &std::io::Error) {
+        if self
+            .last_warning
+            .is_none_or(|at| at.elapsed() >= Self::QUIET)
+        {
+            tracing::warn!(listener, %error, "accept failed; retrying every 50 ms");
+            self.last_warning = Some(Instant::now());
+        }
+        tokio::time::sleep(Self::PAUSE).await;
+    }
+}
+
 /// Accepts connections until `shutdown`, each served by its own task on `tracker`.
 pub async fn serve(
     listener: Listener,
@@ -192,21 +215,14 @@ pub async fn serve(
         allowed_gids: config.allowed_gids.clone(),
     });
     let slots = Arc::new(Semaphore::new(config.max_connections));
-    let mut last_accept_warning = None;
+    let mut backoff = AcceptBackoff::default();
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(error) => {
-                    // EMFILE and friends: back off instead of spinning, and say so once
-                    // a minute rather than at every try.
-                    let quiet = Duration::from_secs(60);
-                    if last_accept_warning.is_none_or(|at: Instant| at.elapsed() >= quiet) {
-                        tracing::warn!(%error, "accept failed; retrying every 50 ms");
-                        last_accept_warning = Some(Instant::now());
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    backoff.wait("socket", &error).await;
                     continue;
                 }
             },

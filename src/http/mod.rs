@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, SystemdDirs};
 use crate::otp::Otp;
-use crate::server;
+use crate::server::{self, AcceptBackoff};
 
 pub use webhooks::WEBHOOK_SECRET_CREDENTIAL;
 
@@ -125,6 +125,7 @@ async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let mut backoff = AcceptBackoff::default();
     loop {
         let (accepted, slot) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -136,9 +137,7 @@ async fn serve(
         let stream = match accepted {
             Ok(stream) => stream,
             Err(error) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(%error, "HTTP accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                backoff.wait("http", &error).await;
                 continue;
             }
         };
