@@ -119,8 +119,9 @@ pub fn validate_token(token: &str) -> Result<(), OtpError> {
     Ok(())
 }
 
-/// Normalises a phone number to E.164 digits without `+`: 7 to 15 digits.
-pub fn normalize_phone(field: &'static str, number: &str) -> Result<String, OtpError> {
+/// Normalises a phone number to E.164 digits without `+`: 7 to 15 digits. The error
+/// is the reason, for the caller to put under the field's name as the client wrote it.
+pub fn normalize_phone(number: &str) -> Result<String, &'static str> {
     let digits = number.strip_prefix('+').unwrap_or(number);
     if (7..=15).contains(&digits.len())
         && digits.bytes().all(|b| b.is_ascii_digit())
@@ -128,23 +129,23 @@ pub fn normalize_phone(field: &'static str, number: &str) -> Result<String, OtpE
     {
         Ok(digits.to_owned())
     } else {
-        Err(bad(
-            field,
-            "must be an E.164 phone number: 7 to 15 digits, optional leading +, no leading 0",
-        ))
+        Err("must be an E.164 phone number: 7 to 15 digits, optional leading +, no leading 0")
     }
 }
 
-/// Checks a Messenger page-scoped id: 1 to 32 digits.
-pub fn validate_messenger_id(field: &'static str, id: &str) -> Result<String, OtpError> {
+/// Checks a Messenger page-scoped id: 1 to 32 digits (the error as for
+/// [`normalize_phone`]).
+pub fn validate_messenger_id(id: &str) -> Result<String, &'static str> {
     if (1..=32).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_digit()) {
         Ok(id.to_owned())
     } else {
-        Err(bad(field, "must be a Messenger id: 1 to 32 digits"))
+        Err("must be a Messenger id: 1 to 32 digits")
     }
 }
 
-/// A create as the front ends hand it over (fields not yet validated).
+/// A create as the front ends hand it over: the recipients normalised by
+/// [`normalize_phone`] and [`validate_messenger_id`] (under the field names the client
+/// used), the rest still to check.
 #[derive(Debug, Clone, Default)]
 pub struct CreateRequest {
     pub token: String,
@@ -436,26 +437,18 @@ mod tests {
 
     #[test]
     fn phone_numbers() {
-        assert_eq!(
-            normalize_phone("sms", "+393331234567").unwrap(),
-            "393331234567"
-        );
-        assert_eq!(
-            normalize_phone("sms", "393331234567").unwrap(),
-            "393331234567"
-        );
-        assert!(normalize_phone("sms", "123456").is_err());
-        assert!(normalize_phone("sms", "1234567890123456").is_err());
-        assert!(normalize_phone("sms", "+39 333").is_err());
-        assert!(normalize_phone("sms", "0039333123456").is_err());
-        let err = normalize_phone("phoneNumber", "x").unwrap_err();
-        assert!(err.to_string().starts_with("phoneNumber:"));
+        assert_eq!(normalize_phone("+393331234567").unwrap(), "393331234567");
+        assert_eq!(normalize_phone("393331234567").unwrap(), "393331234567");
+        assert!(normalize_phone("123456").is_err());
+        assert!(normalize_phone("1234567890123456").is_err());
+        assert!(normalize_phone("+39 333").is_err());
+        assert!(normalize_phone("0039333123456").is_err());
     }
 
     #[test]
     fn messenger_ids() {
-        assert!(validate_messenger_id("messenger", "8192836451").is_ok());
-        assert!(validate_messenger_id("messenger", "81a").is_err());
-        assert!(validate_messenger_id("messenger", "").is_err());
+        assert!(validate_messenger_id("8192836451").is_ok());
+        assert!(validate_messenger_id("81a").is_err());
+        assert!(validate_messenger_id("").is_err());
     }
 }

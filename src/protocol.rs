@@ -121,14 +121,11 @@ fn parse_recipients(object: &Map<String, Value>) -> Result<Recipients, ProtocolE
         let (slot, normalized) = match field {
             "messenger" | "messengerId" => (
                 &mut recipients.messenger,
-                otp::validate_messenger_id("messenger", &value),
+                otp::validate_messenger_id(&value),
             ),
-            _ => (&mut recipients.sms, otp::normalize_phone("sms", &value)),
+            _ => (&mut recipients.sms, otp::normalize_phone(&value)),
         };
-        let normalized = normalized.map_err(|e| match e {
-            OtpError::BadRequest { reason, .. } => bad_request(&label, &reason),
-            other => bad_request(&label, &other.to_string()),
-        })?;
+        let normalized = normalized.map_err(|reason| bad_request(&label, reason))?;
         if slot.replace(normalized).is_some() {
             return Err(bad_request(&label, "given twice"));
         }
