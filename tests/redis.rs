@@ -440,11 +440,12 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 fn keys_expire_by_themselves(engine: Engine) {
     let daemon = engine.start(
-        "[otp]\nresend_cooldown_secs = 0\nretain_secs = 1\nsend_window_secs = 1\n[janitor]\ninterval_secs = 1\n",
+        "[otp]\nresend_cooldown_secs = 0\nretain_secs = 3\nsend_window_secs = 1\n[janitor]\ninterval_secs = 1\n",
     );
     let code = daemon.create_short_code("short", "393331000001");
     assert_eq!(daemon.stats()["live"], 1);
     thread::sleep(Duration::from_millis(1100));
+    // Between its expiry (1 s) and its purge (3 s later): 410, with time to spare.
     assert_eq!(
         daemon.verify("short", &code)["status"],
         410,

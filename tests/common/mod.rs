@@ -323,8 +323,13 @@ impl Daemon {
 
     /// Like [`Daemon::create_code`], for a code valid one second only.
     pub fn create_short_code(&self, token: &str, number: &str) -> String {
+        self.create_code_valid_for(token, number, 1)
+    }
+
+    /// Like [`Daemon::create_code`], for a code valid `ttl_secs`.
+    pub fn create_code_valid_for(&self, token: &str, number: &str, ttl_secs: u64) -> String {
         self.create_code_from(
-            json!({"op": "create", "token": token, "to": {"sms": number}, "ttl_secs": 1}),
+            json!({"op": "create", "token": token, "to": {"sms": number}, "ttl_secs": ttl_secs}),
         )
     }
 
@@ -859,10 +864,29 @@ impl RedisSentinel {
         redis_cli(self.master_port, &[&login[..], args].concat())
     }
 
-    /// Waits until the replica has every write, then kills the master (SIGKILL).
+    /// Waits until the replica has acknowledged every write, then kills the master
+    /// (SIGKILL). (`WAIT` would not do: it covers only its own connection's writes.)
     pub fn kill_master(&mut self) {
-        let acked = self.master_cli(&["wait", "1", "10000"]);
-        assert_eq!(acked.trim(), "1", "the replica caught up");
+        let field = |info: &str, name: &str| -> Option<u64> {
+            let at = info.find(name)? + name.len();
+            let digits: String = info[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        };
+        let written = field(
+            &self.master_cli(&["info", "replication"]),
+            "master_repl_offset:",
+        )
+        .expect("the master's replication offset");
+        wait_for("the replica to acknowledge every write", || {
+            let info = self.master_cli(&["info", "replication"]);
+            info.lines()
+                .filter(|line| line.starts_with("slave0:"))
+                .filter_map(|line| field(line, "offset="))
+                .any(|acked| acked >= written)
+        });
         let mut master = self.children.remove(0);
         let _ = master.kill();
         let _ = master.wait();
