@@ -118,6 +118,8 @@ fn messenger_carries_vonage_failover_and_the_sms_follows_once_at_the_deadline() 
     let created_at = Instant::now();
     let messenger = create_both_with(&daemon, &vonage, json!({"token": "m1", "ttl_secs": 75}));
     let code = messenger.code();
+    // While the failover is pending its text is sealed: the database never holds it.
+    assert_not_stored(&daemon, &code);
     let text = format!("{code} is your code. It expires in 2 minutes.");
     let sms = |text: &str| json!({"to": PHONE, "from": vonage::SMS_FROM, "channel": "sms", "message_type": "text", "text": text});
     assert_eq!(messenger.path, "/v1/messages");
@@ -179,17 +181,25 @@ fn messenger_carries_vonage_failover_and_the_sms_follows_once_at_the_deadline() 
 
     let log = daemon.stderr();
     assert!(!log.contains(&code), "the code reached the log");
-    // The pending failover kept the text sealed: the database never holds it.
-    for file in std::fs::read_dir(daemon.dir.path().join("db"))
-        .unwrap()
-        .flatten()
-    {
-        if file.path().is_file() {
-            let bytes = std::fs::read(file.path()).unwrap();
+    assert_not_stored(&daemon, &code);
+}
+
+/// No file of the database holds `code` where its text would have it.
+fn assert_not_stored(daemon: &Daemon, code: &str) {
+    let needle = format!("{code} is your code");
+    let mut dirs = vec![daemon.dir.path().join("db")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
             assert!(
-                !bytes.windows(text.len()).any(|w| w == text.as_bytes()),
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
                 "the SMS text is readable in {}",
-                file.path().display()
+                path.display()
             );
         }
     }

@@ -19,6 +19,7 @@ pub mod vonage;
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -225,9 +226,20 @@ impl Daemon {
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID")
             .env_remove("JOURNAL_STREAM")
+            .env_remove("OTPD_CONFIG")
+            .env_remove("OTPD_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
+        // The common default umask, whatever the runner's, so that a check of the modes
+        // otpd gives its files means the same everywhere.
+        // SAFETY: umask(2) is async-signal-safe and touches no memory.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+                Ok(())
+            });
+        }
         command
     }
 
@@ -676,7 +688,13 @@ fn tcp_redis(what: &str, command: impl Fn(u16) -> Command) -> (Child, u16) {
                 .ok()
                 .is_some_and(redis_ping)
             {
-                return (child, port);
+                // The answer may have come from another test's Redis that took the
+                // port first, while this one is still on its way out (bind failed).
+                std::thread::sleep(Duration::from_millis(200));
+                if child.try_wait().unwrap().is_none() {
+                    return (child, port);
+                }
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -226,6 +226,20 @@ impl VonageStandIn {
     }
 }
 
+/// A request that broke the contract fails its test even if the test never looked.
+impl Drop for VonageStandIn {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let state = self.state.lock().unwrap();
+            assert!(
+                state.violations.is_empty(),
+                "requests broke the API contract: {:#?}",
+                state.violations
+            );
+        }
+    }
+}
+
 /// Writes a key file with the given mode.
 pub fn write_private(path: &std::path::Path, text: &str, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
@@ -470,10 +484,33 @@ fn is_msisdn(value: &Value) -> bool {
     })
 }
 
+/// A text made from [`TEMPLATE`] (a 4 to 10 digit code, whole minutes), within `max`
+/// characters.
 fn text_within(value: &Value, max: usize) -> bool {
     value
         .as_str()
-        .is_some_and(|t| !t.is_empty() && t.chars().count() <= max)
+        .is_some_and(|t| t.chars().count() <= max && template_code(t).is_some())
+}
+
+/// The code a [`TEMPLATE`] text carries.
+fn template_code(text: &str) -> Option<&str> {
+    let (code, rest) = text.split_once(" is your code. It expires in ")?;
+    let minutes = rest.strip_suffix(" minutes.")?;
+    let digits = |s: &str, lengths: std::ops::RangeInclusive<usize>| {
+        lengths.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
+    };
+    (digits(code, 4..=10) && digits(minutes, 1..=4)).then_some(code)
+}
+
+/// Every text of one request carries the same code.
+fn one_code<'a>(texts: impl IntoIterator<Item = &'a Value>) -> Result<(), String> {
+    let codes: Vec<Option<&str>> = texts
+        .into_iter()
+        .map(|t| t.as_str().and_then(template_code))
+        .collect();
+    check(codes.windows(2).all(|w| w[0] == w[1]), || {
+        "the steps carry different codes".into()
+    })
 }
 
 /// Dispatch `failover` template: Messenger (with `failover` unless last), then SMS
@@ -532,7 +569,7 @@ fn check_dispatch(body: &Value, expect: &Expect) -> Result<(), String> {
             other => return Err(format!("{} {other:?}", at("from.type"))),
         }
     }
-    Ok(())
+    one_code(steps.iter().map(|step| &step["message"]["content"]["text"]))
 }
 
 /// A Dispatch `from` / `to`: exactly `type` = `kind` and `field`, which `ok` accepts.
@@ -586,6 +623,7 @@ fn check_message(body: &Value, expect: &Expect, top: bool) -> Result<(), String>
                 })?;
                 check(list[0]["channel"] == "sms", || "failover[0].channel".into())?;
                 check_message(&list[0], expect, false)?;
+                one_code([&body["text"], &list[0]["text"]])?;
             }
             Ok(())
         }
