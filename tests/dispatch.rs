@@ -15,7 +15,8 @@ const PHONE: &str = "393331234567";
 fn start(vonage: &VonageStandIn, section_extra: &str) -> Daemon {
     let (backend, delivery) = vonage.config("dispatch", section_extra);
     Daemon::start_with(
-        &format!("[otp]\nresend_cooldown_secs = 0\n{backend}"),
+        // Ten-digit codes: no timestamp or id in the log matches one by chance.
+        &format!("[otp]\nresend_cooldown_secs = 0\ncode_length = 10\n{backend}"),
         &delivery,
     )
 }
