@@ -188,6 +188,60 @@ fn overload_and_server_errors_are_retried_honouring_retry_after() {
 }
 
 #[test]
+fn a_retry_after_beyond_30_s_answers_503_at_once() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    vonage.script(&[Reply::TooMany {
+        retry_after_secs: 31,
+    }]);
+    let answer = create(&daemon, "t9", json!({"sms": PHONE}));
+    assert_eq!(answer["error"], "delivery_unavailable", "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("31 s"),
+        "{answer}"
+    );
+    assert_eq!(
+        vonage.requests().len(),
+        1,
+        "no retry the person would wait for"
+    );
+}
+
+#[test]
+fn a_failed_delivery_still_counts_toward_the_cooldown() {
+    let vonage = VonageStandIn::start();
+    let (backend, delivery) = vonage.config("dispatch", "");
+    // The default 30 s resend cooldown.
+    let daemon = Daemon::start_with(&format!("[otp]\ncode_length = 10\n{backend}"), &delivery);
+    vonage.script(&[Reply::Problem]);
+    assert_eq!(create(&daemon, "c1", json!({"sms": PHONE}))["status"], 502);
+    let again = create(&daemon, "c1", json!({"sms": PHONE}));
+    assert_eq!(
+        again["error"], "rate_limited",
+        "the provider may have sent it: {again}"
+    );
+    assert_eq!(vonage.requests().len(), 1);
+}
+
+#[test]
+fn a_messenger_id_without_messenger_from_answers_502() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "messenger_from = \"\"");
+    let answer = create(&daemon, "m1", json!({"messenger": PSID, "sms": PHONE}));
+    assert_eq!(answer["error"], "delivery_failed", "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("messenger_from"),
+        "{answer}"
+    );
+    assert!(vonage.requests().is_empty(), "nothing sent");
+    let sms_only = create(&daemon, "s1", json!({"sms": PHONE}));
+    assert_eq!(sms_only["status"], 201, "SMS still works: {sms_only}");
+}
+
+#[test]
 fn retries_exhausted_answer_503_and_nothing_stays_live() {
     let vonage = VonageStandIn::start();
     let daemon = start(&vonage, "");

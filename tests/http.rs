@@ -186,7 +186,7 @@ fn bad_input_answers_400_naming_the_field() {
 
 #[test]
 fn other_paths_404_and_other_methods_405() {
-    let daemon = start("");
+    let daemon = start("[otp]\nresend_cooldown_secs = 0\n");
     let http = daemon.http();
     for path in ["/nope", "/otp", "/otp/a/b/c", "/webhooks", "/metrics/x"] {
         let answer = http.get(path);
@@ -214,6 +214,16 @@ fn other_paths_404_and_other_methods_405() {
     // A trailing slash is ignored, as by the tutorial's router; a query too.
     assert_eq!(http.get("/?x=1").text(), "This is the OTP service");
     assert_eq!(http.post("/otp/slash/", TUTORIAL_BODY).status, 201);
+
+    // HEAD is not a GET without a body here: it must not verify a code.
+    let code = http_create(&daemon, "head");
+    let answer = http.send("HEAD", &format!("/otp/head/{code}"), &[], Payload::empty());
+    assert_eq!((answer.status, answer.header("allow")), (405, "GET"));
+    assert_eq!(
+        http.get(&format!("/otp/head/{code}")).status,
+        200,
+        "still unverified"
+    );
 }
 
 #[test]
