@@ -280,6 +280,33 @@ fn skipped<'a>(log: &'a str, token: &str) -> Option<&'a str> {
 }
 
 #[test]
+fn a_refused_failover_sms_is_recorded_and_the_code_stands() {
+    let vonage = stand_in();
+    let daemon = start(&vonage);
+    let messenger = create_both(&daemon, &vonage, "f1");
+    vonage.script(&[Reply::Echo(400)]);
+    wait_for("the failover to be refused", || {
+        events(&daemon, "f1")
+            .iter()
+            .any(|e| e["status"] == "failover_failed")
+    });
+    let recorded = events(&daemon, "f1");
+    let failed = recorded
+        .iter()
+        .find(|e| e["status"] == "failover_failed")
+        .unwrap();
+    assert_eq!(failed["channel"], "sms");
+    let detail = failed["detail"].as_str().unwrap();
+    assert!(detail.starts_with("400"), "{detail}");
+    let code = messenger.code();
+    assert!(
+        !detail.contains(&code) && !detail.contains(PHONE),
+        "{detail}"
+    );
+    assert_eq!(daemon.verify("f1", &code)["status"], 200, "the code stands");
+}
+
+#[test]
 fn a_restart_while_waiting_neither_loses_nor_repeats_the_sms() {
     let vonage = stand_in();
     let mut daemon = start(&vonage);
