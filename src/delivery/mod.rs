@@ -26,9 +26,9 @@ use crate::rules::Channel;
 use crate::secret::ServerSecret;
 use crate::store::Store;
 
-pub use self::dispatch::DispatchDelivery;
-pub use self::log::LogDelivery;
-pub use self::messages::MessagesDelivery;
+use self::dispatch::DispatchDelivery;
+use self::log::LogDelivery;
+use self::messages::MessagesDelivery;
 
 /// Where to send a code. At least one channel is set; with both, Messenger goes first
 /// and SMS is the failover.

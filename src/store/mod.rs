@@ -18,7 +18,7 @@ use crate::rules::{
     TokenRecord, VerifyOutcome,
 };
 
-pub use encoding::{decode, encode};
+use encoding::{decode, encode};
 
 /// Applies a change to an engine's live count (one per code leaving or entering
 /// pending), saturating: a count is never worth a panic.
