@@ -224,8 +224,55 @@ impl Otp {
         &self.counters
     }
 
-    /// Issues a code for the token and delivers it. Nothing stays live when the
-    /// delivery fails.
+    /// The validity a create asked for: at most the configured one.
+    fn checked_ttl(&self, asked: Option<u64>) -> Result<u64, OtpError> {
+        match asked {
+            None => Ok(self.config.ttl_secs),
+            Some(ttl) if (1..=self.config.ttl_secs).contains(&ttl) => Ok(ttl),
+            Some(_) => Err(bad(
+                "ttl_secs",
+                format!(
+                    "must be 1 to {} (the configured limit)",
+                    self.config.ttl_secs
+                ),
+            )),
+        }
+    }
+
+    /// The code length a create asked for: at least the configured one.
+    fn checked_code_length(&self, asked: Option<u32>) -> Result<u32, OtpError> {
+        let lengths = self.config.code_length..=*CODE_LENGTHS.end();
+        match asked {
+            None => Ok(self.config.code_length),
+            Some(len) if lengths.contains(&len) => Ok(len),
+            Some(_) => Err(bad(
+                "code_length",
+                format!(
+                    "must be {} to {} (shorter than configured is not allowed)",
+                    lengths.start(),
+                    lengths.end()
+                ),
+            )),
+        }
+    }
+
+    /// The answer to a create the store refused.
+    fn refused(&self, refusal: Refusal) -> OtpError {
+        match refusal {
+            Refusal::Locked { retry_after } => OtpError::TooManyAttempts {
+                retry_after_secs: secs_rounded_up(retry_after),
+            },
+            Refusal::RateLimited { retry_after } => {
+                bump(&self.counters.rate_limited);
+                OtpError::RateLimited {
+                    retry_after_secs: secs_rounded_up(retry_after),
+                }
+            }
+        }
+    }
+
+    /// Issues a code for the token and delivers it. When the delivery fails the new
+    /// code is dropped and any earlier one stands.
     pub async fn create(&self, request: CreateRequest) -> Result<Created, OtpError> {
         let CreateRequest {
             token,
@@ -237,35 +284,8 @@ impl Otp {
         if to.messenger.is_none() && to.sms.is_none() {
             return Err(bad("to", "needs a messenger id or an sms number (or both)"));
         }
-        let ttl_secs = match ttl_secs {
-            None => self.config.ttl_secs,
-            Some(ttl) if (1..=self.config.ttl_secs).contains(&ttl) => ttl,
-            Some(_) => {
-                return Err(bad(
-                    "ttl_secs",
-                    format!(
-                        "must be 1 to {} (the configured limit)",
-                        self.config.ttl_secs
-                    ),
-                ));
-            }
-        };
-        let code_length = match code_length {
-            None => self.config.code_length,
-            Some(len) if (self.config.code_length..=*CODE_LENGTHS.end()).contains(&len) => len,
-            Some(_) => {
-                return Err(bad(
-                    "code_length",
-                    format!(
-                        "must be {} to {} (shorter than configured is not allowed)",
-                        self.config.code_length,
-                        CODE_LENGTHS.end()
-                    ),
-                ));
-            }
-        };
-
-        let code = Code::generate(code_length);
+        let ttl_secs = self.checked_ttl(ttl_secs)?;
+        let code = Code::generate(self.checked_code_length(code_length)?);
         let digest = code.digest(&self.secret, &token);
         let now = now_ms();
         let expires_at = now + ttl_secs * 1000;
@@ -277,25 +297,12 @@ impl Otp {
             created_at: now,
             expires_at,
         };
-        let replaced = match self
+        let replaced = self
             .store
             .create(&new, now)
             .await
             .map_err(storage_failed("create", &token))?
-        {
-            Ok(replaced) => replaced,
-            Err(Refusal::Locked { retry_after }) => {
-                return Err(OtpError::TooManyAttempts {
-                    retry_after_secs: secs_rounded_up(retry_after),
-                });
-            }
-            Err(Refusal::RateLimited { retry_after }) => {
-                bump(&self.counters.rate_limited);
-                return Err(OtpError::RateLimited {
-                    retry_after_secs: secs_rounded_up(retry_after),
-                });
-            }
-        };
+            .map_err(|refusal| self.refused(refusal))?;
         self.janitor
             .due_by(expires_at.min(now + self.limits.send_window));
 
