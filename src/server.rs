@@ -92,16 +92,16 @@ impl Drop for Listener {
     }
 }
 
-/// Per-connection limits, from `[server]`.
+/// What each connection is held to, from `[server]`: who may connect, and its limits.
 #[derive(Debug, Clone)]
-struct ConnectionLimits {
+struct ConnectionPolicy {
     max_request_bytes: usize,
     idle_timeout: Duration,
     allowed_uids: Vec<u32>,
     allowed_gids: Vec<u32>,
 }
 
-impl ConnectionLimits {
+impl ConnectionPolicy {
     /// Whether the peer may use otpd: its uid, its primary gid or one of its
     /// supplementary groups is allowed (`adduser alice otpd-clients` gives alice the
     /// group as a supplementary one), or no allow-list is set.
@@ -208,7 +208,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let limits = Arc::new(ConnectionLimits {
+    let policy = Arc::new(ConnectionPolicy {
         max_request_bytes: config.max_request_bytes,
         idle_timeout: Duration::from_secs(config.idle_timeout_secs),
         allowed_uids: config.allowed_uids.clone(),
@@ -240,9 +240,9 @@ pub async fn serve(
             ));
             continue;
         };
-        let (otp, limits, shutdown) = (otp.clone(), limits.clone(), shutdown.clone());
+        let (otp, policy, shutdown) = (otp.clone(), policy.clone(), shutdown.clone());
         tracker.spawn(async move {
-            serve_connection(stream, &otp, &limits, shutdown).await;
+            serve_connection(stream, &otp, &policy, shutdown).await;
             drop(slot);
         });
     }
@@ -261,11 +261,11 @@ async fn refuse(mut stream: UnixStream, response: Response) {
 async fn serve_connection(
     stream: UnixStream,
     otp: &Otp,
-    limits: &ConnectionLimits,
+    policy: &ConnectionPolicy,
     shutdown: CancellationToken,
 ) {
     match stream.peer_cred() {
-        Ok(cred) if limits.allows(&stream, cred.uid(), cred.gid()) => {}
+        Ok(cred) if policy.allows(&stream, cred.uid(), cred.gid()) => {}
         Ok(cred) => {
             tracing::warn!(
                 uid = cred.uid(),
@@ -294,17 +294,17 @@ async fn serve_connection(
             // A request already read is always answered; shutdown only stops reading.
             _ = shutdown.cancelled() => break,
             read = tokio::time::timeout(
-                limits.idle_timeout,
-                read_line(&mut reader, &mut line, limits.max_request_bytes),
+                policy.idle_timeout,
+                read_line(&mut reader, &mut line, policy.max_request_bytes),
             ) => read,
         };
         let response = match read {
             Err(_) | Ok(Err(_)) | Ok(Ok(LineRead::Eof)) => break,
             Ok(Ok(LineRead::TooLong)) => {
-                let message = format!("request line exceeds {} bytes", limits.max_request_bytes);
+                let message = format!("request line exceeds {} bytes", policy.max_request_bytes);
                 let response = Response::error(None, 413, "request_too_large", message, None);
                 let write = write_line(&mut writer, &response, true);
-                let _ = give_up_on_slow_reader(write, limits.idle_timeout, &shutdown).await;
+                let _ = give_up_on_slow_reader(write, policy.idle_timeout, &shutdown).await;
                 break;
             }
             Ok(Ok(LineRead::Line)) => {
@@ -318,7 +318,7 @@ async fn serve_connection(
         // in the input (the start of one is not enough: its end may be long coming).
         let more_buffered = reader.buffer().contains(&b'\n');
         let write = write_line(&mut writer, &response, !more_buffered);
-        if give_up_on_slow_reader(write, limits.idle_timeout, &shutdown)
+        if give_up_on_slow_reader(write, policy.idle_timeout, &shutdown)
             .await
             .is_err()
         {
@@ -329,7 +329,7 @@ async fn serve_connection(
         writer.flush().await?;
         writer.shutdown().await
     };
-    let _ = give_up_on_slow_reader(close, limits.idle_timeout, &shutdown).await;
+    let _ = give_up_on_slow_reader(close, policy.idle_timeout, &shutdown).await;
 }
 
 /// Once shutdown has begun, how long a peer that does not read its answers is waited
