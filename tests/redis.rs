@@ -650,18 +650,61 @@ fn zadd_unreadable_failover(config: &otpd::config::RedisConfig, due_at: u64) {
     zadd.arg(format!("{}failovers", config.key_prefix))
         .arg(due_at)
         .arg(b"\xffnot a failover".as_slice());
+    behind_otpds_back(config, &zadd);
+}
+
+/// Runs `command` on the store's Redis (or cluster) directly.
+fn behind_otpds_back(config: &otpd::config::RedisConfig, command: &::redis::Cmd) {
     if config.cluster.is_empty() {
         let client = ::redis::Client::open(config.url.as_str()).unwrap();
-        zadd.query::<()>(&mut client.get_connection().unwrap())
+        command
+            .query::<()>(&mut client.get_connection().unwrap())
             .unwrap();
     } else {
         let client = ::redis::cluster::ClusterClient::new(config.cluster.clone()).unwrap();
-        zadd.query::<()>(&mut client.get_connection().unwrap())
+        command
+            .query::<()>(&mut client.get_connection().unwrap())
             .unwrap();
     }
 }
 
+/// A create lost with the master it was written to (a Sentinel failover during its
+/// delivery) is not confirmed; one a newer create replaced is.
+fn a_create_lost_before_its_confirm_is_not_acknowledged(engine: Engine) {
+    use otpd::rules::now_ms;
+    use otpd::store::Store;
+
+    let direct = DirectStore::new(engine);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = direct.connect().await;
+        let now = now_ms();
+        let first = new_code("gone", 1, "393331000011", now);
+        assert!(store.create(&first, now).await.unwrap().is_ok());
+        let second = new_code("gone", 2, "393331000012", now);
+        assert!(store.create(&second, now).await.unwrap().is_ok());
+        store
+            .confirm_delivery("gone", &first.digest, "uuid-first")
+            .await
+            .expect("replaced by a newer create: nothing to confirm, nothing wrong");
+
+        // The new master never had the token: as after a failover.
+        let prefix = &direct.config.store.redis.key_prefix;
+        let mut del = ::redis::cmd("DEL");
+        del.arg(format!("{prefix}{{gone}}:t")).arg(format!(
+            "{prefix}{{gone}}:c:{}",
+            otpd::hex(&second.digest.0)
+        ));
+        behind_otpds_back(&direct.config.store.redis, &del);
+        let lost = store
+            .confirm_delivery("gone", &second.digest, "uuid-second")
+            .await;
+        assert!(lost.is_err(), "a lost create was acknowledged: {lost:?}");
+    });
+}
+
 per_engine!([redis, redis_cluster] {
+    a_create_lost_before_its_confirm_is_not_acknowledged,
     failovers_are_taken_once_across_hosts,
     delivery_records_and_discard_through_the_store,
     create_on_one_host_verify_on_another,

@@ -14,7 +14,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -29,52 +29,74 @@ use redis::{
 use crate::config::RedisConfig;
 use crate::store::StoreError;
 
-/// One multiplexed connection of the pool.
+/// A connection of the pool, for one store operation.
 #[derive(Clone)]
 pub enum Connection {
-    Server(Arc<Reconnecting>),
+    Server(Pinned),
     Cluster(ClusterConnection),
+}
+
+/// The pool: `Reconnecting` connections to a server or the Sentinels' master, or
+/// cluster connections.
+pub enum Pool {
+    Servers(Vec<Arc<Reconnecting>>),
+    Cluster(Vec<ClusterConnection>),
+}
+
+impl Pool {
+    /// The `i`th connection (modulo the pool's size), for one store operation.
+    pub fn connection(&self, i: usize) -> Connection {
+        match self {
+            Pool::Servers(servers) => Connection::Server(Pinned {
+                pool: servers[i % servers.len()].clone(),
+                pinned: None,
+            }),
+            Pool::Cluster(nodes) => Connection::Cluster(nodes[i % nodes.len()].clone()),
+        }
+    }
 }
 
 /// The pool `config` asks for: `pool_size` connections to one server or a cluster, or
 /// one to the Sentinels' master (it is multiplexed, and a failover is followed once).
-pub async fn open_pool(config: &RedisConfig) -> Result<Vec<Connection>, OpenError> {
+pub async fn open_pool(config: &RedisConfig) -> Result<Pool, OpenError> {
     let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
     let response_timeout = Duration::from_millis(config.response_timeout_ms);
     let connection_config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(connect_timeout))
         .set_response_timeout(Some(response_timeout));
-    let mut pool = Vec::with_capacity(config.pool_size);
     let losses = Arc::new(AtomicU64::new(0));
     if !config.sentinels.is_empty() {
         let target = Target::Sentinels(sentinel_client(config)?);
         let connection = Reconnecting::open(target, connection_config, losses).await?;
-        pool.push(Connection::Server(Arc::new(connection)));
-    } else if config.cluster.is_empty() {
+        return Ok(Pool::Servers(vec![Arc::new(connection)]));
+    }
+    if config.cluster.is_empty() {
         let client = match tls_roots(config)? {
             Some(roots) => redis::Client::build_with_tls(config.url.as_str(), roots),
             None => redis::Client::open(config.url.as_str()),
         }?;
+        let mut servers = Vec::with_capacity(config.pool_size);
         for _ in 0..config.pool_size {
             let target = Target::Server(client.clone());
             let config = connection_config.clone();
             let connection = Reconnecting::open(target, config, losses.clone()).await?;
-            pool.push(Connection::Server(Arc::new(connection)));
+            servers.push(Arc::new(connection));
         }
-    } else {
-        let mut builder = ClusterClient::builder(config.cluster.clone())
-            .connection_timeout(connect_timeout)
-            .response_timeout(response_timeout)
-            .retries(1);
-        if let Some(roots) = tls_roots(config)? {
-            builder = builder.certs(roots);
-        }
-        let client = builder.build()?;
-        for _ in 0..config.pool_size {
-            pool.push(Connection::Cluster(client.get_async_connection().await?));
-        }
+        return Ok(Pool::Servers(servers));
     }
-    Ok(pool)
+    let mut builder = ClusterClient::builder(config.cluster.clone())
+        .connection_timeout(connect_timeout)
+        .response_timeout(response_timeout)
+        .retries(1);
+    if let Some(roots) = tls_roots(config)? {
+        builder = builder.certs(roots);
+    }
+    let client = builder.build()?;
+    let mut nodes = Vec::with_capacity(config.pool_size);
+    for _ in 0..config.pool_size {
+        nodes.push(client.get_async_connection().await?);
+    }
+    Ok(Pool::Cluster(nodes))
 }
 
 /// Why the pool could not be opened: a setting, or Redis itself.
@@ -145,8 +167,9 @@ pub struct Reconnecting {
     current: RwLock<Current>,
     /// Connections the pool lost so far, shared by all its connections.
     losses: Arc<AtomicU64>,
-    /// The target is the Sentinels' master, which a failover moves.
-    follows_sentinels: bool,
+    /// Connect attempts ended so far, and the error of the last one if it failed.
+    attempts: AtomicU64,
+    last_failure: Mutex<Option<RedisError>>,
 }
 
 /// The live connection, if any, and how many losses the pool had counted when it was
@@ -165,11 +188,12 @@ impl Reconnecting {
         losses: Arc<AtomicU64>,
     ) -> RedisResult<Self> {
         let connection = Self {
-            follows_sentinels: matches!(target, Target::Sentinels(_)),
             target: tokio::sync::Mutex::new(target),
             config,
             current: RwLock::default(),
             losses,
+            attempts: AtomicU64::new(0),
+            last_failure: Mutex::default(),
         };
         connection.connection().await?;
         Ok(connection)
@@ -192,27 +216,39 @@ impl Reconnecting {
         if let Some(live) = self.live() {
             return Ok(live);
         }
+        let attempts_before = self.attempts.load(Ordering::Acquire);
         let mut target = self.target.lock().await;
         if let Some(live) = self.live() {
             return Ok(live); // made while this request waited for the lock
         }
+        // An attempt failed while this request waited: share its error rather than
+        // make another, so that a server that does not answer costs each request one
+        // connect timeout at most, not one per request queued ahead of it.
+        if self.attempts.load(Ordering::Acquire) != attempts_before
+            && let Some(error) = self.last_failure().clone()
+        {
+            return Err(error);
+        }
         let losses = self.losses.load(Ordering::Acquire);
-        let connection = match &mut *target {
+        let connected = match &mut *target {
             Target::Server(client) => {
                 client
                     .get_multiplexed_async_connection_with_config(&self.config)
-                    .await?
+                    .await
             }
             Target::Sentinels(sentinels) => {
                 let master = sentinels
                     .get_async_connection_with_config(&self.config)
-                    .await?;
-                if losses > 0 {
+                    .await;
+                if master.is_ok() && losses > 0 {
                     tracing::info!("reconnected to the master the Redis Sentinels name");
                 }
                 master
             }
         };
+        *self.last_failure() = connected.as_ref().err().cloned();
+        self.attempts.fetch_add(1, Ordering::Release);
+        let connection = connected?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Current {
             connection: Some(connection.clone()),
             losses,
@@ -220,31 +256,48 @@ impl Reconnecting {
         Ok((losses, connection))
     }
 
-    /// Runs `request`. After an error that may have broken the connection, counts it
-    /// lost (once, however many requests met it), so that every connection of the pool
-    /// is made again; when the Sentinels' master may have moved, runs `request` once
-    /// more on the master they name now.
-    async fn run<T, F, R>(&self, request: F) -> RedisResult<T>
+    fn last_failure(&self) -> std::sync::MutexGuard<'_, Option<RedisError>> {
+        self.last_failure.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts the connection made at `losses` lost (once, however many requests met
+    /// it), so that every connection of the pool is made again.
+    fn lost(&self, losses: u64) {
+        let _ =
+            self.losses
+                .compare_exchange(losses, losses + 1, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+/// One store operation's hold on a [`Reconnecting`] connection: its first command
+/// pins the connection it runs on, and every later one uses that one. A `WAIT` counts
+/// only its own connection's writes, and after a Sentinel failover the rest of an
+/// operation begun on the old master must not go to the new one: a pinned connection
+/// that breaks fails the rest of the operation (500) instead of moving.
+#[derive(Clone)]
+pub struct Pinned {
+    pool: Arc<Reconnecting>,
+    pinned: Option<(u64, MultiplexedConnection)>,
+}
+
+impl Pinned {
+    /// Runs `request` on the pinned connection (pinning one first if need be).
+    async fn run<T, F, R>(&mut self, request: F) -> RedisResult<T>
     where
-        F: Fn(MultiplexedConnection) -> R,
+        F: FnOnce(MultiplexedConnection) -> R,
         R: Future<Output = RedisResult<T>>,
     {
-        let (losses, connection) = self.connection().await?;
-        match request(connection).await {
-            Err(e) if connection_lost(&e) => {
-                let _ = self.losses.compare_exchange(
-                    losses,
-                    losses + 1,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
-                if !self.follows_sentinels {
-                    return Err(e);
-                }
-                request(self.connection().await?.1).await
-            }
-            result => result,
+        let (losses, connection) = match &self.pinned {
+            Some(pinned) => pinned.clone(),
+            None => self.pinned.insert(self.pool.connection().await?).clone(),
+        };
+        let result = request(connection).await;
+        if let Err(e) = &result
+            && connection_lost(e)
+        {
+            self.pool.lost(losses);
         }
+        result
     }
 }
 
@@ -288,10 +341,9 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Cluster(c) => c.get_db(),
             Connection::Server(c) => c
-                .current()
-                .connection
+                .pinned
                 .as_ref()
-                .map_or(0, ConnectionLike::get_db),
+                .map_or(0, |(_, connection)| connection.get_db()),
         }
     }
 }

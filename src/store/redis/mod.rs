@@ -43,7 +43,7 @@ use crate::secret::ServerSecret;
 
 mod connection;
 
-use connection::{Connection, OpenError};
+use connection::{Connection, OpenError, Pool};
 
 /// Writes a planned change only if every checked key still holds the value it was
 /// planned from. Per key, three arguments: the expected value (`''` absent, `'*'` not
@@ -186,7 +186,7 @@ impl Commit {
 
 /// The Redis storage engine.
 pub struct RedisStore {
-    connections: Vec<Connection>,
+    connections: Pool,
     next: AtomicUsize,
     keys: Keys,
     limits: Limits,
@@ -324,8 +324,8 @@ impl RedisStore {
 
     /// The next connection of the pool (round robin; each is multiplexed).
     fn conn(&self) -> Connection {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
-        self.connections[i].clone()
+        self.connections
+            .connection(self.next.fetch_add(1, Ordering::Relaxed))
     }
 
     async fn get(&self, conn: &mut Connection, key: &str) -> Result<Read, StoreError> {
@@ -401,6 +401,25 @@ impl RedisStore {
             )));
         }
         Ok(())
+    }
+
+    /// A created code is gone before its confirm: fine if a newer create replaced it
+    /// (the token names another code); else it was lost with the master it was written
+    /// to (a Sentinel failover during the delivery), and the create must not be
+    /// acknowledged.
+    async fn confirm_gone(
+        &self,
+        conn: &mut Connection,
+        token: &str,
+        digest: &Digest,
+    ) -> Result<(), StoreError> {
+        let read = self.get(conn, &self.keys.token(token)).await?;
+        match decode_read::<TokenRecord>(&read)? {
+            Some(record) if record.live.is_some_and(|live| live != *digest) => Ok(()),
+            _ => Err(StoreError::Database(
+                "the new code is no longer in Redis (lost in a failover?)".into(),
+            )),
+        }
     }
 
     /// Runs a commit; false when a key changed since it was read.
@@ -670,7 +689,7 @@ impl Store for RedisStore {
         for _ in 0..MAX_ROUNDS {
             let read = self.get(&mut conn, &code_key).await?;
             let Some(mut code) = decode_read::<CodeRecord>(&read)? else {
-                return Ok(()); // replaced meanwhile: nothing of this create is left
+                return self.confirm_gone(&mut conn, token, digest).await;
             };
             code.delivery.reference = Some(reference.to_owned());
             let expire_at = self.code_expire_at(&code);
