@@ -4,6 +4,7 @@
 //! the rules and limits are the same whichever way a request arrives.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::code::Code;
 use crate::config::{CODE_LENGTHS, OtpConfig};
@@ -87,10 +88,25 @@ fn bad(field: &'static str, reason: impl Into<String>) -> OtpError {
 }
 
 /// Logs a storage failure with the operation and the token (or delivery id) it met,
-/// and makes it the 500 the client gets (which says nothing of it).
+/// and makes it the 500 the client gets (which says nothing of it). In an outage every
+/// request fails alike: one line a second says so, with how many it stands for.
 fn storage_failed<'a>(op: &'static str, key: &'a str) -> impl FnOnce(StoreError) -> OtpError + 'a {
+    static LAST_LOGGED_SEC: AtomicU64 = AtomicU64::new(0);
+    static HELD_BACK: AtomicU64 = AtomicU64::new(0);
     move |error| {
-        tracing::error!(op, key, %error, "storage failed; answered 500");
+        let sec = now_ms() / 1000;
+        if LAST_LOGGED_SEC.swap(sec, Ordering::Relaxed) != sec {
+            let held_back = HELD_BACK.swap(0, Ordering::Relaxed);
+            tracing::error!(
+                op,
+                key,
+                %error,
+                held_back,
+                "storage failed; answered 500 (held_back: failures since the last such line)"
+            );
+        } else {
+            HELD_BACK.fetch_add(1, Ordering::Relaxed);
+        }
         OtpError::Storage(error)
     }
 }
