@@ -11,6 +11,10 @@
 //! request can still fail after an outage: the first to use a connection Redis closed
 //! while nothing was sent on it (redis-rs cannot tell that from a request lost in
 //! flight, so it is not retried).
+//!
+//! A store operation holds one [`Pinned`] handle: all its commands go to one
+//! connection, so a `WAIT` counts the writes it follows, and an operation a Sentinel
+//! failover interrupts fails (500) instead of finishing on the new master.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,7 +61,7 @@ impl Pool {
 }
 
 /// The pool `config` asks for: `pool_size` connections to one server or a cluster, or
-/// one to the Sentinels' master (it is multiplexed, and a failover is followed once).
+/// one to the Sentinels' master (it is multiplexed, and asked for again after a loss).
 pub async fn open_pool(config: &RedisConfig) -> Result<Pool, OpenError> {
     let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
     let response_timeout = Duration::from_millis(config.response_timeout_ms);
