@@ -29,6 +29,9 @@ pub struct Counters {
     pub delivery_refused: AtomicU64,
     /// Messages given up on after retries (429, 5xx, connection errors, timeouts).
     pub delivery_unavailable: AtomicU64,
+    /// Requests answered 500 because the store failed (exact, where the log only
+    /// samples them).
+    pub storage_failed: AtomicU64,
     /// Time to answer a request on the Unix socket.
     pub socket_latency: Histogram,
     /// Time to answer a request on the HTTP listener.
@@ -52,6 +55,7 @@ impl Default for Counters {
             delivery_sent: AtomicU64::new(0),
             delivery_refused: AtomicU64::new(0),
             delivery_unavailable: AtomicU64::new(0),
+            storage_failed: AtomicU64::new(0),
             socket_latency: Histogram::default(),
             http_latency: Histogram::default(),
         }
@@ -132,6 +136,7 @@ pub struct Stats {
     pub delivery_sent: u64,
     pub delivery_refused: u64,
     pub delivery_unavailable: u64,
+    pub storage_failed: u64,
     pub uptime_secs: u64,
 }
 
@@ -154,6 +159,7 @@ impl Counters {
             delivery_sent: read(&self.delivery_sent),
             delivery_refused: read(&self.delivery_refused),
             delivery_unavailable: read(&self.delivery_unavailable),
+            storage_failed: read(&self.storage_failed),
             uptime_secs: self.started.elapsed().as_secs(),
         }
     }

@@ -87,30 +87,6 @@ fn bad(field: &'static str, reason: impl Into<String>) -> OtpError {
     }
 }
 
-/// Logs a storage failure with the operation and the token (or delivery id) it met,
-/// and makes it the 500 the client gets (which says nothing of it). In an outage every
-/// request fails alike: one line a second says so, with how many it stands for.
-fn storage_failed<'a>(op: &'static str, key: &'a str) -> impl FnOnce(StoreError) -> OtpError + 'a {
-    static LAST_LOGGED_SEC: AtomicU64 = AtomicU64::new(0);
-    static HELD_BACK: AtomicU64 = AtomicU64::new(0);
-    move |error| {
-        let sec = now_ms() / 1000;
-        if LAST_LOGGED_SEC.swap(sec, Ordering::Relaxed) != sec {
-            let held_back = HELD_BACK.swap(0, Ordering::Relaxed);
-            tracing::error!(
-                op,
-                key,
-                %error,
-                held_back,
-                "storage failed; answered 500 (held_back: failures since the last such line)"
-            );
-        } else {
-            HELD_BACK.fetch_add(1, Ordering::Relaxed);
-        }
-        OtpError::Storage(error)
-    }
-}
-
 fn secs_rounded_up(ms: Millis) -> u64 {
     ms.div_ceil(1000).max(1)
 }
@@ -233,11 +209,41 @@ impl Otp {
         self.store
             .record_delivery_event(reference, event)
             .await
-            .map_err(storage_failed("record_delivery_event", reference))
+            .map_err(self.storage_failed("record_delivery_event", reference))
     }
 
     pub fn counters(&self) -> &Arc<Counters> {
         &self.counters
+    }
+
+    /// Counts a storage failure and logs it with the operation and the token (or
+    /// delivery id) it met, and makes it the 500 the client gets (which says nothing
+    /// of it). In an outage every request fails alike: one line a second says so, with
+    /// how many it stands for; `stats` has the exact count.
+    fn storage_failed<'a>(
+        &'a self,
+        op: &'static str,
+        key: &'a str,
+    ) -> impl FnOnce(StoreError) -> OtpError + 'a {
+        static LAST_LOGGED_SEC: AtomicU64 = AtomicU64::new(0);
+        static HELD_BACK: AtomicU64 = AtomicU64::new(0);
+        move |error| {
+            bump(&self.counters.storage_failed);
+            let sec = now_ms() / 1000;
+            if LAST_LOGGED_SEC.swap(sec, Ordering::Relaxed) != sec {
+                let held_back = HELD_BACK.swap(0, Ordering::Relaxed);
+                tracing::error!(
+                    op,
+                    key,
+                    %error,
+                    held_back,
+                    "storage failed; answered 500 (held_back: failures since the last such line)"
+                );
+            } else {
+                HELD_BACK.fetch_add(1, Ordering::Relaxed);
+            }
+            OtpError::Storage(error)
+        }
     }
 
     /// The validity a create asked for: at most the configured one.
@@ -317,7 +323,7 @@ impl Otp {
             .store
             .create(&new, now)
             .await
-            .map_err(storage_failed("create", &token))?
+            .map_err(self.storage_failed("create", &token))?
             .map_err(|refusal| self.refused(refusal))?;
         self.janitor
             .due_by(expires_at.min(now + self.limits.send_window));
@@ -334,7 +340,7 @@ impl Otp {
                 self.store
                     .confirm_delivery(&token, &digest, &receipt.reference)
                     .await
-                    .map_err(storage_failed("create", &token))?;
+                    .map_err(self.storage_failed("create", &token))?;
             }
             Err(error) => {
                 bump(&self.counters.delivery_failed);
@@ -371,7 +377,7 @@ impl Otp {
             .store
             .verify(token, &digest, now_ms())
             .await
-            .map_err(storage_failed("verify", token))?;
+            .map_err(self.storage_failed("verify", token))?;
         match outcome {
             VerifyOutcome::Valid => {
                 bump(&self.counters.verified);
@@ -404,7 +410,7 @@ impl Otp {
             .store
             .cancel(token, now_ms())
             .await
-            .map_err(storage_failed("cancel", token))?;
+            .map_err(self.storage_failed("cancel", token))?;
         if cancelled {
             bump(&self.counters.cancelled);
             Ok(())
@@ -423,7 +429,7 @@ impl Otp {
             .store
             .status(token)
             .await
-            .map_err(storage_failed("status", token))?
+            .map_err(self.storage_failed("status", token))?
             .ok_or(OtpError::NotFound)?;
         let now = now_ms();
         // As the next write would record it: an ended lock, and its count, are gone.

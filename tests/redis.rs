@@ -139,6 +139,9 @@ fn acknowledged_changes_wait_for_a_replica() {
         log.contains("0 of the 1 replicas store.redis.min_replicas asks for confirmed the change within 1500 ms"),
         "{log}"
     );
+    // Refused before it was sent: no code the person would get and a failover lose.
+    let sent = std::fs::read_to_string(&daemon.log_file).unwrap();
+    assert!(!sent.contains(r#""token":"alone""#), "{sent}");
 }
 
 /// The Redis engine opened directly, as a daemon on `engine` would open it, for the
@@ -319,6 +322,7 @@ fn a_redis_crash_fails_requests_until_it_is_back_and_loses_nothing() {
         log.contains(r#"op="verify" key="crash""#),
         "the failure is logged with what it met: {log}"
     );
+    assert_eq!(daemon.stats()["storage_failed"], 1);
     assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
     redis.spawn();
     // Every pooled connection (4) is made again: none hands a request the outage's error.

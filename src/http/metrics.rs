@@ -71,13 +71,15 @@ pub fn render(otp: &Otp, webhooks: &Webhooks) -> Answer {
     out.counters_by(
         "otpd_failures_total",
         "Refused requests by reason: wrong code or unknown token, token locked after \
-         too many wrong codes, rate limit, delivery refused or unavailable.",
+         too many wrong codes, rate limit, delivery refused or unavailable, store \
+         failure (500).",
         "reason",
         [
             ("wrong_code", stats.failed),
             ("locked", stats.locked),
             ("rate_limited", stats.rate_limited),
             ("delivery_failed", stats.delivery_failed),
+            ("storage_failed", stats.storage_failed),
         ],
     );
     out.counters_by(

@@ -617,6 +617,9 @@ impl Store for RedisStore {
                 if expired_unseen && removed > 0 {
                     self.expired_unreported.fetch_add(1, Ordering::Relaxed);
                 }
+                // On a replica before it is sent: a code a failover then loses would
+                // reach the person and never verify.
+                self.replicated(&mut conn).await?;
                 return Ok(Ok(replaced));
             }
             for key in &recipient_keys {
