@@ -694,6 +694,28 @@ fn shutdown_closes_kept_alive_connections_and_exits_cleanly() {
 }
 
 #[test]
+fn shutdown_answers_the_http_request_in_hand() {
+    let vonage = common::vonage::VonageStandIn::start();
+    let (backend, delivery) = vonage.config("dispatch", "");
+    let mut daemon = Daemon::start_with(
+        &http_config(&format!("[otp]\ncode_length = 10\n{backend}")),
+        &delivery,
+    );
+    let client = daemon.http();
+    vonage.hold();
+    let in_hand = std::thread::spawn(move || client.post("/otp/in-hand", TUTORIAL_BODY));
+    common::wait_for("the create to reach Vonage", || {
+        !vonage.unanswered().is_empty()
+    });
+    nix::sys::signal::kill(daemon.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    vonage.release();
+    let answer = in_hand.join().unwrap();
+    assert_eq!((answer.status, answer.text()), (201, "Created"));
+    assert!(daemon.wait_exit().success(), "{}", daemon.stderr());
+    assert_eq!(vonage.requests().len(), 1);
+}
+
+#[test]
 fn http_is_off_by_default_and_a_taken_port_stops_start_up() {
     let daemon = start("");
     let plain = Daemon::start("");
