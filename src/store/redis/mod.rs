@@ -153,6 +153,16 @@ impl Keys {
     }
 }
 
+/// What [`RedisStore::change_code`] did.
+enum CodeChange {
+    /// There is no such code (any more).
+    Gone,
+    /// The change changed nothing: nothing written.
+    Unchanged,
+    /// Written, with the key's expiry.
+    Written { expire_at: Millis },
+}
+
 /// One optimistic commit for [`COMMIT`]: keys checked against what was read, and writes.
 #[derive(Default)]
 struct Commit {
@@ -422,6 +432,35 @@ impl RedisStore {
         }
     }
 
+    /// Applies `change` to the code at `code_key` (read, changed, committed, and read
+    /// again if another request changed it meanwhile); `change` says whether it
+    /// changed anything to write.
+    async fn change_code(
+        &self,
+        conn: &mut Connection,
+        code_key: &str,
+        mut change: impl FnMut(&mut CodeRecord) -> bool,
+    ) -> Result<CodeChange, StoreError> {
+        for _ in 0..MAX_ROUNDS {
+            let read = self.get(conn, code_key).await?;
+            let Some(mut code) = decode_read::<CodeRecord>(&read)? else {
+                return Ok(CodeChange::Gone);
+            };
+            if !change(&mut code) {
+                return Ok(CodeChange::Unchanged);
+            }
+            let expire_at = self.code_expire_at(&code);
+            let mut commit = Commit::default();
+            commit
+                .expect(code_key, &read)
+                .set(code_key, &encode(&code), expire_at);
+            if self.apply(conn, &commit).await? {
+                return Ok(CodeChange::Written { expire_at });
+            }
+        }
+        Err(contention())
+    }
+
     /// Runs a commit; false when a key changed since it was read.
     async fn apply(&self, conn: &mut Connection, commit: &Commit) -> Result<bool, StoreError> {
         let mut invocation = COMMIT_SCRIPT.prepare_invoke();
@@ -689,24 +728,21 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let code_key = self.keys.code(token, digest);
-        for _ in 0..MAX_ROUNDS {
-            let read = self.get(&mut conn, &code_key).await?;
-            let Some(mut code) = decode_read::<CodeRecord>(&read)? else {
-                return self.confirm_gone(&mut conn, token, digest).await;
-            };
-            code.delivery.reference = Some(reference.to_owned());
-            let expire_at = self.code_expire_at(&code);
-            let mut commit = Commit::default();
-            commit
-                .expect(&code_key, &read)
-                .set(&code_key, &encode(&code), expire_at);
-            if self.apply(&mut conn, &commit).await? {
+        let change = self
+            .change_code(&mut conn, &code_key, |code| {
+                code.delivery.reference = Some(reference.to_owned());
+                true
+            })
+            .await?;
+        match change {
+            CodeChange::Gone => self.confirm_gone(&mut conn, token, digest).await,
+            CodeChange::Unchanged => Ok(()),
+            CodeChange::Written { expire_at } => {
                 self.file_reference(&mut conn, reference, &code_key, expire_at)
                     .await?;
-                return self.replicated(&mut conn).await;
+                self.replicated(&mut conn).await
             }
         }
-        Err(contention())
     }
 
     async fn record_delivery_event(
@@ -718,29 +754,23 @@ impl Store for RedisStore {
         let Some(code_key) = self.code_key_of(&mut conn, reference).await? else {
             return Ok(Filed::UnknownReference);
         };
-        for _ in 0..MAX_ROUNDS {
-            let read = self.get(&mut conn, &code_key).await?;
-            let Some(mut code) = decode_read::<CodeRecord>(&read)? else {
-                return Ok(Filed::UnknownReference);
-            };
-            if !code.delivery.push(event.clone()) {
-                return Ok(Filed::AlreadyRecorded);
-            }
-            let expire_at = self.code_expire_at(&code);
-            let mut commit = Commit::default();
-            commit
-                .expect(&code_key, &read)
-                .set(&code_key, &encode(&code), expire_at);
-            if self.apply(&mut conn, &commit).await? {
+        let change = self
+            .change_code(&mut conn, &code_key, |code| {
+                code.delivery.push(event.clone())
+            })
+            .await?;
+        match change {
+            CodeChange::Gone => Ok(Filed::UnknownReference),
+            CodeChange::Unchanged => Ok(Filed::AlreadyRecorded),
+            CodeChange::Written { expire_at } => {
                 if let Some(new_reference) = event.new_reference() {
                     self.file_reference(&mut conn, new_reference, &code_key, expire_at)
                         .await?;
                 }
                 self.replicated(&mut conn).await?;
-                return Ok(Filed::Recorded);
+                Ok(Filed::Recorded)
             }
         }
-        Err(contention())
     }
 
     async fn verify(
