@@ -230,17 +230,24 @@ fn ready_once_answering_and_stopping_on_sigterm() {
     );
 }
 
-#[test]
-fn watchdog_pings_at_half_the_interval() {
-    const WATCHDOG: Duration = Duration::from_secs(1);
-    let mut daemon = Daemon::prepare("", "", "");
+/// Starts `daemon` with a watchdog of `interval` (`WATCHDOG_USEC`) and a notify
+/// socket; returns the socket once the daemon said `READY=1`.
+fn launch_with_watchdog(daemon: &mut Daemon, interval: Duration) -> NotifySocket {
     let (mut notify, path) = NotifySocket::bind(daemon.dir.path());
     let mut serve = daemon.serve_command();
     serve
         .env("NOTIFY_SOCKET", &path)
-        .env("WATCHDOG_USEC", WATCHDOG.as_micros().to_string());
+        .env("WATCHDOG_USEC", interval.as_micros().to_string());
     daemon.launch(serve);
     notify.wait_for("READY=1");
+    notify
+}
+
+#[test]
+fn watchdog_pings_at_half_the_interval() {
+    const WATCHDOG: Duration = Duration::from_secs(1);
+    let mut daemon = Daemon::prepare("", "", "");
+    let mut notify = launch_with_watchdog(&mut daemon, WATCHDOG);
 
     // Every half WATCHDOG_USEC, so about 8 in 4 s: well inside the limit, and no flood.
     let pings = notify.count_for("WATCHDOG=1", WATCHDOG * 4);
@@ -262,13 +269,7 @@ fn the_watchdog_keeps_otpd_running_through_a_redis_outage() {
         redis.url()
     );
     let mut daemon = Daemon::prepare(&store, "", "");
-    let (mut notify, path) = NotifySocket::bind(daemon.dir.path());
-    let mut serve = daemon.serve_command();
-    serve
-        .env("NOTIFY_SOCKET", &path)
-        .env("WATCHDOG_USEC", WATCHDOG.as_micros().to_string());
-    daemon.launch(serve);
-    notify.wait_for("READY=1");
+    let mut notify = launch_with_watchdog(&mut daemon, WATCHDOG);
     notify.wait_for("WATCHDOG=1");
 
     // Redis down: a restart would not bring it back (and would fail to start), so the
