@@ -83,13 +83,12 @@ impl ApiClient {
     }
 
     /// POSTs `body` as JSON; answers the provider's JSON on 2xx.
-    pub async fn post_json(&self, url: &Uri, body: &Value) -> Result<Value, DeliveryError> {
-        let sent = SentNumbers::of(body);
-        let body = Bytes::from(serde_json::to_vec(body).expect("JSON values serialize"));
+    pub async fn post_json(&self, url: &Uri, sent: &Value) -> Result<Value, DeliveryError> {
+        let body = Bytes::from(serde_json::to_vec(sent).expect("JSON values serialize"));
         let mut attempt = 0;
         let outcome = loop {
             bump(&self.counters.delivery_attempts);
-            let (reason, retry_after) = match self.attempt(url, body.clone(), &sent).await {
+            let (reason, retry_after) = match self.attempt(url, body.clone(), sent).await {
                 Attempt::Accepted(answer) => break Ok(answer),
                 Attempt::Refused(message) => break Err(DeliveryError::Refused(message)),
                 Attempt::Retry {
@@ -122,8 +121,9 @@ impl ApiClient {
         outcome
     }
 
-    /// One request, bounded by the timeout from connect to the last body byte.
-    async fn attempt(&self, url: &Uri, body: Bytes, sent: &SentNumbers) -> Attempt {
+    /// One request (`body` is `sent`, serialized), bounded by the timeout from connect
+    /// to the last body byte.
+    async fn attempt(&self, url: &Uri, body: Bytes, sent: &Value) -> Attempt {
         let token = match self.signer.token() {
             Ok(token) => token,
             Err(e) => return Attempt::Refused(format!("cannot sign the Vonage JWT: {e}")),
@@ -166,7 +166,8 @@ impl ApiClient {
                 Err(e) => Attempt::Refused(format!("{status} with an unreadable body: {e}")),
             };
         }
-        let problem = sent.withhold(describe_problem(status, &bytes));
+        // Only an answer that is no success pays for finding what to withhold.
+        let problem = SentNumbers::of(sent).withhold(describe_problem(status, &bytes));
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             return Attempt::Retry {
                 reason: problem,
