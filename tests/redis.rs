@@ -338,6 +338,30 @@ fn a_redis_crash_fails_requests_until_it_is_back_and_loses_nothing() {
 }
 
 #[test]
+fn connections_redis_closed_while_idle_cost_no_request() {
+    let redis = OwnedRedis::start();
+    // Redis closes a client idle for more than a second.
+    redis.cli(&["CONFIG", "SET", "timeout", "1"]);
+    let store = redis_store(&format!("url = \"{}\"\n", redis.url()));
+    let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
+    daemon.spawn();
+    let code = daemon.create_code("idle", "393331234567");
+    // Only redis-cli itself (this CLIENT LIST) is left once otpd's pool is closed.
+    wait_for("Redis to close otpd's idle connections", || {
+        redis.cli(&["CLIENT", "LIST"]).lines().count() == 1
+    });
+    for _ in 0..8 {
+        let answer = daemon.call(json!({"op": "status", "token": "idle"}));
+        assert_eq!(
+            answer["status"], 200,
+            "on a connection Redis closed: {answer}"
+        );
+    }
+    assert_eq!(daemon.verify("idle", &code)["status"], 200);
+    assert_eq!(daemon.stats()["storage_failed"], 0);
+}
+
+#[test]
 fn a_refused_login_is_tried_again_until_redis_takes_it() {
     let redis = OwnedRedis::start();
     redis.cli(&["ACL", "SETUSER", "otpd", "on", ">otpd-pw", "~*", "+@all"]);

@@ -7,10 +7,12 @@
 //! request after an outage meets the server as it is now, and a failed login is tried
 //! again rather than kept. redis-rs's `ConnectionManager` did neither: a refused login
 //! lasted until otpd restarted, and each pooled connection failed one more request,
-//! with the outage's error, whenever it was next used after Redis was back. One
-//! request can still fail after an outage: the first to use a connection Redis closed
-//! while nothing was sent on it (redis-rs cannot tell that from a request lost in
-//! flight, so it is not retried).
+//! with the outage's error, whenever it was next used after Redis was back.
+//!
+//! A connection idle for [`IDLE_CHECK`] is asked with a `PING` before its next use:
+//! Redis (its `timeout`), a restart or a firewall may have closed it meanwhile, and a
+//! command that then fails cannot be told from one lost in flight, so it could not be
+//! retried. A `PING` can: if it meets a closed connection, a new one is made.
 //!
 //! A store operation holds one [`Pinned`] handle: all its commands go to one
 //! connection, so a `WAIT` counts the writes it follows, and an operation a Sentinel
@@ -19,7 +21,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
@@ -32,6 +34,11 @@ use redis::{
 
 use crate::config::RedisConfig;
 use crate::store::StoreError;
+
+/// How long a connection may stay unused before a `PING` checks it (see the module
+/// doc). Redis closes clients idle for more than its `timeout`, whole seconds, so one
+/// used within the last second is open.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// A connection of the pool, for one store operation.
 #[derive(Clone)]
@@ -174,6 +181,9 @@ pub struct Reconnecting {
     /// Connect attempts ended so far, and the error of the last one if it failed.
     attempts: AtomicU64,
     last_failure: Mutex<Option<RedisError>>,
+    /// When a request last took the connection, in milliseconds since `opened`.
+    last_used_ms: AtomicU64,
+    opened: Instant,
 }
 
 /// The live connection, if any, and how many losses the pool had counted when it was
@@ -198,6 +208,8 @@ impl Reconnecting {
             losses,
             attempts: AtomicU64::new(0),
             last_failure: Mutex::default(),
+            last_used_ms: AtomicU64::new(0),
+            opened: Instant::now(),
         };
         connection.connection().await?;
         Ok(connection)
@@ -217,9 +229,42 @@ impl Reconnecting {
 
     /// The live connection, or a new one.
     async fn connection(&self) -> RedisResult<(u64, MultiplexedConnection)> {
-        if let Some(live) = self.live() {
+        if let Some(live) = self.live()
+            && self.still_open(&live).await?
+        {
             return Ok(live);
         }
+        self.connect().await
+    }
+
+    /// Whether the live connection is still open: one unused for [`IDLE_CHECK`] is
+    /// asked with a `PING` first, and counted lost if that meets a closed connection.
+    async fn still_open(
+        &self,
+        (losses, connection): &(u64, MultiplexedConnection),
+    ) -> RedisResult<bool> {
+        let now_ms = self.opened.elapsed().as_millis() as u64;
+        let idle = now_ms.saturating_sub(self.last_used_ms.load(Ordering::Acquire));
+        if idle >= IDLE_CHECK.as_millis() as u64 {
+            let ping = redis::cmd("PING")
+                .query_async::<()>(&mut connection.clone())
+                .await;
+            match ping {
+                Err(e) if connection_lost(&e) => {
+                    self.lost(*losses);
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+        }
+        self.last_used_ms.store(now_ms, Ordering::Release);
+        Ok(true)
+    }
+
+    /// A new connection, unless another request made one or failed to while this one
+    /// waited.
+    async fn connect(&self) -> RedisResult<(u64, MultiplexedConnection)> {
         let attempts_before = self.attempts.load(Ordering::Acquire);
         let mut target = self.target.lock().await;
         if let Some(live) = self.live() {
@@ -257,6 +302,8 @@ impl Reconnecting {
             connection: Some(connection.clone()),
             losses,
         };
+        let now_ms = self.opened.elapsed().as_millis() as u64;
+        self.last_used_ms.store(now_ms, Ordering::Release);
         Ok((losses, connection))
     }
 
