@@ -304,7 +304,7 @@ async fn serve_connection(
                 let message = format!("request line exceeds {} bytes", policy.max_request_bytes);
                 let response = Response::error(None, 413, "request_too_large", message, None);
                 let write = write_line(&mut writer, &response, true);
-                let _ = give_up_on_slow_reader(write, policy.idle_timeout, &shutdown).await;
+                let _ = wait_for_peer(write, policy.idle_timeout, &shutdown).await;
                 break;
             }
             Ok(Ok(LineRead::Line)) => {
@@ -318,10 +318,10 @@ async fn serve_connection(
         // in the input (the start of one is not enough: its end may be long coming).
         let more_buffered = reader.buffer().contains(&b'\n');
         let write = write_line(&mut writer, &response, !more_buffered);
-        if give_up_on_slow_reader(write, policy.idle_timeout, &shutdown)
-            .await
-            .is_err()
-        {
+        if !matches!(
+            wait_for_peer(write, policy.idle_timeout, &shutdown).await,
+            Some(Ok(()))
+        ) {
             return;
         }
     }
@@ -329,28 +329,29 @@ async fn serve_connection(
         writer.flush().await?;
         writer.shutdown().await
     };
-    let _ = give_up_on_slow_reader(close, policy.idle_timeout, &shutdown).await;
+    let _ = wait_for_peer(close, policy.idle_timeout, &shutdown).await;
 }
 
 /// Once shutdown has begun, how long a peer that does not read its answers is waited
 /// for (otherwise `idle_timeout`), so that one such peer cannot hold the stop.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Runs a write to the peer; gives up when the peer has not taken it within `idle`, or
-/// within [`SHUTDOWN_GRACE`] of the start of shutdown.
-async fn give_up_on_slow_reader(
-    write: impl Future<Output = std::io::Result<()>>,
+/// Runs I/O with a peer (a write of answers, a read of a request body); `None` when the
+/// peer has not done its part within `idle`, or within [`SHUTDOWN_GRACE`] of the start
+/// of shutdown.
+pub async fn wait_for_peer<T>(
+    io: impl Future<Output = T>,
     idle: Duration,
     shutdown: &CancellationToken,
-) -> std::io::Result<()> {
+) -> Option<T> {
     let shutdown_grace_over = async {
         shutdown.cancelled().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
-        written = write => written,
-        _ = tokio::time::sleep(idle) => Err(ErrorKind::TimedOut.into()),
-        _ = shutdown_grace_over => Err(ErrorKind::TimedOut.into()),
+        done = io => Some(done),
+        _ = tokio::time::sleep(idle) => None,
+        _ = shutdown_grace_over => None,
     }
 }
 

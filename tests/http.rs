@@ -249,6 +249,13 @@ fn oversized_bodies_answer_413() {
     );
     let answer = post_status(&daemon, &vec![b'x'; 2000], Some("Bearer x"));
     assert_eq!(answer.status, 413, "webhooks have the same limit");
+    // Headers have the same limit, or 8 KiB if that is more.
+    let long = "x".repeat(7000);
+    let answer = http.send("GET", "/", &[("x-long", &long)], Payload::empty());
+    assert_eq!(answer.status, 200);
+    let longer = "x".repeat(9000);
+    let answer = http.send("GET", "/", &[("x-long", &longer)], Payload::empty());
+    assert_eq!(answer.status, 431);
     assert_eq!(daemon.stats()["created"], 1);
 }
 
@@ -713,6 +720,71 @@ fn shutdown_answers_the_http_request_in_hand() {
     assert_eq!((answer.status, answer.text()), (201, "Created"));
     assert!(daemon.wait_exit().success(), "{}", daemon.stderr());
     assert_eq!(vonage.requests().len(), 1);
+}
+
+/// Sends a create for `token` on a raw connection and leaves it open, unanswered.
+fn send_create_unanswered(daemon: &Daemon, token: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(daemon.http_address()).unwrap();
+    let head = format!(
+        "POST /otp/{token} HTTP/1.1\r\nHost: otpd\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        TUTORIAL_BODY.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(TUTORIAL_BODY).unwrap();
+    stream
+}
+
+#[test]
+fn a_client_that_hangs_up_does_not_cut_its_create_short() {
+    let vonage = common::vonage::VonageStandIn::start();
+    let (backend, delivery) = vonage.config("dispatch", "");
+    let daemon = Daemon::start_with(
+        &http_config(&format!("[otp]\nresend_cooldown_secs = 0\n{backend}")),
+        &delivery,
+    );
+    let first =
+        daemon.call(json!({"op": "create", "token": "hung-up", "to": {"sms": "393331234567"}}));
+    assert_eq!(first["status"], 201, "{first}");
+    let first_code = vonage.requests()[0].code();
+    let first_reference = status_of(&daemon, "hung-up")["delivery"]["reference"].clone();
+    assert!(first_reference.is_string(), "{first_reference}");
+
+    // A second create reaches Vonage, its client hangs up, and Vonage then refuses it.
+    vonage.script(&[common::vonage::Reply::Problem]);
+    vonage.hold();
+    let stream = send_create_unanswered(&daemon, "hung-up");
+    common::wait_for("the second create to reach Vonage", || {
+        !vonage.unanswered().is_empty()
+    });
+    stream.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(stream);
+    vonage.release();
+
+    // The create still ends as it would have: the refused code is dropped and the
+    // first one stands, with its delivery record.
+    common::wait_for("the refused code to be dropped", || {
+        status_of(&daemon, "hung-up")["delivery"]["reference"] == first_reference
+    });
+    assert_eq!(vonage.requests().len(), 2);
+    assert_eq!(daemon.verify("hung-up", &first_code)["status"], 200);
+}
+
+#[test]
+fn a_request_that_never_comes_whole_does_not_hold_the_stop() {
+    use std::io::Write;
+    // An hour of idle timeout: only the shutdown grace can end these connections.
+    let mut daemon = start("[server]\nidle_timeout_secs = 3600\n");
+    let mut one_byte = std::net::TcpStream::connect(daemon.http_address()).unwrap();
+    one_byte.write_all(b"G").unwrap();
+    let mut half_body = std::net::TcpStream::connect(daemon.http_address()).unwrap();
+    half_body
+        .write_all(b"POST /otp/half HTTP/1.1\r\nHost: otpd\r\nContent-Length: 100\r\n\r\n{\"phone")
+        .unwrap();
+    // Both are in the daemon's hands before it is told to stop.
+    assert_eq!(daemon.http().get("/").status, 200);
+    let status = daemon.stop();
+    assert!(status.success(), "{status}\n{}", daemon.stderr());
 }
 
 #[test]

@@ -5,6 +5,9 @@
 //! It calls the same [`Otp`] service as the Unix socket, so both apply one set of rules
 //! and limits, and it stops with the daemon: on shutdown it stops accepting, lets each
 //! connection finish the request in hand, then closes it.
+//!
+//! Each request is answered by a task of its own: a client that hangs up must not stop
+//! a create between storing its code and recording its delivery.
 
 mod metrics;
 mod rest;
@@ -28,7 +31,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, SystemdDirs};
 use crate::otp::Otp;
-use crate::server::{self, AcceptBackoff};
+use crate::server::{self, AcceptBackoff, SHUTDOWN_GRACE, wait_for_peer};
 
 pub use webhooks::WEBHOOK_SECRET_CREDENTIAL;
 
@@ -84,6 +87,8 @@ struct App {
     /// Longest wait for a request's headers (also between keep-alive requests) and
     /// for its body.
     read_timeout: Duration,
+    /// The daemon's stop: a body still coming then gets [`SHUTDOWN_GRACE`].
+    shutdown: CancellationToken,
 }
 
 /// Binds `[http] listen` and serves it on `tracker` until `shutdown`; does nothing when
@@ -110,6 +115,7 @@ pub async fn start(
         webhooks: webhooks::Webhooks::new(secret),
         max_body: config.server.max_request_bytes,
         read_timeout: Duration::from_secs(config.server.idle_timeout_secs),
+        shutdown: shutdown.clone(),
     });
     let slots = Arc::new(Semaphore::new(config.server.max_connections));
     tracker.spawn(serve(listener, app, slots, shutdown, tracker.clone()));
@@ -141,38 +147,65 @@ async fn serve(
                 continue;
             }
         };
-        let (app, shutdown) = (app.clone(), shutdown.clone());
+        let (app, shutdown, handlers) = (app.clone(), shutdown.clone(), tracker.clone());
         tracker.spawn(async move {
-            serve_connection(stream, app, shutdown).await;
+            serve_connection(stream, app, shutdown, handlers).await;
             drop(slot);
         });
     }
     drop(listener);
 }
 
-/// Serves one connection's requests (keep-alive) until it closes, or until shutdown,
-/// which lets the request in hand finish.
-async fn serve_connection<S>(stream: S, app: Arc<App>, shutdown: CancellationToken)
-where
+/// Serves one connection's requests (keep-alive) until it closes, or until shutdown.
+/// Each request runs as a task on `handlers` (the daemon's tracker), so it finishes
+/// even if the client hangs up, and the daemon waits for it. At shutdown the request
+/// in hand is answered however long it takes; a request not yet whole gets
+/// [`SHUTDOWN_GRACE`].
+async fn serve_connection<S>(
+    stream: S,
+    app: Arc<App>,
+    shutdown: CancellationToken,
+    handlers: TaskTracker,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let read_timeout = app.read_timeout;
-    let service = hyper::service::service_fn(move |request| {
-        let app = app.clone();
-        async move { Ok::<_, Infallible>(app.answer(request).await) }
-    });
+    // Headers are held to the body's limit (hyper's floor is 8 KiB): 431 beyond.
+    let max_head = app.max_body.max(8192);
+    let in_hand = TaskTracker::new();
+    let service =
+        {
+            let in_hand = in_hand.clone();
+            hyper::service::service_fn(move |request| {
+                let app = app.clone();
+                let answer =
+                    handlers.spawn(in_hand.track_future(async move { app.answer(request).await }));
+                async move {
+                    Ok::<_, Infallible>(answer.await.unwrap_or_else(|_| {
+                        text(StatusCode::INTERNAL_SERVER_ERROR, "Internal error")
+                    }))
+                }
+            })
+        };
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(read_timeout)
+        .max_buf_size(max_head)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
         _ = shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
-            tokio::time::timeout(read_timeout, connection)
-                .await
-                .unwrap_or(Ok(()))
+            in_hand.close();
+            let answered_and_grace_over = async {
+                in_hand.wait().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            };
+            tokio::select! {
+                result = connection => result,
+                _ = answered_and_grace_over => Ok(()),
+            }
         }
     };
     if let Err(error) = result {
@@ -302,11 +335,11 @@ impl App {
             return Err(too_large());
         }
         let collect = Limited::new(body, self.max_body).collect();
-        match tokio::time::timeout(self.read_timeout, collect).await {
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
-            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-            Ok(Err(_)) => Err(text(StatusCode::BAD_REQUEST, "body: could not be read")),
-            Err(_) => Err(text(
+        match wait_for_peer(collect, self.read_timeout, &self.shutdown).await {
+            Some(Ok(collected)) => Ok(collected.to_bytes()),
+            Some(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+            Some(Err(_)) => Err(text(StatusCode::BAD_REQUEST, "body: could not be read")),
+            None => Err(text(
                 StatusCode::REQUEST_TIMEOUT,
                 "body: not received in time",
             )),
