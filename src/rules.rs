@@ -99,6 +99,9 @@ pub struct DeliveryEvent {
 /// Status of the event recording the SMS the `messages` backend sent itself after an
 /// unread Messenger message; its detail is the SMS's `message_uuid`.
 pub const FAILOVER_SENT: &str = "failover_sent";
+/// Status of the event recording that the `messages` backend's SMS could not be sent;
+/// its detail is why.
+pub const FAILOVER_FAILED: &str = "failover_failed";
 
 impl DeliveryEvent {
     /// The provider id this event adds to its delivery: the failover SMS's, whose own
@@ -465,6 +468,9 @@ pub enum FailoverVerdict {
     Read,
     /// Vonage reported the Messenger message `rejected`, so its own failover sent the SMS.
     ProviderFellOver,
+    /// The SMS was sent, or failed, already: a claim that outlived its send's end (the
+    /// daemon stopped before it let the failover go).
+    Done,
 }
 
 /// Decides a due failover from its code's record (`None`: no such code any more).
@@ -477,7 +483,9 @@ pub fn failover_verdict(code: Option<&CodeRecord>, now: Millis) -> FailoverVerdi
         return FailoverVerdict::Finished(state);
     }
     let seen = |status: &str| code.delivery.events.iter().any(|e| e.status == status);
-    if seen("read") {
+    if seen(FAILOVER_SENT) || seen(FAILOVER_FAILED) {
+        FailoverVerdict::Done
+    } else if seen("read") {
         FailoverVerdict::Read
     } else if seen("rejected") {
         FailoverVerdict::ProviderFellOver
@@ -664,6 +672,11 @@ mod tests {
         };
         code.delivery.push(event("delivered"));
         assert_eq!(failover_verdict(Some(&code), 5), FailoverVerdict::Send);
+        for outcome in [FAILOVER_SENT, FAILOVER_FAILED] {
+            let mut done = code.clone();
+            done.delivery.push(event(outcome));
+            assert_eq!(failover_verdict(Some(&done), 5), FailoverVerdict::Done);
+        }
         let mut rejected = code.clone();
         rejected.delivery.push(event("rejected"));
         assert_eq!(

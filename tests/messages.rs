@@ -324,6 +324,66 @@ fn a_restart_while_waiting_neither_loses_nor_repeats_the_sms() {
 }
 
 #[test]
+fn a_slow_failover_sms_holds_up_no_other() {
+    let vonage = stand_in();
+    // The first SMS never gets an answer; otpd gives up on it after 20 s.
+    let daemon = start_configured(&vonage, "timeout_secs = 20\nmax_retries = 0\n");
+    vonage.script(&[Reply::Accept, Reply::Accept, Reply::Hang]);
+    create_both(&daemon, &vonage, "slow");
+    std::thread::sleep(Duration::from_secs(2)); // due 2 s after the first
+    create_both(&daemon, &vonage, "next");
+    wait_for_failover_sent(&daemon, "next");
+    let slow_ended = events(&daemon, "slow")
+        .iter()
+        .any(|e| e["status"] == "failover_sent" || e["status"] == "failover_failed");
+    assert!(
+        !slow_ended,
+        "the second SMS went out while the first still hung"
+    );
+    assert_eq!(sms_requests(&vonage).len(), 2);
+}
+
+#[test]
+fn a_stop_during_a_failover_send_does_not_wait_for_it() {
+    let vonage = stand_in();
+    // An SMS that hangs would hold the stop for the longest send: 5 minutes.
+    let mut daemon = start_configured(&vonage, "timeout_secs = 300\nmax_retries = 0\n");
+    vonage.script(&[Reply::Accept, Reply::Hang]);
+    create_both(&daemon, &vonage, "hung");
+    wait_for("the SMS to reach Vonage", || {
+        sms_requests(&vonage).len() == 1
+    });
+    let status = daemon.stop();
+    assert!(status.success(), "{status}\n{}", daemon.stderr());
+    assert!(
+        daemon
+            .stderr()
+            .contains("tried again once their claims run out"),
+        "{}",
+        daemon.stderr()
+    );
+}
+
+#[test]
+fn a_crash_during_a_failover_send_sends_the_sms_once_the_claim_runs_out() {
+    let vonage = stand_in();
+    // A claim lasts the longest send (5 s) and 10 s more.
+    let mut daemon = start_configured(&vonage, "timeout_secs = 5\nmax_retries = 0\n");
+    vonage.script(&[Reply::Accept, Reply::Hang]);
+    let messenger = create_both(&daemon, &vonage, "crash");
+    wait_for("the SMS to reach Vonage", || {
+        sms_requests(&vonage).len() == 1
+    });
+    daemon.kill();
+    daemon.spawn();
+    wait_for_failover_sent(&daemon, "crash");
+    let sms = sms_requests(&vonage);
+    assert_eq!(sms.len(), 2, "sent again, once");
+    assert_eq!(sms[1].body["text"], sms[0].body["text"]);
+    assert_eq!(daemon.verify("crash", &messenger.code())["status"], 200);
+}
+
+#[test]
 fn a_store_failure_after_the_messenger_message_went_out_discards_nothing() {
     let vonage = stand_in();
     let mut redis = OwnedRedis::start();

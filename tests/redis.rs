@@ -621,22 +621,25 @@ fn failovers_are_taken_once_across_hosts(engine: Engine) {
         }
         // One entry no engine can read, due among them, holds none of them up.
         zadd_unreadable_failover(&direct.config.store.redis, now + 150);
+        let deadline = now + 1_000;
+        let claim_until = deadline + 30_000; // before "later" is due
         assert!(
-            b.take_due_failovers(now, 10).await.unwrap().due.is_empty(),
+            b.claim_due_failovers(now, claim_until, 10)
+                .await
+                .unwrap()
+                .due
+                .is_empty(),
             "none due yet"
         );
-
-        let deadline = now + 1_000;
         let (from_a, from_b) = tokio::join!(
-            a.take_due_failovers(deadline, 10),
-            b.take_due_failovers(deadline, 10)
+            a.claim_due_failovers(deadline, claim_until, 10),
+            b.claim_due_failovers(deadline, claim_until, 10)
         );
         let (from_a, from_b) = (from_a.unwrap(), from_b.unwrap());
-        let mut taken: Vec<(String, FailoverVerdict)> = from_a
-            .due
-            .into_iter()
-            .chain(from_b.due)
-            .map(|(failover, verdict)| (failover.reference, verdict))
+        let handed_out: Vec<_> = from_a.due.into_iter().chain(from_b.due).collect();
+        let mut taken: Vec<(String, FailoverVerdict)> = handed_out
+            .iter()
+            .map(|(failover, verdict)| (failover.reference.clone(), *verdict))
             .collect();
         taken.sort_by(|x, y| x.0.cmp(&y.0));
         assert_eq!(
@@ -648,9 +651,20 @@ fn failovers_are_taken_once_across_hosts(engine: Engine) {
             ],
             "each due failover handed out once, with its verdict"
         );
-        let again = a.take_due_failovers(deadline, 10).await.unwrap();
+        let again = a
+            .claim_due_failovers(deadline, claim_until, 10)
+            .await
+            .unwrap();
         assert!(again.due.is_empty());
-        assert_eq!(again.next_due, Some(now + 60_000));
+        assert_eq!(again.next_due, Some(claim_until), "the claim is due next");
+        // The one to send is claimed: back only when its claim runs out, unless let go.
+        let back = b.claim_due_failovers(claim_until, claim_until + 1, 10);
+        let back = back.await.unwrap();
+        assert_eq!(back.due.len(), 1, "{back:?}");
+        assert_eq!(back.due[0].0.reference, "uuid-unread");
+        b.finish_failover(&back.due[0].0).await.unwrap();
+        let after = a.claim_due_failovers(claim_until + 1, claim_until + 2, 10);
+        assert_eq!(after.await.unwrap().next_due, Some(now + 60_000), "let go");
 
         // The SMS sent for "unread" is filed on its code, so its own reports are too.
         let event = |status: &str, detail: Option<&str>| DeliveryEvent {

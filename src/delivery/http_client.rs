@@ -82,6 +82,12 @@ impl ApiClient {
         })
     }
 
+    /// The longest a [`ApiClient::post_json`] can take: every attempt timing out, with
+    /// the longest wait between them.
+    pub fn longest_post(&self) -> Duration {
+        self.timeout * (self.max_retries + 1) + MAX_RETRY_DELAY * self.max_retries
+    }
+
     /// POSTs `body` as JSON; answers the provider's JSON on 2xx.
     pub async fn post_json(&self, url: &Uri, sent: &Value) -> Result<Value, DeliveryError> {
         let body = Bytes::from(serde_json::to_vec(sent).expect("JSON values serialize"));

@@ -7,9 +7,14 @@
 //! store. At its deadline a background task takes it and, judging from the code's
 //! record as the status webhooks left it, sends the SMS itself — unless the code was
 //! verified, cancelled or expired meanwhile, a `read` status arrived, or Vonage
-//! reported the message `rejected` (its own failover has sent the SMS). Taking the
-//! failover removes it in the same step, so it is handed out exactly once, and a
-//! restart finds the ones still pending.
+//! reported the message `rejected` (its own failover has sent the SMS).
+//!
+//! The task claims a failover before sending its SMS: the store files it again, due
+//! when the longest send would be over, so no other host takes it meanwhile, and once
+//! the outcome is recorded on the code the failover is let go. A send that a crash or
+//! a stop cuts short leaves the claim, which comes back when it runs out: the SMS goes
+//! out late rather than never (and twice only if the cut came after Vonage took it).
+//! Sends run side by side, so one slow SMS holds up no other.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,14 +33,19 @@ use super::vonage::{Api, Vonage};
 use super::{Delivery, DeliveryError, Message, Receipt};
 use crate::config::Config;
 use crate::metrics::Counters;
-use crate::rules::{DeliveryEvent, FAILOVER_SENT, FailoverVerdict, PendingFailover, now_ms};
+use crate::rules::{
+    DeliveryEvent, FAILOVER_FAILED, FAILOVER_SENT, FailoverVerdict, Millis, PendingFailover, now_ms,
+};
 use crate::secret::ServerSecret;
+use crate::server::SHUTDOWN_GRACE;
 use crate::store::Store;
 
-/// Most failovers taken from the store in one go.
-const BATCH: usize = 100;
+/// Most failover SMS being sent at once.
+const MAX_SENDING: usize = 64;
 /// Longest sleep of the failover task when nothing is pending.
 const IDLE: Duration = Duration::from_secs(60);
+/// What a claim adds to the longest send: time to record its outcome.
+const CLAIM_MARGIN: Duration = Duration::from_secs(10);
 
 /// Sends codes through `POST {api_url}/v1/messages`.
 pub struct MessagesDelivery {
@@ -94,37 +104,51 @@ impl Inner {
             })
     }
 
-    /// The failover task: takes due failovers, sends the SMS where still needed, and
-    /// sleeps until the next deadline, a new failover, or `stop`.
+    /// How long a claimed failover is kept from everyone else: longer than its send.
+    fn claim_ms(&self) -> Millis {
+        (self.vonage.client.longest_post() + CLAIM_MARGIN).as_millis() as Millis
+    }
+
+    /// The failover task: claims due failovers and sends their SMS where still needed
+    /// (side by side), and sleeps until the next deadline, a new failover, the end of a
+    /// send, or `stop`. At a stop, sends under way get [`SHUTDOWN_GRACE`] to end; the
+    /// rest keep their claims and are sent again when those run out.
     async fn run_failovers(self: Arc<Self>, stop: CancellationToken) {
+        let mut sending = JoinSet::new();
         loop {
             let now = now_ms();
-            let next_due = match self.store.take_due_failovers(now, BATCH).await {
-                Ok(taken) => {
-                    let full = taken.due.len() == BATCH;
-                    let mut sends = JoinSet::new();
-                    for (failover, verdict) in taken.due {
-                        if verdict == FailoverVerdict::Send {
-                            sends.spawn(self.clone().send_failover(failover));
-                        } else {
-                            tracing::info!(
-                                token = failover.token,
-                                message_uuid = failover.reference,
-                                ?verdict,
-                                "no failover SMS needed"
-                            );
+            let room = MAX_SENDING - sending.len();
+            let next_due = if room == 0 {
+                None // woken by the end of a send
+            } else {
+                match self
+                    .store
+                    .claim_due_failovers(now, now + self.claim_ms(), room)
+                    .await
+                {
+                    Ok(handed_out) => {
+                        let full = handed_out.due.len() == room;
+                        for (failover, verdict) in handed_out.due {
+                            if verdict == FailoverVerdict::Send {
+                                sending.spawn(self.clone().send_failover(failover));
+                            } else {
+                                tracing::info!(
+                                    token = failover.token,
+                                    message_uuid = failover.reference,
+                                    ?verdict,
+                                    "no failover SMS needed"
+                                );
+                            }
                         }
+                        if full {
+                            continue;
+                        }
+                        handed_out.next_due
                     }
-                    // Sends finish even during shutdown: they were taken from the store.
-                    while sends.join_next().await.is_some() {}
-                    if full {
-                        continue;
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read pending failovers");
+                        Some(now + 1000)
                     }
-                    taken.next_due
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read pending failovers");
-                    Some(now + 1000)
                 }
             };
             let wait = next_due
@@ -132,10 +156,21 @@ impl Inner {
                 .unwrap_or(IDLE)
                 .min(IDLE);
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => break,
                 _ = self.added.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
+                Some(_) = sending.join_next() => {}
             }
+        }
+        let all_sent = async { while sending.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_GRACE, all_sent)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                cut_short = sending.len(),
+                "stopping during failover SMS sends: they are tried again once their claims run out"
+            );
         }
     }
 
@@ -159,7 +194,7 @@ impl Inner {
             }
             Err(e) => {
                 tracing::error!(token = failover.token, error = %e, "failover SMS not sent");
-                ("failover_failed", e.to_string())
+                (FAILOVER_FAILED, e.to_string())
             }
         };
         let event = DeliveryEvent {
@@ -173,7 +208,12 @@ impl Inner {
             .record_delivery_event(&failover.reference, event)
             .await
         {
+            // Kept claimed: sent again when the claim runs out.
             tracing::error!(token = failover.token, error = %e, "cannot record the failover");
+            return;
+        }
+        if let Err(e) = self.store.finish_failover(&failover).await {
+            tracing::error!(token = failover.token, error = %e, "cannot let the failover go");
         }
     }
 }

@@ -87,10 +87,11 @@ pub struct PurgeReport {
     pub next_due: Option<Millis>,
 }
 
-/// Failovers taken by [`Store::take_due_failovers`].
+/// Failovers claimed by [`Store::claim_due_failovers`].
 #[derive(Debug, Default)]
 pub struct DueFailovers {
-    /// Each taken failover with the verdict on its code at the deadline.
+    /// Each due failover with the verdict on its code at the deadline; one to send as
+    /// claimed (due at the end of its claim).
     pub due: Vec<(PendingFailover, FailoverVerdict)>,
     /// When the next remaining one is due, if any.
     pub next_due: Option<Millis>,
@@ -165,15 +166,23 @@ pub trait Store: Send + Sync {
     /// Keeps a pending failover of the `messages` backend until it is due.
     async fn put_failover(&self, failover: &PendingFailover) -> Result<(), StoreError>;
 
-    /// Removes at most `batch` failovers due by `now`, each with
-    /// [`crate::rules::failover_verdict`] on its code as stored just before or after.
-    /// The removal is atomic, so a failover is handed out once; an unreadable one is
-    /// removed and logged, never handed out.
-    async fn take_due_failovers(
+    /// Hands out at most `batch` failovers due by `now`, each with
+    /// [`crate::rules::failover_verdict`] on its code as stored just before. One to
+    /// send is claimed: filed again, due at `claim_until`, so no one else gets it
+    /// until then, and it comes back if its send never ends (a crash, a stop). The
+    /// others are removed, and so is an unreadable one (logged, never handed out).
+    /// Atomic per failover, so one host gets each.
+    async fn claim_due_failovers(
         &self,
         now: Millis,
+        claim_until: Millis,
         batch: usize,
     ) -> Result<DueFailovers, StoreError>;
+
+    /// Removes a failover [`Store::claim_due_failovers`] claimed, once its outcome is
+    /// recorded on its code. Not waited on to be durable: a claim a crash brings back
+    /// finds that outcome and is dropped ([`FailoverVerdict::Done`]).
+    async fn finish_failover(&self, claimed: &PendingFailover) -> Result<(), StoreError>;
 
     /// Codes issued and not yet verified, cancelled, locked or expired (as of the
     /// janitor's last pass).

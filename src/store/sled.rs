@@ -50,8 +50,8 @@ use super::{
 use crate::code::Digest;
 use crate::config::{Durability, StoreConfig};
 use crate::rules::{
-    self, CodeRecord, CodeState, DeliveryEvent, Limits, Millis, PendingFailover, RecipientRecord,
-    Refusal, TokenRecord, VerifyOutcome,
+    self, CodeRecord, CodeState, DeliveryEvent, FailoverVerdict, Limits, Millis, PendingFailover,
+    RecipientRecord, Refusal, TokenRecord, VerifyOutcome,
 };
 
 /// Key in the default tree naming the layout of the other trees.
@@ -660,18 +660,21 @@ impl Store for SledStore {
         self.durable().await
     }
 
-    async fn take_due_failovers(
+    async fn claim_due_failovers(
         &self,
         now: Millis,
+        claim_until: Millis,
         batch: usize,
     ) -> Result<DueFailovers, StoreError> {
-        let mut taken = DueFailovers::default();
+        let mut handed_out = DueFailovers::default();
         for key in due_keys(&self.failovers, now, batch)? {
-            // Removal is the claim: a failover is handed out once.
-            let Some(bytes) = self.failovers.remove(&key).map_err(db_error)? else {
+            let Some(bytes) = self.failovers.get(&key).map_err(db_error)? else {
                 continue;
             };
+            let mut change = sled::Batch::default();
+            change.remove(key);
             let Some(failover) = super::readable_failover(&bytes) else {
+                self.failovers.apply_batch(change).map_err(db_error)?;
                 continue;
             };
             let state = match self.token_delivered_as(&failover.reference)? {
@@ -682,13 +685,30 @@ impl Store for SledStore {
                 .as_ref()
                 .and_then(|state| state.code_delivered_as(&failover.reference));
             let verdict = rules::failover_verdict(code, now);
-            taken.due.push((failover, verdict));
+            let failover = if verdict == FailoverVerdict::Send {
+                let claimed = PendingFailover {
+                    due_at: claim_until,
+                    ..failover
+                };
+                let claim_key = timed_key(claim_until, claimed.reference.as_bytes());
+                change.insert(claim_key, encode(&claimed));
+                claimed
+            } else {
+                failover
+            };
+            self.failovers.apply_batch(change).map_err(db_error)?;
+            handed_out.due.push((failover, verdict));
         }
-        if !taken.due.is_empty() {
+        if !handed_out.due.is_empty() {
             self.durable().await?;
         }
-        taken.next_due = first_due(&self.failovers)?;
-        Ok(taken)
+        handed_out.next_due = first_due(&self.failovers)?;
+        Ok(handed_out)
+    }
+
+    async fn finish_failover(&self, claimed: &PendingFailover) -> Result<(), StoreError> {
+        let key = timed_key(claimed.due_at, claimed.reference.as_bytes());
+        self.failovers.remove(key).map(drop).map_err(db_error)
     }
 
     fn live(&self) -> u64 {
@@ -709,7 +729,7 @@ impl Store for SledStore {
 mod tests {
     use super::*;
     use crate::config::OtpConfig;
-    use crate::rules::{DeliveryEvent, FailoverVerdict};
+    use crate::rules::DeliveryEvent;
 
     fn failover(token: &str, due_at: Millis) -> PendingFailover {
         PendingFailover {
@@ -1015,7 +1035,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn failovers_are_taken_once_in_deadline_order() {
+    async fn failovers_are_handed_out_once_in_deadline_order_and_claimed_until_finished() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir, Limits::from(&OtpConfig::default()));
         store.put_failover(&failover("late", 2_000)).await.unwrap();
@@ -1023,17 +1043,36 @@ mod tests {
         // An entry that does not decode, due first, holds nothing up and is dropped.
         let unreadable = timed_key(900, b"junk");
         store.failovers.insert(&unreadable, &[0xff]).unwrap();
-        let none = store.take_due_failovers(899, 10).await.unwrap();
+        let none = store.claim_due_failovers(899, 5_000, 10).await.unwrap();
         assert!(none.due.is_empty());
         assert_eq!(none.next_due, Some(900));
-        let taken = store.take_due_failovers(1_000, 10).await.unwrap();
+        let gone = store.claim_due_failovers(1_000, 5_000, 10).await.unwrap();
         assert_eq!(
-            taken.due,
-            vec![(failover("early", 1_000), FailoverVerdict::Gone)]
+            gone.due,
+            vec![(failover("early", 1_000), FailoverVerdict::Gone)],
+            "a failover not to send is removed, not claimed"
         );
         assert!(!store.failovers.contains_key(&unreadable).unwrap());
-        assert_eq!(taken.next_due, Some(2_000));
-        let again = store.take_due_failovers(1_500, 10).await.unwrap();
-        assert!(again.due.is_empty(), "taken once");
+        assert_eq!(gone.next_due, Some(2_000));
+        let again = store.claim_due_failovers(1_500, 5_000, 10).await.unwrap();
+        assert!(again.due.is_empty(), "handed out once");
+
+        // A failover to send is claimed until the end of its claim, then comes back.
+        delivered(&store, "uuid-late").await; // pending until 5 s
+        let claimed = store.claim_due_failovers(2_000, 3_000, 10).await.unwrap();
+        let expected = (failover("late", 3_000), FailoverVerdict::Send);
+        assert_eq!(claimed.due, vec![expected.clone()]);
+        assert_eq!(claimed.next_due, Some(3_000));
+        let during = store.claim_due_failovers(2_999, 4_000, 10).await.unwrap();
+        assert!(during.due.is_empty(), "nobody else gets it while claimed");
+        let back = store.claim_due_failovers(3_000, 4_000, 10).await.unwrap();
+        let expected = (failover("late", 4_000), FailoverVerdict::Send);
+        assert_eq!(
+            back.due,
+            vec![expected.clone()],
+            "a claim never finished comes back"
+        );
+        store.finish_failover(&expected.0).await.unwrap();
+        assert!(store.failovers.is_empty(), "finished, it is gone");
     }
 }

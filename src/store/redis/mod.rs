@@ -36,8 +36,8 @@ use super::{
 use crate::code::Digest;
 use crate::config::{RedisConfig, redact_url};
 use crate::rules::{
-    self, CodeRecord, CodeState, DeliveryEvent, Limits, Millis, PendingFailover, RecipientRecord,
-    Refusal, TokenRecord, VerifyOutcome,
+    self, CodeRecord, CodeState, DeliveryEvent, FailoverVerdict, Limits, Millis, PendingFailover,
+    RecipientRecord, Refusal, TokenRecord, VerifyOutcome,
 };
 use crate::secret::ServerSecret;
 
@@ -74,19 +74,24 @@ return 1
 
 static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(COMMIT));
 
-/// Removes the members `ARGV` from the sorted set `KEYS[1]` and returns those it
+/// Hands out failovers from the sorted set `KEYS[1]`: `ARGV[1]` is the end of a claim,
+/// then pairs of a member and its claim (empty: none). Each member still there is
+/// removed and its claim filed, due at the end of the claim; returns the members
 /// removed, so a failover another host took first is handed to that host alone.
-const TAKE: &str = r"
-local taken = {}
-for _, member in ipairs(ARGV) do
-  if redis.call('ZREM', KEYS[1], member) == 1 then
-    taken[#taken + 1] = member
+const CLAIM: &str = r"
+local handed_out = {}
+for i = 2, #ARGV, 2 do
+  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+    if ARGV[i + 1] ~= '' then
+      redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i + 1])
+    end
+    handed_out[#handed_out + 1] = ARGV[i]
   end
 end
-return taken
+return handed_out
 ";
 
-static TAKE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(TAKE));
+static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM));
 
 /// Rounds of read-plan-commit before a request gives up: under fair contention every
 /// round lets at least one contender through, so this bounds a burst of this size.
@@ -904,14 +909,15 @@ impl Store for RedisStore {
         self.replicated(&mut conn).await
     }
 
-    /// Judges the due failovers from their codes' records first, then takes them off
-    /// the shared set in one script (so one host gets each): an error before the take
-    /// leaves them all for the next pass, and nothing can fail after it. The take is
-    /// not waited for (`WAIT`): a take a failover loses hands the SMS out again, a
-    /// lesser harm than sending none.
-    async fn take_due_failovers(
+    /// Judges the due failovers from their codes' records first, then hands them out
+    /// from the shared set in one script (so one host gets each): an error before that
+    /// leaves them all for the next pass. The claims are not waited for (`WAIT`): a
+    /// claim a Redis failover loses hands the SMS out again, a lesser harm than
+    /// sending none.
+    async fn claim_due_failovers(
         &self,
         now: Millis,
+        claim_until: Millis,
         batch: usize,
     ) -> Result<DueFailovers, StoreError> {
         let mut conn = self.conn();
@@ -927,9 +933,12 @@ impl Store for RedisStore {
             .await
             .map_err(redis_error)?;
         let mut judged = Vec::with_capacity(members.len());
+        let mut claim = CLAIM_SCRIPT.key(&key);
+        claim.arg(claim_until);
         for member in &members {
-            // Taken all the same: an unreadable entry would otherwise come back forever.
+            // Removed all the same: an unreadable entry would otherwise come back forever.
             let Some(failover) = super::readable_failover(member) else {
+                claim.arg(member).arg("");
                 continue;
             };
             let code = match self.code_key_of(&mut conn, &failover.reference).await? {
@@ -939,21 +948,27 @@ impl Store for RedisStore {
                 None => None,
             };
             let verdict = rules::failover_verdict(code.as_ref(), now);
+            let failover = if verdict == FailoverVerdict::Send {
+                let claimed = PendingFailover {
+                    due_at: claim_until,
+                    ..failover
+                };
+                claim.arg(member).arg(encode(&claimed));
+                claimed
+            } else {
+                claim.arg(member).arg("");
+                failover
+            };
             judged.push((member, failover, verdict));
         }
-        let taken: Vec<Vec<u8>> = if members.is_empty() {
+        let handed_out: Vec<Vec<u8>> = if members.is_empty() {
             Vec::new()
         } else {
-            TAKE_SCRIPT
-                .key(&key)
-                .arg(&members)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?
+            claim.invoke_async(&mut conn).await.map_err(redis_error)?
         };
         let due = judged
             .into_iter()
-            .filter(|(member, ..)| taken.contains(member))
+            .filter(|(member, ..)| handed_out.contains(member))
             .map(|(_, failover, verdict)| (failover, verdict))
             .collect();
         let next: Vec<(Vec<u8>, f64)> = redis::cmd("ZRANGE")
@@ -968,6 +983,15 @@ impl Store for RedisStore {
             due,
             next_due: next.first().map(|(_, score)| *score as Millis),
         })
+    }
+
+    async fn finish_failover(&self, claimed: &PendingFailover) -> Result<(), StoreError> {
+        redis::cmd("ZREM")
+            .arg(self.keys.failovers())
+            .arg(encode(claimed))
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(redis_error)
     }
 
     fn live(&self) -> u64 {
