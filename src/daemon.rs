@@ -43,7 +43,14 @@ pub async fn run(
         Engine::Redis => Arc::new(RedisStore::connect(&config.store.redis, limits, &secret).await?),
     };
     let counters = Arc::new(Counters::default());
-    let delivery = delivery::from_config(&config, counters.clone(), store.clone(), &secret)?;
+    let stop = CancellationToken::new();
+    let delivery = delivery::from_config(
+        &config,
+        counters.clone(),
+        store.clone(),
+        &secret,
+        stop.clone(),
+    )?;
     let wakeup = Arc::new(Wakeup::default());
     let otp = Arc::new(Otp::new(
         config.otp.clone(),
@@ -55,7 +62,6 @@ pub async fn run(
         wakeup.clone(),
     ));
 
-    let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     tracker.spawn(janitor::run(
         store.clone(),

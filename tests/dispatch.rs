@@ -208,6 +208,34 @@ fn a_retry_after_beyond_30_s_answers_503_at_once() {
 }
 
 #[test]
+fn a_stop_makes_no_further_retry() {
+    let vonage = VonageStandIn::start();
+    let mut daemon = start(&vonage, "");
+    let busy = Reply::TooMany {
+        retry_after_secs: 30,
+    };
+    vonage.script(&[busy.clone(), busy.clone(), busy.clone(), busy]);
+    let mut conn = daemon.connect();
+    let in_flight = std::thread::spawn(move || {
+        conn.call(json!({"op": "create", "token": "stop", "to": {"sms": PHONE}}))
+    });
+    common::wait_for("the first attempt", || vonage.requests().len() == 1);
+    // Three retries 30 s apart would hold the stop for 90 s.
+    nix::sys::signal::kill(daemon.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let answer = in_flight.join().unwrap();
+    assert_eq!(answer["error"], "delivery_unavailable", "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("otpd is stopping"),
+        "{answer}"
+    );
+    assert!(daemon.wait_exit().success(), "{}", daemon.stderr());
+    assert_eq!(vonage.requests().len(), 1);
+}
+
+#[test]
 fn a_failed_delivery_still_counts_toward_the_cooldown() {
     let vonage = VonageStandIn::start();
     let (backend, delivery) = vonage.config("dispatch", "");

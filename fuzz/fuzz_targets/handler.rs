@@ -42,8 +42,10 @@ fn harness() -> &'static Harness {
         );
         let secret = ServerSecret::from_bytes([7; 32]);
         let counters = Arc::new(Counters::default());
-        let delivery = otpd::delivery::from_config(&config, counters.clone(), store.clone(), &secret)
-            .expect("log delivery");
+        let stopping = tokio_util::sync::CancellationToken::new();
+        let delivery =
+            otpd::delivery::from_config(&config, counters.clone(), store.clone(), &secret, stopping)
+                .expect("log delivery");
         let otp = Otp::new(
             config.otp.clone(),
             secret,

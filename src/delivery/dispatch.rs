@@ -11,6 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use hyper::Uri;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use super::vonage::{Api, Vonage};
 use super::{Delivery, DeliveryError, Message, Receipt};
@@ -24,8 +25,12 @@ pub struct DispatchDelivery {
 }
 
 impl DispatchDelivery {
-    pub fn new(config: &Config, counters: Arc<Counters>) -> anyhow::Result<Self> {
-        let vonage = Vonage::from_config(Api::Dispatch, config, counters)?;
+    pub fn new(
+        config: &Config,
+        counters: Arc<Counters>,
+        stopping: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let vonage = Vonage::from_config(Api::Dispatch, config, counters, stopping)?;
         let url = vonage.endpoint("/v0.1/dispatch")?;
         Ok(Self { vonage, url })
     }

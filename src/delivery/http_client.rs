@@ -22,6 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rand::RngExt;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use super::DeliveryError;
 use super::jwt::JwtSigner;
@@ -46,6 +47,9 @@ pub struct ApiClient {
     timeout: Duration,
     max_retries: u32,
     counters: Arc<Counters>,
+    /// Cancelled when otpd stops: no retry is made after that, so a stop waits for one
+    /// attempt at most, not a whole round of retries.
+    stopping: CancellationToken,
 }
 
 /// What one attempt came to.
@@ -67,6 +71,7 @@ impl ApiClient {
         timeout: Duration,
         max_retries: u32,
         counters: Arc<Counters>,
+        stopping: CancellationToken,
     ) -> anyhow::Result<Self> {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_webpki_roots(rustls::crypto::aws_lc_rs::default_provider())?
@@ -79,6 +84,7 @@ impl ApiClient {
             timeout,
             max_retries,
             counters,
+            stopping,
         })
     }
 
@@ -116,7 +122,14 @@ impl ApiClient {
                 )));
             }
             tracing::info!(%reason, delay_ms = delay.as_millis() as u64, "Vonage: retrying");
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.stopping.cancelled() => {
+                    break Err(DeliveryError::Unavailable(format!(
+                        "{reason}; not retried: otpd is stopping"
+                    )));
+                }
+            }
             attempt += 1;
         };
         bump(match &outcome {

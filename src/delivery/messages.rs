@@ -67,8 +67,9 @@ impl MessagesDelivery {
         counters: Arc<Counters>,
         store: Arc<dyn Store>,
         secret: &ServerSecret,
+        stopping: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let vonage = Vonage::from_config(Api::Messages, config, counters)?;
+        let vonage = Vonage::from_config(Api::Messages, config, counters, stopping)?;
         let url = vonage.endpoint("/v1/messages")?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -130,7 +131,7 @@ impl Inner {
                         let full = handed_out.due.len() == room;
                         for (failover, verdict) in handed_out.due {
                             if verdict == FailoverVerdict::Send {
-                                sending.spawn(self.clone().send_failover(failover));
+                                sending.spawn(self.clone().send_failover(failover, stop.clone()));
                             } else {
                                 tracing::info!(
                                     token = failover.token,
@@ -174,8 +175,9 @@ impl Inner {
         }
     }
 
-    /// Sends a failover's SMS and records the outcome on its code.
-    async fn send_failover(self: Arc<Self>, failover: PendingFailover) {
+    /// Sends a failover's SMS and records the outcome on its code. One given up
+    /// because otpd is stopping is not recorded: its claim brings it back.
+    async fn send_failover(self: Arc<Self>, failover: PendingFailover, stop: CancellationToken) {
         let outcome = match self.sealer.open(&failover.token, &failover.sealed_text) {
             Some(text) => self.post(&self.sms(&failover.to, &text)).await,
             None => Err(DeliveryError::Refused(
@@ -192,6 +194,7 @@ impl Inner {
                 );
                 (FAILOVER_SENT, uuid)
             }
+            Err(DeliveryError::Unavailable(_)) if stop.is_cancelled() => return,
             Err(e) => {
                 tracing::error!(token = failover.token, error = %e, "failover SMS not sent");
                 (FAILOVER_FAILED, e.to_string())

@@ -142,20 +142,23 @@ fn render(template: &str, code: &Code, ttl_secs: u64) -> String {
 
 /// Builds the backend the configuration names. `counters` get its delivery counts;
 /// the `messages` backend keeps pending failovers in `store`, their texts sealed with
-/// a key derived from `secret`.
+/// a key derived from `secret`. Once `stopping` is cancelled, no delivery is retried.
 pub fn from_config(
     config: &Config,
     counters: Arc<Counters>,
     store: Arc<dyn Store>,
     secret: &ServerSecret,
+    stopping: CancellationToken,
 ) -> anyhow::Result<Arc<dyn Delivery>> {
     for api in [vonage::Api::Dispatch, vonage::Api::Messages] {
         api.check(config)?;
     }
     Ok(match config.delivery.backend()? {
         Backend::Log => Arc::new(LogDelivery::new(&config.delivery)?),
-        Backend::Dispatch => Arc::new(DispatchDelivery::new(config, counters)?),
-        Backend::Messages => Arc::new(MessagesDelivery::new(config, counters, store, secret)?),
+        Backend::Dispatch => Arc::new(DispatchDelivery::new(config, counters, stopping)?),
+        Backend::Messages => Arc::new(MessagesDelivery::new(
+            config, counters, store, secret, stopping,
+        )?),
     })
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use hyper::Uri;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use super::http_client::ApiClient;
 use super::jwt::{self, JwtSigner, SystemClock};
@@ -173,7 +174,12 @@ impl Vonage {
 
     /// Validates the API's section of `config` and loads the private key. Every error
     /// names its key.
-    pub fn from_config(api: Api, config: &Config, counters: Arc<Counters>) -> anyhow::Result<Self> {
+    pub fn from_config(
+        api: Api,
+        config: &Config,
+        counters: Arc<Counters>,
+        stopping: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let settings = api.settings(config)?;
         let v = api.section_of(config);
         if v.application_id.trim().is_empty() {
@@ -191,6 +197,7 @@ impl Vonage {
             Duration::from_secs(v.timeout_secs),
             v.max_retries,
             counters,
+            stopping,
         )?;
         if settings.messenger_from.is_none() {
             tracing::info!(
