@@ -306,6 +306,11 @@ impl Otp {
         if to.messenger.is_none() && to.sms.is_none() {
             return Err(bad("to", "needs a messenger id or an sms number (or both)"));
         }
+        if to.messenger.is_some()
+            && let Some(reason) = self.delivery.no_messenger()
+        {
+            return Err(bad("to.messenger", reason));
+        }
         let ttl_secs = self.checked_ttl(ttl_secs)?;
         let code = Code::generate(self.checked_code_length(code_length)?);
         let digest = code.digest(&self.secret, &token);

@@ -252,20 +252,21 @@ fn a_failed_delivery_still_counts_toward_the_cooldown() {
 }
 
 #[test]
-fn a_messenger_id_without_messenger_from_answers_502() {
+fn a_messenger_id_without_messenger_from_is_a_bad_request_that_counts_no_send() {
     let vonage = VonageStandIn::start();
-    let daemon = start(&vonage, "messenger_from = \"\"");
+    // The default 30 s resend cooldown: a counted send would refuse the SMS create.
+    let (backend, delivery) = vonage.config("dispatch", "messenger_from = \"\"");
+    let daemon = Daemon::start_with(&format!("[otp]\ncode_length = 10\n{backend}"), &delivery);
     let answer = create(&daemon, "m1", json!({"messenger": PSID, "sms": PHONE}));
-    assert_eq!(answer["error"], "delivery_failed", "{answer}");
+    assert_eq!(answer["status"], 400, "{answer}");
+    let message = answer["message"].as_str().unwrap();
+    assert!(message.starts_with("to.messenger: "), "{answer}");
     assert!(
-        answer["message"]
-            .as_str()
-            .unwrap()
-            .contains("messenger_from"),
+        message.contains("delivery.dispatch.messenger_from"),
         "{answer}"
     );
     assert!(vonage.requests().is_empty(), "nothing sent");
-    let sms_only = create(&daemon, "s1", json!({"sms": PHONE}));
+    let sms_only = create(&daemon, "m1", json!({"sms": PHONE}));
     assert_eq!(sms_only["status"], 201, "SMS still works: {sms_only}");
 }
 

@@ -70,6 +70,10 @@ impl DispatchDelivery {
 
 #[async_trait]
 impl Delivery for DispatchDelivery {
+    fn no_messenger(&self) -> Option<String> {
+        self.vonage.no_messenger()
+    }
+
     async fn send(&self, message: &Message<'_>) -> Result<Receipt, DeliveryError> {
         let body = self.workflow(message)?;
         let answer = self.vonage.client.post_json(&self.url, &body).await?;

@@ -223,6 +223,10 @@ impl Inner {
 
 #[async_trait]
 impl Delivery for MessagesDelivery {
+    fn no_messenger(&self) -> Option<String> {
+        self.inner.vonage.no_messenger()
+    }
+
     async fn send(&self, message: &Message<'_>) -> Result<Receipt, DeliveryError> {
         let inner = &self.inner;
         let Some(psid) = &message.to.messenger else {

@@ -122,6 +122,13 @@ pub trait Delivery: Send + Sync {
     /// Sends the message; returns once the provider has accepted it.
     async fn send(&self, message: &Message<'_>) -> Result<Receipt, DeliveryError>;
 
+    /// Why this backend sends no Messenger messages, if it does not (an SMS-only
+    /// deployment): a create that names a Messenger id is refused before anything is
+    /// stored or counted.
+    fn no_messenger(&self) -> Option<String> {
+        None
+    }
+
     /// Work the backend does on its own (the `messages` failover timer); the daemon
     /// runs it until `stop` and waits for it at shutdown.
     fn background(

@@ -217,6 +217,16 @@ impl Vonage {
         Ok(format!("{}{path}", self.settings.api_url).parse()?)
     }
 
+    /// See [`super::Delivery::no_messenger`].
+    pub fn no_messenger(&self) -> Option<String> {
+        self.settings.messenger_from.is_none().then(|| {
+            format!(
+                "this deployment sends no Messenger messages ({} is empty)",
+                self.api.key("messenger_from")
+            )
+        })
+    }
+
     /// The Page id, or a refusal naming the key when Messenger is not configured.
     pub fn messenger_from(&self) -> Result<&str, DeliveryError> {
         self.settings.messenger_from.as_deref().ok_or_else(|| {
