@@ -142,7 +142,7 @@ fn messenger_carries_vonage_failover_and_the_sms_follows_once_at_the_deadline() 
     assert_eq!(sent.len(), 1, "exactly one SMS");
     assert_eq!(
         sent[0].body,
-        sms(&format!("{code} is your code. It expires in 1 minutes.")),
+        sms(&format!("{code} is your code. It expires in 1 minute.")),
         "the same number, and the minutes left after the 15 s wait (60 s of 75)"
     );
     assert!(

@@ -139,9 +139,15 @@ pub trait Delivery: Send + Sync {
     }
 }
 
-/// Fills `{code}` and `{minutes}` into the template.
+/// Fills `{code}` and `{minutes}` into the template. The default's "{minutes}
+/// minutes" reads "1 minute" when one is left.
 fn render(template: &str, code: &Code, ttl_secs: u64) -> String {
     let minutes = ttl_secs.div_ceil(60).max(1);
+    let template = if minutes == 1 {
+        template.replace("{minutes} minutes", "1 minute")
+    } else {
+        template.to_owned()
+    };
     template
         .replace("{minutes}", &minutes.to_string())
         .replace("{code}", code.expose())
@@ -187,6 +193,15 @@ mod tests {
         assert_eq!(
             render("{code} for {minutes} min", &code, 1),
             "123456 for 1 min"
+        );
+        let default = "Code {code}. It expires in {minutes} minutes.";
+        assert_eq!(
+            render(default, &code, 60),
+            "Code 123456. It expires in 1 minute."
+        );
+        assert_eq!(
+            render(default, &code, 61),
+            "Code 123456. It expires in 2 minutes."
         );
     }
 

@@ -495,11 +495,14 @@ fn text_within(value: &Value, max: usize) -> bool {
 /// The code a [`TEMPLATE`] text carries.
 fn template_code(text: &str) -> Option<&str> {
     let (code, rest) = text.split_once(" is your code. It expires in ")?;
-    let minutes = rest.strip_suffix(" minutes.")?;
     let digits = |s: &str, lengths: std::ops::RangeInclusive<usize>| {
         lengths.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
     };
-    (digits(code, 4..=10) && digits(minutes, 1..=4)).then_some(code)
+    let minutes_ok = match rest.strip_suffix(" minutes.") {
+        Some(minutes) => digits(minutes, 1..=4) && minutes != "1",
+        None => rest == "1 minute.",
+    };
+    (digits(code, 4..=10) && minutes_ok).then_some(code)
 }
 
 /// Every text of one request carries the same code.
