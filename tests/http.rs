@@ -437,6 +437,31 @@ fn badly_signed_webhooks_are_refused_and_logged() {
 }
 
 #[test]
+fn a_forged_jwt_header_cannot_write_a_line_of_its_own_into_the_log() {
+    let daemon = start("");
+    let forged = "2026-11-26T09:05:00Z  INFO otpd: FORGED admin logged in";
+    let header = json!({"alg": format!("HS256\n{forged}"), "typ": "JWT"}).to_string();
+    let body = br#"{"message_uuid":"m","status":"read"}"#;
+    let claims = json!({"iat": now_secs(), "payload_hash": common::http::sha256_hex(body)});
+    let token = [header.as_bytes(), claims.to_string().as_bytes(), b"sig"]
+        .map(common::http::base64url)
+        .join(".");
+    let answer = post_status(&daemon, body, Some(&format!("Bearer {token}")));
+    assert_eq!((answer.status, answer.text()), (401, "Unauthorized"));
+    let log = daemon.stderr();
+    assert!(
+        !log.lines().any(|line| line.starts_with(forged)),
+        "a forged line: {log}"
+    );
+    assert!(
+        log.lines()
+            .any(|line| line.contains("refused a status webhook")
+                && line.contains("reason=\"JWT: malformed\"")),
+        "the refusal is logged: {log}"
+    );
+}
+
+#[test]
 fn without_a_secret_every_webhook_is_refused() {
     let daemon = Daemon::start("[http]\nlisten = \"127.0.0.1:0\"\n");
     assert!(daemon.stderr().contains("status webhooks will be refused"));

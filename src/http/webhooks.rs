@@ -186,7 +186,7 @@ impl Webhooks {
             }
             Err(Refused::Unauthorized(reason)) => {
                 self.count(Outcome::Unauthorized);
-                tracing::warn!(%reason, "refused a status webhook (401)");
+                tracing::warn!(?reason, "refused a status webhook (401)");
                 return text(StatusCode::UNAUTHORIZED, "Unauthorized");
             }
         }
@@ -194,7 +194,7 @@ impl Webhooks {
             Ok(report) => report,
             Err(reason) => {
                 self.count(Outcome::Malformed);
-                tracing::warn!(%reason, "signed status webhook not understood (400)");
+                tracing::warn!(?reason, "signed status webhook not understood (400)");
                 return text(StatusCode::BAD_REQUEST, &format!("body: {reason}"));
             }
         };
@@ -259,7 +259,7 @@ impl Webhooks {
         };
         let claims = match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
             Ok(data) => data.claims,
-            Err(error) => return refuse(format!("JWT: {error}")),
+            Err(error) => return refuse(jwt_refusal(&error).into()),
         };
         let Some(payload_hash) = claims.payload_hash else {
             return refuse("JWT: no payload_hash claim".into());
@@ -270,13 +270,45 @@ impl Webhooks {
         let Some(iat) = claims.iat else {
             return refuse("JWT: no iat claim".into());
         };
-        let skew = (now / 1000) as i64 - iat;
-        if skew.abs() > MAX_IAT_SKEW_SECS {
+        let age = (now / 1000) as i64 - iat;
+        if age.abs() > MAX_IAT_SKEW_SECS {
+            let when = if age > 0 {
+                "in the past"
+            } else {
+                "in the future"
+            };
             return refuse(format!(
-                "JWT: iat is {skew} s from now (at most {MAX_IAT_SKEW_SECS} allowed)"
+                "JWT: iat is {} s {when} (at most {MAX_IAT_SKEW_SECS} allowed)",
+                age.unsigned_abs()
             ));
         }
         Ok(())
+    }
+}
+
+/// Why jsonwebtoken refused a token, in fixed words: its own messages quote the token
+/// (a header `{"alg":"HS256\n…"}` would put a forged line into the log).
+fn jwt_refusal(error: &jsonwebtoken::errors::Error) -> &'static str {
+    use jsonwebtoken::errors::ErrorKind;
+    match error.kind() {
+        ErrorKind::InvalidSignature => "JWT: bad signature",
+        ErrorKind::ExpiredSignature => "JWT: expired (exp)",
+        ErrorKind::ImmatureSignature => "JWT: not valid yet (nbf)",
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::UnsupportedAlgorithm
+        | ErrorKind::MissingAlgorithm => "JWT: not signed with HS256",
+        ErrorKind::InvalidToken
+        | ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_) => "JWT: malformed",
+        ErrorKind::MissingRequiredClaim(_) | ErrorKind::InvalidClaimFormat(_) => {
+            "JWT: a claim is missing or malformed"
+        }
+        ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience | ErrorKind::InvalidSubject => {
+            "JWT: unexpected iss, aud or sub"
+        }
+        _ => "JWT: refused",
     }
 }
 
@@ -416,10 +448,18 @@ mod tests {
             webhooks.authenticate(&good, b"{\"status\":\"read\" }", now),
             Err(Refused::Unauthorized(r)) if r.contains("payload_hash")
         ));
-        assert!(matches!(
+        assert_eq!(
             webhooks.authenticate(&good, body, now + 301_000),
-            Err(Refused::Unauthorized(r)) if r.contains("iat")
-        ));
+            Err(Refused::Unauthorized(
+                "JWT: iat is 301 s in the past (at most 300 allowed)".into()
+            ))
+        );
+        assert_eq!(
+            webhooks.authenticate(&good, body, now - 301_000),
+            Err(Refused::Unauthorized(
+                "JWT: iat is 301 s in the future (at most 300 allowed)".into()
+            ))
+        );
         assert_eq!(
             webhooks.authenticate(&HeaderMap::new(), body, now),
             Err(Refused::Unsigned)
