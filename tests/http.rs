@@ -406,12 +406,18 @@ fn badly_signed_webhooks_are_refused_and_logged() {
             "{what}"
         );
     }
-    let refusals = daemon
-        .stderr()
-        .lines()
-        .filter(|line| line.contains("refused a status webhook"))
-        .count();
-    assert_eq!(refusals, cases.len(), "one log line per refusal");
+    assert!(
+        daemon.stderr().contains("refused a status webhook"),
+        "{}",
+        daemon.stderr()
+    );
+    let samples = parse_prometheus(daemon.http().get("/metrics").text());
+    let unauthorized = sample(
+        &samples,
+        "otpd_webhooks_total",
+        &[("outcome", "unauthorized")],
+    );
+    assert_eq!(unauthorized, cases.len() as f64);
 
     // Unsigned: 503 so that Vonage retries it (signed, one hopes).
     let answer = post_status(&daemon, body, None);
@@ -459,6 +465,64 @@ fn a_forged_jwt_header_cannot_write_a_line_of_its_own_into_the_log() {
                 && line.contains("reason=\"JWT: malformed\"")),
         "the refusal is logged: {log}"
     );
+}
+
+/// The `held_back` of each of the daemon's log lines that contain `what`.
+fn held_back_counts(daemon: &Daemon, what: &str) -> Vec<u64> {
+    daemon
+        .stderr()
+        .lines()
+        .filter(|line| line.contains(what))
+        .map(|line| {
+            let (_, count) = line.rsplit_once("held_back=").expect("held_back");
+            count.trim().parse().expect("a count")
+        })
+        .collect()
+}
+
+#[test]
+fn a_flood_of_refused_webhooks_is_logged_once_a_second_and_counted_in_full() {
+    const FLOOD: u64 = 300;
+    let daemon = start("");
+    let body = br#"{"message_uuid":"m","status":"read"}"#;
+    let bearer = format!("Bearer {}", webhook_jwt("another-secret", body, now_secs()));
+    let headers = [("authorization", bearer.as_str())];
+    let http = daemon.http();
+    let mut connection = http.connect();
+    let started = std::time::Instant::now();
+    for _ in 0..FLOOD {
+        let answer = connection.send(
+            "POST",
+            "/webhooks/status",
+            &headers,
+            Payload::Sized(body.to_vec()),
+        );
+        assert_eq!(answer.status, 401);
+    }
+    // One line for each wall-clock second the flood touched, at most.
+    let lines = held_back_counts(&daemon, "refused a status webhook").len() as u64;
+    assert!(
+        (1..=started.elapsed().as_secs() + 2).contains(&lines),
+        "{lines} lines in {:?}",
+        started.elapsed()
+    );
+
+    // The next second's refusal is logged, and counts those held back since the last.
+    std::thread::sleep(Duration::from_millis(1100));
+    let answer = post_status(&daemon, body, Some(&bearer));
+    assert_eq!(answer.status, 401);
+    let held_back = held_back_counts(&daemon, "refused a status webhook");
+    assert_eq!(held_back.len() as u64, lines + 1);
+    let logged_or_held_back: u64 = held_back.iter().map(|held| held + 1).sum();
+    assert_eq!(logged_or_held_back, FLOOD + 1, "{held_back:?}");
+
+    let samples = parse_prometheus(http.get("/metrics").text());
+    let unauthorized = sample(
+        &samples,
+        "otpd_webhooks_total",
+        &[("outcome", "unauthorized")],
+    );
+    assert_eq!(unauthorized, (FLOOD + 1) as f64);
 }
 
 #[test]

@@ -4,9 +4,10 @@
 //! Vonage signs each callback with an HS256 JWT made with the account's signature
 //! secret; its `payload_hash` claim is the SHA-256 of the body. A callback is accepted
 //! only when the signature, the hash of the exact body and a recent `iat` all hold.
-//! Badly signed ones get 401 (and a log line); unsigned ones get 503, because Vonage
-//! sends an unsigned callback only after an internal error and retries 5xx answers, so
-//! the retry can arrive signed (README.md, "Vonage status webhooks", has Vonage's sources).
+//! Badly signed ones get 401; unsigned ones get 503, because Vonage sends an unsigned
+//! callback only after an internal error and retries 5xx answers, so the retry can
+//! arrive signed (README.md, "Vonage status webhooks", has Vonage's sources). Refusals
+//! are logged at most once a second: anyone can send them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Answer, text};
 use crate::config::{HttpConfig, SystemdDirs};
+use crate::log_throttle::OncePerSecond;
 use crate::metrics::bump;
 use crate::otp::Otp;
 use crate::rules::{DeliveryEvent, Millis, now_ms};
@@ -90,6 +92,13 @@ impl Outcome {
         Outcome::Malformed,
     ];
 
+    fn index(self) -> usize {
+        Outcome::ALL
+            .iter()
+            .position(|o| *o == self)
+            .expect("listed")
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Outcome::Recorded => "recorded",
@@ -136,6 +145,8 @@ pub struct Webhooks {
     outcomes: [AtomicU64; Outcome::ALL.len()],
     /// Recorded reports by status, as [`STATUSES`] and then `other`.
     statuses: [AtomicU64; STATUSES.len() + 1],
+    /// The log of refusals, per [`Outcome`] (see [`Webhooks::refused`]).
+    refusal_logs: [OncePerSecond; Outcome::ALL.len()],
 }
 
 impl Webhooks {
@@ -149,6 +160,7 @@ impl Webhooks {
             validation,
             outcomes: Default::default(),
             statuses: Default::default(),
+            refusal_logs: Default::default(),
         }
     }
 
@@ -170,8 +182,21 @@ impl Webhooks {
     }
 
     fn count(&self, outcome: Outcome) {
-        let index = Outcome::ALL.iter().position(|o| *o == outcome);
-        bump(&self.outcomes[index.expect("listed")]);
+        bump(&self.outcomes[outcome.index()]);
+    }
+
+    /// Counts a refused callback and logs it, at most once a second per outcome with
+    /// how many were not: anyone can send a flood of them (the metrics count each).
+    /// `reason` is logged escaped, as it may hold what the sender wrote.
+    fn refused(&self, outcome: Outcome, what: &str, reason: &str) {
+        self.count(outcome);
+        if let Some(held_back) = self.refusal_logs[outcome.index()].admit() {
+            tracing::warn!(
+                ?reason,
+                held_back,
+                "{what} (held_back: refusals since the last such line)"
+            );
+        }
     }
 
     /// `POST /webhooks/status`.
@@ -180,21 +205,30 @@ impl Webhooks {
         match self.authenticate(headers, body, now) {
             Ok(()) => {}
             Err(Refused::Unsigned) => {
-                self.count(Outcome::Unsigned);
-                tracing::warn!("unsigned status webhook: answered 503 so that Vonage retries it");
+                self.refused(
+                    Outcome::Unsigned,
+                    "unsigned status webhook: answered 503 so that Vonage retries it",
+                    "no Authorization header",
+                );
                 return retry_later("Unsigned callbacks are not accepted");
             }
             Err(Refused::Unauthorized(reason)) => {
-                self.count(Outcome::Unauthorized);
-                tracing::warn!(?reason, "refused a status webhook (401)");
+                self.refused(
+                    Outcome::Unauthorized,
+                    "refused a status webhook (401)",
+                    &reason,
+                );
                 return text(StatusCode::UNAUTHORIZED, "Unauthorized");
             }
         }
         let report = match parse_report(body, now) {
             Ok(report) => report,
             Err(reason) => {
-                self.count(Outcome::Malformed);
-                tracing::warn!(?reason, "signed status webhook not understood (400)");
+                self.refused(
+                    Outcome::Malformed,
+                    "signed status webhook not understood (400)",
+                    &reason,
+                );
                 return text(StatusCode::BAD_REQUEST, &format!("body: {reason}"));
             }
         };
