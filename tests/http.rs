@@ -768,6 +768,35 @@ fn unix_socket_listener() {
 }
 
 #[test]
+fn the_allow_lists_cover_a_unix_socket_listener() {
+    let uid = nix::unistd::getuid().as_raw();
+    let daemon = Daemon::start(&format!(
+        "[server]\nallowed_uids = [{}]\n[http]\nlisten = \"unix:{{dir}}/http.sock\"\n",
+        uid + 1
+    ));
+    let http = daemon.http();
+    let answer = http.get("/");
+    assert_eq!(
+        (answer.status, answer.text()),
+        (403, "This user may not use otpd")
+    );
+    assert_eq!(http.post("/otp/refused", TUTORIAL_BODY).status, 403);
+    // Logged as the socket logs its refusals, one line per connection.
+    let log = daemon.stderr();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("refused a peer") && line.contains("listener=\"http\""))
+        .collect();
+    assert_eq!(refusals.len(), 2, "{log}");
+    assert!(
+        refusals
+            .iter()
+            .all(|line| line.contains(&format!("uid={uid}")))
+    );
+    assert!(!log.contains("would send"), "nothing was created: {log}");
+}
+
+#[test]
 fn shutdown_closes_kept_alive_connections_and_exits_cleanly() {
     let mut daemon = start("");
     let http = daemon.http();
