@@ -746,6 +746,24 @@ fn metrics_parse_as_prometheus_text() {
         &[("listener", "http")],
     );
     assert!(http_count >= 5.0, "{http_count}");
+
+    // README.md's table names every family.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"));
+    let readme = readme.unwrap();
+    for line in answer.text().lines() {
+        if let Some(family) = line.strip_prefix("# TYPE ") {
+            let name = family.split_whitespace().next().unwrap();
+            let named = [
+                format!("| `{name}`"),
+                format!("| `{name}{{"),
+                format!(", `{name}`"),
+            ];
+            assert!(
+                named.iter().any(|cell| readme.contains(cell.as_str())),
+                "{name} is missing from README.md's metrics table"
+            );
+        }
+    }
 }
 
 #[test]
