@@ -9,7 +9,8 @@
 //! from the [`config`] and tells systemd how it is doing ([`systemd`]); [`client`] speaks
 //! the protocol for the command-line tools, and [`bench`] measures a running daemon with
 //! it. The optional [`http`] listener serves the tutorial's REST API, Vonage's status
-//! webhooks and Prometheus metrics through the same service.
+//! webhooks and Prometheus metrics through the same service. Log lines that can come in
+//! floods (storage failures, refused webhooks) go through [`log_throttle`].
 
 pub mod bench;
 pub mod client;
@@ -20,6 +21,7 @@ pub mod delivery;
 pub mod handler;
 pub mod http;
 pub mod janitor;
+pub mod log_throttle;
 pub mod metrics;
 pub mod otp;
 pub mod protocol;

@@ -4,12 +4,12 @@
 //! the rules and limits are the same whichever way a request arrives.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::code::Code;
 use crate::config::{CODE_LENGTHS, OtpConfig};
 use crate::delivery::{Delivery, DeliveryError, Message, Recipients};
 use crate::janitor::Wakeup;
+use crate::log_throttle::OncePerSecond;
 use crate::metrics::{Counters, Stats, bump};
 use crate::rules::{
     Channel, CodeState, DeliveryEvent, Limits, Millis, Refusal, VerifyOutcome, now_ms,
@@ -225,13 +225,10 @@ impl Otp {
         op: &'static str,
         key: &'a str,
     ) -> impl FnOnce(StoreError) -> OtpError + 'a {
-        static LAST_LOGGED_SEC: AtomicU64 = AtomicU64::new(0);
-        static HELD_BACK: AtomicU64 = AtomicU64::new(0);
+        static THROTTLE: OncePerSecond = OncePerSecond::new();
         move |error| {
             bump(&self.counters.storage_failed);
-            let sec = now_ms() / 1000;
-            if LAST_LOGGED_SEC.swap(sec, Ordering::Relaxed) != sec {
-                let held_back = HELD_BACK.swap(0, Ordering::Relaxed);
+            if let Some(held_back) = THROTTLE.admit() {
                 tracing::error!(
                     op,
                     key,
@@ -239,8 +236,6 @@ impl Otp {
                     held_back,
                     "storage failed; answered 500 (held_back: failures since the last such line)"
                 );
-            } else {
-                HELD_BACK.fetch_add(1, Ordering::Relaxed);
             }
             OtpError::Storage(error)
         }

@@ -97,11 +97,47 @@ impl Drop for Listener {
 struct ConnectionPolicy {
     max_request_bytes: usize,
     idle_timeout: Duration,
+    peers: PeerPolicy,
+}
+
+/// Who may connect to a Unix socket, from `[server] allowed_uids` / `allowed_gids`:
+/// the protocol socket, and a `unix:` HTTP listener (a TCP peer has no uid to check).
+#[derive(Debug, Clone)]
+pub struct PeerPolicy {
     allowed_uids: Vec<u32>,
     allowed_gids: Vec<u32>,
 }
 
-impl ConnectionPolicy {
+impl PeerPolicy {
+    pub fn new(config: &ServerConfig) -> Self {
+        Self {
+            allowed_uids: config.allowed_uids.clone(),
+            allowed_gids: config.allowed_gids.clone(),
+        }
+    }
+
+    /// Whether the peer of `stream` may use otpd; a refusal is logged, naming the
+    /// `listener` and the peer's uid, gid and pid.
+    pub fn admits(&self, stream: &UnixStream, listener: &'static str) -> bool {
+        match stream.peer_cred() {
+            Ok(cred) if self.allows(stream, cred.uid(), cred.gid()) => true,
+            Ok(cred) => {
+                tracing::warn!(
+                    listener,
+                    uid = cred.uid(),
+                    gid = cred.gid(),
+                    pid = cred.pid(),
+                    "refused a peer not in allowed_uids / allowed_gids"
+                );
+                false
+            }
+            Err(error) => {
+                tracing::warn!(listener, %error, "cannot read peer credentials; refused");
+                false
+            }
+        }
+    }
+
     /// Whether the peer may use otpd: its uid, its primary gid or one of its
     /// supplementary groups is allowed (`adduser alice otpd-clients` gives alice the
     /// group as a supplementary one), or no allow-list is set.
@@ -211,8 +247,7 @@ pub async fn serve(
     let policy = Arc::new(ConnectionPolicy {
         max_request_bytes: config.max_request_bytes,
         idle_timeout: Duration::from_secs(config.idle_timeout_secs),
-        allowed_uids: config.allowed_uids.clone(),
-        allowed_gids: config.allowed_gids.clone(),
+        peers: PeerPolicy::new(config),
     });
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let mut backoff = AcceptBackoff::default();
@@ -264,26 +299,13 @@ async fn serve_connection(
     policy: &ConnectionPolicy,
     shutdown: CancellationToken,
 ) {
-    match stream.peer_cred() {
-        Ok(cred) if policy.allows(&stream, cred.uid(), cred.gid()) => {}
-        Ok(cred) => {
-            tracing::warn!(
-                uid = cred.uid(),
-                gid = cred.gid(),
-                pid = cred.pid(),
-                "refused a peer not in allowed_uids / allowed_gids"
-            );
-            let message = "this user may not use otpd".to_owned();
-            return refuse(
-                stream,
-                Response::error(None, 403, "forbidden", message, None),
-            )
-            .await;
-        }
-        Err(error) => {
-            tracing::warn!(%error, "cannot read peer credentials; closing");
-            return;
-        }
+    if !policy.peers.admits(&stream, "socket") {
+        let message = "this user may not use otpd".to_owned();
+        return refuse(
+            stream,
+            Response::error(None, 403, "forbidden", message, None),
+        )
+        .await;
     }
     let (read, write) = stream.into_split();
     let mut reader = BufReader::new(read);

@@ -406,12 +406,18 @@ fn badly_signed_webhooks_are_refused_and_logged() {
             "{what}"
         );
     }
-    let refusals = daemon
-        .stderr()
-        .lines()
-        .filter(|line| line.contains("refused a status webhook"))
-        .count();
-    assert_eq!(refusals, cases.len(), "one log line per refusal");
+    assert!(
+        daemon.stderr().contains("refused a status webhook"),
+        "{}",
+        daemon.stderr()
+    );
+    let samples = parse_prometheus(daemon.http().get("/metrics").text());
+    let unauthorized = sample(
+        &samples,
+        "otpd_webhooks_total",
+        &[("outcome", "unauthorized")],
+    );
+    assert_eq!(unauthorized, cases.len() as f64);
 
     // Unsigned: 503 so that Vonage retries it (signed, one hopes).
     let answer = post_status(&daemon, body, None);
@@ -434,6 +440,89 @@ fn badly_signed_webhooks_are_refused_and_logged() {
         status_of(&daemon, "guarded")["delivery"]["events"][0]["status"],
         "read"
     );
+}
+
+#[test]
+fn a_forged_jwt_header_cannot_write_a_line_of_its_own_into_the_log() {
+    let daemon = start("");
+    let forged = "2026-11-26T09:05:00Z  INFO otpd: FORGED admin logged in";
+    let header = json!({"alg": format!("HS256\n{forged}"), "typ": "JWT"}).to_string();
+    let body = br#"{"message_uuid":"m","status":"read"}"#;
+    let claims = json!({"iat": now_secs(), "payload_hash": common::http::sha256_hex(body)});
+    let token = [header.as_bytes(), claims.to_string().as_bytes(), b"sig"]
+        .map(common::http::base64url)
+        .join(".");
+    let answer = post_status(&daemon, body, Some(&format!("Bearer {token}")));
+    assert_eq!((answer.status, answer.text()), (401, "Unauthorized"));
+    let log = daemon.stderr();
+    assert!(
+        !log.lines().any(|line| line.starts_with(forged)),
+        "a forged line: {log}"
+    );
+    assert!(
+        log.lines()
+            .any(|line| line.contains("refused a status webhook")
+                && line.contains("reason=\"JWT: malformed\"")),
+        "the refusal is logged: {log}"
+    );
+}
+
+/// The `held_back` of each of the daemon's log lines that contain `what`.
+fn held_back_counts(daemon: &Daemon, what: &str) -> Vec<u64> {
+    daemon
+        .stderr()
+        .lines()
+        .filter(|line| line.contains(what))
+        .map(|line| {
+            let (_, count) = line.rsplit_once("held_back=").expect("held_back");
+            count.trim().parse().expect("a count")
+        })
+        .collect()
+}
+
+#[test]
+fn a_flood_of_refused_webhooks_is_logged_once_a_second_and_counted_in_full() {
+    const FLOOD: u64 = 300;
+    let daemon = start("");
+    let body = br#"{"message_uuid":"m","status":"read"}"#;
+    let bearer = format!("Bearer {}", webhook_jwt("another-secret", body, now_secs()));
+    let headers = [("authorization", bearer.as_str())];
+    let http = daemon.http();
+    let mut connection = http.connect();
+    let started = std::time::Instant::now();
+    for _ in 0..FLOOD {
+        let answer = connection.send(
+            "POST",
+            "/webhooks/status",
+            &headers,
+            Payload::Sized(body.to_vec()),
+        );
+        assert_eq!(answer.status, 401);
+    }
+    // One line for each wall-clock second the flood touched, at most.
+    let lines = held_back_counts(&daemon, "refused a status webhook").len() as u64;
+    assert!(
+        (1..=started.elapsed().as_secs() + 2).contains(&lines),
+        "{lines} lines in {:?}",
+        started.elapsed()
+    );
+
+    // The next second's refusal is logged, and counts those held back since the last.
+    std::thread::sleep(Duration::from_millis(1100));
+    let answer = post_status(&daemon, body, Some(&bearer));
+    assert_eq!(answer.status, 401);
+    let held_back = held_back_counts(&daemon, "refused a status webhook");
+    assert_eq!(held_back.len() as u64, lines + 1);
+    let logged_or_held_back: u64 = held_back.iter().map(|held| held + 1).sum();
+    assert_eq!(logged_or_held_back, FLOOD + 1, "{held_back:?}");
+
+    let samples = parse_prometheus(http.get("/metrics").text());
+    let unauthorized = sample(
+        &samples,
+        "otpd_webhooks_total",
+        &[("outcome", "unauthorized")],
+    );
+    assert_eq!(unauthorized, (FLOOD + 1) as f64);
 }
 
 #[test]
@@ -657,6 +746,24 @@ fn metrics_parse_as_prometheus_text() {
         &[("listener", "http")],
     );
     assert!(http_count >= 5.0, "{http_count}");
+
+    // README.md's table names every family.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"));
+    let readme = readme.unwrap();
+    for line in answer.text().lines() {
+        if let Some(family) = line.strip_prefix("# TYPE ") {
+            let name = family.split_whitespace().next().unwrap();
+            let named = [
+                format!("| `{name}`"),
+                format!("| `{name}{{"),
+                format!(", `{name}`"),
+            ];
+            assert!(
+                named.iter().any(|cell| readme.contains(cell.as_str())),
+                "{name} is missing from README.md's metrics table"
+            );
+        }
+    }
 }
 
 #[test]
@@ -676,6 +783,35 @@ fn unix_socket_listener() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o660, "server.socket_mode applies");
+}
+
+#[test]
+fn the_allow_lists_cover_a_unix_socket_listener() {
+    let uid = nix::unistd::getuid().as_raw();
+    let daemon = Daemon::start(&format!(
+        "[server]\nallowed_uids = [{}]\n[http]\nlisten = \"unix:{{dir}}/http.sock\"\n",
+        uid + 1
+    ));
+    let http = daemon.http();
+    let answer = http.get("/");
+    assert_eq!(
+        (answer.status, answer.text()),
+        (403, "This user may not use otpd")
+    );
+    assert_eq!(http.post("/otp/refused", TUTORIAL_BODY).status, 403);
+    // Logged as the socket logs its refusals, one line per connection.
+    let log = daemon.stderr();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("refused a peer") && line.contains("listener=\"http\""))
+        .collect();
+    assert_eq!(refusals.len(), 2, "{log}");
+    assert!(
+        refusals
+            .iter()
+            .all(|line| line.contains(&format!("uid={uid}")))
+    );
+    assert!(!log.contains("would send"), "nothing was created: {log}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The packaged files agree with the code: the example config lists every key with
-//! its default, and the units point where the package installs things.
+//! its default, the units point where the package installs things, and README.md's
+//! sessions work as written.
 
 use std::collections::BTreeMap;
 
@@ -10,6 +11,7 @@ const SERVICE: &str = include_str!("../systemd/otpd.service");
 const SOCKET: &str = include_str!("../systemd/otpd.socket");
 const SYSUSERS: &str = include_str!("../systemd/otpd.sysusers");
 const MANIFEST: &str = include_str!("../Cargo.toml");
+const README: &str = include_str!("../README.md");
 
 /// Every leaf of `value` by its dotted key (`otp.ttl_secs`).
 fn leaves(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, toml::Value>) {
@@ -117,4 +119,28 @@ fn the_service_never_deletes_the_activation_socket() {
     assert_eq!(directive(SERVICE, "Type"), "notify");
     assert_eq!(directive(SERVICE, "NotifyAccess"), "main");
     assert_eq!(directive(SERVICE, "Requires"), "otpd.socket");
+}
+
+/// README.md's sessions work when typed as written: a create piped into socat waits
+/// for its answer (socat closes half a second after its input ends unless `-t` says
+/// otherwise, and a create waits for its delivery), and the `otpd.log` a session reads
+/// is the one the quick start writes.
+#[test]
+fn readme_sessions_work_as_written() {
+    let piped_creates: Vec<&str> = README
+        .lines()
+        .filter(|line| line.contains(r#""op":"create""#) && line.contains("| socat"))
+        .collect();
+    assert!(!piped_creates.is_empty());
+    for line in piped_creates {
+        assert!(line.contains("| socat -t 30 -"), "{line}");
+    }
+    let reads_the_log = README
+        .lines()
+        .any(|line| line.starts_with("$ ") && line.contains("otpd.log") && !line.contains("serve"));
+    assert!(reads_the_log);
+    assert!(
+        README.contains("cargo run --release -- serve 2> otpd.log &"),
+        "the quick start does not write the otpd.log the socat session reads"
+    );
 }

@@ -121,7 +121,11 @@ impl ApiClient {
                     delay.as_secs()
                 )));
             }
-            tracing::info!(%reason, delay_ms = delay.as_millis() as u64, "Vonage: retrying");
+            tracing::info!(
+                ?reason,
+                delay_ms = delay.as_millis() as u64,
+                "Vonage: retrying"
+            );
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = self.stopping.cancelled() => {
@@ -226,8 +230,16 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
 }
 
 /// "status: title: detail (invalid: a, b)" from an RFC 7807 problem, or the bare
-/// status when the body is not one.
+/// status when the body is not one. Control characters become spaces: the text is the
+/// provider's, and it is logged.
 fn describe_problem(status: StatusCode, body: &[u8]) -> String {
+    describe_problem_raw(status, body)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+fn describe_problem_raw(status: StatusCode, body: &[u8]) -> String {
     let Ok(problem) = serde_json::from_slice::<Value>(body) else {
         return status.to_string();
     };
@@ -302,6 +314,15 @@ mod tests {
         assert_eq!(
             describe_problem(StatusCode::BAD_GATEWAY, b"<html>"),
             "502 Bad Gateway"
+        );
+    }
+
+    #[test]
+    fn control_characters_in_a_problem_become_spaces() {
+        let body = json!({"title": "Bad\nRequest", "detail": "a\r\n2026 FORGED", "invalid_parameters": [{"name": "x\u{1b}[31m"}]});
+        assert_eq!(
+            describe_problem(StatusCode::BAD_REQUEST, body.to_string().as_bytes()),
+            "400 Bad Request: Bad Request: a  2026 FORGED (invalid: x [31m)"
         );
     }
 

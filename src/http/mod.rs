@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, SystemdDirs};
 use crate::otp::Otp;
-use crate::server::{self, AcceptBackoff, SHUTDOWN_GRACE, wait_for_peer};
+use crate::server::{self, AcceptBackoff, PeerPolicy, SHUTDOWN_GRACE, wait_for_peer};
 
 pub use webhooks::WEBHOOK_SECRET_CREDENTIAL;
 
@@ -89,6 +89,8 @@ struct App {
     read_timeout: Duration,
     /// The daemon's stop: a body still coming then gets [`SHUTDOWN_GRACE`].
     shutdown: CancellationToken,
+    /// `[server] allowed_uids` / `allowed_gids`, for a `unix:` listener's peers.
+    peers: PeerPolicy,
 }
 
 /// Binds `[http] listen` and serves it on `tracker` until `shutdown`; does nothing when
@@ -116,6 +118,7 @@ pub async fn start(
         max_body: config.server.max_request_bytes,
         read_timeout: Duration::from_secs(config.server.idle_timeout_secs),
         shutdown: shutdown.clone(),
+        peers: PeerPolicy::new(&config.server),
     });
     let slots = Arc::new(Semaphore::new(config.server.max_connections));
     tracker.spawn(serve(listener, app, slots, shutdown, tracker.clone()));
@@ -149,7 +152,11 @@ async fn serve(
         };
         let (app, shutdown, handlers) = (app.clone(), shutdown.clone(), tracker.clone());
         tracker.spawn(async move {
-            serve_connection(stream, app, shutdown, handlers).await;
+            let forbidden = match &stream {
+                Either::Left(_) => false,
+                Either::Right(unix) => !app.peers.admits(unix, "http"),
+            };
+            serve_connection(stream, app, shutdown, handlers, forbidden).await;
             drop(slot);
         });
     }
@@ -160,12 +167,14 @@ async fn serve(
 /// Each request runs as a task on `handlers` (the daemon's tracker), so it finishes
 /// even if the client hangs up, and the daemon waits for it. At shutdown the request
 /// in hand is answered however long it takes; a request not yet whole gets
-/// [`SHUTDOWN_GRACE`].
+/// [`SHUTDOWN_GRACE`]. A `forbidden` peer's first request is answered 403, and the
+/// connection closed.
 async fn serve_connection<S>(
     stream: S,
     app: Arc<App>,
     shutdown: CancellationToken,
     handlers: TaskTracker,
+    forbidden: bool,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -173,22 +182,26 @@ async fn serve_connection<S>(
     // Headers are held to the body's limit (hyper's floor is 8 KiB): 431 beyond.
     let max_head = app.max_body.max(8192);
     let in_hand = TaskTracker::new();
-    let service =
-        {
-            let in_hand = in_hand.clone();
-            hyper::service::service_fn(move |request| {
-                let app = app.clone();
-                let answer =
-                    handlers.spawn(in_hand.track_future(async move { app.answer(request).await }));
-                async move {
-                    Ok::<_, Infallible>(answer.await.unwrap_or_else(|_| {
+    let service = {
+        let in_hand = in_hand.clone();
+        hyper::service::service_fn(move |request| {
+            let app = app.clone();
+            let answer = (!forbidden).then(|| {
+                handlers.spawn(in_hand.track_future(async move { app.answer(request).await }))
+            });
+            async move {
+                Ok::<_, Infallible>(match answer {
+                    None => text(StatusCode::FORBIDDEN, "This user may not use otpd"),
+                    Some(answer) => answer.await.unwrap_or_else(|_| {
                         text(StatusCode::INTERNAL_SERVER_ERROR, "Internal error")
-                    }))
-                }
-            })
-        };
+                    }),
+                })
+            }
+        })
+    };
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
+        .keep_alive(!forbidden)
         .header_read_timeout(read_timeout)
         .max_buf_size(max_head)
         .serve_connection(TokioIo::new(stream), service);

@@ -4,9 +4,10 @@
 //! Vonage signs each callback with an HS256 JWT made with the account's signature
 //! secret; its `payload_hash` claim is the SHA-256 of the body. A callback is accepted
 //! only when the signature, the hash of the exact body and a recent `iat` all hold.
-//! Badly signed ones get 401 (and a log line); unsigned ones get 503, because Vonage
-//! sends an unsigned callback only after an internal error and retries 5xx answers, so
-//! the retry can arrive signed (README.md, "Vonage status webhooks", has Vonage's sources).
+//! Badly signed ones get 401; unsigned ones get 503, because Vonage sends an unsigned
+//! callback only after an internal error and retries 5xx answers, so the retry can
+//! arrive signed (README.md, "Vonage status webhooks", has Vonage's sources). Refusals
+//! are logged at most once a second: anyone can send them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Answer, text};
 use crate::config::{HttpConfig, SystemdDirs};
+use crate::log_throttle::OncePerSecond;
 use crate::metrics::bump;
 use crate::otp::Otp;
 use crate::rules::{DeliveryEvent, Millis, now_ms};
@@ -90,6 +92,13 @@ impl Outcome {
         Outcome::Malformed,
     ];
 
+    fn index(self) -> usize {
+        Outcome::ALL
+            .iter()
+            .position(|o| *o == self)
+            .expect("listed")
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Outcome::Recorded => "recorded",
@@ -136,6 +145,8 @@ pub struct Webhooks {
     outcomes: [AtomicU64; Outcome::ALL.len()],
     /// Recorded reports by status, as [`STATUSES`] and then `other`.
     statuses: [AtomicU64; STATUSES.len() + 1],
+    /// The log of refusals, per [`Outcome`] (see [`Webhooks::refused`]).
+    refusal_logs: [OncePerSecond; Outcome::ALL.len()],
 }
 
 impl Webhooks {
@@ -149,6 +160,7 @@ impl Webhooks {
             validation,
             outcomes: Default::default(),
             statuses: Default::default(),
+            refusal_logs: Default::default(),
         }
     }
 
@@ -170,8 +182,21 @@ impl Webhooks {
     }
 
     fn count(&self, outcome: Outcome) {
-        let index = Outcome::ALL.iter().position(|o| *o == outcome);
-        bump(&self.outcomes[index.expect("listed")]);
+        bump(&self.outcomes[outcome.index()]);
+    }
+
+    /// Counts a refused callback and logs it, at most once a second per outcome with
+    /// how many were not: anyone can send a flood of them (the metrics count each).
+    /// `reason` is logged escaped, as it may hold what the sender wrote.
+    fn refused(&self, outcome: Outcome, what: &str, reason: &str) {
+        self.count(outcome);
+        if let Some(held_back) = self.refusal_logs[outcome.index()].admit() {
+            tracing::warn!(
+                ?reason,
+                held_back,
+                "{what} (held_back: refusals since the last such line)"
+            );
+        }
     }
 
     /// `POST /webhooks/status`.
@@ -180,21 +205,30 @@ impl Webhooks {
         match self.authenticate(headers, body, now) {
             Ok(()) => {}
             Err(Refused::Unsigned) => {
-                self.count(Outcome::Unsigned);
-                tracing::warn!("unsigned status webhook: answered 503 so that Vonage retries it");
+                self.refused(
+                    Outcome::Unsigned,
+                    "unsigned status webhook: answered 503 so that Vonage retries it",
+                    "no Authorization header",
+                );
                 return retry_later("Unsigned callbacks are not accepted");
             }
             Err(Refused::Unauthorized(reason)) => {
-                self.count(Outcome::Unauthorized);
-                tracing::warn!(%reason, "refused a status webhook (401)");
+                self.refused(
+                    Outcome::Unauthorized,
+                    "refused a status webhook (401)",
+                    &reason,
+                );
                 return text(StatusCode::UNAUTHORIZED, "Unauthorized");
             }
         }
         let report = match parse_report(body, now) {
             Ok(report) => report,
             Err(reason) => {
-                self.count(Outcome::Malformed);
-                tracing::warn!(%reason, "signed status webhook not understood (400)");
+                self.refused(
+                    Outcome::Malformed,
+                    "signed status webhook not understood (400)",
+                    &reason,
+                );
                 return text(StatusCode::BAD_REQUEST, &format!("body: {reason}"));
             }
         };
@@ -259,7 +293,7 @@ impl Webhooks {
         };
         let claims = match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
             Ok(data) => data.claims,
-            Err(error) => return refuse(format!("JWT: {error}")),
+            Err(error) => return refuse(jwt_refusal(&error).into()),
         };
         let Some(payload_hash) = claims.payload_hash else {
             return refuse("JWT: no payload_hash claim".into());
@@ -270,13 +304,45 @@ impl Webhooks {
         let Some(iat) = claims.iat else {
             return refuse("JWT: no iat claim".into());
         };
-        let skew = (now / 1000) as i64 - iat;
-        if skew.abs() > MAX_IAT_SKEW_SECS {
+        let age = (now / 1000) as i64 - iat;
+        if age.abs() > MAX_IAT_SKEW_SECS {
+            let when = if age > 0 {
+                "in the past"
+            } else {
+                "in the future"
+            };
             return refuse(format!(
-                "JWT: iat is {skew} s from now (at most {MAX_IAT_SKEW_SECS} allowed)"
+                "JWT: iat is {} s {when} (at most {MAX_IAT_SKEW_SECS} allowed)",
+                age.unsigned_abs()
             ));
         }
         Ok(())
+    }
+}
+
+/// Why jsonwebtoken refused a token, in fixed words: its own messages quote the token
+/// (a header `{"alg":"HS256\n…"}` would put a forged line into the log).
+fn jwt_refusal(error: &jsonwebtoken::errors::Error) -> &'static str {
+    use jsonwebtoken::errors::ErrorKind;
+    match error.kind() {
+        ErrorKind::InvalidSignature => "JWT: bad signature",
+        ErrorKind::ExpiredSignature => "JWT: expired (exp)",
+        ErrorKind::ImmatureSignature => "JWT: not valid yet (nbf)",
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::UnsupportedAlgorithm
+        | ErrorKind::MissingAlgorithm => "JWT: not signed with HS256",
+        ErrorKind::InvalidToken
+        | ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_) => "JWT: malformed",
+        ErrorKind::MissingRequiredClaim(_) | ErrorKind::InvalidClaimFormat(_) => {
+            "JWT: a claim is missing or malformed"
+        }
+        ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience | ErrorKind::InvalidSubject => {
+            "JWT: unexpected iss, aud or sub"
+        }
+        _ => "JWT: refused",
     }
 }
 
@@ -416,10 +482,18 @@ mod tests {
             webhooks.authenticate(&good, b"{\"status\":\"read\" }", now),
             Err(Refused::Unauthorized(r)) if r.contains("payload_hash")
         ));
-        assert!(matches!(
+        assert_eq!(
             webhooks.authenticate(&good, body, now + 301_000),
-            Err(Refused::Unauthorized(r)) if r.contains("iat")
-        ));
+            Err(Refused::Unauthorized(
+                "JWT: iat is 301 s in the past (at most 300 allowed)".into()
+            ))
+        );
+        assert_eq!(
+            webhooks.authenticate(&good, body, now - 301_000),
+            Err(Refused::Unauthorized(
+                "JWT: iat is 301 s in the future (at most 300 allowed)".into()
+            ))
+        );
         assert_eq!(
             webhooks.authenticate(&HeaderMap::new(), body, now),
             Err(Refused::Unsigned)

@@ -220,6 +220,22 @@ pub fn webhook_jwt(secret: &str, hashed: &[u8], iat: i64) -> String {
     .unwrap()
 }
 
+/// Unpadded base64url, as JWTs use: for tokens no JWT library would make.
+pub fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut text = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            text.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    text
+}
+
 /// Posts `body` to `/webhooks/status` with `authorization` (if any).
 pub fn post_status(daemon: &Daemon, body: &[u8], authorization: Option<&str>) -> Reply {
     let mut headers = vec![("content-type", "application/json")];
