@@ -907,6 +907,36 @@ fn a_client_that_hangs_up_does_not_cut_its_create_short() {
 }
 
 #[test]
+fn requests_whose_clients_hung_up_still_count_toward_max_connections() {
+    let vonage = common::vonage::VonageStandIn::start();
+    let (backend, delivery) = vonage.config("dispatch", "");
+    let daemon = Daemon::start_with(
+        &http_config(&format!(
+            "[server]\nmax_connections = 2\n[otp]\nresend_cooldown_secs = 0\n{backend}"
+        )),
+        &delivery,
+    );
+    vonage.hold();
+    for i in 0..5 {
+        let stream = send_create_unanswered(&daemon, &format!("bounded-{i}"));
+        stream.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+    common::wait_for("two creates to reach Vonage", || {
+        vonage.unanswered().len() == 2
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        vonage.requests().len() + vonage.unanswered().len(),
+        2,
+        "no more creates under way than max_connections"
+    );
+    vonage.release();
+    common::wait_for("the other three, one slot at a time", || {
+        vonage.requests().len() == 5
+    });
+}
+
+#[test]
 fn a_request_that_never_comes_whole_does_not_hold_the_stop() {
     use std::io::Write;
     // An hour of idle timeout: only the shutdown grace can end these connections.

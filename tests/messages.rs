@@ -344,23 +344,51 @@ fn a_slow_failover_sms_holds_up_no_other() {
 }
 
 #[test]
-fn a_stop_during_a_failover_send_does_not_wait_for_it() {
+fn a_stop_while_a_failover_sms_waits_to_retry_sets_it_aside_for_the_next_start() {
     let vonage = stand_in();
-    // An SMS that hangs would hold the stop for the longest send: 5 minutes.
-    let mut daemon = start_configured(&vonage, "timeout_secs = 300\nmax_retries = 0\n");
-    vonage.script(&[Reply::Accept, Reply::Hang]);
-    create_both(&daemon, &vonage, "hung");
-    wait_for("the SMS to reach Vonage", || {
-        sms_requests(&vonage).len() == 1
-    });
+    // A claim would last 20 s × 2 + 30 s + 10 s, beyond this test's patience.
+    let mut daemon = start_configured(&vonage, "timeout_secs = 20\nmax_retries = 1\n");
+    let busy = Reply::TooMany {
+        retry_after_secs: 25,
+    };
+    vonage.script(&[Reply::Accept, busy]);
+    let messenger = create_both(&daemon, &vonage, "aside");
+    wait_for("the first SMS attempt", || sms_requests(&vonage).len() == 1);
     let status = daemon.stop();
     assert!(status.success(), "{status}\n{}", daemon.stderr());
-    assert!(
-        daemon
-            .stderr()
-            .contains("tried again once their claims run out"),
-        "{}",
-        daemon.stderr()
+    let log = daemon.stderr();
+    assert!(log.contains("the next start sends it"), "{log}");
+    assert_eq!(sms_requests(&vonage).len(), 1, "no retry was waited for");
+    daemon.spawn();
+    wait_for_failover_sent(&daemon, "aside");
+    assert_eq!(
+        sms_requests(&vonage).len(),
+        2,
+        "the refused attempt, then one"
+    );
+    assert_eq!(daemon.verify("aside", &messenger.code())["status"], 200);
+}
+
+#[test]
+fn a_stop_lets_a_failover_sms_attempt_under_way_end() {
+    let vonage = stand_in();
+    let mut daemon = start_configured(&vonage, "timeout_secs = 20\nmax_retries = 0\n");
+    create_both(&daemon, &vonage, "slow");
+    vonage.hold();
+    wait_for("the SMS to reach Vonage", || {
+        !vonage.unanswered().is_empty()
+    });
+    nix::sys::signal::kill(daemon.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    // Vonage takes the SMS after the 5 s a socket peer gets, within the attempt's 20 s.
+    std::thread::sleep(Duration::from_secs(7));
+    vonage.release();
+    assert!(daemon.wait_exit().success(), "{}", daemon.stderr());
+    daemon.spawn();
+    wait_for_failover_sent(&daemon, "slow");
+    assert_eq!(
+        sms_requests(&vonage).len(),
+        1,
+        "recorded before the stop, once"
     );
 }
 
@@ -426,6 +454,36 @@ fn a_store_failure_after_the_messenger_message_went_out_discards_nothing() {
     redis.spawn();
     let code = vonage.requests().last().unwrap().code();
     assert_eq!(daemon.verify("lost", &code)["status"], 200);
+}
+
+#[test]
+fn a_store_error_after_the_sms_went_out_does_not_send_it_twice() {
+    let vonage = stand_in();
+    let mut redis = OwnedRedis::start();
+    // A claim lasts 2 s + 10 s.
+    let (backend, delivery) = vonage.config("messages", "timeout_secs = 2\nmax_retries = 0\n");
+    let store = format!(
+        "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{}\"\nresponse_timeout_ms = 500\n",
+        redis.url()
+    );
+    let mut daemon = Daemon::prepare(&store, &backend, &delivery);
+    daemon.spawn();
+    create_both(&daemon, &vonage, "blip");
+
+    // Redis is down when Vonage takes the SMS, and back two seconds later.
+    vonage.hold();
+    wait_for("the SMS to reach Vonage", || {
+        !vonage.unanswered().is_empty()
+    });
+    redis.kill();
+    vonage.release();
+    std::thread::sleep(Duration::from_secs(2));
+    redis.spawn();
+    wait_for_failover_sent(&daemon, "blip");
+    wait_for("the failover to be let go", || {
+        redis.cli(&["ZCARD", "otpd:failovers"]).trim() == "0"
+    });
+    assert_eq!(sms_requests(&vonage).len(), 1, "sent once");
 }
 
 #[test]

@@ -88,6 +88,11 @@ impl ApiClient {
         })
     }
 
+    /// The longest one attempt can take. Once otpd is stopping, no other follows.
+    pub fn attempt_timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The longest a [`ApiClient::post_json`] can take: every attempt timing out, with
     /// the longest wait between them.
     pub fn longest_post(&self) -> Duration {
@@ -121,6 +126,11 @@ impl ApiClient {
                     delay.as_secs()
                 )));
             }
+            let stopped =
+                || DeliveryError::Unavailable(format!("{reason}; not retried: otpd is stopping"));
+            if self.stopping.is_cancelled() {
+                break Err(stopped());
+            }
             tracing::info!(
                 ?reason,
                 delay_ms = delay.as_millis() as u64,
@@ -128,11 +138,7 @@ impl ApiClient {
             );
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = self.stopping.cancelled() => {
-                    break Err(DeliveryError::Unavailable(format!(
-                        "{reason}; not retried: otpd is stopping"
-                    )));
-                }
+                () = self.stopping.cancelled() => break Err(stopped()),
             }
             attempt += 1;
         };

@@ -11,10 +11,13 @@
 //!
 //! The task claims a failover before sending its SMS: the store files it again, due
 //! when the longest send would be over, so no other host takes it meanwhile, and once
-//! the outcome is recorded on the code the failover is let go. A send that a crash or
-//! a stop cuts short leaves the claim, which comes back when it runs out: the SMS goes
-//! out late rather than never (and twice only if the cut came after Vonage took it).
-//! Sends run side by side, so one slow SMS holds up no other.
+//! the outcome is recorded on the code the failover is let go (tried again through a
+//! store error, as a claim left behind would send the SMS again). A send a crash cuts
+//! short leaves the claim, which comes back when it runs out: the SMS goes out late
+//! rather than never (and twice only if the crash came after Vonage took it). A stop
+//! lets the attempt under way end and retries nothing: an SMS not sent is set aside,
+//! due at once, for the next start. Sends run side by side, so one slow SMS holds up
+//! no other.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -46,6 +49,8 @@ const MAX_SENDING: usize = 64;
 const IDLE: Duration = Duration::from_secs(60);
 /// What a claim adds to the longest send: time to record its outcome.
 const CLAIM_MARGIN: Duration = Duration::from_secs(10);
+/// Pause between tries to record a send's outcome through a store error.
+const SETTLE_PAUSE: Duration = Duration::from_secs(1);
 
 /// Sends codes through `POST {api_url}/v1/messages`.
 pub struct MessagesDelivery {
@@ -112,8 +117,8 @@ impl Inner {
 
     /// The failover task: claims due failovers and sends their SMS where still needed
     /// (side by side), and sleeps until the next deadline, a new failover, the end of a
-    /// send, or `stop`. At a stop, sends under way get [`SHUTDOWN_GRACE`] to end; the
-    /// rest keep their claims and are sent again when those run out.
+    /// send, or `stop`. At a stop no send is retried any more, so each ends within its
+    /// attempt; those the provider did not take are set aside for the next start.
     async fn run_failovers(self: Arc<Self>, stop: CancellationToken) {
         let mut sending = JoinSet::new();
         loop {
@@ -164,10 +169,8 @@ impl Inner {
             }
         }
         let all_sent = async { while sending.join_next().await.is_some() {} };
-        if tokio::time::timeout(SHUTDOWN_GRACE, all_sent)
-            .await
-            .is_err()
-        {
+        let last_attempt = self.vonage.client.attempt_timeout() + SHUTDOWN_GRACE;
+        if tokio::time::timeout(last_attempt, all_sent).await.is_err() {
             tracing::warn!(
                 cut_short = sending.len(),
                 "stopping during failover SMS sends: they are tried again once their claims run out"
@@ -175,8 +178,8 @@ impl Inner {
         }
     }
 
-    /// Sends a failover's SMS and records the outcome on its code. One given up
-    /// because otpd is stopping is not recorded: its claim brings it back.
+    /// Sends a failover's SMS and records the outcome on its code. One not retried
+    /// because otpd is stopping is set aside instead.
     async fn send_failover(self: Arc<Self>, failover: PendingFailover, stop: CancellationToken) {
         let outcome = match self.sealer.open(&failover.token, &failover.sealed_text) {
             Some(text) => self.post(&self.sms(&failover.to, &text)).await,
@@ -194,7 +197,9 @@ impl Inner {
                 );
                 (FAILOVER_SENT, uuid)
             }
-            Err(DeliveryError::Unavailable(_)) if stop.is_cancelled() => return,
+            Err(DeliveryError::Unavailable(_)) if stop.is_cancelled() => {
+                return self.set_aside(&failover).await;
+            }
             Err(e) => {
                 tracing::error!(token = failover.token, error = %e, "failover SMS not sent");
                 (FAILOVER_FAILED, e.to_string())
@@ -206,17 +211,58 @@ impl Inner {
             channel: Some("sms".into()),
             detail: Some(detail),
         };
-        if let Err(e) = self
-            .store
-            .record_delivery_event(&failover.reference, event)
-            .await
-        {
-            // Kept claimed: sent again when the claim runs out.
-            tracing::error!(token = failover.token, error = %e, "cannot record the failover");
-            return;
+        self.settle(&failover, event).await;
+    }
+
+    /// Records a send's outcome on its code and lets the failover go, trying again
+    /// through a store error until shortly before the claim runs out: a claim left
+    /// behind would send the SMS again.
+    async fn settle(&self, failover: &PendingFailover, event: DeliveryEvent) {
+        loop {
+            let settled = async {
+                // A retried record finds the event there already: the same `at`.
+                let store = &self.store;
+                store
+                    .record_delivery_event(&failover.reference, event.clone())
+                    .await?;
+                store.finish_failover(failover).await
+            };
+            let Err(error) = settled.await else { return };
+            if now_ms() + SETTLE_PAUSE.as_millis() as Millis * 2 >= failover.due_at {
+                tracing::error!(
+                    token = failover.token,
+                    %error,
+                    "cannot record the failover SMS's outcome: it will be tried again"
+                );
+                return;
+            }
+            tokio::time::sleep(SETTLE_PAUSE).await;
         }
-        if let Err(e) = self.store.finish_failover(&failover).await {
-            tracing::error!(token = failover.token, error = %e, "cannot let the failover go");
+    }
+
+    /// Files a failover not sent because otpd is stopping as due now, so the next start
+    /// sends it at once rather than when its claim runs out (the code may not live that
+    /// long). Filed before the claim goes: between the two, a crash leaves both, and the
+    /// second is dropped as [`FailoverVerdict::Done`] once the first is sent.
+    async fn set_aside(&self, claimed: &PendingFailover) {
+        let due_now = PendingFailover {
+            due_at: now_ms(),
+            ..claimed.clone()
+        };
+        let set_aside = async {
+            self.store.put_failover(&due_now).await?;
+            self.store.finish_failover(claimed).await
+        };
+        match set_aside.await {
+            Ok(()) => tracing::info!(
+                token = claimed.token,
+                "failover SMS not sent before the stop: the next start sends it"
+            ),
+            Err(error) => tracing::error!(
+                token = claimed.token,
+                %error,
+                "failover SMS not sent before the stop: it is sent when its claim runs out"
+            ),
         }
     }
 }

@@ -168,7 +168,7 @@ async fn serve(
 /// even if the client hangs up, and the daemon waits for it. At shutdown the request
 /// in hand is answered however long it takes; a request not yet whole gets
 /// [`SHUTDOWN_GRACE`]. A `forbidden` peer's first request is answered 403, and the
-/// connection closed.
+/// connection closed. Returns once every request of the connection has ended.
 async fn serve_connection<S>(
     stream: S,
     app: Arc<App>,
@@ -224,6 +224,10 @@ async fn serve_connection<S>(
     if let Err(error) = result {
         tracing::debug!(%error, "HTTP connection ended with an error");
     }
+    // A request whose client hung up keeps the connection's slot until it ends, so
+    // `max_connections` bounds the work under way, not just the open sockets.
+    in_hand.close();
+    in_hand.wait().await;
 }
 
 /// The endpoints, by the shape of their path. Each answers one method.
