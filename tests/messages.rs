@@ -411,17 +411,24 @@ fn a_crash_during_a_failover_send_sends_the_sms_once_the_claim_runs_out() {
     assert_eq!(daemon.verify("crash", &messenger.code())["status"], 200);
 }
 
-#[test]
-fn a_store_failure_after_the_messenger_message_went_out_discards_nothing() {
-    let vonage = stand_in();
-    let mut redis = OwnedRedis::start();
-    let (backend, delivery) = vonage.config("messages", "");
+/// A daemon of the `messages` backend on `redis` (a short response timeout, so that an
+/// outage shows at once), with `section_extra` in `[delivery.messages]`.
+fn start_on_redis(vonage: &VonageStandIn, redis: &OwnedRedis, section_extra: &str) -> Daemon {
+    let (backend, delivery) = vonage.config("messages", section_extra);
     let store = format!(
         "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{}\"\nresponse_timeout_ms = 500\n",
         redis.url()
     );
     let mut daemon = Daemon::prepare(&store, &backend, &delivery);
     daemon.spawn();
+    daemon
+}
+
+#[test]
+fn a_store_failure_after_the_messenger_message_went_out_discards_nothing() {
+    let vonage = stand_in();
+    let mut redis = OwnedRedis::start();
+    let daemon = start_on_redis(&vonage, &redis, "");
 
     // Redis goes away while Vonage is taking the Messenger message.
     vonage.hold();
@@ -461,13 +468,7 @@ fn a_store_error_after_the_sms_went_out_does_not_send_it_twice() {
     let vonage = stand_in();
     let mut redis = OwnedRedis::start();
     // A claim lasts 2 s + 10 s.
-    let (backend, delivery) = vonage.config("messages", "timeout_secs = 2\nmax_retries = 0\n");
-    let store = format!(
-        "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{}\"\nresponse_timeout_ms = 500\n",
-        redis.url()
-    );
-    let mut daemon = Daemon::prepare(&store, &backend, &delivery);
-    daemon.spawn();
+    let daemon = start_on_redis(&vonage, &redis, "timeout_secs = 2\nmax_retries = 0\n");
     create_both(&daemon, &vonage, "blip");
 
     // Redis is down when Vonage takes the SMS, and back two seconds later.
