@@ -552,6 +552,37 @@ fn socket_mode_is_applied_and_a_live_daemon_is_not_replaced(engine: Engine) {
     assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
 }
 
+/// The data directory holds the secret and the socket: one otpd creates is its own
+/// user's alone even under `umask 000`; one that exists keeps its mode.
+#[test]
+fn a_data_directory_otpd_creates_is_owner_only_whatever_the_umask() {
+    let mut daemon = Daemon::prepare("", "", "");
+    let data = daemon.dir.path().join("new/data");
+    daemon.socket = data.join("otpd.sock");
+    let serve = |daemon: &Daemon| {
+        let mut command = daemon.command_with_umask(env!("CARGO_BIN_EXE_otpd"), 0o000);
+        command
+            .args(["serve", "--config"])
+            .arg(&daemon.config_path)
+            .arg("--data-dir")
+            .arg(&data);
+        command
+    };
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    daemon.launch(serve(&daemon));
+    daemon.wait_until_ready();
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(data.parent().unwrap()), 0o700, "a missing parent too");
+    assert_eq!(mode(&data.join("secret.key")), 0o600);
+
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o750)).unwrap();
+    assert!(daemon.stop().success());
+    daemon.launch(serve(&daemon));
+    daemon.wait_until_ready();
+    assert_eq!(mode(&data), 0o750);
+}
+
 fn a_stale_socket_file_is_replaced(engine: Engine) {
     let mut daemon = engine.start("");
     daemon.kill();
