@@ -412,6 +412,9 @@ fn bad_input_gets_its_error_and_harms_nobody(engine: Engine) {
         (b"{\"op\":\"create\",\"token\":\"x\",\"to\":{\"sms\":\"393331234567\"},\"code_length\":3}\n", 400, "bad_request", "code_length"),
         (b"{\"op\":\"create\",\"token\":\"x\",\"phoneNumber\":true}\n", 400, "bad_request", "phoneNumber"),
         (b"{\"op\":\"ping\",\"extra\":1}\n", 400, "bad_request", "extra"),
+        (b"{\"Op\":\"ping\"}\n", 400, "bad_request", "Op: unknown field"),
+        (b"{\"op\":\"ping\",\"op\":\"stats\"}\n", 400, "bad_request", "op: given twice"),
+        (b"{\"op\":\"create\",\"token\":\"x\",\"to\":{\"sms\":\"393331234567\",\"sms\":\"393331234598\"}}\n", 400, "bad_request", "to.sms: given twice"),
     ];
     for (line, status, error, field) in cases {
         let answer = {

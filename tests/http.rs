@@ -146,7 +146,7 @@ fn rate_limits_are_shared_with_the_socket() {
 fn bad_input_answers_400_naming_the_field() {
     let daemon = start("");
     let http = daemon.http();
-    let cases: [(&str, &[u8], &str); 8] = [
+    let cases: [(&str, &[u8], &str); 10] = [
         ("/otp/bad%20token", TUTORIAL_BODY, "token: "),
         ("/otp/t1", br#"{"phoneNumber": "12"}"#, "phoneNumber: "),
         ("/otp/t1", br#"{"messengerId": "abc"}"#, "messengerId: "),
@@ -158,6 +158,16 @@ fn bad_input_answers_400_naming_the_field() {
             "/otp/t1",
             br#"{"phoneNumber": "393331234567", "email": "a@b"}"#,
             "email: ",
+        ),
+        (
+            "/otp/t1",
+            br#"{"phoneNumber":"1","phoneNumber":"393331234598"}"#,
+            "phoneNumber: given twice",
+        ),
+        (
+            "/otp/t1",
+            br#"{"to":{"sms":"393331234598"},"to":{"sms":"393331234599"}}"#,
+            "to: given twice",
         ),
     ];
     for (path, body, prefix) in cases {
