@@ -25,8 +25,11 @@ use crate::client::Client;
 /// What each client does in a loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Op {
+    /// Create codes, each for a new token and number.
     Create,
+    /// Verify codes created before the run (`--preload`).
     Verify,
+    /// Create codes, then verify them.
     Mixed,
 }
 

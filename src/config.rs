@@ -279,22 +279,45 @@ impl std::fmt::Debug for RedisConfig {
     }
 }
 
+/// Refuses an address the Redis client could not use, naming `key` (and the address
+/// without its password): a scheme outside `schemes`, a missing host or a bad database
+/// number would otherwise surface at start-up as Redis being unreachable.
+fn check_redis_url(key: &'static str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let scheme = redis::parse_redis_url(url).map(|parsed| parsed.scheme().to_owned());
+    if !scheme.is_some_and(|scheme| schemes.contains(&scheme.as_str())) {
+        let expected: Vec<String> = schemes.iter().map(|s| format!("{s}://")).collect();
+        return Err(invalid(
+            key,
+            format!(
+                "{:?} is not a Redis address: expected {}",
+                redact_url(url),
+                expected.join(", ")
+            ),
+        ));
+    }
+    redis::IntoConnectionInfo::into_connection_info(url)
+        .map(drop)
+        .map_err(|e| invalid(key, format!("{:?}: {e}", redact_url(url))))
+}
+
 impl RedisConfig {
-    /// Refuses a Redis configuration that cannot work, naming the key.
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Refuses a Redis configuration that cannot work, naming the key. Checked
+    /// whatever the engine, as a wrong value is a mistake wherever it is; only
+    /// `engine_is_redis` needs an address.
+    fn validate(&self, engine_is_redis: bool) -> Result<(), ConfigError> {
         let given = [
             !self.url.is_empty(),
             !self.cluster.is_empty(),
             !self.sentinels.is_empty(),
         ];
         match given.iter().filter(|&&set| set).count() {
-            0 => {
+            0 if engine_is_redis => {
                 return Err(invalid(
                     "store.redis.url",
                     "engine \"redis\" needs store.redis.url, store.redis.cluster or store.redis.sentinels",
                 ));
             }
-            1 => {}
+            0 | 1 => {}
             _ => {
                 return Err(invalid(
                     "store.redis.cluster",
@@ -325,6 +348,17 @@ impl RedisConfig {
                 "store.redis.sentinels",
                 "TLS (rediss://) is not supported through Sentinels yet; use url or cluster",
             ));
+        }
+        const SERVER: [&str; 4] = ["redis", "rediss", "unix", "redis+unix"];
+        if !self.url.is_empty() {
+            check_redis_url("store.redis.url", &self.url, &SERVER)?;
+        }
+        for url in &self.sentinels {
+            check_redis_url("store.redis.sentinels", url, &SERVER)?;
+        }
+        // The cluster client connects over TCP only.
+        for url in &self.cluster {
+            check_redis_url("store.redis.cluster", url, &SERVER[..2])?;
         }
         let tls = self
             .cluster
@@ -662,9 +696,9 @@ impl Config {
             1,
             1 << 20,
         )?;
-        if self.store.engine == Engine::Redis {
-            self.store.redis.validate()?;
-        }
+        self.store
+            .redis
+            .validate(self.store.engine == Engine::Redis)?;
         let o = &self.otp;
         check_range(
             "otp.code_length",
@@ -941,6 +975,69 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.to_string().contains("store.redis.cluster"), "{err}");
+    }
+
+    #[test]
+    fn redis_values_are_checked_whatever_the_engine() {
+        for (toml, key) in [
+            ("[store.redis]\npool_size = 0\n", "store.redis.pool_size"),
+            (
+                "[store.redis]\nkey_prefix = \"{x}\"\n",
+                "store.redis.key_prefix",
+            ),
+            (
+                "[store.redis]\nurl = \"redis://a\"\ncluster = [\"redis://b\"]\n",
+                "store.redis.cluster",
+            ),
+            ("[store.redis]\nurl = \"http://x\"\n", "store.redis.url"),
+        ] {
+            let err = Config::parse(toml).unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
+        assert!(Config::parse("[store.redis]\nurl = \"redis://a\"\n").is_ok());
+    }
+
+    #[test]
+    fn redis_addresses_must_be_ones_the_client_can_use() {
+        let parse = |key: &str, value: &str| {
+            let value = match key {
+                "url" => format!("{value:?}"),
+                _ => format!("[{value:?}]"),
+            };
+            let master = if key == "sentinels" {
+                "sentinel_master = \"m\"\n"
+            } else {
+                ""
+            };
+            Config::parse(&format!(
+                "[store]\nengine = \"redis\"\n[store.redis]\n{key} = {value}\n{master}"
+            ))
+        };
+        for url in [
+            "redis://h",
+            "redis://u:pw@h:6379/2",
+            "rediss://h:6380",
+            "unix:///run/redis.sock",
+            "redis+unix:///run/redis.sock?db=1",
+        ] {
+            assert!(parse("url", url).is_ok(), "{url}");
+        }
+        for (key, url) in [
+            ("url", "http://u:S3CRET@x"),
+            ("url", "h:6379"),
+            ("url", "redis://"),
+            ("url", "redis://h/x"),
+            ("url", "valkey://h"),
+            ("cluster", "unix:///run/redis.sock"),
+            ("cluster", "tcp://h:7000"),
+            ("sentinels", "http://s:26379"),
+        ] {
+            let err = parse(key, url).unwrap_err().to_string();
+            assert!(err.contains(&format!("store.redis.{key}")), "{url}: {err}");
+            assert!(!err.contains("S3CRET"), "{err}");
+        }
+        assert!(parse("cluster", "rediss://h:7000").is_ok());
+        assert!(parse("sentinels", "unix:///run/sentinel.sock").is_ok());
     }
 
     #[test]

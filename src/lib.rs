@@ -41,3 +41,14 @@ pub fn hex(bytes: &[u8]) -> String {
     }
     text
 }
+
+/// Creates `dir` and its missing parents owner-only (0700), whatever the umask: they
+/// hold the server secret, the database and the socket. A directory that exists is
+/// left as it is.
+pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}

@@ -32,15 +32,20 @@ enum Command {
         /// Socket path (beats the file).
         #[arg(long)]
         socket: Option<PathBuf>,
-        /// Directory for the database and secret (beats the file).
+        /// Directory for the database (DIR/db), the secret (DIR/secret.key) and, unless
+        /// --socket names another, the socket (DIR/otpd.sock); beats the file.
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
     /// Create and deliver a code for TOKEN.
     Create {
-        token: String,
+        #[command(flatten)]
+        token: TokenArg,
+        /// Phone number to send the code to by SMS (E.164, e.g. +393331234567).
         #[arg(long)]
         sms: Option<String>,
+        /// Messenger page-scoped id to send the code to (digits); with --sms too,
+        /// Messenger goes first and SMS is the failover.
         #[arg(long)]
         messenger: Option<String>,
         /// Validity in seconds (at most the configured ttl).
@@ -51,20 +56,24 @@ enum Command {
     },
     /// Verify CODE for TOKEN; exits 0 only when it is valid.
     Verify {
-        token: String,
+        #[command(flatten)]
+        token: TokenArg,
+        /// The code the person typed (digits).
         code: String,
         #[command(flatten)]
         socket: SocketArg,
     },
     /// Cancel TOKEN's pending code.
     Cancel {
-        token: String,
+        #[command(flatten)]
+        token: TokenArg,
         #[command(flatten)]
         socket: SocketArg,
     },
     /// Show TOKEN's code state (never the code).
     Status {
-        token: String,
+        #[command(flatten)]
+        token: TokenArg,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -90,6 +99,7 @@ struct BenchArgs {
     /// How long to run (`10s`, `500ms`, `2m`).
     #[arg(long, default_value = "10s", value_parser = otpd::bench::parse_duration)]
     duration: std::time::Duration,
+    /// What each client does in a loop.
     #[arg(long, value_enum, default_value = "mixed")]
     op: otpd::bench::Op,
     /// Requests each client sends before reading their answers.
@@ -118,6 +128,12 @@ struct BenchArgs {
     slow_writers: usize,
     #[command(flatten)]
     socket: SocketArg,
+}
+
+#[derive(clap::Args)]
+struct TokenArg {
+    /// The application's request token: 1 to 128 of A-Z a-z 0-9 . _ : @ -
+    token: String,
 }
 
 #[derive(clap::Args)]
@@ -292,7 +308,7 @@ async fn run_client(command: Command) -> anyhow::Result<ExitCode> {
             if let Some(messenger) = messenger {
                 to.insert("messenger".into(), messenger.into());
             }
-            let mut request = json!({"op": "create", "token": token, "to": to});
+            let mut request = json!({"op": "create", "token": token.token, "to": to});
             if let Some(ttl) = ttl {
                 request["ttl_secs"] = ttl.into();
             }
@@ -304,10 +320,14 @@ async fn run_client(command: Command) -> anyhow::Result<ExitCode> {
             socket,
         } => (
             socket,
-            json!({"op": "verify", "token": token, "code": code}),
+            json!({"op": "verify", "token": token.token, "code": code}),
         ),
-        Command::Cancel { token, socket } => (socket, json!({"op": "cancel", "token": token})),
-        Command::Status { token, socket } => (socket, json!({"op": "status", "token": token})),
+        Command::Cancel { token, socket } => {
+            (socket, json!({"op": "cancel", "token": token.token}))
+        }
+        Command::Status { token, socket } => {
+            (socket, json!({"op": "status", "token": token.token}))
+        }
         Command::Stats { socket } => (socket, json!({"op": "stats"})),
         Command::Ping { socket } => (socket, json!({"op": "ping"})),
     };
@@ -323,4 +343,32 @@ async fn run_client(command: Command) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `--help` describes every argument of every subcommand.
+    #[test]
+    fn every_argument_says_what_it_is() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        for command in cli.get_subcommands() {
+            for arg in command.get_arguments() {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                assert!(
+                    !help.trim().is_empty(),
+                    "otpd {} {}: no help",
+                    command.get_name(),
+                    arg.get_id()
+                );
+            }
+        }
+        let serve = cli.find_subcommand("serve").unwrap();
+        let data_dir = serve.get_arguments().find(|a| a.get_id() == "data_dir");
+        let help = data_dir.unwrap().get_help().unwrap().to_string();
+        assert!(help.contains("otpd.sock"), "{help}");
+    }
 }

@@ -5,7 +5,8 @@
 //! full reference with an example per op.
 
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
 
 use crate::delivery::Recipients;
 use crate::metrics::Stats;
@@ -41,6 +42,115 @@ fn bad_request(field: &str, reason: &str) -> ProtocolError {
 pub struct Envelope {
     pub id: Option<Value>,
     pub request: Result<Request, ProtocolError>,
+}
+
+/// Parses JSON text as `serde_json::from_slice` does, and also returns the dotted path
+/// (`to.sms`) of the first key given twice in one object: serde_json would keep the
+/// last silently, and a request must not mean something other than it seems to. The
+/// value keeps each key's first occurrence.
+pub fn parse_json(bytes: &[u8]) -> serde_json::Result<(Value, Option<String>)> {
+    let Checked { value, duplicate } = serde_json::from_slice(bytes)?;
+    Ok((value, duplicate))
+}
+
+/// The answer to a key given twice (see [`parse_json`]), on both front ends.
+pub fn given_twice(path: &str) -> ProtocolError {
+    bad_request(path, "given twice")
+}
+
+/// A JSON value and the path of its first repeated key, as [`parse_json`] returns.
+struct Checked {
+    value: Value,
+    duplicate: Option<String>,
+}
+
+impl Checked {
+    fn plain(value: Value) -> Self {
+        Self {
+            value,
+            duplicate: None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(CheckedVisitor)
+    }
+}
+
+/// Builds a [`Value`] as serde_json's own visitor does, noting repeated keys.
+struct CheckedVisitor;
+
+impl<'de> Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Checked, E> {
+        Ok(Checked::plain(Value::Bool(v)))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Checked, E> {
+        Ok(Checked::plain(Value::from(v)))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Checked, E> {
+        Ok(Checked::plain(Value::from(v)))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Checked, E> {
+        Ok(Checked::plain(
+            Number::from_f64(v).map_or(Value::Null, Value::Number),
+        ))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Checked, E> {
+        Ok(Checked::plain(Value::String(v.to_owned())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Checked, E> {
+        Ok(Checked::plain(Value::String(v)))
+    }
+
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked::plain(Value::Null))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<Checked, A::Error> {
+        let (mut values, mut duplicate) = (Vec::new(), None);
+        while let Some(item) = items.next_element::<Checked>()? {
+            if let Some(path) = item.duplicate {
+                duplicate.get_or_insert(format!("{}.{path}", values.len()));
+            }
+            values.push(item.value);
+        }
+        Ok(Checked {
+            value: Value::Array(values),
+            duplicate,
+        })
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Checked, A::Error> {
+        let (mut object, mut duplicate) = (Map::new(), None);
+        while let Some(key) = entries.next_key::<String>()? {
+            let entry = entries.next_value::<Checked>()?;
+            if let Some(path) = entry.duplicate {
+                duplicate.get_or_insert(format!("{key}.{path}"));
+            }
+            if object.contains_key(&key) {
+                duplicate.get_or_insert(key);
+            } else {
+                object.insert(key, entry.value);
+            }
+        }
+        Ok(Checked {
+            value: Value::Object(object),
+            duplicate,
+        })
+    }
 }
 
 /// The fields an object may carry, so that a misspelt key is an error, not ignored.
@@ -174,7 +284,16 @@ fn parse_object(object: &Map<String, Value>) -> Result<Request, ProtocolError> {
     let op = match object.get("op") {
         Some(Value::String(op)) => op.as_str(),
         Some(_) => return Err(bad_request("op", "must be a string")),
-        None => return Err(bad_request("op", "is required")),
+        None => {
+            // A misspelt `op` (`Op`) is named as the unknown key it is.
+            let known: Vec<&str> = ["op", "id", "token", "code"]
+                .iter()
+                .chain(&CREATE_FIELDS)
+                .copied()
+                .collect();
+            check_fields(object, &known, "")?;
+            return Err(bad_request("op", "is required"));
+        }
     };
     match op {
         "create" => parse_create(object, None).map(Request::Create),
@@ -222,8 +341,8 @@ pub fn parse(line: &[u8]) -> Envelope {
             }),
         };
     }
-    let value: Value = match serde_json::from_slice(line) {
-        Ok(value) => value,
+    let (value, duplicate) = match parse_json(line) {
+        Ok(parsed) => parsed,
         Err(e) => {
             return Envelope {
                 id: None,
@@ -246,10 +365,15 @@ pub fn parse(line: &[u8]) -> Envelope {
     // Only ids that come back exactly as sent are echoed: a string, or an integer within
     // 64 bits (a larger one, or a fraction, would be a float, echoed rounded), so that
     // the client can match the answer.
-    let id = object.get("id").cloned();
+    // An id given twice is not echoed either: the client cannot tell which comes back.
+    let id = object
+        .get("id")
+        .filter(|_| duplicate.as_deref() != Some("id"));
+    let id = id.cloned();
     let echoable = |id: &Value| id.is_string() || id.is_i64() || id.is_u64();
-    let request = match &id {
-        Some(id) if !echoable(id) => Err(bad_request(
+    let request = match (&id, duplicate) {
+        (_, Some(path)) => Err(given_twice(&path)),
+        (Some(id), None) if !echoable(id) => Err(bad_request(
             "id",
             "must be a string or an integer within 64 bits",
         )),
@@ -456,6 +580,13 @@ mod tests {
                 r#"{"op":"create","token":"t","phoneNumber":"393331234567","to":{"sms":"393331234567"}}"#,
                 "to.sms: given twice",
             ),
+            (r#"{"op":"ping","op":"stats"}"#, "op: given twice"),
+            (
+                r#"{"op":"create","token":"t","to":{"sms":"393331234567","sms":"393331234568"}}"#,
+                "to.sms: given twice",
+            ),
+            (r#"{"Op":"ping"}"#, "Op: unknown field"),
+            (r#"{"token":"x","Op":"ping"}"#, "Op: unknown field"),
         ] {
             let error = error_of(line);
             assert_eq!(error.error, "bad_request", "{line}");
@@ -465,6 +596,28 @@ mod tests {
                 error.message
             );
         }
+    }
+
+    #[test]
+    fn repeated_keys_are_found_at_any_depth_and_the_first_value_kept() {
+        let parsed = |text: &str| parse_json(text.as_bytes()).unwrap();
+        assert_eq!(
+            parsed(r#"{"a":1,"b":[{"c":2,"c":3}],"a":4}"#).1.as_deref(),
+            Some("b.0.c"),
+            "the first found"
+        );
+        let (value, duplicate) = parsed(r#"{"a":{"x":true,"x":null},"n":-1.5}"#);
+        assert_eq!(duplicate.as_deref(), Some("a.x"));
+        assert_eq!(value, serde_json::json!({"a": {"x": true}, "n": -1.5}));
+        let text = r#"{"s":"é","u":18446744073709551615,"i":-9,"z":[],"o":{}}"#;
+        let (value, duplicate) = parsed(text);
+        assert_eq!(duplicate, None);
+        assert_eq!(value, serde_json::from_str::<Value>(text).unwrap());
+        assert!(parse_json(b"{\"a\":").is_err());
+        // An id given twice is not echoed.
+        let env = parse_str(r#"{"op":"ping","id":1,"id":2}"#);
+        assert_eq!(env.id, None);
+        assert_eq!(env.request.unwrap_err().message, "id: given twice");
     }
 
     #[test]

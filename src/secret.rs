@@ -93,7 +93,7 @@ impl ServerSecret {
                     .try_fill_bytes(&mut bytes)
                     .map_err(|e| SecretError::Random(e.to_string()))?;
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(io)?;
+                    crate::create_private_dir(dir).map_err(io)?;
                 }
                 // Written under a temporary name and renamed, so a crash never leaves a
                 // short secret behind; create_new refuses to follow a planted file.
@@ -127,6 +127,15 @@ mod tests {
         assert!(created);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        let dir_mode = std::fs::metadata(dir.path().join("sub"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            dir_mode & 0o777,
+            0o700,
+            "the directory it made is owner-only"
+        );
         let (second, created) = ServerSecret::load_or_create(&path).unwrap();
         assert!(!created);
         assert_eq!(first.as_bytes(), second.as_bytes());

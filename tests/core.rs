@@ -412,6 +412,9 @@ fn bad_input_gets_its_error_and_harms_nobody(engine: Engine) {
         (b"{\"op\":\"create\",\"token\":\"x\",\"to\":{\"sms\":\"393331234567\"},\"code_length\":3}\n", 400, "bad_request", "code_length"),
         (b"{\"op\":\"create\",\"token\":\"x\",\"phoneNumber\":true}\n", 400, "bad_request", "phoneNumber"),
         (b"{\"op\":\"ping\",\"extra\":1}\n", 400, "bad_request", "extra"),
+        (b"{\"Op\":\"ping\"}\n", 400, "bad_request", "Op: unknown field"),
+        (b"{\"op\":\"ping\",\"op\":\"stats\"}\n", 400, "bad_request", "op: given twice"),
+        (b"{\"op\":\"create\",\"token\":\"x\",\"to\":{\"sms\":\"393331234567\",\"sms\":\"393331234598\"}}\n", 400, "bad_request", "to.sms: given twice"),
     ];
     for (line, status, error, field) in cases {
         let answer = {
@@ -550,6 +553,37 @@ fn socket_mode_is_applied_and_a_live_daemon_is_not_replaced(engine: Engine) {
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("already running"));
     assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
+}
+
+/// The data directory holds the secret and the socket: one otpd creates is its own
+/// user's alone even under `umask 000`; one that exists keeps its mode.
+#[test]
+fn a_data_directory_otpd_creates_is_owner_only_whatever_the_umask() {
+    let mut daemon = Daemon::prepare("", "", "");
+    let data = daemon.dir.path().join("new/data");
+    daemon.socket = data.join("otpd.sock");
+    let serve = |daemon: &Daemon| {
+        let mut command = daemon.command_with_umask(env!("CARGO_BIN_EXE_otpd"), 0o000);
+        command
+            .args(["serve", "--config"])
+            .arg(&daemon.config_path)
+            .arg("--data-dir")
+            .arg(&data);
+        command
+    };
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    daemon.launch(serve(&daemon));
+    daemon.wait_until_ready();
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(data.parent().unwrap()), 0o700, "a missing parent too");
+    assert_eq!(mode(&data.join("secret.key")), 0o600);
+
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o750)).unwrap();
+    assert!(daemon.stop().success());
+    daemon.launch(serve(&daemon));
+    daemon.wait_until_ready();
+    assert_eq!(mode(&data), 0o750);
 }
 
 fn a_stale_socket_file_is_replaced(engine: Engine) {

@@ -146,7 +146,7 @@ fn rate_limits_are_shared_with_the_socket() {
 fn bad_input_answers_400_naming_the_field() {
     let daemon = start("");
     let http = daemon.http();
-    let cases: [(&str, &[u8], &str); 8] = [
+    let cases: [(&str, &[u8], &str); 10] = [
         ("/otp/bad%20token", TUTORIAL_BODY, "token: "),
         ("/otp/t1", br#"{"phoneNumber": "12"}"#, "phoneNumber: "),
         ("/otp/t1", br#"{"messengerId": "abc"}"#, "messengerId: "),
@@ -158,6 +158,16 @@ fn bad_input_answers_400_naming_the_field() {
             "/otp/t1",
             br#"{"phoneNumber": "393331234567", "email": "a@b"}"#,
             "email: ",
+        ),
+        (
+            "/otp/t1",
+            br#"{"phoneNumber":"1","phoneNumber":"393331234598"}"#,
+            "phoneNumber: given twice",
+        ),
+        (
+            "/otp/t1",
+            br#"{"to":{"sms":"393331234598"},"to":{"sms":"393331234599"}}"#,
+            "to: given twice",
         ),
     ];
     for (path, body, prefix) in cases {
@@ -313,6 +323,7 @@ fn signed_status_webhooks_are_recorded_and_shown_by_status() {
 
     // Unknown ids are acknowledged and dropped, unless the report is recent: then its
     // message may still be on its way back from Vonage to otpd, and Vonage retries a 503.
+    // A timestamp far in the future is not recent: it would be answered 503 until then.
     let unknown = |timestamp: Option<jiff::Timestamp>| {
         let mut body = json!({"message_uuid": "unknown", "status": "read", "channel": "messenger"});
         if let Some(at) = timestamp {
@@ -321,7 +332,8 @@ fn signed_status_webhooks_are_recorded_and_shown_by_status() {
         post_signed(&daemon, &body)
     };
     let minute_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60);
-    for old in [None, Some(minute_ago)] {
+    let in_2030 = "2030-01-01T00:00:00Z".parse().unwrap();
+    for old in [None, Some(minute_ago), Some(in_2030)] {
         let answer = unknown(old);
         assert_eq!((answer.status, answer.text()), (200, "OK"), "{old:?}");
     }
@@ -350,7 +362,7 @@ fn signed_status_webhooks_are_recorded_and_shown_by_status() {
     let outcome = |name| sample(&samples, "otpd_webhooks_total", &[("outcome", name)]);
     assert_eq!(
         ["recorded", "duplicate", "unknown_id", "early"].map(outcome),
-        [3.0, 1.0, 2.0, 1.0]
+        [3.0, 1.0, 3.0, 1.0]
     );
 
     let answer = http.post("/webhooks/inbound", br#"{"anything": true}"#);
@@ -359,6 +371,31 @@ fn signed_status_webhooks_are_recorded_and_shown_by_status() {
     // A signed body that is no status report is refused, and not retried (4xx).
     let answer = post_signed(&daemon, &json!({"hello": "world"}));
     assert_eq!(answer.status, 400);
+
+    // Nor is a report of a status otpd records itself: a failover_sent would file the
+    // reference in its detail under the code.
+    for status in ["failover_sent", "failover_failed"] {
+        let answer = post_signed(
+            &daemon,
+            &json!({
+                "message_uuid": reference, "status": status, "channel": "sms",
+                "timestamp": "2026-11-26T09:06:00Z", "error": {"title": "forged-ref"}
+            }),
+        );
+        assert_eq!(answer.status, 400, "{status}");
+        assert!(
+            answer.text().starts_with("body: status: "),
+            "{}",
+            answer.text()
+        );
+    }
+    let forged = json!({"message_uuid": "forged-ref", "status": "read", "timestamp": "2026-11-26T09:07:00Z"});
+    assert_eq!(post_signed(&daemon, &forged).status, 200);
+    assert_eq!(
+        &status_of(&daemon, "watched")["delivery"],
+        delivery,
+        "unchanged"
+    );
 }
 
 #[test]

@@ -22,8 +22,11 @@ pub async fn create(otp: &Otp, token: &str, body: &[u8]) -> Answer {
     let object = if body.iter().all(u8::is_ascii_whitespace) {
         Map::new()
     } else {
-        match serde_json::from_slice(body) {
-            Ok(Value::Object(object)) => object,
+        match protocol::parse_json(body) {
+            Ok((Value::Object(object), None)) => object,
+            Ok((Value::Object(_), Some(path))) => {
+                return bad_request(&protocol::given_twice(&path).message);
+            }
             Ok(_) => return bad_request("body: must be a JSON object"),
             Err(e) => return bad_request(&format!("body: not valid JSON: {e}")),
         }

@@ -23,7 +23,7 @@ use crate::config::{HttpConfig, SystemdDirs};
 use crate::log_throttle::OncePerSecond;
 use crate::metrics::bump;
 use crate::otp::Otp;
-use crate::rules::{DeliveryEvent, Millis, now_ms};
+use crate::rules::{DeliveryEvent, Millis, OWN_STATUSES, now_ms};
 use crate::store::Filed;
 
 /// Name of the systemd credential that may hold the signature secret.
@@ -39,6 +39,20 @@ const MAX_IAT_SKEW_SECS: i64 = 300;
 /// to otpd, so its id is not filed yet; Vonage retries a 5xx after ~5 s, by when it is,
 /// and again after ~1 min, by when a report on an id otpd never knew is dropped.
 const EARLY_REPORT_MS: Millis = 30_000;
+
+/// How far ahead of this host's clock a report's `timestamp` may be and still count as
+/// early: clocks differ a little, but a report from next year would otherwise be
+/// answered 503 until then.
+const MAX_FUTURE_TIMESTAMP_MS: Millis = 60_000;
+
+/// Whether a report on an unknown id is recent enough that its id may not be filed
+/// yet (see [`EARLY_REPORT_MS`]).
+fn is_early(reported_at: Option<Millis>, now: Millis) -> bool {
+    reported_at.is_some_and(|at| {
+        at <= now.saturating_add(MAX_FUTURE_TIMESTAMP_MS)
+            && now.saturating_sub(at) < EARLY_REPORT_MS
+    })
+}
 
 /// Longest `detail` and `channel` kept from a report.
 const MAX_DETAIL_CHARS: usize = 200;
@@ -257,10 +271,7 @@ impl Webhooks {
                 Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "Internal error"),
             }
         }
-        if report
-            .reported_at
-            .is_some_and(|at| now.saturating_sub(at) < EARLY_REPORT_MS)
-        {
+        if is_early(report.reported_at, now) {
             self.count(Outcome::Early);
             tracing::debug!(references = ?report.references, "recent status webhook for a delivery not filed yet; answered 503 so that Vonage retries it");
             return retry_later("Unknown delivery id, retry later");
@@ -380,6 +391,11 @@ fn parse_report(body: &[u8], now: Millis) -> Result<Report, String> {
         || !status.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
     {
         return Err("status: not a status name".into());
+    }
+    if OWN_STATUSES.contains(&status) {
+        return Err(format!(
+            "status: {status} is recorded by otpd itself, never reported"
+        ));
     }
     let reported_at = str_at("/timestamp")
         .and_then(|t| t.parse::<jiff::Timestamp>().ok())
@@ -589,12 +605,25 @@ mod tests {
     }
 
     #[test]
+    fn only_a_recent_report_not_far_in_the_future_is_early() {
+        let now = 1_000_000_000;
+        assert!(is_early(Some(now), now));
+        assert!(is_early(Some(now - 29_999), now));
+        assert!(!is_early(Some(now - 30_000), now));
+        assert!(is_early(Some(now + 60_000), now), "clocks differ a little");
+        assert!(!is_early(Some(now + 60_001), now));
+        assert!(!is_early(None, now));
+    }
+
+    #[test]
     fn unreadable_reports_are_refused() {
         for body in [
             "nope",
             r#"{"message_uuid":"m"}"#,
             r#"{"message_uuid":"m","status":"Bad Status"}"#,
             r#"{"status":"read"}"#,
+            r#"{"message_uuid":"m","status":"failover_sent","detail":"x"}"#,
+            r#"{"message_uuid":"m","status":"failover_failed"}"#,
         ] {
             assert!(parse_report(body.as_bytes(), 0).is_err(), "{body}");
         }

@@ -207,8 +207,15 @@ impl Daemon {
     }
 
     /// Runs `program` in a clean environment (no systemd variables), stdout discarded
-    /// and stderr appended to the daemon's log file.
+    /// and stderr appended to the daemon's log file, with the common default umask
+    /// 022 whatever the runner's, so that a check of the modes otpd gives its files
+    /// means the same everywhere.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        self.command_with_umask(program, 0o022)
+    }
+
+    /// Like [`Daemon::command`], with the umask `umask`.
+    pub fn command_with_umask(&self, program: impl AsRef<OsStr>, umask: u32) -> Command {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -231,12 +238,11 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
-        // The common default umask, whatever the runner's, so that a check of the modes
-        // otpd gives its files means the same everywhere.
+        let umask = nix::sys::stat::Mode::from_bits_truncate(umask);
         // SAFETY: umask(2) is async-signal-safe and touches no memory.
         unsafe {
-            command.pre_exec(|| {
-                nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+            command.pre_exec(move || {
+                nix::sys::stat::umask(umask);
                 Ok(())
             });
         }
