@@ -42,13 +42,15 @@ pub fn hex(bytes: &[u8]) -> String {
     text
 }
 
-/// Creates `dir` and its missing parents owner-only (0700), whatever the umask: they
-/// hold the server secret, the database and the socket. A directory that exists is
-/// left as it is.
-pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+/// Creates `dir` and its missing parents writable by the owner alone (0755, less what
+/// the umask takes), even under umask 000: they hold the server secret, the database
+/// and the socket, which nobody else may replace. Others may pass through, so that
+/// `socket_mode` decides who reaches the socket; the secret and the database are
+/// owner-only files. A directory that exists is left as it is.
+pub fn create_owned_dir(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(0o755)
         .create(dir)
 }

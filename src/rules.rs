@@ -103,9 +103,6 @@ pub const FAILOVER_SENT: &str = "failover_sent";
 /// its detail is why.
 pub const FAILOVER_FAILED: &str = "failover_failed";
 
-/// Status of the event recording a failover SMS the `messages` backend could not send.
-pub const FAILOVER_FAILED: &str = "failover_failed";
-
 /// The statuses otpd records itself, which no provider report may claim: a forged
 /// `failover_sent` would file a new reference under the code.
 pub const OWN_STATUSES: [&str; 2] = [FAILOVER_SENT, FAILOVER_FAILED];

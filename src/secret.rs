@@ -93,7 +93,7 @@ impl ServerSecret {
                     .try_fill_bytes(&mut bytes)
                     .map_err(|e| SecretError::Random(e.to_string()))?;
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    crate::create_private_dir(dir).map_err(io)?;
+                    crate::create_owned_dir(dir).map_err(io)?;
                 }
                 // Written under a temporary name and renamed, so a crash never leaves a
                 // short secret behind; create_new refuses to follow a planted file.
@@ -132,9 +132,9 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(
-            dir_mode & 0o777,
-            0o700,
-            "the directory it made is owner-only"
+            dir_mode & 0o022,
+            0,
+            "the directory it made is writable by its owner alone"
         );
         let (second, created) = ServerSecret::load_or_create(&path).unwrap();
         assert!(!created);

@@ -51,7 +51,7 @@ impl Listener {
             Err(e) => anyhow::bail!("{}: {e}", path.display()),
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            crate::create_private_dir(dir)
+            crate::create_owned_dir(dir)
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         }
         // Bound owner-only, then given its mode: no peer can connect while the socket

@@ -558,7 +558,7 @@ fn socket_mode_is_applied_and_a_live_daemon_is_not_replaced(engine: Engine) {
 /// The data directory holds the secret and the socket: one otpd creates is its own
 /// user's alone even under `umask 000`; one that exists keeps its mode.
 #[test]
-fn a_data_directory_otpd_creates_is_owner_only_whatever_the_umask() {
+fn a_data_directory_otpd_creates_is_writable_by_its_owner_alone_whatever_the_umask() {
     let mut daemon = Daemon::prepare("", "", "");
     let data = daemon.dir.path().join("new/data");
     daemon.socket = data.join("otpd.sock");
@@ -575,9 +575,10 @@ fn a_data_directory_otpd_creates_is_owner_only_whatever_the_umask() {
         |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
     daemon.launch(serve(&daemon));
     daemon.wait_until_ready();
-    assert_eq!(mode(&data), 0o700);
-    assert_eq!(mode(data.parent().unwrap()), 0o700, "a missing parent too");
+    assert_eq!(mode(&data), 0o755);
+    assert_eq!(mode(data.parent().unwrap()), 0o755, "a missing parent too");
     assert_eq!(mode(&data.join("secret.key")), 0o600);
+    assert_eq!(mode(&data.join("db")), 0o700);
 
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o750)).unwrap();
     assert!(daemon.stop().success());

@@ -1020,7 +1020,12 @@ mod tests {
     async fn a_database_of_the_first_layout_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let old = sled::open(&path).unwrap();
+        // No flusher thread, which could still hold the file lock after the drop.
+        let old = sled::Config::new()
+            .path(&path)
+            .flush_every_ms(None)
+            .open()
+            .unwrap();
         old.open_tree("otp")
             .unwrap()
             .insert("token", "code")
