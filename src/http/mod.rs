@@ -242,21 +242,27 @@ enum Endpoint<'a> {
 }
 
 impl<'a> Endpoint<'a> {
-    /// Matches a request path (without its query); a trailing `/` is ignored, as the
-    /// tutorial's Express router did.
+    /// Matches a request path (without its query); a trailing `/` and the case of the
+    /// fixed words are ignored, as by the tutorial's Express router. A token and a
+    /// code keep their case.
     fn of(path: &'a str) -> Option<Self> {
         let path = path
             .strip_suffix('/')
             .filter(|p| !p.is_empty())
             .unwrap_or(path);
         let segments: Vec<&str> = path.split('/').skip(1).collect();
+        let is = |segment: &str, word: &str| segment.eq_ignore_ascii_case(word);
         Some(match segments.as_slice() {
             [""] => Endpoint::Home,
-            ["otp", token] => Endpoint::Create { token },
-            ["otp", token, code] => Endpoint::Verify { token, code },
-            ["metrics"] => Endpoint::Metrics,
-            ["webhooks", "status"] => Endpoint::StatusWebhook,
-            ["webhooks", "inbound"] => Endpoint::InboundWebhook,
+            [otp, token] if is(otp, "otp") => Endpoint::Create { token },
+            [otp, token, code] if is(otp, "otp") => Endpoint::Verify { token, code },
+            [metrics] if is(metrics, "metrics") => Endpoint::Metrics,
+            [webhooks, status] if is(webhooks, "webhooks") && is(status, "status") => {
+                Endpoint::StatusWebhook
+            }
+            [webhooks, inbound] if is(webhooks, "webhooks") && is(inbound, "inbound") => {
+                Endpoint::InboundWebhook
+            }
             _ => return None,
         })
     }
@@ -400,6 +406,19 @@ mod tests {
             })
         );
         assert_eq!(Endpoint::of("/metrics"), Some(Endpoint::Metrics));
+        assert_eq!(
+            Endpoint::of("/OTP/Tok/123"),
+            Some(Endpoint::Verify {
+                token: "Tok",
+                code: "123"
+            }),
+            "the fixed words in any case; the token as given"
+        );
+        assert_eq!(Endpoint::of("/Metrics/"), Some(Endpoint::Metrics));
+        assert_eq!(
+            Endpoint::of("/WebHooks/Status"),
+            Some(Endpoint::StatusWebhook)
+        );
         assert_eq!(
             Endpoint::of("/webhooks/status"),
             Some(Endpoint::StatusWebhook)
