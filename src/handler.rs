@@ -51,17 +51,20 @@ pub async fn respond(otp: &Otp, line: &[u8]) -> Response {
 }
 
 fn status_body(token: String, report: StatusReport) -> Body {
+    let code = report.code;
     Body::Status {
         token,
         state: report.state.as_str(),
-        created_at: timestamp(report.created_at),
-        expires_at: timestamp(report.expires_at),
+        created_at: code.as_ref().map(|c| timestamp(c.created_at)),
+        expires_at: code.as_ref().map(|c| timestamp(c.expires_at)),
         attempts: report.attempts,
         locked_until: report.locked_until.map(timestamp),
-        channels: report.channels.iter().map(|c| c.as_str()).collect(),
-        delivery: DeliveryView {
-            reference: report.delivery.reference,
-            events: report
+        channels: code
+            .as_ref()
+            .map(|c| c.channels.iter().map(|c| c.as_str()).collect()),
+        delivery: code.map(|c| DeliveryView {
+            reference: c.delivery.reference,
+            events: c
                 .delivery
                 .events
                 .into_iter()
@@ -72,6 +75,6 @@ fn status_body(token: String, report: StatusReport) -> Body {
                     detail: event.detail,
                 })
                 .collect(),
-        },
+        }),
     }
 }

@@ -12,7 +12,7 @@ use crate::janitor::Wakeup;
 use crate::log_throttle::OncePerSecond;
 use crate::metrics::{Counters, Stats, bump};
 use crate::rules::{
-    Channel, CodeState, DeliveryEvent, Limits, Millis, Refusal, VerifyOutcome, now_ms,
+    Channel, CodeRecord, CodeState, DeliveryEvent, Limits, Millis, Refusal, VerifyOutcome, now_ms,
 };
 use crate::secret::ServerSecret;
 use crate::store::{Filed, NewCode, Store, StoreError, TokenStatus};
@@ -154,16 +154,14 @@ pub struct Created {
     pub channels: Vec<Channel>,
 }
 
-/// A token's code as `status` reports it.
+/// A token's code as `status` reports it: its state, and the code's record unless the
+/// token is locked after its code was purged.
 #[derive(Debug, Clone)]
 pub struct StatusReport {
     pub state: CodeState,
-    pub created_at: Millis,
-    pub expires_at: Millis,
     pub attempts: u32,
     pub locked_until: Option<Millis>,
-    pub channels: Vec<Channel>,
-    pub delivery: crate::rules::DeliveryRecord,
+    pub code: Option<CodeRecord>,
 }
 
 /// The service: configuration, secret, store, delivery and counters.
@@ -434,14 +432,17 @@ impl Otp {
         let now = now_ms();
         // As the next write would record it: an ended lock, and its count, are gone.
         record.end_lock_if_over(now);
+        // A lock outlives the code it was earned on: create and verify still answer 429.
+        let state = match (&code, record.locked_until) {
+            (Some(code), _) => code.state_at(now),
+            (None, Some(_)) => CodeState::Locked,
+            (None, None) => return Err(OtpError::NotFound),
+        };
         Ok(StatusReport {
-            state: code.state_at(now),
-            created_at: code.created_at,
-            expires_at: code.expires_at,
+            state,
             attempts: record.attempts,
             locked_until: record.locked_until,
-            channels: code.channels,
-            delivery: code.delivery,
+            code,
         })
     }
 

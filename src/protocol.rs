@@ -398,16 +398,21 @@ pub enum Body {
     Cancelled {
         result: &'static str,
     },
+    /// The code's fields are absent for a token locked after its code was purged.
     Status {
         token: String,
         state: &'static str,
-        created_at: String,
-        expires_at: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        created_at: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<String>,
         attempts: u32,
         #[serde(skip_serializing_if = "Option::is_none")]
         locked_until: Option<String>,
-        channels: Vec<&'static str>,
-        delivery: DeliveryView,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channels: Option<Vec<&'static str>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        delivery: Option<DeliveryView>,
     },
     Stats(Stats),
     Pong {

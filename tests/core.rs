@@ -219,6 +219,36 @@ fn guessing_locks_the_token(engine: Engine) {
     assert_eq!(daemon.stats()["live"], 0);
 }
 
+fn a_lock_outlives_its_purged_code_in_status(engine: Engine) {
+    let daemon = engine.start(
+        "[otp]\nresend_cooldown_secs = 0\nmax_attempts = 2\nlock_secs = 600\nretain_secs = 0\n\
+         [janitor]\ninterval_secs = 1\n",
+    );
+    let code = daemon.create_code_valid_for("p", "393331234567", 1);
+    let wrong = format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000);
+    daemon.verify("p", &wrong);
+    assert_eq!(daemon.verify("p", &wrong)["status"], 429);
+    let status = || daemon.call(json!({"op": "status", "token": "p"}));
+    wait_for("the locked code to be purged", || {
+        let status = status();
+        status["status"] == 404 || status.get("created_at").is_none()
+    });
+    let status = status();
+    assert_eq!(status["status"], 200, "the lock still stands: {status}");
+    assert_eq!(status["state"], "locked", "{status}");
+    assert_eq!(status["attempts"], 2, "{status}");
+    assert!(status["locked_until"].is_string(), "{status}");
+    assert!(
+        status.get("delivery").is_none(),
+        "no code to show: {status}"
+    );
+    let create = daemon.call(json!({"op": "create", "token": "p", "to": {"sms": "393331234567"}}));
+    assert_eq!(
+        create["error"], "too_many_attempts",
+        "as status says: {create}"
+    );
+}
+
 fn lock_ends_and_clears_the_count(engine: Engine) {
     let daemon = engine.start("[otp]\nresend_cooldown_secs = 0\nmax_attempts = 2\nlock_secs = 1\n");
     let code = daemon.create_code("l", "393331234567");
@@ -696,6 +726,7 @@ per_engine!([sled, redis, redis_cluster] {
     rate_limits_per_recipient_and_cooldown,
     guessing_locks_the_token,
     lock_ends_and_clears_the_count,
+    a_lock_outlives_its_purged_code_in_status,
     fifty_concurrent_verifies_exactly_one_wins,
     codes_survive_sigterm_and_sigkill,
     bad_input_gets_its_error_and_harms_nobody,

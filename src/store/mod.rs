@@ -97,10 +97,10 @@ pub struct DueFailovers {
     pub next_due: Option<Millis>,
 }
 
-/// A token's current code and record, for `status`.
+/// A token's record and its current code (none once purged), for `status`.
 #[derive(Debug, Clone)]
 pub struct TokenStatus {
-    pub code: CodeRecord,
+    pub code: Option<CodeRecord>,
     pub token: TokenRecord,
 }
 
@@ -156,7 +156,7 @@ pub trait Store: Send + Sync {
     /// Ends the token's pending code; returns false when there was none.
     async fn cancel(&self, token: &str, now: Millis) -> Result<bool, StoreError>;
 
-    /// The token's current code and counters, if it has one.
+    /// The token's counters and current code, if the token is known.
     async fn status(&self, token: &str) -> Result<Option<TokenStatus>, StoreError>;
 
     /// Handles at most `batch` due entries of the expiry index: expires pending codes

@@ -639,7 +639,7 @@ impl Store for SledStore {
             return Ok(None);
         };
         self.durable().await?;
-        Ok(code.map(|code| TokenStatus {
+        Ok(Some(TokenStatus {
             code,
             token: record,
         }))
@@ -800,15 +800,17 @@ mod tests {
             (0, 0, Some(6_000)),
             "filed again"
         );
-        assert!(
-            store.status("a").await.unwrap().is_some(),
-            "kept for retain"
-        );
+        let code = async || store.status("a").await.unwrap().unwrap().code;
+        assert!(code().await.is_some(), "kept for retain");
         // Code purged at 6 s; the token once its 10 s send window is over; the
         // recipient's bucket (0–10 s) once everything in it left the window.
         assert_eq!(purge(&store, 6_000).await, (1, 0, Some(10_000)));
-        assert!(store.status("a").await.unwrap().is_none());
+        assert!(code().await.is_none(), "the code is gone, the token stays");
         assert_eq!(purge(&store, 10_000).await, (1, 0, Some(20_000)));
+        assert!(
+            store.status("a").await.unwrap().is_none(),
+            "the token is gone"
+        );
         assert_eq!(purge(&store, 19_999).await, (0, 0, Some(20_000)));
         assert_eq!(purge(&store, 20_000).await, (1, 0, None));
         assert!(store.tokens.is_empty() && store.recipients.is_empty());

@@ -873,16 +873,17 @@ impl Store for RedisStore {
         let Some(record) = decode_read::<TokenRecord>(&token_read)? else {
             return Ok(None);
         };
-        let Some(live) = record.live else {
-            return Ok(None);
+        let code = match record.live {
+            Some(live) => {
+                let code_read = self.get(&mut conn, &self.keys.code(token, &live)).await?;
+                decode_read::<CodeRecord>(&code_read)?
+            }
+            None => None,
         };
-        let code_read = self.get(&mut conn, &self.keys.code(token, &live)).await?;
-        Ok(
-            decode_read::<CodeRecord>(&code_read)?.map(|code| TokenStatus {
-                code,
-                token: record,
-            }),
-        )
+        Ok(Some(TokenStatus {
+            code,
+            token: record,
+        }))
     }
 
     /// Redis expires keys itself; a pass only counts the codes that expired unverified
