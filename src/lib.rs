@@ -42,15 +42,23 @@ pub fn hex(bytes: &[u8]) -> String {
     text
 }
 
-/// Creates `dir` and its missing parents writable by the owner alone (0755, less what
-/// the umask takes), even under umask 000: they hold the server secret, the database
-/// and the socket, which nobody else may replace. Others may pass through, so that
-/// `socket_mode` decides who reaches the socket; the secret and the database are
+/// Creates `dir` and its missing parents 0755, whatever the umask (the daemon runs
+/// under 077 once its socket is bound): they hold the server secret, the database
+/// and sockets, which nobody else may replace, and others may pass through, so that
+/// `socket_mode` decides who reaches a socket; the secret and the database are
 /// owner-only files. A directory that exists is left as it is.
 pub fn create_owned_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
+    use std::os::unix::fs::PermissionsExt;
+    let missing: Vec<&std::path::Path> = dir
+        .ancestors()
+        .take_while(|at| !at.as_os_str().is_empty() && !at.exists())
+        .collect();
+    for at in missing.into_iter().rev() {
+        match std::fs::create_dir(at) {
+            Ok(()) => std::fs::set_permissions(at, std::fs::Permissions::from_mode(0o755))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

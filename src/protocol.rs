@@ -44,13 +44,13 @@ pub struct Envelope {
     pub request: Result<Request, ProtocolError>,
 }
 
-/// Parses JSON text as `serde_json::from_slice` does, and also returns the dotted path
-/// (`to.sms`) of the first key given twice in one object: serde_json would keep the
-/// last silently, and a request must not mean something other than it seems to. The
-/// value keeps each key's first occurrence.
-pub fn parse_json(bytes: &[u8]) -> serde_json::Result<(Value, Option<String>)> {
-    let Checked { value, duplicate } = serde_json::from_slice(bytes)?;
-    Ok((value, duplicate))
+/// Parses JSON text as `serde_json::from_slice` does, and also returns the dotted paths
+/// (`to.sms`) of the keys given twice in one object, in the order found: serde_json
+/// would keep the last silently, and a request must not mean something other than it
+/// seems to. The value keeps each key's first occurrence.
+pub fn parse_json(bytes: &[u8]) -> serde_json::Result<(Value, Vec<String>)> {
+    let Checked { value, duplicates } = serde_json::from_slice(bytes)?;
+    Ok((value, duplicates))
 }
 
 /// The answer to a key given twice (see [`parse_json`]), on both front ends.
@@ -58,17 +58,17 @@ pub fn given_twice(path: &str) -> ProtocolError {
     bad_request(path, "given twice")
 }
 
-/// A JSON value and the path of its first repeated key, as [`parse_json`] returns.
+/// A JSON value and the paths of its repeated keys, as [`parse_json`] returns.
 struct Checked {
     value: Value,
-    duplicate: Option<String>,
+    duplicates: Vec<String>,
 }
 
 impl Checked {
     fn plain(value: Value) -> Self {
         Self {
             value,
-            duplicate: None,
+            duplicates: Vec::new(),
         }
     }
 }
@@ -120,35 +120,32 @@ impl<'de> Visitor<'de> for CheckedVisitor {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<Checked, A::Error> {
-        let (mut values, mut duplicate) = (Vec::new(), None);
+        let (mut values, mut duplicates) = (Vec::new(), Vec::new());
         while let Some(item) = items.next_element::<Checked>()? {
-            if let Some(path) = item.duplicate {
-                duplicate.get_or_insert(format!("{}.{path}", values.len()));
-            }
+            let index = values.len();
+            duplicates.extend(item.duplicates.iter().map(|path| format!("{index}.{path}")));
             values.push(item.value);
         }
         Ok(Checked {
             value: Value::Array(values),
-            duplicate,
+            duplicates,
         })
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Checked, A::Error> {
-        let (mut object, mut duplicate) = (Map::new(), None);
+        let (mut object, mut duplicates) = (Map::new(), Vec::new());
         while let Some(key) = entries.next_key::<String>()? {
             let entry = entries.next_value::<Checked>()?;
-            if let Some(path) = entry.duplicate {
-                duplicate.get_or_insert(format!("{key}.{path}"));
-            }
+            duplicates.extend(entry.duplicates.iter().map(|path| format!("{key}.{path}")));
             if object.contains_key(&key) {
-                duplicate.get_or_insert(key);
+                duplicates.push(key);
             } else {
                 object.insert(key, entry.value);
             }
         }
         Ok(Checked {
             value: Value::Object(object),
-            duplicate,
+            duplicates,
         })
     }
 }
@@ -341,7 +338,7 @@ pub fn parse(line: &[u8]) -> Envelope {
             }),
         };
     }
-    let (value, duplicate) = match parse_json(line) {
+    let (value, duplicates) = match parse_json(line) {
         Ok(parsed) => parsed,
         Err(e) => {
             return Envelope {
@@ -368,11 +365,11 @@ pub fn parse(line: &[u8]) -> Envelope {
     // An id given twice is not echoed either: the client cannot tell which comes back.
     let id = object
         .get("id")
-        .filter(|_| duplicate.as_deref() != Some("id"));
+        .filter(|_| !duplicates.iter().any(|path| path == "id"));
     let id = id.cloned();
     let echoable = |id: &Value| id.is_string() || id.is_i64() || id.is_u64();
-    let request = match (&id, duplicate) {
-        (_, Some(path)) => Err(given_twice(&path)),
+    let request = match (&id, duplicates.first()) {
+        (_, Some(path)) => Err(given_twice(path)),
         (Some(id), None) if !echoable(id) => Err(bad_request(
             "id",
             "must be a string or an integer within 64 bits",
@@ -607,22 +604,25 @@ mod tests {
     fn repeated_keys_are_found_at_any_depth_and_the_first_value_kept() {
         let parsed = |text: &str| parse_json(text.as_bytes()).unwrap();
         assert_eq!(
-            parsed(r#"{"a":1,"b":[{"c":2,"c":3}],"a":4}"#).1.as_deref(),
-            Some("b.0.c"),
-            "the first found"
+            parsed(r#"{"a":1,"b":[{"c":2,"c":3}],"a":4}"#).1,
+            vec!["b.0.c", "a"],
+            "in the order found"
         );
-        let (value, duplicate) = parsed(r#"{"a":{"x":true,"x":null},"n":-1.5}"#);
-        assert_eq!(duplicate.as_deref(), Some("a.x"));
+        let (value, duplicates) = parsed(r#"{"a":{"x":true,"x":null},"n":-1.5}"#);
+        assert_eq!(duplicates, vec!["a.x"]);
         assert_eq!(value, serde_json::json!({"a": {"x": true}, "n": -1.5}));
         let text = r#"{"s":"é","u":18446744073709551615,"i":-9,"z":[],"o":{}}"#;
-        let (value, duplicate) = parsed(text);
-        assert_eq!(duplicate, None);
+        let (value, duplicates) = parsed(text);
+        assert!(duplicates.is_empty());
         assert_eq!(value, serde_json::from_str::<Value>(text).unwrap());
         assert!(parse_json(b"{\"a\":").is_err());
         // An id given twice is not echoed.
         let env = parse_str(r#"{"op":"ping","id":1,"id":2}"#);
         assert_eq!(env.id, None);
         assert_eq!(env.request.unwrap_err().message, "id: given twice");
+        let env = parse_str(r#"{"op":"ping","op":"ping","id":1,"id":2}"#);
+        assert_eq!(env.id, None, "not even after another key given twice");
+        assert_eq!(env.request.unwrap_err().message, "op: given twice");
     }
 
     #[test]

@@ -588,8 +588,9 @@ fn socket_mode_is_applied_and_a_live_daemon_is_not_replaced(engine: Engine) {
 /// The data directory holds the secret and the socket: one otpd creates is its own
 /// user's alone even under `umask 000`; one that exists keeps its mode.
 #[test]
-fn a_data_directory_otpd_creates_is_writable_by_its_owner_alone_whatever_the_umask() {
-    let mut daemon = Daemon::prepare("", "", "");
+fn a_directory_otpd_creates_is_0755_whatever_the_umask() {
+    // The HTTP socket's directory is made after the daemon set its own umask (077).
+    let mut daemon = Daemon::prepare("", "[http]\nlisten = \"unix:{dir}/web/http.sock\"\n", "");
     let data = daemon.dir.path().join("new/data");
     daemon.socket = data.join("otpd.sock");
     let serve = |daemon: &Daemon| {
@@ -609,6 +610,7 @@ fn a_data_directory_otpd_creates_is_writable_by_its_owner_alone_whatever_the_uma
     assert_eq!(mode(data.parent().unwrap()), 0o755, "a missing parent too");
     assert_eq!(mode(&data.join("secret.key")), 0o600);
     assert_eq!(mode(&data.join("db")), 0o700);
+    assert_eq!(mode(&daemon.dir.path().join("web")), 0o755);
 
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o750)).unwrap();
     assert!(daemon.stop().success());

@@ -849,6 +849,19 @@ fn the_allow_lists_cover_a_unix_socket_listener() {
             .all(|line| line.contains(&format!("uid={uid}")))
     );
     assert!(!log.contains("would send"), "nothing was created: {log}");
+
+    // A refused peer that sends nothing is answered at once, and holds no slot.
+    use std::io::Read;
+    let mut silent =
+        std::os::unix::net::UnixStream::connect(daemon.dir.path().join("http.sock")).unwrap();
+    silent.set_read_timeout(Some(common::PATIENCE)).unwrap();
+    let mut answer = String::new();
+    silent.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\nThis user may not use otpd"),
+        "{answer}"
+    );
 }
 
 #[test]

@@ -680,6 +680,13 @@ fn failovers_are_taken_once_across_hosts(engine: Engine) {
         let sent = event("failover_sent", Some("uuid-sms"));
         let outcome = a.record_delivery_event("uuid-unread", sent.clone()).await;
         assert_eq!(outcome.unwrap(), Filed::Recorded);
+        // A first try that failed before filing the SMS's id: the retry files it.
+        let redis = &direct.config.store.redis;
+        let mut forget = ::redis::cmd("DEL");
+        forget.arg(format!("{}ref:uuid-sms", redis.key_prefix));
+        behind_otpds_back(redis, &forget);
+        let outcome = a.record_delivery_event("uuid-unread", sent.clone()).await;
+        assert_eq!(outcome.unwrap(), Filed::AlreadyRecorded);
         let delivered = event("delivered", None);
         let outcome = b.record_delivery_event("uuid-sms", delivered.clone()).await;
         assert_eq!(outcome.unwrap(), Filed::Recorded);

@@ -152,29 +152,46 @@ async fn serve(
         };
         let (app, shutdown, handlers) = (app.clone(), shutdown.clone(), tracker.clone());
         tracker.spawn(async move {
-            let forbidden = match &stream {
-                Either::Left(_) => false,
-                Either::Right(unix) => !app.peers.admits(unix, "http"),
-            };
-            serve_connection(stream, app, shutdown, handlers, forbidden).await;
+            match stream {
+                Either::Right(unix) if !app.peers.admits(&unix, "http") => refuse(unix).await,
+                stream => serve_connection(stream, app, shutdown, handlers).await,
+            }
             drop(slot);
         });
     }
     drop(listener);
 }
 
+/// What a peer not in `allowed_uids` / `allowed_gids` gets on a `unix:` listener.
+const FORBIDDEN: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\n\
+cache-control: no-store\r\ncontent-length: 26\r\nconnection: close\r\n\r\nThis user may not use otpd";
+
+/// Answers a refused peer at once, without waiting for its request (so that it cannot
+/// hold a connection slot by sending none), and closes. What it sends meanwhile is
+/// read and dropped, for a second at most, so that its write does not fail before it
+/// reads the answer.
+async fn refuse(mut stream: tokio::net::UnixStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(FORBIDDEN).await?;
+        stream.shutdown().await?;
+        let mut dropped = [0; 1024];
+        while stream.read(&mut dropped).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
 /// Serves one connection's requests (keep-alive) until it closes, or until shutdown.
 /// Each request runs as a task on `handlers` (the daemon's tracker), so it finishes
 /// even if the client hangs up, and the daemon waits for it. At shutdown the request
 /// in hand is answered however long it takes; a request not yet whole gets
-/// [`SHUTDOWN_GRACE`]. A `forbidden` peer's first request is answered 403, and the
-/// connection closed. Returns once every request of the connection has ended.
+/// [`SHUTDOWN_GRACE`]. Returns once every request of the connection has ended.
 async fn serve_connection<S>(
     stream: S,
     app: Arc<App>,
     shutdown: CancellationToken,
     handlers: TaskTracker,
-    forbidden: bool,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -182,26 +199,22 @@ async fn serve_connection<S>(
     // Headers are held to the body's limit (hyper's floor is 8 KiB): 431 beyond.
     let max_head = app.max_body.max(8192);
     let in_hand = TaskTracker::new();
-    let service = {
-        let in_hand = in_hand.clone();
-        hyper::service::service_fn(move |request| {
-            let app = app.clone();
-            let answer = (!forbidden).then(|| {
-                handlers.spawn(in_hand.track_future(async move { app.answer(request).await }))
-            });
-            async move {
-                Ok::<_, Infallible>(match answer {
-                    None => text(StatusCode::FORBIDDEN, "This user may not use otpd"),
-                    Some(answer) => answer.await.unwrap_or_else(|_| {
+    let service =
+        {
+            let in_hand = in_hand.clone();
+            hyper::service::service_fn(move |request| {
+                let app = app.clone();
+                let answer =
+                    handlers.spawn(in_hand.track_future(async move { app.answer(request).await }));
+                async move {
+                    Ok::<_, Infallible>(answer.await.unwrap_or_else(|_| {
                         text(StatusCode::INTERNAL_SERVER_ERROR, "Internal error")
-                    }),
-                })
-            }
-        })
-    };
+                    }))
+                }
+            })
+        };
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .keep_alive(!forbidden)
         .header_read_timeout(read_timeout)
         .max_buf_size(max_head)
         .serve_connection(TokioIo::new(stream), service);

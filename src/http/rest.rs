@@ -23,9 +23,9 @@ pub async fn create(otp: &Otp, token: &str, body: &[u8]) -> Answer {
         Map::new()
     } else {
         match protocol::parse_json(body) {
-            Ok((Value::Object(object), None)) => object,
-            Ok((Value::Object(_), Some(path))) => {
-                return bad_request(&protocol::given_twice(&path).message);
+            Ok((Value::Object(object), duplicates)) if duplicates.is_empty() => object,
+            Ok((Value::Object(_), duplicates)) => {
+                return bad_request(&protocol::given_twice(&duplicates[0]).message);
             }
             Ok(_) => return bad_request("body: must be a JSON object"),
             Err(e) => return bad_request(&format!("body: not valid JSON: {e}")),

@@ -315,8 +315,9 @@ impl Webhooks {
         let Some(iat) = claims.iat else {
             return refuse("JWT: no iat claim".into());
         };
-        let age = (now / 1000) as i64 - iat;
-        if age.abs() > MAX_IAT_SKEW_SECS {
+        // Saturating: an `iat` near i64::MIN must not wrap into a small age.
+        let age = ((now / 1000) as i64).saturating_sub(iat);
+        if age.unsigned_abs() > MAX_IAT_SKEW_SECS.unsigned_abs() {
             let when = if age > 0 {
                 "in the past"
             } else {

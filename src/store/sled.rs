@@ -592,12 +592,16 @@ impl Store for SledStore {
         })?;
         let filed = match added {
             None => Filed::UnknownReference,
-            Some(false) => Filed::AlreadyRecorded,
-            Some(true) => {
+            Some(added) => {
+                // On a retry too: a first try may have failed between the event and its id.
                 if let Some(new_reference) = new_reference {
                     self.file_reference(&new_reference, &token)?;
                 }
-                Filed::Recorded
+                if added {
+                    Filed::Recorded
+                } else {
+                    Filed::AlreadyRecorded
+                }
             }
         };
         self.durable().await?;
@@ -945,8 +949,12 @@ mod tests {
             detail: detail.map(str::to_owned),
         };
         let sent = event(rules::FAILOVER_SENT, Some("uuid-s"));
+        let filed = store.record_delivery_event("uuid-m", sent.clone()).await;
+        assert_eq!(filed.unwrap(), Filed::Recorded);
+        // A first try that failed before filing the SMS's id: the retry files it.
+        store.references.remove("uuid-s").unwrap();
         let filed = store.record_delivery_event("uuid-m", sent).await.unwrap();
-        assert_eq!(filed, Filed::Recorded);
+        assert_eq!(filed, Filed::AlreadyRecorded);
         let filed = store.record_delivery_event("uuid-s", event("delivered", None));
         assert_eq!(filed.await.unwrap(), Filed::Recorded);
         assert_eq!(store.references.len(), 2);

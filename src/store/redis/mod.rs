@@ -162,8 +162,8 @@ impl Keys {
 enum CodeChange {
     /// There is no such code (any more).
     Gone,
-    /// The change changed nothing: nothing written.
-    Unchanged,
+    /// The change changed nothing: nothing written. With the key's expiry.
+    Unchanged { expire_at: Millis },
     /// Written, with the key's expiry.
     Written { expire_at: Millis },
 }
@@ -452,7 +452,8 @@ impl RedisStore {
                 return Ok(CodeChange::Gone);
             };
             if !change(&mut code) {
-                return Ok(CodeChange::Unchanged);
+                let expire_at = self.code_expire_at(&code);
+                return Ok(CodeChange::Unchanged { expire_at });
             }
             let expire_at = self.code_expire_at(&code);
             let mut commit = Commit::default();
@@ -741,7 +742,7 @@ impl Store for RedisStore {
             .await?;
         match change {
             CodeChange::Gone => self.confirm_gone(&mut conn, token, digest).await,
-            CodeChange::Unchanged => Ok(()),
+            CodeChange::Unchanged { .. } => Ok(()),
             CodeChange::Written { expire_at } => {
                 self.file_reference(&mut conn, reference, &code_key, expire_at)
                     .await?;
@@ -764,18 +765,18 @@ impl Store for RedisStore {
                 code.delivery.push(event.clone())
             })
             .await?;
-        match change {
-            CodeChange::Gone => Ok(Filed::UnknownReference),
-            CodeChange::Unchanged => Ok(Filed::AlreadyRecorded),
-            CodeChange::Written { expire_at } => {
-                if let Some(new_reference) = event.new_reference() {
-                    self.file_reference(&mut conn, new_reference, &code_key, expire_at)
-                        .await?;
-                }
-                self.replicated(&mut conn).await?;
-                Ok(Filed::Recorded)
-            }
+        let (filed, expire_at) = match change {
+            CodeChange::Gone => return Ok(Filed::UnknownReference),
+            CodeChange::Unchanged { expire_at } => (Filed::AlreadyRecorded, expire_at),
+            CodeChange::Written { expire_at } => (Filed::Recorded, expire_at),
+        };
+        // On a retry too: a first try may have failed between the event and its id.
+        if let Some(new_reference) = event.new_reference() {
+            self.file_reference(&mut conn, new_reference, &code_key, expire_at)
+                .await?;
         }
+        self.replicated(&mut conn).await?;
+        Ok(filed)
     }
 
     async fn verify(
