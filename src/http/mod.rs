@@ -166,17 +166,30 @@ async fn serve(
 const FORBIDDEN: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\n\
 cache-control: no-store\r\ncontent-length: 26\r\nconnection: close\r\n\r\nThis user may not use otpd";
 
-/// Answers a refused peer at once, without waiting for its request (so that it cannot
-/// hold a connection slot by sending none), and closes. What it sends meanwhile is
-/// read and dropped, for a second at most, so that its write does not fail before it
-/// reads the answer.
+/// Answers a refused peer and closes, holding its connection slot for two seconds at
+/// most, so that it cannot hold slots by sending nothing. The answer waits a second
+/// for the request head (an HTTP client takes an answer to a request it has not sent
+/// for an error); what the peer sends after it is read and dropped, so that its write
+/// does not fail before it reads the answer.
 async fn refuse(mut stream: tokio::net::UnixStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let mut chunk = [0; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let head = async {
+            let mut tail = Vec::new();
+            loop {
+                let read = stream.read(&mut chunk).await?;
+                tail.extend_from_slice(&chunk[..read]);
+                if read == 0 || tail.windows(4).any(|w| w == b"\r\n\r\n") {
+                    return Ok::<_, std::io::Error>(());
+                }
+                tail.drain(..tail.len().saturating_sub(3));
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), head).await;
         stream.write_all(FORBIDDEN).await?;
         stream.shutdown().await?;
-        let mut dropped = [0; 1024];
-        while stream.read(&mut dropped).await? > 0 {}
+        while stream.read(&mut chunk).await? > 0 {}
         Ok::<_, std::io::Error>(())
     })
     .await;
