@@ -219,22 +219,26 @@ impl Vonage {
 
     /// See [`super::Delivery::no_messenger`].
     pub fn no_messenger(&self) -> Option<String> {
-        self.settings.messenger_from.is_none().then(|| {
-            format!(
-                "this deployment sends no Messenger messages ({} is empty)",
-                self.api.key("messenger_from")
-            )
-        })
+        self.settings
+            .messenger_from
+            .is_none()
+            .then(|| self.no_messenger_reason())
     }
 
-    /// The Page id, or a refusal naming the key when Messenger is not configured.
+    /// The Page id, or the refusal [`Vonage::no_messenger`] gives when Messenger is
+    /// not configured.
     pub fn messenger_from(&self) -> Result<&str, DeliveryError> {
-        self.settings.messenger_from.as_deref().ok_or_else(|| {
-            DeliveryError::Refused(format!(
-                "Messenger is not configured ({} is empty)",
-                self.api.key("messenger_from")
-            ))
-        })
+        self.settings
+            .messenger_from
+            .as_deref()
+            .ok_or_else(|| DeliveryError::Refused(self.no_messenger_reason()))
+    }
+
+    fn no_messenger_reason(&self) -> String {
+        format!(
+            "this deployment sends no Messenger messages ({} is empty)",
+            self.api.key("messenger_from")
+        )
     }
 }
 

@@ -212,20 +212,18 @@ async fn serve_connection<S>(
     // Headers are held to the body's limit (hyper's floor is 8 KiB): 431 beyond.
     let max_head = app.max_body.max(8192);
     let in_hand = TaskTracker::new();
-    let service =
-        {
-            let in_hand = in_hand.clone();
-            hyper::service::service_fn(move |request| {
-                let app = app.clone();
-                let answer =
-                    handlers.spawn(in_hand.track_future(async move { app.answer(request).await }));
-                async move {
-                    Ok::<_, Infallible>(answer.await.unwrap_or_else(|_| {
-                        text(StatusCode::INTERNAL_SERVER_ERROR, "Internal error")
-                    }))
-                }
-            })
-        };
+    let tracked = in_hand.clone();
+    let service = hyper::service::service_fn(move |request| {
+        let app = app.clone();
+        let answer = handlers.spawn(tracked.track_future(async move { app.answer(request).await }));
+        async move {
+            Ok::<_, Infallible>(
+                answer
+                    .await
+                    .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "Internal error")),
+            )
+        }
+    });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(read_timeout)
