@@ -12,7 +12,8 @@ use crate::janitor::Wakeup;
 use crate::log_throttle::OncePerSecond;
 use crate::metrics::{Counters, Stats, bump};
 use crate::rules::{
-    Channel, CodeRecord, CodeState, DeliveryEvent, Limits, Millis, Refusal, VerifyOutcome, now_ms,
+    Channel, CodeRecord, CodeState, DeliveryEvent, LimitedBy, Limits, Millis, Refusal, SendLimit,
+    VerifyOutcome, now_ms,
 };
 use crate::secret::ServerSecret;
 use crate::store::{Filed, NewCode, Store, StoreError, TokenStatus};
@@ -30,8 +31,13 @@ pub enum OtpError {
     Expired,
     #[error("too many wrong codes for this token; try again later")]
     TooManyAttempts { retry_after_secs: u64 },
-    #[error("too many codes sent to this token or recipient; try again later")]
-    RateLimited { retry_after_secs: u64 },
+    /// `reason` names the limit and whose sends reached it (the token, or a recipient
+    /// by its field).
+    #[error("{reason}; try again later")]
+    RateLimited {
+        retry_after_secs: u64,
+        reason: String,
+    },
     #[error("the provider refused the message: {0}")]
     DeliveryFailed(String),
     #[error("the provider could not be reached: {0}")]
@@ -74,7 +80,9 @@ impl OtpError {
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             OtpError::TooManyAttempts { retry_after_secs }
-            | OtpError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            | OtpError::RateLimited {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
             _ => None,
         }
     }
@@ -271,16 +279,40 @@ impl Otp {
         }
     }
 
-    /// The answer to a create the store refused.
-    fn refused(&self, refusal: Refusal) -> OtpError {
+    /// The answer to a create the store refused; `to` the create's recipients, to name
+    /// one whose sends reached a limit.
+    fn refused(&self, refusal: Refusal, to: &Recipients) -> OtpError {
         match refusal {
             Refusal::Locked { retry_after } => OtpError::TooManyAttempts {
                 retry_after_secs: secs_rounded_up(retry_after),
             },
-            Refusal::RateLimited { retry_after } => {
+            Refusal::RateLimited {
+                retry_after,
+                limit,
+                reached_by,
+            } => {
                 bump(&self.counters.rate_limited);
+                let whose = match reached_by {
+                    LimitedBy::Token => "this token".to_owned(),
+                    LimitedBy::Recipient(i) => match to.channels().get(i) {
+                        Some(channel) => format!("the recipient in to.{}", channel.as_str()),
+                        None => "a recipient".to_owned(),
+                    },
+                };
+                let reason = match limit {
+                    SendLimit::Cooldown => format!(
+                        "{whose} was sent a code less than resend_cooldown_secs ({} s) ago",
+                        self.config.resend_cooldown_secs
+                    ),
+                    SendLimit::Count => format!(
+                        "{whose} was sent max_sends_per_recipient ({}) codes within \
+                         send_window_secs ({} s)",
+                        self.config.max_sends_per_recipient, self.config.send_window_secs
+                    ),
+                };
                 OtpError::RateLimited {
                     retry_after_secs: secs_rounded_up(retry_after),
+                    reason,
                 }
             }
         }
@@ -322,7 +354,7 @@ impl Otp {
             .create(&new, now)
             .await
             .map_err(self.storage_failed("create", &token))?
-            .map_err(|refusal| self.refused(refusal))?;
+            .map_err(|refusal| self.refused(refusal, &to))?;
         self.janitor
             .due_by(expires_at.min(now + self.limits.send_window));
 

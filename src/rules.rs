@@ -227,8 +227,30 @@ pub struct RecipientRecord {
 pub enum Refusal {
     /// The token is locked after too many wrong codes.
     Locked { retry_after: Millis },
-    /// Too many or too frequent sends for the token or a recipient.
-    RateLimited { retry_after: Millis },
+    /// Too many or too frequent sends for the token or a recipient; the answer names
+    /// which, so a client knows what to wait for or change.
+    RateLimited {
+        retry_after: Millis,
+        limit: SendLimit,
+        reached_by: LimitedBy,
+    },
+}
+
+/// The send limit that refused a create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendLimit {
+    /// A code went out less than `resend_cooldown` ago.
+    Cooldown,
+    /// `max_sends` codes went out within `send_window`.
+    Count,
+}
+
+/// Whose sends reached a [`SendLimit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitedBy {
+    Token,
+    /// The recipient at this index of the create's recipients.
+    Recipient(usize),
 }
 
 /// The answer to a verify.
@@ -248,8 +270,13 @@ pub enum VerifyOutcome {
 
 /// Drops send times that fell out of the window, then checks the cooldown and the count.
 /// On refusal returns how long until a send would be allowed: the later of the two
-/// ends, so that a client waiting that long is not refused again.
-fn check_sends(sends: &mut Vec<Millis>, now: Millis, limits: &Limits) -> Result<(), Millis> {
+/// ends, so that a client waiting that long is not refused again, and which limit that
+/// end belongs to.
+fn check_sends(
+    sends: &mut Vec<Millis>,
+    now: Millis,
+    limits: &Limits,
+) -> Result<(), (Millis, SendLimit)> {
     sends.retain(|&t| now.saturating_sub(t) < limits.send_window);
     let cooldown_end = sends
         .last()
@@ -260,9 +287,13 @@ fn check_sends(sends: &mut Vec<Millis>, now: Millis, limits: &Limits) -> Result<
         Some(excess) => sends[excess].saturating_add(limits.send_window),
         None => 0,
     };
-    let allowed_at = cooldown_end.max(count_end);
+    let (allowed_at, limit) = if count_end >= cooldown_end {
+        (count_end, SendLimit::Count)
+    } else {
+        (cooldown_end, SendLimit::Cooldown)
+    };
     if now < allowed_at {
-        Err(allowed_at - now)
+        Err((allowed_at - now, limit))
     } else {
         Ok(())
     }
@@ -331,14 +362,27 @@ pub fn plan_create(
             retry_after: until - now,
         });
     }
-    let mut wait = check_sends(&mut token.sends, now, limits).err();
-    for recipient in recipients.iter_mut() {
-        if let Err(w) = check_sends(&mut recipient.sends, now, limits) {
-            wait = Some(wait.map_or(w, |v| v.max(w)));
+    // The longest wait is the answer: waiting less would be refused again.
+    let mut longest: Option<(Millis, SendLimit, LimitedBy)> = None;
+    let checks = std::iter::once((LimitedBy::Token, &mut token.sends)).chain(
+        recipients
+            .iter_mut()
+            .enumerate()
+            .map(|(i, recipient)| (LimitedBy::Recipient(i), &mut recipient.sends)),
+    );
+    for (reached_by, sends) in checks {
+        if let Err((wait, limit)) = check_sends(sends, now, limits)
+            && longest.is_none_or(|(longest, ..)| wait > longest)
+        {
+            longest = Some((wait, limit, reached_by));
         }
     }
-    if let Some(retry_after) = wait {
-        return Err(Refusal::RateLimited { retry_after });
+    if let Some((retry_after, limit, reached_by)) = longest {
+        return Err(Refusal::RateLimited {
+            retry_after,
+            limit,
+            reached_by,
+        });
     }
     token.sends.push(now);
     for recipient in recipients.iter_mut() {
@@ -541,7 +585,9 @@ mod tests {
         assert_eq!(
             err,
             Refusal::RateLimited {
-                retry_after: 20_000
+                retry_after: 20_000,
+                limit: SendLimit::Cooldown,
+                reached_by: LimitedBy::Token,
             }
         );
         // A new token, same recipient: the recipient's own limit applies.
@@ -551,11 +597,41 @@ mod tests {
         assert_eq!(
             err,
             Refusal::RateLimited {
-                retry_after: 800_000
+                retry_after: 800_000,
+                limit: SendLimit::Count,
+                reached_by: LimitedBy::Recipient(0),
             }
         );
         // Once the window has passed, sends are allowed again.
         assert!(plan_create(None, &mut recipient, D1, 900_001, &LIMITS).is_ok());
+    }
+
+    #[test]
+    fn the_longest_wait_names_its_limit_and_whose_sends_reached_it() {
+        let limits = Limits {
+            max_sends: 1,
+            resend_cooldown: 0,
+            ..LIMITS
+        };
+        // The token and both recipients are at the count; the second recipient's send
+        // is the newest, so it leaves the window last.
+        let mut recipients = [
+            RecipientRecord { sends: vec![1_000] },
+            RecipientRecord { sends: vec![5_000] },
+        ];
+        let token = TokenRecord {
+            sends: vec![2_000],
+            ..TokenRecord::default()
+        };
+        let err = plan_create(Some(token), &mut recipients, D1, 10_000, &limits).unwrap_err();
+        assert_eq!(
+            err,
+            Refusal::RateLimited {
+                retry_after: 895_000,
+                limit: SendLimit::Count,
+                reached_by: LimitedBy::Recipient(1),
+            }
+        );
     }
 
     #[test]
@@ -568,8 +644,20 @@ mod tests {
         };
         let mut sends = vec![0, 3_000];
         // Inside the cooldown (until 5 s) and at the count (until 10 s): the later one.
-        assert_eq!(check_sends(&mut sends, 4_000, &limits), Err(6_000));
-        assert_eq!(check_sends(&mut sends, 9_999, &limits), Err(1));
+        assert_eq!(
+            check_sends(&mut sends, 4_000, &limits),
+            Err((6_000, SendLimit::Count))
+        );
+        assert_eq!(
+            check_sends(&mut sends, 9_999, &limits),
+            Err((1, SendLimit::Count))
+        );
+        // Under the count, only the cooldown is left to wait out.
+        let mut sends = vec![3_000];
+        assert_eq!(
+            check_sends(&mut sends, 4_000, &limits),
+            Err((1_000, SendLimit::Cooldown))
+        );
         assert_eq!(check_sends(&mut sends, 10_000, &limits), Ok(()));
     }
 

@@ -174,8 +174,17 @@ fn rate_limits_per_recipient_and_cooldown(engine: Engine) {
     assert_eq!(again["error"], "rate_limited");
     let retry = again["retry_after_secs"].as_u64().unwrap();
     assert!((1..=30).contains(&retry), "{again}");
+    assert_eq!(
+        again["message"],
+        "this token was sent a code less than resend_cooldown_secs (30 s) ago; try again later"
+    );
     let other = daemon.call(json!({"op": "create", "token": "r2", "to": {"sms": "393331111111"}}));
     assert_eq!(other["status"], 429, "recipient cooldown: {other}");
+    assert_eq!(
+        other["message"],
+        "the recipient in to.sms was sent a code less than resend_cooldown_secs (30 s) ago; \
+         try again later"
+    );
 
     let daemon = engine.start("[otp]\nresend_cooldown_secs = 0\nmax_sends_per_recipient = 2\n");
     for token in ["w1", "w2"] {
@@ -187,6 +196,11 @@ fn rate_limits_per_recipient_and_cooldown(engine: Engine) {
     let third = daemon.call(json!({"op": "create", "token": "w3", "to": {"sms": "+393331111111"}}));
     assert_eq!(third["status"], 429, "window limit: {third}");
     assert!(third["retry_after_secs"].as_u64().unwrap() > 800, "{third}");
+    assert_eq!(
+        third["message"],
+        "the recipient in to.sms was sent max_sends_per_recipient (2) codes within \
+         send_window_secs (900 s); try again later"
+    );
     assert_eq!(daemon.stats()["rate_limited"], 1);
 }
 

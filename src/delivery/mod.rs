@@ -53,7 +53,8 @@ impl Recipients {
         channels
     }
 
-    /// Rate-limit keys, one per recipient: `messenger:<id>`, `sms:<number>`.
+    /// Rate-limit keys, one per recipient in the order of [`Recipients::channels`]:
+    /// `messenger:<id>`, `sms:<number>`.
     pub fn limit_keys(&self) -> Vec<String> {
         let mut keys = Vec::with_capacity(2);
         if let Some(id) = &self.messenger {

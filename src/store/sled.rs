@@ -1014,7 +1014,12 @@ mod tests {
                 .is_ok()
         );
         let third = store.create(&create("c", 18_999), 18_999).await.unwrap();
-        assert_eq!(third, Err(Refusal::RateLimited { retry_after: 1 }));
+        let refusal = Refusal::RateLimited {
+            retry_after: 1,
+            limit: rules::SendLimit::Count,
+            reached_by: rules::LimitedBy::Recipient(0),
+        };
+        assert_eq!(third, Err(refusal));
         // At 19 s the 9 s send has left the 10 s window.
         assert!(
             store
