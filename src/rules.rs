@@ -506,8 +506,9 @@ pub struct PendingFailover {
 /// What a due failover comes to, judged from its code's record at the deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailoverVerdict {
-    /// Unread, not rejected, still pending: send the SMS.
-    Send,
+    /// Unread, not rejected, still pending: send the SMS, which names the time the code
+    /// has left (until `expires_at`) as of the send.
+    Send { expires_at: Millis },
     /// The code was replaced or purged.
     Gone,
     /// Verified, cancelled, expired or locked meanwhile.
@@ -538,7 +539,9 @@ pub fn failover_verdict(code: Option<&CodeRecord>, now: Millis) -> FailoverVerdi
     } else if seen("rejected") {
         FailoverVerdict::ProviderFellOver
     } else {
-        FailoverVerdict::Send
+        FailoverVerdict::Send {
+            expires_at: code.expires_at,
+        }
     }
 }
 
@@ -751,7 +754,8 @@ mod tests {
     fn failover_goes_out_only_for_an_unread_pending_code() {
         let mut code = CodeRecord::new(0, 10_000, vec![Channel::Messenger, Channel::Sms]);
         assert_eq!(failover_verdict(None, 5), FailoverVerdict::Gone);
-        assert_eq!(failover_verdict(Some(&code), 5), FailoverVerdict::Send);
+        let send = FailoverVerdict::Send { expires_at: 10_000 };
+        assert_eq!(failover_verdict(Some(&code), 5), send);
         assert_eq!(
             failover_verdict(Some(&code), 10_000),
             FailoverVerdict::Finished(CodeState::Expired)
@@ -763,7 +767,7 @@ mod tests {
             detail: None,
         };
         code.delivery.push(event("delivered"));
-        assert_eq!(failover_verdict(Some(&code), 5), FailoverVerdict::Send);
+        assert_eq!(failover_verdict(Some(&code), 5), send);
         for outcome in [FAILOVER_SENT, FAILOVER_FAILED] {
             let mut done = code.clone();
             done.delivery.push(event(outcome));

@@ -398,7 +398,7 @@ fn a_crash_during_a_failover_send_sends_the_sms_once_the_claim_runs_out() {
     // A claim lasts the longest send (5 s) and 10 s more.
     let mut daemon = start_configured(&vonage, "timeout_secs = 5\nmax_retries = 0\n");
     vonage.script(&[Reply::Accept, Reply::Hang]);
-    let messenger = create_both(&daemon, &vonage, "crash");
+    let messenger = create_both_with(&daemon, &vonage, json!({"token": "crash", "ttl_secs": 90}));
     wait_for("the SMS to reach Vonage", || {
         sms_requests(&vonage).len() == 1
     });
@@ -407,8 +407,13 @@ fn a_crash_during_a_failover_send_sends_the_sms_once_the_claim_runs_out() {
     wait_for_failover_sent(&daemon, "crash");
     let sms = sms_requests(&vonage);
     assert_eq!(sms.len(), 2, "sent again, once");
-    assert_eq!(sms[1].body["text"], sms[0].body["text"]);
-    assert_eq!(daemon.verify("crash", &messenger.code())["status"], 200);
+    let code = messenger.code();
+    // Due at 15 s (75 s left), sent again once the claim ran out, 15 s later at least:
+    // the text names the time left then, not at the first try.
+    let text = |left: &str| format!("{code} is your code. It expires in {left}.");
+    assert_eq!(sms[0].body["text"], text("2 minutes"));
+    assert_eq!(sms[1].body["text"], text("1 minute"));
+    assert_eq!(daemon.verify("crash", &code)["status"], 200);
 }
 
 /// A daemon of the `messages` backend on `redis` (a short response timeout, so that an

@@ -651,7 +651,12 @@ fn failovers_are_taken_once_across_hosts(engine: Engine) {
             vec![
                 ("uuid-gone".into(), FailoverVerdict::Gone),
                 ("uuid-read".into(), FailoverVerdict::Read),
-                ("uuid-unread".into(), FailoverVerdict::Send),
+                (
+                    "uuid-unread".into(),
+                    FailoverVerdict::Send {
+                        expires_at: now + 300_000
+                    }
+                ),
             ],
             "each due failover handed out once, with its verdict"
         );

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::seal::Sealer;
 use super::vonage::{Api, Vonage};
-use super::{Delivery, DeliveryError, Message, Receipt};
+use super::{Delivery, DeliveryError, Message, Receipt, fill_minutes};
 use crate::config::Config;
 use crate::metrics::Counters;
 use crate::rules::{
@@ -135,8 +135,11 @@ impl Inner {
                     Ok(handed_out) => {
                         let full = handed_out.due.len() == room;
                         for (failover, verdict) in handed_out.due {
-                            if verdict == FailoverVerdict::Send {
-                                sending.spawn(self.clone().send_failover(failover, stop.clone()));
+                            if let FailoverVerdict::Send { expires_at } = verdict {
+                                let send =
+                                    self.clone()
+                                        .send_failover(failover, expires_at, stop.clone());
+                                sending.spawn(send);
                             } else {
                                 tracing::info!(
                                     token = failover.token,
@@ -178,11 +181,21 @@ impl Inner {
         }
     }
 
-    /// Sends a failover's SMS and records the outcome on its code. One not retried
-    /// because otpd is stopping is set aside instead.
-    async fn send_failover(self: Arc<Self>, failover: PendingFailover, stop: CancellationToken) {
+    /// Sends a failover's SMS, naming the minutes its code has left (until
+    /// `expires_at`), and records the outcome on its code. One not retried because otpd
+    /// is stopping is set aside instead.
+    async fn send_failover(
+        self: Arc<Self>,
+        failover: PendingFailover,
+        expires_at: Millis,
+        stop: CancellationToken,
+    ) {
         let outcome = match self.sealer.open(&failover.token, &failover.sealed_text) {
-            Some(text) => self.post(&self.sms(&failover.to, &text)).await,
+            Some(text) => {
+                let secs_left = expires_at.saturating_sub(now_ms()) / 1000;
+                let text = fill_minutes(&text, secs_left);
+                self.post(&self.sms(&failover.to, &text)).await
+            }
             None => Err(DeliveryError::Refused(
                 "the stored text does not open with this server secret".into(),
             )),
@@ -304,7 +317,7 @@ impl Delivery for MessagesDelivery {
                 to: number.clone(),
                 sealed_text: inner
                     .sealer
-                    .seal(message.token, &message.failover_text(after)),
+                    .seal(message.token, &message.text_without_minutes()),
             };
             // The Messenger message is out, so this is no failed delivery (which would
             // discard a code the person has): the code stands, without its SMS.

@@ -96,6 +96,13 @@ impl Message<'_> {
             self.ttl_secs.saturating_sub(after_secs),
         )
     }
+
+    /// The text of an SMS that otpd itself sends later, with the code and with
+    /// `{minutes}` still to fill in by [`fill_minutes`] at the send: only then is it
+    /// known how late the send is (a crash or a stop can delay it).
+    pub fn text_without_minutes(&self) -> String {
+        fill_code(self.template, self.code)
+    }
 }
 
 /// What the provider said when it took the message.
@@ -140,18 +147,25 @@ pub trait Delivery: Send + Sync {
     }
 }
 
-/// Fills `{code}` and `{minutes}` into the template. The default's "{minutes}
-/// minutes" reads "1 minute" when one is left.
+/// Fills `{code}` and `{minutes}` into the template.
 fn render(template: &str, code: &Code, ttl_secs: u64) -> String {
-    let minutes = ttl_secs.div_ceil(60).max(1);
-    let template = if minutes == 1 {
-        template.replace("{minutes} minutes", "1 minute")
+    fill_minutes(&fill_code(template, code), ttl_secs)
+}
+
+fn fill_code(template: &str, code: &Code) -> String {
+    template.replace("{code}", code.expose())
+}
+
+/// Fills `{minutes}` with the whole minutes in `secs_left`, at least one. The default's
+/// "{minutes} minutes" reads "1 minute" when one is left.
+pub fn fill_minutes(text: &str, secs_left: u64) -> String {
+    let minutes = secs_left.div_ceil(60).max(1);
+    let text = if minutes == 1 {
+        text.replace("{minutes} minutes", "1 minute")
     } else {
-        template.to_owned()
+        text.to_owned()
     };
-    template
-        .replace("{minutes}", &minutes.to_string())
-        .replace("{code}", code.expose())
+    text.replace("{minutes}", &minutes.to_string())
 }
 
 /// Builds the backend the configuration names. `counters` get its delivery counts;
@@ -219,6 +233,11 @@ mod tests {
         assert_eq!(message.text(), "123456 for 5 min");
         assert_eq!(message.failover_text(120), "123456 for 3 min");
         assert_eq!(message.failover_text(400), "123456 for 1 min");
+        let later = message.text_without_minutes();
+        assert_eq!(later, "123456 for {minutes} min");
+        assert_eq!(fill_minutes(&later, 179), "123456 for 3 min");
+        // A text stored before `{minutes}` was left open is sent as it is.
+        assert_eq!(fill_minutes("123456 for 4 min", 179), "123456 for 4 min");
     }
 
     #[test]

@@ -689,7 +689,7 @@ impl Store for SledStore {
                 .as_ref()
                 .and_then(|state| state.code_delivered_as(&failover.reference));
             let verdict = rules::failover_verdict(code, now);
-            let failover = if verdict == FailoverVerdict::Send {
+            let failover = if matches!(verdict, FailoverVerdict::Send { .. }) {
                 let claimed = PendingFailover {
                     due_at: claim_until,
                     ..failover
@@ -1080,13 +1080,14 @@ mod tests {
         // A failover to send is claimed until the end of its claim, then comes back.
         delivered(&store, "uuid-late").await; // pending until 5 s
         let claimed = store.claim_due_failovers(2_000, 3_000, 10).await.unwrap();
-        let expected = (failover("late", 3_000), FailoverVerdict::Send);
+        let send = FailoverVerdict::Send { expires_at: 5_000 };
+        let expected = (failover("late", 3_000), send);
         assert_eq!(claimed.due, vec![expected.clone()]);
         assert_eq!(claimed.next_due, Some(3_000));
         let during = store.claim_due_failovers(2_999, 4_000, 10).await.unwrap();
         assert!(during.due.is_empty(), "nobody else gets it while claimed");
         let back = store.claim_due_failovers(3_000, 4_000, 10).await.unwrap();
-        let expected = (failover("late", 4_000), FailoverVerdict::Send);
+        let expected = (failover("late", 4_000), send);
         assert_eq!(
             back.due,
             vec![expected.clone()],

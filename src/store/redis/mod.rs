@@ -950,7 +950,7 @@ impl Store for RedisStore {
                 None => None,
             };
             let verdict = rules::failover_verdict(code.as_ref(), now);
-            let failover = if verdict == FailoverVerdict::Send {
+            let failover = if matches!(verdict, FailoverVerdict::Send { .. }) {
                 let claimed = PendingFailover {
                     due_at: claim_until,
                     ..failover
