@@ -349,8 +349,7 @@ impl Otp {
             created_at: now,
             expires_at,
         };
-        let replaced = self
-            .store
+        self.store
             .create(&new, now)
             .await
             .map_err(self.storage_failed("create", &token))?
@@ -374,7 +373,7 @@ impl Otp {
             }
             Err(error) => {
                 bump(&self.counters.delivery_failed);
-                if let Err(e) = self.store.discard(&token, &digest, replaced).await {
+                if let Err(e) = self.store.discard(&token, &digest).await {
                     tracing::error!(token, error = %e, "could not discard an undelivered code");
                 }
                 tracing::warn!(token, %error, "delivery failed; the code was discarded (any previous one stands)");

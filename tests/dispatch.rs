@@ -359,6 +359,33 @@ fn a_resend_that_fails_leaves_the_code_already_sent() {
 }
 
 #[test]
+fn a_crash_during_a_resend_leaves_the_code_already_sent_valid() {
+    let vonage = VonageStandIn::start();
+    let mut daemon = start(&vonage, "");
+    let to = json!({"sms": PHONE});
+    assert_eq!(create(&daemon, "t9", to.clone())["status"], 201);
+    assert_eq!(create(&daemon, "other", to.clone())["status"], 201);
+    let sent = vonage.requests()[0].code();
+    vonage.hold();
+    let mut resend = daemon.connect();
+    resend.send(&json!({"op": "create", "token": "t9", "to": to}));
+    common::wait_for("the resend to reach Vonage", || {
+        !vonage.unanswered().is_empty()
+    });
+    // A write that waits for a flush puts the resend's new code on disk too.
+    assert_eq!(daemon.verify("other", "0000000000")["status"], 404);
+    daemon.kill();
+    daemon.spawn();
+    assert_eq!(
+        daemon.verify("t9", &sent)["status"],
+        200,
+        "the code the person has still verifies"
+    );
+    assert_eq!(daemon.verify("t9", &sent)["status"], 409);
+    assert_eq!(daemon.stats()["live"], 1, "the other token's code only");
+}
+
+#[test]
 fn unauthorized_is_a_configuration_error() {
     let vonage = VonageStandIn::start();
     let daemon = start(&vonage, "");

@@ -529,12 +529,8 @@ fn delivery_records_and_discard_through_the_store(engine: Engine) {
 
         // A resend whose delivery failed gives the first code back, reports and all.
         let resend = new_code("deliv", 8, "393331234567", now);
-        let replaced = store.create(&resend, now).await.unwrap().unwrap();
-        assert_eq!(replaced.as_ref().map(|r| r.digest), Some(digest));
-        store
-            .discard("deliv", &resend.digest, replaced)
-            .await
-            .unwrap();
+        store.create(&resend, now).await.unwrap().unwrap();
+        store.discard("deliv", &resend.digest).await.unwrap();
         assert_eq!(store.live(), 1);
         let status = store.status("deliv").await.unwrap().unwrap();
         assert_eq!(status.code.unwrap().delivery.events, vec![event.clone()]);
@@ -547,21 +543,18 @@ fn delivery_records_and_discard_through_the_store(engine: Engine) {
 
         // A resend verified before its delivery was judged failed did arrive: it stays.
         let arrived = new_code("deliv", 6, "393331234567", now);
-        let replaced = store.create(&arrived, now).await.unwrap().unwrap();
+        store.create(&arrived, now).await.unwrap().unwrap();
         let outcome = store.verify("deliv", &arrived.digest, now).await.unwrap();
         assert_eq!(outcome, VerifyOutcome::Valid);
-        store
-            .discard("deliv", &arrived.digest, replaced)
-            .await
-            .unwrap();
+        store.discard("deliv", &arrived.digest).await.unwrap();
         let outcome = store.verify("deliv", &arrived.digest, now).await.unwrap();
         assert_eq!(outcome, VerifyOutcome::AlreadyVerified);
         assert_eq!(store.live(), 0);
 
         // A first code whose delivery failed: nothing to give back, nothing stays.
         let lone = new_code("lone", 5, "393331234599", now);
-        assert_eq!(store.create(&lone, now).await.unwrap(), Ok(None));
-        store.discard("lone", &lone.digest, None).await.unwrap();
+        assert_eq!(store.create(&lone, now).await.unwrap(), Ok(()));
+        store.discard("lone", &lone.digest).await.unwrap();
         let status = store.status("lone").await.unwrap().unwrap();
         assert!(
             status.code.is_none(),
@@ -579,6 +572,67 @@ fn delivery_records_and_discard_through_the_store(engine: Engine) {
 
         // A second store with another secret on the same prefix is refused.
         assert!(direct.connect_with([8; 32]).await.is_err());
+    });
+}
+
+/// A resend whose delivery never settles (its host died) leaves the code it replaced
+/// standing in, on every host, until one of the two verifies; a confirmed one does not.
+fn the_replaced_code_stands_in_while_a_resend_is_unsettled(engine: Engine) {
+    use otpd::rules::{DeliveryEvent, VerifyOutcome, now_ms};
+    use otpd::store::{Filed, Store};
+
+    let direct = DirectStore::new(engine);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (a, b) = (direct.connect().await, direct.connect().await);
+        let now = now_ms();
+        let first = new_code("stand", 1, "393331234567", now);
+        a.create(&first, now).await.unwrap().unwrap();
+        a.confirm_delivery("stand", &first.digest, "uuid-s1")
+            .await
+            .unwrap();
+        // Host a dies during the resend's delivery.
+        let second = new_code("stand", 2, "393331234567", now);
+        a.create(&second, now).await.unwrap().unwrap();
+        drop(a);
+        let wrong = b.verify("stand", &otpd::code::Digest([3; 16]), now);
+        assert_eq!(wrong.await.unwrap(), VerifyOutcome::NotFound, "a typo");
+        let outcome = b.verify("stand", &first.digest, now).await.unwrap();
+        assert_eq!(
+            outcome,
+            VerifyOutcome::Valid,
+            "the code the person has, after a typo"
+        );
+        let outcome = b.verify("stand", &first.digest, now).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::AlreadyVerified);
+        let outcome = b.verify("stand", &second.digest, now).await.unwrap();
+        assert_eq!(
+            outcome,
+            VerifyOutcome::NotFound,
+            "one valid verify per token"
+        );
+        let status = b.status("stand").await.unwrap().unwrap();
+        assert_eq!(status.token.live, Some(first.digest));
+        let read = DeliveryEvent {
+            at: now,
+            status: "read".into(),
+            channel: None,
+            detail: None,
+        };
+        let filed = b.record_delivery_event("uuid-s1", read).await.unwrap();
+        assert_eq!(filed, Filed::Recorded, "filed under its id again");
+
+        // A confirmed resend: only the new code counts.
+        let third = new_code("stand", 3, "393331234567", now);
+        b.create(&third, now).await.unwrap().unwrap();
+        b.confirm_delivery("stand", &third.digest, "uuid-s3")
+            .await
+            .unwrap();
+        let outcome = b.verify("stand", &first.digest, now).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::NotFound);
+        let outcome = b.verify("stand", &third.digest, now).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::Valid);
+        assert_eq!(b.live(), 0);
     });
 }
 
@@ -763,6 +817,7 @@ per_engine!([redis, redis_cluster] {
     a_create_lost_before_its_confirm_is_not_acknowledged,
     failovers_are_taken_once_across_hosts,
     delivery_records_and_discard_through_the_store,
+    the_replaced_code_stands_in_while_a_resend_is_unsettled,
     create_on_one_host_verify_on_another,
     fifty_concurrent_verifies_across_two_hosts_one_wins,
     guessing_spread_across_hosts_still_locks,

@@ -14,11 +14,11 @@ use async_trait::async_trait;
 
 use crate::code::Digest;
 use crate::rules::{
-    Channel, CodeRecord, DeliveryEvent, FailoverVerdict, Millis, PendingFailover, Refusal,
-    TokenRecord, VerifyOutcome,
+    Channel, CodeRecord, CodeState, DeliveryEvent, FailoverVerdict, Millis, PendingFailover,
+    Refusal, TokenRecord, VerifyOutcome,
 };
 
-use encoding::{decode, encode};
+use encoding::{decode, decode_with_extra, encode, encode_with_extra};
 
 /// Applies a change to an engine's live count (one per code leaving or entering
 /// pending), saturating: a count is never worth a panic.
@@ -56,13 +56,26 @@ pub struct NewCode {
     pub expires_at: Millis,
 }
 
-/// The code a create replaced. The caller keeps it until the new code's delivery is
-/// settled, so that [`Store::discard`] can put it back: a resend that never went out
-/// must not take away the code the person already has.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The code a create replaced, stored with the token until the new code is confirmed
+/// delivered: a resend that never went out must not take away the code the person
+/// already has. [`Store::discard`] puts it back; until then, and for good when a crash
+/// cuts the delivery short, it [stands in](ReplacedCode::stands_in) for the new code.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplacedCode {
     pub digest: Digest,
     pub code: CodeRecord,
+}
+
+impl ReplacedCode {
+    /// Whether a verify of this code counts, given the code that replaced it (`live`):
+    /// while this one is pending and the new one is pending without a confirmed
+    /// delivery. Once the new code went out, was verified, or ended, only it counts.
+    pub fn stands_in(&self, live: Option<&CodeRecord>, now: Millis) -> bool {
+        self.code.state_at(now) == CodeState::Pending
+            && live.is_some_and(|new| {
+                new.state_at(now) == CodeState::Pending && new.delivery.reference.is_none()
+            })
+    }
 }
 
 /// What became of a provider's status report ([`Store::record_delivery_event`]).
@@ -110,27 +123,20 @@ pub struct TokenStatus {
 /// create costs one flush however its delivery goes.
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Stores a new code for a token, replacing its previous one (returned), unless the
-    /// token is locked or a rate limit refuses. Atomic, but not yet durable.
-    async fn create(
-        &self,
-        code: &NewCode,
-        now: Millis,
-    ) -> Result<Result<Option<ReplacedCode>, Refusal>, StoreError>;
+    /// Stores a new code for a token, replacing its previous one (kept as a
+    /// [`ReplacedCode`] until the delivery settles), unless the token is locked or a
+    /// rate limit refuses. Atomic, but not yet durable.
+    async fn create(&self, code: &NewCode, now: Millis) -> Result<Result<(), Refusal>, StoreError>;
 
-    /// Removes a code whose delivery failed and puts back the one it `replaced`, as if
+    /// Removes a code whose delivery failed and puts back the one it replaced, as if
     /// the create had not been (its sends still count toward the rate limits: the
     /// provider may have sent before it failed). Leaves a code already verified alone:
     /// it evidently arrived.
-    async fn discard(
-        &self,
-        token: &str,
-        digest: &Digest,
-        replaced: Option<ReplacedCode>,
-    ) -> Result<(), StoreError>;
+    async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError>;
 
     /// Makes a created code final once its delivery went out: keeps the provider's
-    /// delivery id and returns once the code is durable.
+    /// delivery id (from then on the code it replaced no longer stands in) and returns
+    /// once the code is durable.
     async fn confirm_delivery(
         &self,
         token: &str,
@@ -145,7 +151,9 @@ pub trait Store: Send + Sync {
         event: DeliveryEvent,
     ) -> Result<Filed, StoreError>;
 
-    /// Checks a typed code (as its digest) against the token's code.
+    /// Checks a typed code (as its digest) against the token's code, or the code it
+    /// replaced while that [stands in](ReplacedCode::stands_in): a valid one of those
+    /// becomes the token's code again, and the new one goes.
     async fn verify(
         &self,
         token: &str,

@@ -1,8 +1,9 @@
 //! The embedded storage engine: sled.
 //!
 //! Trees, each written one key at a time (no sled transactions, see [`KeyLocks`]):
-//! - `tokens`: token → [`TokenState`]: the token's record and its one code. The code
-//!   is stored only as its digest (`TokenRecord::live`), never in the clear.
+//! - `tokens`: token → [`TokenState`]: the token's record and its one code, and while
+//!   a resend's delivery is unsettled the code it replaced. A code is stored only as
+//!   its digest (`TokenRecord::live`), never in the clear.
 //! - `expiry`: big-endian due time, token → empty: when the janitor must next look at a
 //!   token, so it reads due tokens in time order without scanning.
 //! - `recipients`: big-endian start of a send-window-long bucket, `channel:address` →
@@ -45,7 +46,7 @@ use super::group_commit::GroupCommit;
 use super::key_locks::KeyLocks;
 use super::{
     DueFailovers, Filed, NewCode, PurgeReport, ReplacedCode, Store, StoreError, TokenStatus,
-    decode, encode,
+    decode, decode_with_extra, encode, encode_with_extra,
 };
 use crate::code::Digest;
 use crate::config::{Durability, StoreConfig};
@@ -67,6 +68,10 @@ struct TokenState {
     code: Option<CodeRecord>,
     /// The due time of the token's live entry in the expiry index, if any.
     indexed_at: Option<Millis>,
+    /// The code a resend replaced, until its delivery settles. Stored behind the rest
+    /// ([`super::encode_with_extra`]), so records of earlier builds read as they are.
+    #[serde(skip)]
+    replaced: Option<ReplacedCode>,
 }
 
 impl TokenState {
@@ -75,6 +80,13 @@ impl TokenState {
         self.code
             .as_ref()
             .filter(|code| code.delivery.references().any(|r| r == reference))
+    }
+
+    /// The code a resend replaced, if `digest` is its digest and it stands in.
+    fn standing_in(&self, digest: &Digest, now: Millis) -> Option<&ReplacedCode> {
+        self.replaced
+            .as_ref()
+            .filter(|old| old.digest == *digest && old.stands_in(self.code.as_ref(), now))
     }
 
     /// Takes the code away (discarded, replaced or purged); returns it.
@@ -221,11 +233,12 @@ impl SledStore {
     }
 
     fn read_token(&self, token: &[u8]) -> Result<Option<TokenState>, StoreError> {
-        self.tokens
-            .get(token)
-            .map_err(db_error)?
-            .map(|bytes| decode(&bytes))
-            .transpose()
+        let Some(bytes) = self.tokens.get(token).map_err(db_error)? else {
+            return Ok(None);
+        };
+        let (mut state, replaced): (TokenState, _) = decode_with_extra(&bytes)?;
+        state.replaced = replaced;
+        Ok(Some(state))
     }
 
     /// Writes a token's state, first giving it an expiry entry if it is due sooner than
@@ -239,7 +252,8 @@ impl SledStore {
                 .map_err(db_error)?;
             state.indexed_at = Some(due);
         }
-        self.tokens.insert(token, encode(state)).map_err(db_error)?;
+        let bytes = encode_with_extra(state, state.replaced.as_ref());
+        self.tokens.insert(token, bytes).map_err(db_error)?;
         Ok(())
     }
 
@@ -288,6 +302,15 @@ impl SledStore {
     fn forget_references(&self, code: Option<&CodeRecord>) -> Result<(), StoreError> {
         for reference in code.iter().flat_map(|code| code.delivery.references()) {
             self.references.remove(reference).map_err(db_error)?;
+        }
+        Ok(())
+    }
+
+    /// Files a code that is `token`'s again (a resend undone) under every id it was
+    /// delivered as, which the resend had dropped.
+    fn file_references(&self, code: Option<&CodeRecord>, token: &[u8]) -> Result<(), StoreError> {
+        for reference in code.iter().flat_map(|code| code.delivery.references()) {
+            self.file_reference(reference, token)?;
         }
         Ok(())
     }
@@ -343,6 +366,7 @@ impl SledStore {
             .is_some_and(|c| c.due_at(&self.limits) <= now)
         {
             purged_code = state.remove_code();
+            state.replaced = None;
             visit.purged += 1;
         }
         if state.code.is_none()
@@ -395,12 +419,12 @@ impl SledStore {
     }
 
     /// The create itself, under the locks of its token and recipients; returns the
-    /// change in live codes and the code it replaced.
+    /// change in live codes.
     fn create_locked(
         &self,
         new: &NewCode,
         now: Millis,
-    ) -> Result<Result<(i64, Option<ReplacedCode>), Refusal>, StoreError> {
+    ) -> Result<Result<i64, Refusal>, StoreError> {
         let token = new.token.as_bytes();
         let mut state = self.read_token(token)?.unwrap_or_default();
         let mut recipients = new
@@ -425,14 +449,14 @@ impl SledStore {
         state.record = plan.token;
         let code = CodeRecord::new(new.created_at, new.expires_at, new.channels.clone());
         let replaced = state.code.replace(code);
-        self.write_token(token, &mut state)?;
-        self.forget_references(replaced.as_ref())?;
         let replaced_live = replaced.as_ref().is_some_and(CodeRecord::is_pending);
-        let replaced = plan
+        state.replaced = plan
             .replaced
             .zip(replaced)
             .map(|(digest, code)| ReplacedCode { digest, code });
-        Ok(Ok((1 - i64::from(replaced_live), replaced)))
+        self.write_token(token, &mut state)?;
+        self.forget_references(state.replaced.as_ref().map(|old| &old.code))?;
+        Ok(Ok(1 - i64::from(replaced_live)))
     }
 
     /// The verify itself, under the token's lock: the outcome and the change in live
@@ -446,27 +470,46 @@ impl SledStore {
         let Some(mut state) = self.read_token(token.as_bytes())? else {
             return Ok(None);
         };
-        let probed = (state.record.live == Some(*digest))
-            .then(|| state.code.clone())
-            .flatten();
+        let stand_in = state.standing_in(digest, now).is_some();
+        let probed = if state.record.live == Some(*digest) {
+            state.code.clone()
+        } else if stand_in {
+            state.replaced.as_ref().map(|old| old.code.clone())
+        } else {
+            None
+        };
         let plan = rules::plan_verify(Some(state.record.clone()), probed, now, &self.limits);
         let wrote = plan.code.is_some() || plan.token.is_some();
         let mut live_delta = 0;
+        let mut dropped = None;
         if let Some(code) = plan.code {
             live_delta -= 1;
+            if stand_in {
+                // The replaced code verified: it is the token's code again, and the new
+                // one, never confirmed delivered, is the pending code this verify ends.
+                dropped = state.code.take();
+                state.replaced = None;
+            }
             state.code = Some(code);
         }
-        if let Some(record) = plan.token {
+        if let Some(mut record) = plan.token {
             if plan.invalidate_live
                 && let Some(code) = &mut state.code
                 && rules::finish_pending(code, CodeState::Locked, now)
             {
                 live_delta -= 1;
             }
+            if dropped.is_some() {
+                record.live = Some(*digest);
+            }
             state.record = record;
         }
         if wrote {
             self.write_token(token.as_bytes(), &mut state)?;
+            if dropped.is_some() {
+                self.forget_references(dropped.as_ref())?;
+                self.file_references(state.code.as_ref(), token.as_bytes())?;
+            }
         }
         Ok(Some((plan.outcome, live_delta)))
     }
@@ -503,11 +546,7 @@ fn off_worker<T>(work: impl FnOnce() -> T) -> T {
 
 #[async_trait]
 impl Store for SledStore {
-    async fn create(
-        &self,
-        new: &NewCode,
-        now: Millis,
-    ) -> Result<Result<Option<ReplacedCode>, Refusal>, StoreError> {
+    async fn create(&self, new: &NewCode, now: Millis) -> Result<Result<(), Refusal>, StoreError> {
         let mut keys = vec![new.token.as_bytes()];
         keys.extend(new.recipients.iter().map(|r| r.as_bytes()));
         let result = {
@@ -516,9 +555,9 @@ impl Store for SledStore {
         };
         match result {
             // Durable with confirm_delivery or discard, whichever follows the delivery.
-            Ok((delta, replaced)) => {
+            Ok(delta) => {
                 super::adjust_live(&self.live, delta);
-                Ok(Ok(replaced))
+                Ok(Ok(()))
             }
             Err(refusal) => {
                 self.durable().await?;
@@ -527,32 +566,25 @@ impl Store for SledStore {
         }
     }
 
-    async fn discard(
-        &self,
-        token: &str,
-        digest: &Digest,
-        replaced: Option<ReplacedCode>,
-    ) -> Result<(), StoreError> {
-        let restored = replaced.as_ref().map(|old| &old.code);
-        let removed = self.update_token(token.as_bytes(), |state| {
+    async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError> {
+        let settled = self.update_token(token.as_bytes(), |state| {
             let undelivered = state.record.live == Some(*digest)
                 && state.code.as_ref().is_some_and(CodeRecord::is_pending);
             undelivered.then(|| {
+                let restored = state.replaced.take();
                 let removed = state.remove_code();
-                if let Some(old) = &replaced {
+                if let Some(old) = &restored {
                     state.record.live = Some(old.digest);
                     state.code = Some(old.code.clone());
                 }
-                removed
+                (removed, restored.map(|old| old.code))
             })
         })?;
-        if let Some(code) = removed.flatten() {
-            let back = restored.is_some_and(CodeRecord::is_pending);
+        if let Some((removed, restored)) = settled {
+            let back = restored.as_ref().is_some_and(CodeRecord::is_pending);
             super::adjust_live(&self.live, i64::from(back) - 1);
-            self.forget_references(Some(&code))?;
-            for reference in restored.iter().flat_map(|old| old.delivery.references()) {
-                self.file_reference(reference, token.as_bytes())?;
-            }
+            self.forget_references(removed.as_ref())?;
+            self.file_references(restored.as_ref(), token.as_bytes())?;
         }
         self.durable().await
     }
@@ -569,6 +601,7 @@ impl Store for SledStore {
                 .as_mut()
                 .filter(|_| state.record.live == Some(*digest))?;
             code.delivery.reference = Some(reference.to_owned());
+            state.replaced = None; // the new code went out: only it counts now
             Some(())
         })?;
         if filed.is_some() {
@@ -902,16 +935,10 @@ mod tests {
     async fn an_undelivered_resend_puts_the_previous_code_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir, LIMITS);
-        let first = new_code("a", 1, 0, 5_000);
-        assert!(store.create(&first, 0).await.unwrap().unwrap().is_none());
-        store
-            .confirm_delivery("a", &first.digest, "uuid-1")
-            .await
-            .unwrap();
+        let first = delivered(&store, "uuid-1").await;
         let second = new_code("a", 2, 100, 5_100);
-        let replaced = store.create(&second, 100).await.unwrap().unwrap();
-        assert_eq!(replaced.as_ref().map(|r| r.digest), Some(first.digest));
-        store.discard("a", &second.digest, replaced).await.unwrap();
+        store.create(&second, 100).await.unwrap().unwrap();
+        store.discard("a", &second.digest).await.unwrap();
         assert_eq!(store.live(), 1);
         let event = DeliveryEvent {
             at: 150,
@@ -928,13 +955,71 @@ mod tests {
 
         // A resend verified before its delivery was judged failed did arrive: it stays.
         let third = new_code("a", 3, 300, 5_300);
-        let replaced = store.create(&third, 300).await.unwrap().unwrap();
+        store.create(&third, 300).await.unwrap().unwrap();
         let outcome = store.verify("a", &third.digest, 400).await.unwrap();
         assert_eq!(outcome, VerifyOutcome::Valid);
-        store.discard("a", &third.digest, replaced).await.unwrap();
+        store.discard("a", &third.digest).await.unwrap();
         let outcome = store.verify("a", &third.digest, 500).await.unwrap();
         assert_eq!(outcome, VerifyOutcome::AlreadyVerified);
         assert_eq!(store.live(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_replaced_code_stands_in_until_the_resend_is_confirmed_even_across_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, LIMITS);
+        let first = delivered(&store, "uuid-1").await;
+        let second = new_code("a", 2, 100, 5_100);
+        store.create(&second, 100).await.unwrap().unwrap();
+        store.flush().await.unwrap();
+        // The resend's delivery never settles: the daemon dies, and starts again.
+        drop(store);
+        tokio::task::yield_now().await; // lets the aborted flusher drop its handle
+        let store = open(&dir, LIMITS);
+        assert_eq!(
+            store.live(),
+            1,
+            "the new code; the replaced one is no longer live"
+        );
+        let outcome = store.verify("a", &first.digest, 200).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::Valid, "the code the person has");
+        assert_eq!(store.live(), 0, "the new code went with it");
+        let outcome = store.verify("a", &first.digest, 250).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::AlreadyVerified);
+        let outcome = store.verify("a", &second.digest, 300).await.unwrap();
+        assert_eq!(
+            outcome,
+            VerifyOutcome::NotFound,
+            "one valid verify per token"
+        );
+        let status = store.status("a").await.unwrap().unwrap();
+        assert_eq!(status.token.live, Some(first.digest));
+        let filed = store.record_delivery_event(
+            "uuid-1",
+            DeliveryEvent {
+                at: 350,
+                status: "read".into(),
+                channel: None,
+                detail: None,
+            },
+        );
+        assert_eq!(
+            filed.await.unwrap(),
+            Filed::Recorded,
+            "filed again under its id"
+        );
+
+        // Once the resend is confirmed, only the new code counts.
+        let third = new_code("a", 3, 400, 5_400);
+        store.create(&third, 400).await.unwrap().unwrap();
+        store
+            .confirm_delivery("a", &third.digest, "uuid-3")
+            .await
+            .unwrap();
+        let outcome = store.verify("a", &first.digest, 500).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::NotFound);
+        let outcome = store.verify("a", &third.digest, 600).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::Valid);
     }
 
     #[tokio::test]

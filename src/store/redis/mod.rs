@@ -3,7 +3,8 @@
 //!
 //! Keys (`P` is `key_prefix`; `{token}` is the hash tag, so a token's keys share one
 //! cluster slot):
-//! - `P{token}:t` → [`TokenRecord`]; `P{token}:c:<digest hex>` → [`CodeRecord`]. The key
+//! - `P{token}:t` → [`TokenRecord`], and behind it while a resend's delivery is
+//!   unsettled the [`ReplacedCode`]; `P{token}:c:<digest hex>` → [`CodeRecord`]. The key
 //!   holds the keyed digest, never the code.
 //! - `P r:<channel>:<address>` (no space) → [`RecipientRecord`], in its own slot.
 //! - `P ref:<reference>` → the code key a provider's status webhook is filed under.
@@ -31,7 +32,7 @@ use redis::{RedisError, Script};
 
 use super::{
     DueFailovers, Filed, NewCode, PurgeReport, ReplacedCode, Store, StoreError, TokenStatus,
-    decode, encode,
+    decode, decode_with_extra, encode, encode_with_extra,
 };
 use crate::code::Digest;
 use crate::config::{RedisConfig, redact_url};
@@ -116,6 +117,15 @@ type Read = Option<Vec<u8>>;
 
 fn decode_read<R: serde::de::DeserializeOwned>(read: &Read) -> Result<Option<R>, StoreError> {
     read.as_deref().map(decode).transpose()
+}
+
+/// A token's key as read: its record, and the code a resend replaced while that
+/// resend's delivery is unsettled (stored behind the record, see [`encode_with_extra`]).
+fn decode_token(read: &Read) -> Result<(Option<TokenRecord>, Option<ReplacedCode>), StoreError> {
+    match read.as_deref() {
+        Some(bytes) => decode_with_extra(bytes).map(|(record, replaced)| (Some(record), replaced)),
+        None => Ok((None, None)),
+    }
 }
 
 /// The key names of one deployment.
@@ -467,6 +477,27 @@ impl RedisStore {
         Err(contention())
     }
 
+    /// The token's new code when `old`, the code a resend replaced, stands in for it
+    /// ([`ReplacedCode::stands_in`]): its key, as read, and its digest.
+    async fn new_code_of(
+        &self,
+        conn: &mut Connection,
+        token: &str,
+        record: &TokenRecord,
+        old: &ReplacedCode,
+        now: Millis,
+    ) -> Result<Option<(String, Read, Digest)>, StoreError> {
+        let Some(live) = record.live.filter(|live| *live != old.digest) else {
+            return Ok(None);
+        };
+        let key = self.keys.code(token, &live);
+        let read = self.get(conn, &key).await?;
+        let new = decode_read::<CodeRecord>(&read)?;
+        Ok(old
+            .stands_in(new.as_ref(), now)
+            .then_some((key, read, live)))
+    }
+
     /// Runs a commit; false when a key changed since it was read.
     async fn apply(&self, conn: &mut Connection, commit: &Commit) -> Result<bool, StoreError> {
         let mut invocation = COMMIT_SCRIPT.prepare_invoke();
@@ -580,11 +611,7 @@ impl RedisStore {
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn create(
-        &self,
-        new: &NewCode,
-        now: Millis,
-    ) -> Result<Result<Option<ReplacedCode>, Refusal>, StoreError> {
+    async fn create(&self, new: &NewCode, now: Millis) -> Result<Result<(), Refusal>, StoreError> {
         let mut conn = self.conn();
         let token_key = self.keys.token(&new.token);
         let code_key = self.keys.code(&new.token, &new.digest);
@@ -629,7 +656,7 @@ impl Store for RedisStore {
             let code_expire_at = self.code_expire_at(&code);
             let mut commit = Commit::default();
             commit.expect(&token_key, &token_read);
-            // The replaced code as it is when deleted, handed back for a discard.
+            // The replaced code as it is when deleted, kept with the token for a discard.
             let mut replaced = None;
             if let Some(old) = plan.replaced {
                 let old_key = self.keys.code(&new.token, &old);
@@ -640,7 +667,7 @@ impl Store for RedisStore {
             }
             commit.set(&code_key, &encode(&code), code_expire_at).set(
                 &token_key,
-                &encode(&plan.token),
+                &encode_with_extra(&plan.token, replaced.as_ref()),
                 self.token_expire_at(&plan.token).max(code_expire_at),
             );
             if self.apply(&mut conn, &commit).await? {
@@ -665,7 +692,7 @@ impl Store for RedisStore {
                 // On a replica before it is sent: a code a failover then loses would
                 // reach the person and never verify.
                 self.replicated(&mut conn).await?;
-                return Ok(Ok(replaced));
+                return Ok(Ok(()));
             }
             for key in &recipient_keys {
                 self.unreserve(&mut conn, key, now).await?;
@@ -674,12 +701,7 @@ impl Store for RedisStore {
         Err(contention())
     }
 
-    async fn discard(
-        &self,
-        token: &str,
-        digest: &Digest,
-        replaced: Option<ReplacedCode>,
-    ) -> Result<(), StoreError> {
+    async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let token_key = self.keys.token(token);
         let code_key = self.keys.code(token, digest);
@@ -694,7 +716,7 @@ impl Store for RedisStore {
                 .expect(&code_key, &code_read)
                 .delete(&code_key);
             let mut restored = None;
-            if let Some(mut record) = decode_read::<TokenRecord>(&token_read)?
+            if let (Some(mut record), replaced) = decode_token(&token_read)?
                 && record.live == Some(*digest)
             {
                 record.live = replaced.as_ref().map(|old| old.digest);
@@ -707,8 +729,8 @@ impl Store for RedisStore {
                         old_expire_at,
                     );
                     expire_at = expire_at.max(old_expire_at);
-                    restored = old.code.is_pending().then_some(old);
                 }
+                restored = replaced.filter(|old| old.code.is_pending());
                 commit.set(&token_key, &encode(&record), expire_at);
             }
             if self.apply(&mut conn, &commit).await? {
@@ -790,12 +812,18 @@ impl Store for RedisStore {
         let code_key = self.keys.code(token, digest);
         for _ in 0..MAX_ROUNDS {
             let (token_read, probed_read) = self.get_two(&mut conn, &token_key, &code_key).await?;
-            let plan = rules::plan_verify(
-                decode_read(&token_read)?,
-                decode_read(&probed_read)?,
-                now,
-                &self.limits,
-            );
+            let (record, replaced) = decode_token(&token_read)?;
+            let stand_in = match (&record, &replaced) {
+                (Some(record), Some(old)) if old.digest == *digest => {
+                    self.new_code_of(&mut conn, token, record, old, now).await?
+                }
+                _ => None,
+            };
+            let probed = match &stand_in {
+                Some(_) => replaced.as_ref().map(|old| old.code.clone()),
+                None => decode_read(&probed_read)?,
+            };
+            let plan = rules::plan_verify(record, probed, now, &self.limits);
             // Nothing to write: MGET read both keys at one instant, so the answer holds.
             if plan.token.is_none() && plan.code.is_none() {
                 return Ok(plan.outcome);
@@ -805,11 +833,29 @@ impl Store for RedisStore {
                 .expect(&token_key, &token_read)
                 .expect(&code_key, &probed_read);
             let mut ended = Vec::new();
+            // The replaced code verified: it is the token's code again (its key must last
+            // as long), and the new one, never confirmed delivered, is the pending code
+            // this verify ends.
+            let promoted_until = match (&plan.code, stand_in) {
+                (Some(code), Some((new_key, new_read, new_digest))) => {
+                    commit.expect(&new_key, &new_read).delete(&new_key);
+                    ended.push(Keys::live_member(token, &new_digest));
+                    Some(self.code_expire_at(code))
+                }
+                _ => None,
+            };
             if let Some(code) = &plan.code {
                 commit.set(&code_key, &encode(code), self.code_expire_at(code));
                 ended.push(Keys::live_member(token, digest));
             }
-            if let Some(record) = &plan.token {
+            if let Some(mut record) = plan.token {
+                if promoted_until.is_some() {
+                    record.live = Some(*digest);
+                }
+                let expire_at = self
+                    .token_expire_at(&record)
+                    .max(promoted_until.unwrap_or(0));
+                let keep = replaced.as_ref().filter(|_| promoted_until.is_none());
                 if plan.invalidate_live
                     && let Some(live) = record.live
                 {
@@ -823,7 +869,7 @@ impl Store for RedisStore {
                         ended.push(Keys::live_member(token, &live));
                     }
                 }
-                commit.set(&token_key, &encode(record), self.token_expire_at(record));
+                commit.set(&token_key, &encode_with_extra(&record, keep), expire_at);
             }
             if self.apply(&mut conn, &commit).await? {
                 self.track_live(&mut conn, None, &ended).await;
