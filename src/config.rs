@@ -226,12 +226,18 @@ impl Default for RedisConfig {
 /// user part before `@` (also of a URL too mangled to parse) and a `pass` or
 /// `password` query value (`unix://` URLs carry them there).
 pub fn redact_url(url: &str) -> String {
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
-    let host_start = base.find("://").map_or(0, |scheme| scheme + 3);
-    let mut redacted = match base.rfind('@') {
-        Some(at) if at >= host_start => format!("{}***@{}", &base[..host_start], &base[at + 1..]),
-        _ => base.to_owned(),
+    let host_start = url.find("://").map_or(0, |scheme| scheme + 3);
+    // The last `@` ends the user info: a password may hold an unencoded `?`, `#` or
+    // `/` (an `@` in the query would hide the host too: the safe side).
+    let (mut redacted, rest) = match url[host_start..].rfind('@') {
+        Some(at) => (
+            format!("{}***@", &url[..host_start]),
+            &url[host_start + at + 1..],
+        ),
+        None => (url[..host_start].to_owned(), &url[host_start..]),
     };
+    let (base, query) = rest.split_once('?').unwrap_or((rest, ""));
+    redacted.push_str(base);
     if !query.is_empty() {
         let pairs: Vec<String> = query
             .split('&')
@@ -634,16 +640,65 @@ impl SystemdDirs {
 /// "line L, column C: what is wrong", without the quoted source line that the toml
 /// crate's own message carries: that line may hold a secret (a misspelt
 /// `webhook_signature_secret`, a Redis URL with its password, or the first line of a
-/// key file given as the config by mistake).
+/// key file given as the config by mistake). A key given twice is named (the span is
+/// the key).
 fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().trim_end();
-    let Some(start) = error.span().map(|span| span.start.min(text.len())) else {
+    at_line(text, error.span(), error.message().trim_end())
+}
+
+/// `message` behind the line and column where `span` starts.
+fn at_line(text: &str, span: Option<std::ops::Range<usize>>, message: &str) -> String {
+    let Some(span) = span else {
         return message.to_owned();
     };
-    let before = &text[..text.floor_char_boundary(start)];
+    let start = text.floor_char_boundary(span.start.min(text.len()));
+    let before = &text[..start];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
-    format!("line {line}, column {column}: {message}")
+    let end = text.floor_char_boundary(span.end.min(text.len()));
+    match message {
+        "duplicate key" => format!(
+            "line {line}, column {column}: `{}` given twice",
+            &text[start..end]
+        ),
+        _ => format!("line {line}, column {column}: {message}"),
+    }
+}
+
+/// A value of the wrong type or range: [`describe_toml_error`] with the key's full
+/// name, and without the value serde quotes ("invalid type: string \"redis://u:pw@h\",
+/// expected a sequence"): a secret put under the wrong key, or in the wrong form,
+/// must not reach the journal.
+fn describe_value_error(text: &str, error: serde_path_to_error::Error<toml::de::Error>) -> String {
+    let key = error.path().to_string();
+    let inner = error.into_inner();
+    let described = at_line(
+        text,
+        inner.span(),
+        &without_value(inner.message().trim_end()),
+    );
+    match key.as_str() {
+        "." => described,
+        _ => format!("{described} (key `{key}`)"),
+    }
+}
+
+/// serde's "invalid type: <kind> <value>, expected <what>" (or "invalid value: …")
+/// with the kind of value only.
+fn without_value(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix)
+            && let Some((found, expected)) = rest.rsplit_once(", expected ")
+        {
+            let kind = found.split(['`', '"']).next().unwrap_or(found).trim_end();
+            let expected = match expected.strip_prefix("struct ") {
+                Some(_) => "a table",
+                None => expected,
+            };
+            return format!("{prefix}{kind}, expected {expected}");
+        }
+    }
+    message.to_owned()
 }
 
 impl Config {
@@ -664,10 +719,14 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let failed = |message| ConfigError::Parse {
             path: PathBuf::from("<text>"),
-            message: describe_toml_error(text, &e),
-        })?;
+            message,
+        };
+        let document =
+            toml::Deserializer::parse(text).map_err(|e| failed(describe_toml_error(text, &e)))?;
+        let config: Config = serde_path_to_error::deserialize(document)
+            .map_err(|e| failed(describe_value_error(text, e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -852,6 +911,40 @@ mod tests {
         let err = Config::parse("[otp]\ncode_lenght = 6\n").unwrap_err();
         assert!(err.to_string().contains("code_lenght"), "{err}");
         assert!(err.to_string().contains("line 2, column 1"), "{err}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_key_and_never_quoted() {
+        for (text, key, wrong) in [
+            (
+                "[store.redis]\ncluster = \"redis://u:S3CRET-VALUE@h:7000\"\n",
+                "store.redis.cluster",
+                "invalid type: string, expected a sequence",
+            ),
+            (
+                "[http]\nwebhook_signature_secret = 5133770\n",
+                "http.webhook_signature_secret",
+                "invalid type: integer, expected a string",
+            ),
+            (
+                "server = 5133770\n",
+                "server",
+                "invalid type: integer, expected a table",
+            ),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(&format!("(key `{key}`)")), "{err}");
+            assert!(err.contains(wrong), "{err}");
+            assert!(
+                !err.contains("S3CRET-VALUE") && !err.contains("5133770"),
+                "{err}"
+            );
+        }
+        let twice = Config::parse("[otp]\nttl_secs = 300\nttl_secs = 200\n").unwrap_err();
+        assert!(
+            twice.to_string().contains("`ttl_secs` given twice"),
+            "{twice}"
+        );
     }
 
     #[test]
@@ -1050,6 +1143,11 @@ mod tests {
         );
         assert_eq!(redact_url("redis//u:pw@h:1"), "***@h:1", "unparseable");
         assert_eq!(redact_url("rediss://u:p@w@h:1/0"), "rediss://***@h:1/0");
+        assert_eq!(redact_url("redis://u:S3C?RET@h:1/x"), "redis://***@h:1/x");
+        assert_eq!(
+            redact_url("redis://u:a/b#c@h:1?db=2"),
+            "redis://***@h:1?db=2"
+        );
         let config = RedisConfig {
             url: "redis://u:secret@h".into(),
             ..RedisConfig::default()

@@ -42,6 +42,39 @@ pub fn hex(bytes: &[u8]) -> String {
     text
 }
 
+/// Reads a file the configuration names (a key, a CA bundle), refusing one longer than
+/// `limit` bytes without reading it all: a wrong path such as `/dev/zero` must end in
+/// an error, not in memory exhaustion.
+pub fn read_bounded(path: &std::path::Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("longer than {limit} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Warns when the file at `path`, which holds secrets (`what`), can be read by group
+/// or others. otpd goes on (the mode is the operator's choice) but says how to close it.
+pub fn warn_if_exposed(path: &std::path::Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "{what} is readable by group or others; chmod 600 it"
+        );
+    }
+}
+
 /// Creates `dir` and its missing parents 0755, whatever the umask (the daemon runs
 /// under 077 once its socket is bound): they hold the server secret, the database
 /// and sockets, which nobody else may replace, and others may pass through, so that

@@ -5,7 +5,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use rand::TryRng;
@@ -25,15 +25,26 @@ impl std::fmt::Debug for ServerSecret {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("server secret {path}: {source}")]
+    #[error("server secret {path}")]
     Io {
         path: String,
         source: std::io::Error,
     },
-    #[error("server secret {path} holds {len} bytes, expected {SECRET_LEN}")]
+    /// `len` is what was read: at most one byte more than a secret, so that a wrong
+    /// path (`/dev/zero`, a log file) is not read to its end.
+    #[error("server secret {path} holds {} bytes, expected {SECRET_LEN}", held(*.len))]
     WrongLength { path: String, len: usize },
     #[error("cannot draw random bytes from the OS: {0}")]
     Random(String),
+}
+
+/// How many bytes [`SecretError::WrongLength`] found, as far as it read.
+fn held(len: usize) -> String {
+    if len > SECRET_LEN {
+        format!("more than {SECRET_LEN}")
+    } else {
+        len.to_string()
+    }
 }
 
 impl ServerSecret {
@@ -67,16 +78,10 @@ impl ServerSecret {
         };
         match std::fs::File::open(path) {
             Ok(mut file) => {
-                let mut bytes = Vec::with_capacity(SECRET_LEN);
-                file.read_to_end(&mut bytes).map_err(io)?;
-                let mode = file.metadata().map_err(io)?.permissions().mode();
-                if mode & 0o077 != 0 {
-                    tracing::warn!(
-                        path = %path.display(),
-                        mode = format!("{:o}", mode & 0o777),
-                        "server secret is readable by group or others; chmod 600 it"
-                    );
-                }
+                let mut bytes = Vec::with_capacity(SECRET_LEN + 1);
+                let most = SECRET_LEN as u64 + 1;
+                (&mut file).take(most).read_to_end(&mut bytes).map_err(io)?;
+                crate::warn_if_exposed(path, "the server secret");
                 let bytes: [u8; SECRET_LEN] =
                     bytes
                         .as_slice()
@@ -117,6 +122,8 @@ impl ServerSecret {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
@@ -157,6 +164,16 @@ mod tests {
         let path = dir.path().join("secret.key");
         std::fs::write(&path, b"short").unwrap();
         let err = ServerSecret::load_or_create(&path).unwrap_err();
-        assert!(err.to_string().contains("expected 32"), "{err}");
+        assert!(
+            err.to_string().contains("holds 5 bytes, expected 32"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_endless_file_is_read_no_further_than_a_secret() {
+        let err = ServerSecret::load_or_create(Path::new("/dev/zero")).unwrap_err();
+        let expected = "server secret /dev/zero holds more than 32 bytes, expected 32";
+        assert_eq!(err.to_string(), expected);
     }
 }

@@ -339,6 +339,26 @@ fn codes_survive_sigterm_and_sigkill(engine: Engine) {
 }
 
 #[test]
+fn a_log_file_open_to_others_is_named_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut daemon = Daemon::start(NO_COOLDOWN);
+    let created = std::fs::metadata(&daemon.log_file).unwrap().permissions();
+    assert_eq!(created.mode() & 0o777, 0o600, "created owner-only");
+    assert!(!daemon.stderr().contains("readable by group or others"));
+    assert!(daemon.stop().success());
+    let open = std::fs::Permissions::from_mode(0o644);
+    std::fs::set_permissions(&daemon.log_file, open).unwrap();
+    daemon.spawn();
+    assert!(
+        daemon.stderr().contains(
+            "delivery.log_file (it receives the codes) is readable by group or others; chmod 600 it"
+        ),
+        "{}",
+        daemon.stderr()
+    );
+}
+
+#[test]
 fn database_holds_neither_codes_nor_the_secret() {
     let mut daemon = Daemon::start(NO_COOLDOWN);
     let mut issued = Vec::new();

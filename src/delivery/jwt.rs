@@ -7,7 +7,6 @@
 //! 15 minutes.
 
 use std::fmt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -66,6 +65,9 @@ impl fmt::Debug for JwtSigner {
     }
 }
 
+/// Longer than any RSA private key in PEM form (an 8192-bit one is ~6.4 KB).
+const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
+
 /// Reads the application's private key. `key_name` is the config key the path came
 /// from, so every error names it; the error never holds the key's contents.
 pub fn load_key(path: &Path, key_name: &str) -> anyhow::Result<EncodingKey> {
@@ -75,16 +77,9 @@ pub fn load_key(path: &Path, key_name: &str) -> anyhow::Result<EncodingKey> {
             crate::config::VONAGE_KEY_CREDENTIAL
         );
     }
-    let pem = std::fs::read(path)
+    let pem = crate::read_bounded(path, MAX_KEY_FILE_BYTES)
         .map_err(|e| anyhow::anyhow!("{key_name}: cannot read {}: {e}", path.display()))?;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
-        tracing::warn!(
-            path = %path.display(),
-            "{key_name}: the private key file is readable by group or others; chmod 600 it"
-        );
-    }
+    crate::warn_if_exposed(path, &format!("{key_name}: the private key file"));
     let not_rsa = || {
         anyhow::anyhow!(
             "{key_name}: {} is not an RSA private key in PEM form",
@@ -235,5 +230,9 @@ mod tests {
         assert!(err.contains("not an RSA private key"), "{err}");
         let unset = load_key(Path::new(""), "k").unwrap_err().to_string();
         assert!(unset.contains("otpd-vonage-key"), "{unset}");
+        let endless = load_key(Path::new("/dev/zero"), "k")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(endless, "k: cannot read /dev/zero: longer than 65536 bytes");
     }
 }

@@ -37,6 +37,11 @@ impl LogDelivery {
                 .map_err(|e| {
                     anyhow::anyhow!("delivery.log_file {}: {e}", config.log_file.display())
                 })?;
+            // Created 0600; one that was there keeps its mode.
+            crate::warn_if_exposed(
+                &config.log_file,
+                "delivery.log_file (it receives the codes)",
+            );
             Some(Mutex::new(file))
         };
         Ok(Self {

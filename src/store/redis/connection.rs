@@ -150,7 +150,8 @@ fn tls_roots(config: &RedisConfig) -> Result<Option<TlsCertificates>, StoreError
     if config.tls_ca_file.as_os_str().is_empty() {
         return Ok(None);
     }
-    let pem = std::fs::read(&config.tls_ca_file).map_err(|e| {
+    // Debian's whole CA bundle is ~220 KB.
+    let pem = crate::read_bounded(&config.tls_ca_file, 4 << 20).map_err(|e| {
         StoreError::Database(format!(
             "store.redis.tls_ca_file {}: {e}",
             config.tls_ca_file.display()
