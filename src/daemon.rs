@@ -17,8 +17,8 @@ use crate::rules::Limits;
 use crate::secret::ServerSecret;
 use crate::server::{self, Listener};
 use crate::store::Store;
+use crate::store::embedded::SledStore;
 use crate::store::redis::RedisStore;
-use crate::store::sled::SledStore;
 use crate::systemd;
 
 /// Runs the daemon on `listener` until `shutdown` resolves, then stops accepting,
