@@ -1,8 +1,8 @@
 //! Storage engines behind one small trait of domain operations.
 //!
 //! An engine makes each operation atomic and durable before it returns; the rules it
-//! applies come from [`crate::rules`], so every engine answers alike. `sled` is the
-//! embedded default ([`embedded`]: its logic over a small key-value interface);
+//! applies come from [`crate::rules`], so every engine answers alike. `sled` (the
+//! default) and `fjall` are embedded ([`embedded`]: one logic over either database);
 //! `redis` is shared by several otpd hosts.
 
 pub mod embedded;

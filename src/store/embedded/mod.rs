@@ -1,4 +1,4 @@
-//! The embedded storage engine, on sled ([`kv`] is all it asks of a database).
+//! The embedded storage engine, on sled or fjall ([`kv`] is all it asks of them).
 //!
 //! Trees, each written one key at a time (no transactions, see [`KeyLocks`]):
 //! - `tokens`: token → [`TokenState`]: the token's record and its one code, and while
@@ -15,7 +15,7 @@
 //! - `failovers`: big-endian due time, delivery reference → [`PendingFailover`]; the
 //!   `messages` backend's SMS still to send, in deadline order.
 //!
-//! Each key per code costs memory and each write costs CPU (sled: a page and its
+//! Each key per code costs memory and each write costs CPU (sled most: a page and its
 //! metadata per 16 keys or fewer); a create writes four keys, a verify one.
 //!
 //! An operation locks the keys it touches, reads, asks [`crate::rules`], writes, and
@@ -24,9 +24,12 @@
 //! refusal, `status`) waits for a flush too: the record may hold another request's
 //! write that is not yet on disk, and an answer must not outlive a crash that the
 //! state it reports would not. Writes go in an
-//! order whose every prefix is harmless, because the database recovers a prefix of its
-//! writes across all trees: sled replays its one log in order and stops at the first
-//! torn message. So an expiry entry goes before its token (an entry without a token
+//! order whose every prefix is harmless, because both engines recover a prefix of
+//! their writes across all trees: sled replays its one log in order and stops at the
+//! first torn message; fjall writes every partition's changes to one journal, under
+//! one lock and in sequence-number order, fsyncs it before any memtable becomes a
+//! table on disk, and replays it in order, cutting it at the first incomplete batch
+//! ([`fjall_kv`]). So an expiry entry goes before its token (an entry without a token
 //! is dropped when due), a token before the reference that points at it.
 //!
 //! The expiry index is lazy: a token keeps the due time of its one live entry
@@ -35,6 +38,7 @@
 //! the old time and files it again, so a verify writes one key. Entries a sooner one
 //! replaced are recognised by their time and dropped.
 
+pub mod fjall_kv;
 pub mod kv;
 pub mod sled_kv;
 
@@ -134,6 +138,27 @@ fn first_due(tree: &impl Tree) -> Result<Option<Millis>, StoreError> {
         .and_then(|key| Some(split_timed_key(&key)?.0)))
 }
 
+/// Refuses `path` if it holds the database of an engine other than `D`, naming it,
+/// before `D` writes anything there.
+fn refuse_other_engines<D: Database>(path: &Path) -> Result<(), StoreError> {
+    let engines = [
+        (sled_kv::SledDb::ENGINE, sled_kv::SledDb::owns(path)),
+        (fjall_kv::FjallDb::ENGINE, fjall_kv::FjallDb::owns(path)),
+    ];
+    match engines
+        .into_iter()
+        .find(|&(engine, owns)| owns && engine != D::ENGINE)
+    {
+        Some((engine, _)) => Err(StoreError::Database(format!(
+            "{}: holds a {engine} database, and store.engine is \"{}\"; set \
+             store.engine = \"{engine}\" to use it, or point store.path elsewhere",
+            path.display(),
+            D::ENGINE
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// What one janitor visit did.
 #[derive(Debug, Default)]
 struct Visit {
@@ -160,9 +185,14 @@ pub struct EmbeddedStore<D: Database> {
 /// The embedded engine on sled (`store.engine = "sled"`).
 pub type SledStore = EmbeddedStore<sled_kv::SledDb>;
 
+/// The embedded engine on fjall (`store.engine = "fjall"`).
+pub type FjallStore = EmbeddedStore<fjall_kv::FjallDb>;
+
 impl<D: Database> EmbeddedStore<D> {
-    /// Opens (or creates) the database; must run inside a tokio runtime.
+    /// Opens (or creates) the database; must run inside a tokio runtime. Refuses a
+    /// directory that holds another engine's database, before touching it.
     pub fn open(config: &StoreConfig, limits: Limits) -> Result<Self, StoreError> {
+        refuse_other_engines::<D>(&config.path)?;
         let db = D::open(&config.path, config.cache_capacity_mb, config.durability)?;
         let meta = db.meta()?;
         Self::check_layout(&db, &meta, &config.path)?;
@@ -745,6 +775,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
 
 #[cfg(test)]
 mod tests {
+    use super::fjall_kv::FjallDb;
     use super::sled_kv::SledDb;
     use super::*;
     use crate::config::OtpConfig;
@@ -1171,14 +1202,90 @@ mod tests {
         assert!(is_empty(&store.failovers), "finished, it is gone");
     }
 
-    /// Runs each test written once over `D: Database` on every engine, as
-    /// `sled::name`.
+    #[tokio::test]
+    async fn a_fjall_database_of_another_layout_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let old = FjallDb::open(&path, 1, Durability::Flush).unwrap();
+        let otp = old.open_tree("otp").unwrap();
+        otp.insert(b"token", b"code").unwrap();
+        drop((otp, old));
+        let config = StoreConfig {
+            path,
+            ..StoreConfig::default()
+        };
+        let error = FjallStore::open(&config, LIMITS).err().unwrap().to_string();
+        assert!(error.contains("another layout"), "{error}");
+    }
+
+    /// A database of engine `D` holding a live code is refused by engine `E`, by path
+    /// and engine, and `D` still finds its code afterwards.
+    async fn refused_by_the_other_engine<D: Database, E: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open::<D>(&dir, LIMITS);
+        delivered(&store, "uuid-1").await;
+        drop(store);
+        tokio::task::yield_now().await; // lets the aborted flusher drop its handle
+        let path = dir.path().join("db");
+        let config = StoreConfig {
+            path: path.clone(),
+            ..StoreConfig::default()
+        };
+        let error = EmbeddedStore::<E>::open(&config, LIMITS)
+            .err()
+            .unwrap()
+            .to_string();
+        let names = format!(
+            "{}: holds a {} database, and store.engine is \"{}\"",
+            path.display(),
+            D::ENGINE,
+            E::ENGINE
+        );
+        assert!(error.contains(&names), "{error}");
+        assert!(!E::owns(&path), "{} wrote nothing there", E::ENGINE);
+        let store = open::<D>(&dir, LIMITS);
+        assert_eq!(store.live(), 1, "the code is still there");
+    }
+
+    #[tokio::test]
+    async fn a_sled_directory_is_refused_by_fjall_and_left_as_it_is() {
+        refused_by_the_other_engine::<SledDb, FjallDb>().await;
+    }
+
+    #[tokio::test]
+    async fn a_fjall_directory_is_refused_by_sled_and_left_as_it_is() {
+        refused_by_the_other_engine::<FjallDb, SledDb>().await;
+    }
+
+    #[tokio::test]
+    async fn a_fjall_directory_is_opened_by_one_store_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open::<FjallDb>(&dir, LIMITS);
+        let config = StoreConfig {
+            path: dir.path().join("db"),
+            ..StoreConfig::default()
+        };
+        let error = FjallStore::open(&config, LIMITS).err().unwrap().to_string();
+        assert!(error.contains("locked by another process"), "{error}");
+        drop(store);
+        tokio::task::yield_now().await;
+        open::<FjallDb>(&dir, LIMITS);
+    }
+
+    /// Runs each test written once over `D: Database` on both engines, as
+    /// `sled::name` and `fjall::name`.
     macro_rules! on_both_engines {
         ($($name:ident),* $(,)?) => {
             mod sled {
                 $(#[tokio::test]
                 async fn $name() {
                     super::$name::<super::SledDb>().await
+                })*
+            }
+            mod fjall {
+                $(#[tokio::test]
+                async fn $name() {
+                    super::$name::<super::FjallDb>().await
                 })*
             }
         };
