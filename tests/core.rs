@@ -732,7 +732,7 @@ fn codes_do_not_reach_the_log_outside_the_delivery_line(engine: Engine) {
     assert!(mentions[0].contains(&format!("code={code}")));
 }
 
-per_engine!([sled, redis, redis_cluster] {
+per_engine!([sled, fjall, redis, redis_cluster] {
     create_verify_and_the_answers_that_follow,
     tutorial_body_at_top_level_and_inside_to,
     expired_code_answers_410,
