@@ -338,9 +338,8 @@ fn codes_survive_sigterm_and_sigkill(engine: Engine) {
     );
 }
 
-#[test]
-fn database_holds_neither_codes_nor_the_secret() {
-    let mut daemon = Daemon::start(NO_COOLDOWN);
+fn database_holds_neither_codes_nor_the_secret(engine: Engine) {
+    let mut daemon = engine.start(NO_COOLDOWN);
     let mut issued = Vec::new();
     for i in 0..20 {
         let token = format!("scan{i}");
@@ -756,6 +755,15 @@ per_engine!([sled, fjall, redis, redis_cluster] {
     cli_client_commands,
     codes_do_not_reach_the_log_outside_the_delivery_line,
 });
+
+/// Tests of the embedded engines' files in the daemon's directory.
+mod embedded {
+    use super::database_holds_neither_codes_nor_the_secret;
+
+    crate::per_engine!([sled, fjall] {
+        database_holds_neither_codes_nor_the_secret,
+    });
+}
 
 /// `otpd bench` against a real daemon: it learns codes from the log backend's file,
 /// every request gets its expected answer, and it finds the daemon for its RSS.
