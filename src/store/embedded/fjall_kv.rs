@@ -14,9 +14,11 @@
 //! cut: fjall 2.11's `JournalBatchReader`; a kill cannot cause it, as the kernel keeps
 //! what was written, only a disk that tears or corrupts a sector.)
 //!
-//! Durability. With `manual_journal_persist` a write stays in the journal's 8 KiB
-//! buffer in the process until [`Database::flush`] or a journal rotation hands it to
-//! the kernel; nothing but those syncs it. So `flush` durability costs one fdatasync
+//! Durability. With `manual_journal_persist` (set on the keyspace for batches and on
+//! each partition for single writes: a partition's default hands every write to the
+//! kernel at once, a `write(2)` each) a write stays in the journal's 8 KiB buffer in
+//! the process until [`Database::flush`], a journal rotation or a full buffer hands it
+//! to the kernel; nothing but the first two syncs it. So `flush` durability costs one fdatasync
 //! per group commit, as with sled. `Keyspace::persist(SyncData)` would hold the
 //! journal's lock through the fdatasync, so that no request could write meanwhile and
 //! each flush would cover only the writes made before it (on the benchmark, 12 k
@@ -31,7 +33,9 @@
 //! Memory. The block cache is `store.cache_capacity_mb`; each partition's memtable is
 //! sealed at [`MEMTABLE_BYTES`] and all of them together are held to
 //! [`WRITE_BUFFER_BYTES`]; journals are rotated (their memtables flushed) beyond
-//! [`JOURNAL_BYTES`] on disk.
+//! [`JOURNAL_BYTES`] on disk. fjall stores a partition's options (memtable size,
+//! `manual_journal_persist`) when it creates the partition and keeps those: a change
+//! here applies to new databases only.
 //!
 //! fjall 2 does not lock its directory, so [`FjallDb`] holds an exclusive `flock` on
 //! it: a second process opening the same `store.path` is refused, as sled refuses it.
@@ -169,7 +173,9 @@ impl Database for FjallDb {
     }
 
     fn open_tree(&self, name: &str) -> Result<FjallTree, StoreError> {
-        let options = PartitionCreateOptions::default().max_memtable_size(MEMTABLE_BYTES);
+        let options = PartitionCreateOptions::default()
+            .max_memtable_size(MEMTABLE_BYTES)
+            .manual_journal_persist(true);
         Ok(FjallTree {
             partition: self
                 .keyspace

@@ -219,7 +219,12 @@ impl<D: Database> EmbeddedStore<D> {
         let fresh = db.is_fresh()?;
         match meta.get(LAYOUT_KEY)? {
             Some(layout) if *layout == *LAYOUT => Ok(()),
-            None if fresh => meta.insert(LAYOUT_KEY, LAYOUT),
+            // Durable before any tree exists: fjall creates a partition on disk at once,
+            // outside its journal, so a crash must not leave trees without the mark.
+            None if fresh => {
+                meta.insert(LAYOUT_KEY, LAYOUT)?;
+                db.flush()
+            }
             _ => Err(StoreError::Database(format!(
                 "{}: written by an otpd development build with another layout; \
                  remove the directory to start afresh",
