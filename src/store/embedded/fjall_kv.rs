@@ -18,17 +18,18 @@
 //! each partition for single writes: a partition's default hands every write to the
 //! kernel at once, a `write(2)` each) a write stays in the journal's 8 KiB buffer in
 //! the process until [`Database::flush`], a journal rotation or a full buffer hands it
-//! to the kernel; nothing but the first two syncs it. So `flush` durability costs one fdatasync
-//! per group commit, as with sled. `Keyspace::persist(SyncData)` would hold the
-//! journal's lock through the fdatasync, so that no request could write meanwhile and
-//! each flush would cover only the writes made before it (on the benchmark, 12 k
+//! to the kernel; only the first two sync it. So `flush` durability costs one
+//! fdatasync per group commit, as with sled. `Keyspace::persist(SyncData)` would hold
+//! the journal's lock through the fdatasync, so that no request could write meanwhile
+//! and each flush would cover only the writes made before it (on the benchmark, 12 k
 //! instead of 16 k ops/s at half the CPU); [`Database::flush`] takes the lock only to
 //! hand the buffer over (`PersistMode::Buffer`) and fdatasyncs the journal file itself
-//! ([`JournalSync`]), while requests go on writing. fjall's
-//! own defaults (no `manual_journal_persist`, no `fsync_ms`) would hand every write to
-//! the kernel at once and fsync only at a journal rotation, so a power loss could take
-//! any amount of recent writes; `relaxed` instead sets `fsync_ms` to 500, a background
-//! thread that persists the journal every 500 ms, the window sled's `relaxed` has.
+//! ([`JournalSync`]), while requests go on writing. fjall's own defaults (neither
+//! `manual_journal_persist` nor `fsync_ms`) hand every write to the kernel at once and
+//! fsync only at a journal rotation, so a power loss could take any amount of recent
+//! writes; `relaxed` sets `fsync_ms` to 500 instead: a background thread persists the
+//! journal every 500 ms (holding its lock through that fsync), the window sled's
+//! `relaxed` has.
 //!
 //! Memory. The block cache is `store.cache_capacity_mb`; each partition's memtable is
 //! sealed at [`MEMTABLE_BYTES`] and all of them together are held to
@@ -59,6 +60,17 @@ pub const WRITE_BUFFER_BYTES: u64 = 16 * 1024 * 1024;
 /// Journals on disk before the oldest one's memtables are flushed (fjall's least is 24
 /// MiB; each journal file is preallocated 32 MiB).
 pub const JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+/// Sealed memtables one wake-up of fjall's flush thread may write out (its
+/// `flush_workers`: the tasks it takes per wake-up; it starts a thread per partition
+/// among them, six at most here). fjall 2.11.2 wakes it once per partition with
+/// recovered memtables at start-up, and once per rotation after, but with its default
+/// of one task per wake-up (cores − 1) a start after a large journal left tasks no
+/// wake-up would take: the write buffer stayed full and every write halted for good
+/// (`.ci/bench janitor` on fjall, 1 M codes, hung at its restart). Taking every queued
+/// task (up to 32) at each wake-up drains such a backlog at the next rotation. (Each
+/// flushed partition also wakes the compaction thread this many times, to find nothing
+/// to do but once.)
+const FLUSH_TASKS_PER_WAKEUP: usize = 32;
 /// How often `relaxed` durability persists the journal in the background.
 const RELAXED_FSYNC_MS: u16 = 500;
 /// The partition holding the layout mark.
@@ -144,6 +156,7 @@ impl Database for FjallDb {
             .cache_size(cache_capacity_mb * 1024 * 1024)
             .max_write_buffer_size(WRITE_BUFFER_BYTES)
             .max_journaling_size(JOURNAL_BYTES)
+            .flush_workers(FLUSH_TASKS_PER_WAKEUP)
             .manual_journal_persist(true)
             .fsync_ms((durability == Durability::Relaxed).then_some(RELAXED_FSYNC_MS));
         let keyspace = config.open().map_err(|e| at(&e))?;
