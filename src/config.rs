@@ -123,7 +123,8 @@ pub enum Durability {
     /// Acknowledge only after the change is flushed to disk (group commit).
     #[default]
     Flush,
-    /// Acknowledge at once; sled flushes within 500 ms. A crash may lose recent changes.
+    /// Acknowledge at once; the embedded engine flushes within 500 ms. A crash may lose
+    /// recent changes.
     Relaxed,
 }
 
@@ -134,6 +135,9 @@ pub enum Engine {
     /// The embedded sled database: one host.
     #[default]
     Sled,
+    /// The embedded fjall database (an LSM tree with a journal): one host, less CPU
+    /// per write and less memory than sled (BENCHMARKS.md).
+    Fjall,
     /// A Redis server or cluster shared by several otpd hosts.
     Redis,
 }
@@ -143,14 +147,15 @@ pub enum Engine {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub engine: Engine,
-    /// sled database directory; empty means `<data dir>/db`.
+    /// sled or fjall database directory; empty means `<data dir>/db`.
     pub path: PathBuf,
     /// Server secret file; empty means the systemd credential or `<data dir>/secret.key`.
     pub secret_file: PathBuf,
-    /// sled only: Redis's durability is its own `appendfsync`.
+    /// sled and fjall only: Redis's durability is its own `appendfsync`.
     pub durability: Durability,
-    /// sled only. sled's resident memory is a few times this (BENCHMARKS.md); 16 MiB
-    /// costs no throughput against 64 and holds 1 M live codes in half the memory.
+    /// sled's page cache, or fjall's block cache. sled's resident memory is a few times
+    /// this (BENCHMARKS.md); 16 MiB costs no throughput against 64 and holds 1 M live
+    /// codes in half the memory.
     pub cache_capacity_mb: u64,
     pub redis: RedisConfig,
 }
@@ -853,7 +858,7 @@ impl Config {
                 self.otp.ttl_secs
             ));
         }
-        if self.store.engine == Engine::Sled && self.store.durability == Durability::Relaxed {
+        if self.store.engine != Engine::Redis && self.store.durability == Durability::Relaxed {
             warnings.push(
                 "store.durability = \"relaxed\": a crash may lose codes created or verified in the last 500 ms"
                     .into(),
@@ -879,6 +884,14 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fjall_engine_is_chosen_by_name_and_warned_about_when_relaxed() {
+        let config =
+            Config::parse("[store]\nengine = \"fjall\"\ndurability = \"relaxed\"\n").unwrap();
+        assert_eq!(config.store.engine, Engine::Fjall);
+        assert!(config.warnings().iter().any(|w| w.contains("relaxed")));
+    }
 
     #[test]
     fn empty_file_gives_defaults() {

@@ -17,8 +17,8 @@ use crate::rules::Limits;
 use crate::secret::ServerSecret;
 use crate::server::{self, Listener};
 use crate::store::Store;
+use crate::store::embedded::{FjallStore, SledStore};
 use crate::store::redis::RedisStore;
-use crate::store::sled::SledStore;
 use crate::systemd;
 
 /// Runs the daemon on `listener` until `shutdown` resolves, then stops accepting,
@@ -40,6 +40,7 @@ pub async fn run(
     let limits = Limits::from(&config.otp);
     let store: Arc<dyn Store> = match config.store.engine {
         Engine::Sled => Arc::new(SledStore::open(&config.store, limits)?),
+        Engine::Fjall => Arc::new(FjallStore::open(&config.store, limits)?),
         Engine::Redis => Arc::new(RedisStore::connect(&config.store.redis, limits, &secret).await?),
     };
     let counters = Arc::new(Counters::default());

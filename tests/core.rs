@@ -358,9 +358,8 @@ fn a_log_file_open_to_others_is_named_at_start() {
     );
 }
 
-#[test]
-fn database_holds_neither_codes_nor_the_secret() {
-    let mut daemon = Daemon::start(NO_COOLDOWN);
+fn database_holds_neither_codes_nor_the_secret(engine: Engine) {
+    let mut daemon = engine.start(NO_COOLDOWN);
     let mut issued = Vec::new();
     for i in 0..20 {
         let token = format!("scan{i}");
@@ -752,7 +751,7 @@ fn codes_do_not_reach_the_log_outside_the_delivery_line(engine: Engine) {
     assert!(mentions[0].contains(&format!("code={code}")));
 }
 
-per_engine!([sled, redis, redis_cluster] {
+per_engine!([sled, fjall, redis, redis_cluster] {
     create_verify_and_the_answers_that_follow,
     tutorial_body_at_top_level_and_inside_to,
     expired_code_answers_410,
@@ -776,6 +775,15 @@ per_engine!([sled, redis, redis_cluster] {
     cli_client_commands,
     codes_do_not_reach_the_log_outside_the_delivery_line,
 });
+
+/// Tests of the embedded engines' files in the daemon's directory.
+mod embedded {
+    use super::database_holds_neither_codes_nor_the_secret;
+
+    crate::per_engine!([sled, fjall] {
+        database_holds_neither_codes_nor_the_secret,
+    });
+}
 
 /// `otpd bench` against a real daemon: it learns codes from the log backend's file,
 /// every request gets its expected answer, and it finds the daemon for its RSS.

@@ -1,6 +1,7 @@
 //! Crash safety: clients create and verify while the daemon is killed with SIGKILL at
 //! random moments and restarted. Every acknowledged create must still verify (or answer
 //! 409 when its verify was acknowledged), and no code is ever acknowledged valid twice.
+//! Run on each embedded engine (the Redis engine's durability is Redis's own).
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use common::Daemon;
+use common::Engine;
 use otpd::bench::CodeBook;
 use serde_json::json;
 
@@ -96,9 +97,8 @@ fn client(daemon_socket: &std::path::Path, shared: &Shared, name: &str, stop: &A
     }
 }
 
-#[test]
-fn acknowledged_work_survives_sigkill() {
-    let mut daemon = Daemon::start("[otp]\nresend_cooldown_secs = 0\n");
+fn acknowledged_work_survives_sigkill(engine: Engine) {
+    let mut daemon = engine.start("[otp]\nresend_cooldown_secs = 0\n");
     let shared = Arc::new(Shared {
         known: Mutex::new(HashMap::new()),
         codes: CodeBook::open(&daemon.log_file).unwrap(),
@@ -154,7 +154,11 @@ fn acknowledged_work_survives_sigkill() {
         known.len()
     );
     eprintln!(
-        "{CYCLES} SIGKILL cycles: {} acknowledged creates checked ({verified} verified before, {in_doubt} in doubt)",
+        "{engine:?}: {CYCLES} SIGKILL cycles: {} acknowledged creates checked ({verified} verified before, {in_doubt} in doubt)",
         known.len()
     );
 }
+
+per_engine!([sled, fjall] {
+    acknowledged_work_survives_sigkill,
+});

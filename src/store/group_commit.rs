@@ -1,4 +1,4 @@
-//! Group commit: concurrent requests share one sled flush.
+//! Group commit: concurrent requests share one flush of the embedded database.
 //!
 //! A writer takes a ticket after its writes and waits until a flush that started after
 //! the ticket has finished. One flusher task runs flushes back to back, so under load
@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Notify, watch};
 
 use super::StoreError;
+use super::embedded::kv::Database;
 
 /// Flush progress: the highest ticket known durable and the highest whose flush failed.
 #[derive(Debug, Clone, Copy, Default)]
@@ -21,7 +22,7 @@ struct Progress {
     failed: u64,
 }
 
-/// Shares flushes of one sled database among concurrent writers.
+/// Shares flushes of one embedded database among concurrent writers.
 pub struct GroupCommit {
     shared: Arc<Shared>,
     flusher: tokio::task::AbortHandle,
@@ -35,7 +36,7 @@ struct Shared {
 
 impl GroupCommit {
     /// Starts the flusher task for `db`; it stops when this value is dropped.
-    pub fn start(db: sled::Db) -> Self {
+    pub fn start<D: Database>(db: D) -> Self {
         let shared = Arc::new(Shared {
             issued: AtomicU64::new(0),
             wake: Notify::new(),
@@ -78,7 +79,7 @@ impl Drop for GroupCommit {
 }
 
 /// Runs flushes back to back while tickets are waiting; sleeps when none are.
-async fn flush_loop(db: sled::Db, shared: Arc<Shared>) {
+async fn flush_loop<D: Database>(db: D, shared: Arc<Shared>) {
     loop {
         let target = shared.issued.load(Ordering::Acquire);
         let settled = {
@@ -103,7 +104,7 @@ async fn flush_loop(db: sled::Db, shared: Arc<Shared>) {
         }
         let db = db.clone();
         let result = match tokio::task::spawn_blocking(move || db.flush()).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(e.to_string()),
         };

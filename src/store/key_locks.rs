@@ -1,11 +1,11 @@
-//! Per-key mutual exclusion for the sled engine, in place of sled transactions.
+//! Per-key mutual exclusion for the embedded engines, in place of transactions.
 //!
 //! A sled transaction of three inserts into three trees cost ~110 µs of CPU and ~3 KB
 //! of log on the benchmark machine, against ~12 µs and ~450 B for one plain insert
 //! (BENCHMARKS.md, "What got otpd from 5.4 k to 28 k ops/s"). So an operation locks
 //! the stripes of the keys it reads and writes, then writes single keys in an order
-//! whose every prefix is harmless. Only one process opens a sled database, so
-//! in-process locks isolate.
+//! whose every prefix is harmless. Only one process opens a sled or fjall database
+//! (each engine locks its directory), so in-process locks isolate.
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, MutexGuard, PoisonError};

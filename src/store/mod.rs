@@ -1,14 +1,15 @@
 //! Storage engines behind one small trait of domain operations.
 //!
 //! An engine makes each operation atomic and durable before it returns; the rules it
-//! applies come from [`crate::rules`], so every engine answers alike. `sled` is the
-//! embedded default; `redis` is shared by several otpd hosts.
+//! applies come from [`crate::rules`], so every engine answers alike. `sled` (the
+//! default) and `fjall` are embedded ([`embedded`]: one logic over either database);
+//! `redis` is shared by several otpd hosts.
 
+pub mod embedded;
 mod encoding;
 mod group_commit;
 mod key_locks;
 pub mod redis;
-pub mod sled;
 
 use async_trait::async_trait;
 
@@ -199,7 +200,7 @@ pub trait Store: Send + Sync {
     /// Makes everything written so far durable (at shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
 
-    /// A round trip through the engine for the watchdog: a read, and (sled) a shared
+    /// A round trip through the engine for the watchdog: a read, and (embedded) a shared
     /// flush. It returns, with an error if the database fails, unless the engine is
     /// stuck.
     async fn probe(&self) -> Result<(), StoreError>;

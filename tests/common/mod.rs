@@ -35,7 +35,7 @@ use tempfile::TempDir;
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Instantiates tests written once as `fn name(engine: Engine)` for each listed engine,
-/// as `engine::name`: `per_engine!([sled, redis, redis_cluster] { test_a, test_b });`
+/// as `engine::name`: `per_engine!([sled, fjall, redis, redis_cluster] { test_a, test_b });`
 #[macro_export]
 macro_rules! per_engine {
     ([$($engine:ident),* $(,)?] $names:tt) => {
@@ -57,6 +57,8 @@ macro_rules! per_engine {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     Sled,
+    /// The embedded fjall engine, in the daemon's directory like sled.
+    Fjall,
     /// The test binary's Redis server, over its Unix socket.
     Redis,
     /// The test binary's 3-master Redis Cluster, over TCP on 127.0.0.1.
@@ -68,6 +70,7 @@ impl Engine {
     pub fn named(name: &str) -> Engine {
         match name {
             "sled" => Engine::Sled,
+            "fjall" => Engine::Fjall,
             "redis" => Engine::Redis,
             "redis_cluster" => Engine::RedisCluster,
             other => panic!("no engine named {other}"),
@@ -79,6 +82,7 @@ impl Engine {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let address = match self {
             Engine::Sled => return String::new(),
+            Engine::Fjall => return "[store]\nengine = \"fjall\"\n".into(),
             Engine::Redis => format!("url = \"{}\"", RedisServer::shared().url()),
             Engine::RedisCluster => format!("cluster = {:?}", RedisCluster::shared().urls()),
         };

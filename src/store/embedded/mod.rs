@@ -1,6 +1,6 @@
-//! The embedded storage engine: sled.
+//! The embedded storage engine, on sled or fjall ([`kv`] is all it asks of them).
 //!
-//! Trees, each written one key at a time (no sled transactions, see [`KeyLocks`]):
+//! Trees, each written one key at a time (no transactions, see [`KeyLocks`]):
 //! - `tokens`: token → [`TokenState`]: the token's record and its one code, and while
 //!   a resend's delivery is unsettled the code it replaced. A code is stored only as
 //!   its digest (`TokenRecord::live`), never in the clear.
@@ -15,8 +15,8 @@
 //! - `failovers`: big-endian due time, delivery reference → [`PendingFailover`]; the
 //!   `messages` backend's SMS still to send, in deadline order.
 //!
-//! sled keeps a page per 16 keys or fewer and metadata for every page, so each key per
-//! code costs memory and each write costs CPU; a create writes four keys, a verify one.
+//! Each key per code costs memory and each write costs CPU (sled most: a page and its
+//! metadata per 16 keys or fewer); a create writes four keys, a verify one.
 //!
 //! An operation locks the keys it touches, reads, asks [`crate::rules`], writes, and
 //! then waits for a shared flush ([`GroupCommit`]) before it returns. An answer drawn
@@ -24,10 +24,13 @@
 //! refusal, `status`) waits for a flush too: the record may hold another request's
 //! write that is not yet on disk, and an answer must not outlive a crash that the
 //! state it reports would not. Writes go in an
-//! order whose every prefix is harmless, because sled recovers a prefix of its log (it
-//! replays the log in order and stops at the first torn message): an expiry entry
-//! before its token (an entry without a token is dropped when due), a token before the
-//! reference that points at it.
+//! order whose every prefix is harmless, because both engines recover a prefix of
+//! their writes across all trees: sled replays its one log in order and stops at the
+//! first torn message; fjall writes every partition's changes to one journal, under
+//! one lock and in sequence-number order, fsyncs it before any memtable becomes a
+//! table on disk, and replays it in order, cutting it at the first incomplete batch
+//! ([`fjall_kv`]). So an expiry entry goes before its token (an entry without a token
+//! is dropped when due), a token before the reference that points at it.
 //!
 //! The expiry index is lazy: a token keeps the due time of its one live entry
 //! (`indexed_at`) and gets a new entry only when it becomes due *sooner*. When it
@@ -35,13 +38,17 @@
 //! the old time and files it again, so a verify writes one key. Entries a sooner one
 //! replaced are recognised by their time and dropped.
 
+pub mod fjall_kv;
+pub mod kv;
+pub mod sled_kv;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sled::IVec;
 
+use self::kv::{Batch, Database, Tree};
 use super::group_commit::GroupCommit;
 use super::key_locks::KeyLocks;
 use super::{
@@ -55,7 +62,7 @@ use crate::rules::{
     RecipientRecord, Refusal, TokenRecord, VerifyOutcome,
 };
 
-/// Key in the default tree naming the layout of the other trees.
+/// Key in the metadata tree ([`Database::meta`]) naming the layout of the other trees.
 const LAYOUT_KEY: &[u8] = b"layout";
 /// The layout this module reads and writes.
 const LAYOUT: &[u8] = b"1";
@@ -119,26 +126,37 @@ fn split_timed_key(key: &[u8]) -> Option<(Millis, &[u8])> {
     Some((at, &key[8..]))
 }
 
-fn db_error(e: sled::Error) -> StoreError {
-    StoreError::Database(e.to_string())
-}
-
 /// At most `batch` keys of a [`timed_key`] tree, due by `now`.
-fn due_keys(tree: &sled::Tree, now: Millis, batch: usize) -> Result<Vec<IVec>, StoreError> {
-    let end = (now + 1).to_be_bytes();
-    tree.range(..end.as_slice())
-        .keys()
-        .take(batch)
-        .collect::<Result<_, _>>()
-        .map_err(db_error)
+fn due_keys<T: Tree>(tree: &T, now: Millis, batch: usize) -> Result<Vec<T::Bytes>, StoreError> {
+    tree.keys_before(&(now + 1).to_be_bytes(), batch)
 }
 
 /// The time at the head of a [`timed_key`] tree.
-fn first_due(tree: &sled::Tree) -> Result<Option<Millis>, StoreError> {
+fn first_due(tree: &impl Tree) -> Result<Option<Millis>, StoreError> {
     Ok(tree
-        .first()
-        .map_err(db_error)?
-        .and_then(|(key, _)| Some(split_timed_key(&key)?.0)))
+        .first_key()?
+        .and_then(|key| Some(split_timed_key(&key)?.0)))
+}
+
+/// Refuses `path` if it holds the database of an engine other than `D`, naming it,
+/// before `D` writes anything there.
+fn refuse_other_engines<D: Database>(path: &Path) -> Result<(), StoreError> {
+    let engines = [
+        (sled_kv::SledDb::ENGINE, sled_kv::SledDb::owns(path)),
+        (fjall_kv::FjallDb::ENGINE, fjall_kv::FjallDb::owns(path)),
+    ];
+    match engines
+        .into_iter()
+        .find(|&(engine, owns)| owns && engine != D::ENGINE)
+    {
+        Some((engine, _)) => Err(StoreError::Database(format!(
+            "{}: holds a {engine} database, and store.engine is \"{}\"; set \
+             store.engine = \"{engine}\" to use it, or point store.path elsewhere",
+            path.display(),
+            D::ENGINE
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// What one janitor visit did.
@@ -149,32 +167,42 @@ struct Visit {
     live_delta: i64,
 }
 
-/// The sled storage engine.
-pub struct SledStore {
-    db: sled::Db,
-    tokens: sled::Tree,
-    expiry: sled::Tree,
-    recipients: sled::Tree,
-    references: sled::Tree,
-    failovers: sled::Tree,
+/// The embedded storage engine on database `D`.
+pub struct EmbeddedStore<D: Database> {
+    meta: D::Tree,
+    tokens: D::Tree,
+    expiry: D::Tree,
+    recipients: D::Tree,
+    references: D::Tree,
+    failovers: D::Tree,
     locks: KeyLocks,
     limits: Limits,
     commit: Option<GroupCommit>,
     live: AtomicU64,
+    db: D,
 }
 
-impl SledStore {
-    /// Opens (or creates) the database; must run inside a tokio runtime.
+/// The embedded engine on sled (`store.engine = "sled"`).
+pub type SledStore = EmbeddedStore<sled_kv::SledDb>;
+
+/// The embedded engine on fjall (`store.engine = "fjall"`).
+pub type FjallStore = EmbeddedStore<fjall_kv::FjallDb>;
+
+impl<D: Database> EmbeddedStore<D> {
+    /// Opens (or creates) the database; must run inside a tokio runtime. Refuses a
+    /// directory that holds another engine's database, before touching it.
     pub fn open(config: &StoreConfig, limits: Limits) -> Result<Self, StoreError> {
-        let db = Self::open_db(&config.path, config.cache_capacity_mb)?;
-        Self::check_layout(&db, &config.path)?;
-        let tree = |name: &str| db.open_tree(name).map_err(db_error);
+        refuse_other_engines::<D>(&config.path)?;
+        let db = D::open(&config.path, config.cache_capacity_mb, config.durability)?;
+        let meta = db.meta()?;
+        Self::check_layout(&db, &meta, &config.path)?;
         let store = Self {
-            tokens: tree("tokens")?,
-            expiry: tree("expiry")?,
-            recipients: tree("recipients")?,
-            references: tree("references")?,
-            failovers: tree("failovers")?,
+            tokens: db.open_tree("tokens")?,
+            expiry: db.open_tree("expiry")?,
+            recipients: db.open_tree("recipients")?,
+            references: db.open_tree("references")?,
+            failovers: db.open_tree("failovers")?,
+            meta,
             locks: KeyLocks::default(),
             limits,
             commit: (config.durability == Durability::Flush)
@@ -186,22 +214,16 @@ impl SledStore {
         Ok(store)
     }
 
-    fn open_db(path: &Path, cache_capacity_mb: u64) -> Result<sled::Db, StoreError> {
-        sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_capacity_mb * 1024 * 1024)
-            .open()
-            .map_err(|e| StoreError::Database(format!("{}: {e}", path.display())))
-    }
-
     /// Marks a new database with today's layout; refuses one written in another.
-    fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
-        let fresh = db.tree_names().len() == 1 && db.is_empty();
-        match db.get(LAYOUT_KEY).map_err(db_error)? {
-            Some(layout) if layout == LAYOUT => Ok(()),
+    fn check_layout(db: &D, meta: &D::Tree, path: &Path) -> Result<(), StoreError> {
+        let fresh = db.is_fresh()?;
+        match meta.get(LAYOUT_KEY)? {
+            Some(layout) if *layout == *LAYOUT => Ok(()),
+            // Durable before any tree exists: fjall creates a partition on disk at once,
+            // outside its journal, so a crash must not leave trees without the mark.
             None if fresh => {
-                db.insert(LAYOUT_KEY, LAYOUT).map_err(db_error)?;
-                Ok(())
+                meta.insert(LAYOUT_KEY, LAYOUT)?;
+                db.flush()
             }
             _ => Err(StoreError::Database(format!(
                 "{}: written by an otpd development build with another layout; \
@@ -214,8 +236,8 @@ impl SledStore {
     /// Counts pending codes once at start-up; afterwards every operation adjusts it.
     fn count_live(&self) -> Result<u64, StoreError> {
         let mut live = 0;
-        for entry in self.tokens.iter().values() {
-            let state: TokenState = decode(&entry.map_err(db_error)?)?;
+        for entry in self.tokens.values() {
+            let state: TokenState = decode(&entry?)?;
             if state.code.is_some_and(|c| c.state == CodeState::Pending) {
                 live += 1;
             }
@@ -233,7 +255,7 @@ impl SledStore {
     }
 
     fn read_token(&self, token: &[u8]) -> Result<Option<TokenState>, StoreError> {
-        let Some(bytes) = self.tokens.get(token).map_err(db_error)? else {
+        let Some(bytes) = self.tokens.get(token)? else {
             return Ok(None);
         };
         let (mut state, replaced): (TokenState, _) = decode_with_extra(&bytes)?;
@@ -247,13 +269,11 @@ impl SledStore {
         if let Some(due) = state.due(&self.limits)
             && state.indexed_at.is_none_or(|at| due < at)
         {
-            self.expiry
-                .insert(timed_key(due, token), &[])
-                .map_err(db_error)?;
+            self.expiry.insert(&timed_key(due, token), &[])?;
             state.indexed_at = Some(due);
         }
         let bytes = encode_with_extra(state, state.replaced.as_ref());
-        self.tokens.insert(token, bytes).map_err(db_error)?;
+        self.tokens.insert(token, &bytes)?;
         Ok(())
     }
 
@@ -269,11 +289,7 @@ impl SledStore {
         let mut sends = Vec::new();
         for bucket in [current.checked_sub(self.limits.send_window), Some(current)] {
             let Some(bucket) = bucket else { continue };
-            if let Some(bytes) = self
-                .recipients
-                .get(timed_key(bucket, address))
-                .map_err(db_error)?
-            {
+            if let Some(bytes) = self.recipients.get(&timed_key(bucket, address))? {
                 sends.extend(decode::<RecipientRecord>(&bytes)?.sends);
             }
         }
@@ -289,19 +305,16 @@ impl SledStore {
     ) -> Result<(), StoreError> {
         let current = self.bucket(now);
         let sends = record.sends.into_iter().filter(|&t| t >= current).collect();
-        self.recipients
-            .insert(
-                timed_key(current, address),
-                encode(&RecipientRecord { sends }),
-            )
-            .map_err(db_error)?;
-        Ok(())
+        self.recipients.insert(
+            &timed_key(current, address),
+            &encode(&RecipientRecord { sends }),
+        )
     }
 
     /// Drops the lookup entries of a code that is gone (every id it was delivered as).
     fn forget_references(&self, code: Option<&CodeRecord>) -> Result<(), StoreError> {
         for reference in code.iter().flat_map(|code| code.delivery.references()) {
-            self.references.remove(reference).map_err(db_error)?;
+            self.references.remove(reference.as_bytes())?;
         }
         Ok(())
     }
@@ -317,13 +330,15 @@ impl SledStore {
 
     /// Files `token`'s code under `reference`, for the provider's status reports.
     fn file_reference(&self, reference: &str, token: &[u8]) -> Result<(), StoreError> {
-        self.references.insert(reference, token).map_err(db_error)?;
-        Ok(())
+        self.references.insert(reference.as_bytes(), token)
     }
 
     /// The token whose code was delivered as `reference` (the code may be gone since).
-    fn token_delivered_as(&self, reference: &str) -> Result<Option<IVec>, StoreError> {
-        self.references.get(reference).map_err(db_error)
+    fn token_delivered_as(
+        &self,
+        reference: &str,
+    ) -> Result<Option<<D::Tree as Tree>::Bytes>, StoreError> {
+        self.references.get(reference.as_bytes())
     }
 
     /// One due expiry entry: handles its token if the entry is still the live one, then
@@ -336,7 +351,7 @@ impl SledStore {
             }
             None => Visit::default(),
         };
-        self.expiry.remove(entry).map_err(db_error)?;
+        self.expiry.remove(entry)?;
         Ok(visit)
     }
 
@@ -375,7 +390,7 @@ impl SledStore {
                 .purge_at(&self.limits)
                 .is_some_and(|at| at <= now)
         {
-            self.tokens.remove(token).map_err(db_error)?;
+            self.tokens.remove(token)?;
             visit.purged += 1;
         } else {
             self.write_token(token, &mut state)?;
@@ -392,7 +407,7 @@ impl SledStore {
         };
         let due = due_keys(&self.recipients, last_due, batch)?;
         for key in &due {
-            self.recipients.remove(key).map_err(db_error)?;
+            self.recipients.remove(key)?;
         }
         Ok(due.len() as u64)
     }
@@ -545,7 +560,7 @@ fn off_worker<T>(work: impl FnOnce() -> T) -> T {
 }
 
 #[async_trait]
-impl Store for SledStore {
+impl<D: Database> Store for EmbeddedStore<D> {
     async fn create(&self, new: &NewCode, now: Millis) -> Result<Result<(), Refusal>, StoreError> {
         let mut keys = vec![new.token.as_bytes()];
         keys.extend(new.recipients.iter().map(|r| r.as_bytes()));
@@ -683,7 +698,7 @@ impl Store for SledStore {
     }
 
     async fn purge_due(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError> {
-        // A batch is up to `batch` token visits of a few sled writes each. Run on a runtime
+        // A batch is up to `batch` token visits of a few writes each. Run on a runtime
         // worker, it would stall the requests queued behind it; block_in_place hands
         // them to another worker first (BENCHMARKS.md, "Janitor at scale").
         off_worker(|| self.purge_batch(now, batch))
@@ -691,9 +706,7 @@ impl Store for SledStore {
 
     async fn put_failover(&self, failover: &PendingFailover) -> Result<(), StoreError> {
         let key = timed_key(failover.due_at, failover.reference.as_bytes());
-        self.failovers
-            .insert(key, encode(failover))
-            .map_err(db_error)?;
+        self.failovers.insert(&key, &encode(failover))?;
         self.durable().await
     }
 
@@ -705,13 +718,13 @@ impl Store for SledStore {
     ) -> Result<DueFailovers, StoreError> {
         let mut handed_out = DueFailovers::default();
         for key in due_keys(&self.failovers, now, batch)? {
-            let Some(bytes) = self.failovers.get(&key).map_err(db_error)? else {
+            let Some(bytes) = self.failovers.get(&key)? else {
                 continue;
             };
-            let mut change = sled::Batch::default();
-            change.remove(key);
+            let mut change = Batch::default();
+            change.remove(key.to_vec());
             let Some(failover) = super::readable_failover(&bytes) else {
-                self.failovers.apply_batch(change).map_err(db_error)?;
+                self.failovers.apply(change)?;
                 continue;
             };
             let state = match self.token_delivered_as(&failover.reference)? {
@@ -733,7 +746,7 @@ impl Store for SledStore {
             } else {
                 failover
             };
-            self.failovers.apply_batch(change).map_err(db_error)?;
+            self.failovers.apply(change)?;
             handed_out.due.push((failover, verdict));
         }
         if !handed_out.due.is_empty() {
@@ -745,7 +758,7 @@ impl Store for SledStore {
 
     async fn finish_failover(&self, claimed: &PendingFailover) -> Result<(), StoreError> {
         let key = timed_key(claimed.due_at, claimed.reference.as_bytes());
-        self.failovers.remove(key).map(drop).map_err(db_error)
+        self.failovers.remove(&key)
     }
 
     fn live(&self) -> u64 {
@@ -753,17 +766,22 @@ impl Store for SledStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map(|_| ()).map_err(db_error)
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Database(e.to_string()))?
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
-        self.db.get(LAYOUT_KEY).map_err(db_error)?;
+        self.meta.get(LAYOUT_KEY)?;
         self.durable().await
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::fjall_kv::FjallDb;
+    use super::sled_kv::SledDb;
     use super::*;
     use crate::config::OtpConfig;
     use crate::rules::DeliveryEvent;
@@ -778,12 +796,20 @@ mod tests {
         }
     }
 
-    fn open(dir: &tempfile::TempDir, limits: Limits) -> SledStore {
+    fn open<D: Database>(dir: &tempfile::TempDir, limits: Limits) -> EmbeddedStore<D> {
         let config = StoreConfig {
             path: dir.path().join("db"),
             ..StoreConfig::default()
         };
-        SledStore::open(&config, limits).unwrap()
+        EmbeddedStore::open(&config, limits).unwrap()
+    }
+
+    fn is_empty(tree: &impl Tree) -> bool {
+        tree.first_key().unwrap().is_none()
+    }
+
+    fn len(tree: &impl Tree) -> usize {
+        tree.values().count()
     }
 
     const LIMITS: Limits = Limits {
@@ -806,13 +832,16 @@ mod tests {
         }
     }
 
-    async fn purge(store: &SledStore, now: Millis) -> (u64, u64, Option<Millis>) {
+    async fn purge<D: Database>(
+        store: &EmbeddedStore<D>,
+        now: Millis,
+    ) -> (u64, u64, Option<Millis>) {
         let report = store.purge_due(now, 100).await.unwrap();
         (report.purged, report.expired, report.next_due)
     }
 
     /// A code for token `a`, valid from 0 to 5 s, delivered as `reference`.
-    async fn delivered(store: &SledStore, reference: &str) -> NewCode {
+    async fn delivered<D: Database>(store: &EmbeddedStore<D>, reference: &str) -> NewCode {
         let new = new_code("a", 1, 0, 5_000);
         store.create(&new, 0).await.unwrap().unwrap();
         store
@@ -822,10 +851,9 @@ mod tests {
         new
     }
 
-    #[tokio::test]
-    async fn a_verified_code_is_filed_again_and_goes_retain_after_its_expiry() {
+    async fn a_verified_code_is_filed_again_and_goes_retain_after_its_expiry<D: Database>() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir, LIMITS);
+        let store = open::<D>(&dir, LIMITS);
         let new = delivered(&store, "uuid-0").await;
         let valid = store.verify("a", &new.digest, 100).await.unwrap();
         assert_eq!(valid, VerifyOutcome::Valid);
@@ -850,14 +878,13 @@ mod tests {
         );
         assert_eq!(purge(&store, 19_999).await, (0, 0, Some(20_000)));
         assert_eq!(purge(&store, 20_000).await, (1, 0, None));
-        assert!(store.tokens.is_empty() && store.recipients.is_empty());
-        assert!(store.expiry.is_empty());
+        assert!(is_empty(&store.tokens) && is_empty(&store.recipients));
+        assert!(is_empty(&store.expiry));
     }
 
-    #[tokio::test]
-    async fn answers_drawn_from_a_record_wait_for_a_flush() {
+    async fn answers_drawn_from_a_record_wait_for_a_flush<D: Database>() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(
+        let store = open::<D>(
             &dir,
             Limits {
                 max_sends: 1,
@@ -931,10 +958,9 @@ mod tests {
         assert_eq!(flushed(), before, "no record, nothing to wait for");
     }
 
-    #[tokio::test]
-    async fn an_undelivered_resend_puts_the_previous_code_back() {
+    async fn an_undelivered_resend_puts_the_previous_code_back<D: Database>() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir, LIMITS);
+        let store = open::<D>(&dir, LIMITS);
         let first = delivered(&store, "uuid-1").await;
         let second = new_code("a", 2, 100, 5_100);
         store.create(&second, 100).await.unwrap().unwrap();
@@ -964,10 +990,11 @@ mod tests {
         assert_eq!(store.live(), 0);
     }
 
-    #[tokio::test]
-    async fn the_replaced_code_stands_in_until_the_resend_is_confirmed_even_across_a_crash() {
+    async fn the_replaced_code_stands_in_until_the_resend_is_confirmed_even_across_a_crash<
+        D: Database,
+    >() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir, LIMITS);
+        let store = open::<D>(&dir, LIMITS);
         let first = delivered(&store, "uuid-1").await;
         let second = new_code("a", 2, 100, 5_100);
         store.create(&second, 100).await.unwrap().unwrap();
@@ -975,7 +1002,7 @@ mod tests {
         // The resend's delivery never settles: the daemon dies, and starts again.
         drop(store);
         tokio::task::yield_now().await; // lets the aborted flusher drop its handle
-        let store = open(&dir, LIMITS);
+        let store = open::<D>(&dir, LIMITS);
         assert_eq!(
             store.live(),
             1,
@@ -1022,10 +1049,9 @@ mod tests {
         assert_eq!(outcome, VerifyOutcome::Valid);
     }
 
-    #[tokio::test]
-    async fn a_failover_sms_is_filed_with_its_code_and_forgotten_with_it() {
+    async fn a_failover_sms_is_filed_with_its_code_and_forgotten_with_it<D: Database>() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir, LIMITS);
+        let store = open::<D>(&dir, LIMITS);
         delivered(&store, "uuid-m").await;
         let event = |status: &str, detail: Option<&str>| DeliveryEvent {
             at: 100,
@@ -1037,24 +1063,23 @@ mod tests {
         let filed = store.record_delivery_event("uuid-m", sent.clone()).await;
         assert_eq!(filed.unwrap(), Filed::Recorded);
         // A first try that failed before filing the SMS's id: the retry files it.
-        store.references.remove("uuid-s").unwrap();
+        store.references.remove(b"uuid-s").unwrap();
         let filed = store.record_delivery_event("uuid-m", sent).await.unwrap();
         assert_eq!(filed, Filed::AlreadyRecorded);
         let filed = store.record_delivery_event("uuid-s", event("delivered", None));
         assert_eq!(filed.await.unwrap(), Filed::Recorded);
-        assert_eq!(store.references.len(), 2);
+        assert_eq!(len(&store.references), 2);
         // Expired at 5 s, purged `retain` later: both ids go with the code.
         assert_eq!(purge(&store, 5_000).await.1, 1);
         purge(&store, 6_000).await;
-        assert!(store.references.is_empty());
+        assert!(is_empty(&store.references));
         let filed = store.record_delivery_event("uuid-s", event("read", None));
         assert_eq!(filed.await.unwrap(), Filed::UnknownReference);
     }
 
-    #[tokio::test]
-    async fn an_entry_replaced_by_a_sooner_one_is_dropped_when_due() {
+    async fn an_entry_replaced_by_a_sooner_one_is_dropped_when_due<D: Database>() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir, LIMITS);
+        let store = open::<D>(&dir, LIMITS);
         let first = new_code("a", 1, 0, 5_000);
         store.create(&first, 0).await.unwrap().unwrap();
         let second = new_code("a", 2, 100, 1_000);
@@ -1064,20 +1089,19 @@ mod tests {
         assert_eq!(purge(&store, 2_000).await, (1, 0, Some(5_000)), "purged");
         // The first code's entry is stale: it must not touch the token.
         assert_eq!(purge(&store, 5_000).await, (0, 0, Some(10_100)));
-        assert_eq!(store.tokens.len(), 1, "the token stays for its send window");
+        assert_eq!(len(&store.tokens), 1, "the token stays for its send window");
         assert_eq!(purge(&store, 10_100).await, (1, 0, Some(20_000)));
         assert_eq!(purge(&store, 20_000).await, (1, 0, None));
         assert_eq!(store.live(), 0);
     }
 
-    #[tokio::test]
-    async fn the_recipient_limit_spans_two_buckets_and_counts_only_the_window() {
+    async fn the_recipient_limit_spans_two_buckets_and_counts_only_the_window<D: Database>() {
         let dir = tempfile::tempdir().unwrap();
         let limits = Limits {
             max_sends: 2,
             ..LIMITS
         };
-        let store = open(&dir, limits);
+        let store = open::<D>(&dir, limits);
         let create = |token: &str, now: Millis| {
             let mut new = new_code(token, 1, now, now + 5_000);
             new.recipients = vec!["sms:393331234567".into()];
@@ -1113,7 +1137,7 @@ mod tests {
                 .unwrap()
                 .is_ok()
         );
-        assert_eq!(store.recipients.len(), 2, "one key per bucket");
+        assert_eq!(len(&store.recipients), 2, "one key per bucket");
     }
 
     #[tokio::test]
@@ -1121,7 +1145,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         // No flusher thread, which could still hold the file lock after the drop.
-        let old = sled::Config::new()
+        let old = ::sled::Config::new()
             .path(&path)
             .flush_every_ms(None)
             .open()
@@ -1139,10 +1163,11 @@ mod tests {
         assert!(error.contains("another layout"), "{error}");
     }
 
-    #[tokio::test]
-    async fn failovers_are_handed_out_once_in_deadline_order_and_claimed_until_finished() {
+    async fn failovers_are_handed_out_once_in_deadline_order_and_claimed_until_finished<
+        D: Database,
+    >() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir, Limits::from(&OtpConfig::default()));
+        let store = open::<D>(&dir, Limits::from(&OtpConfig::default()));
         store.put_failover(&failover("late", 2_000)).await.unwrap();
         store.put_failover(&failover("early", 1_000)).await.unwrap();
         // An entry that does not decode, due first, holds nothing up and is dropped.
@@ -1157,7 +1182,7 @@ mod tests {
             vec![(failover("early", 1_000), FailoverVerdict::Gone)],
             "a failover not to send is removed, not claimed"
         );
-        assert!(!store.failovers.contains_key(&unreadable).unwrap());
+        assert!(store.failovers.get(&unreadable).unwrap().is_none());
         assert_eq!(gone.next_due, Some(2_000));
         let again = store.claim_due_failovers(1_500, 5_000, 10).await.unwrap();
         assert!(again.due.is_empty(), "handed out once");
@@ -1179,6 +1204,106 @@ mod tests {
             "a claim never finished comes back"
         );
         store.finish_failover(&expected.0).await.unwrap();
-        assert!(store.failovers.is_empty(), "finished, it is gone");
+        assert!(is_empty(&store.failovers), "finished, it is gone");
     }
+
+    #[tokio::test]
+    async fn a_fjall_database_of_another_layout_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let old = FjallDb::open(&path, 1, Durability::Flush).unwrap();
+        let otp = old.open_tree("otp").unwrap();
+        otp.insert(b"token", b"code").unwrap();
+        drop((otp, old));
+        let config = StoreConfig {
+            path,
+            ..StoreConfig::default()
+        };
+        let error = FjallStore::open(&config, LIMITS).err().unwrap().to_string();
+        assert!(error.contains("another layout"), "{error}");
+    }
+
+    /// A database of engine `D` holding a live code is refused by engine `E`, by path
+    /// and engine, and `D` still finds its code afterwards.
+    async fn refused_by_the_other_engine<D: Database, E: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open::<D>(&dir, LIMITS);
+        delivered(&store, "uuid-1").await;
+        drop(store);
+        tokio::task::yield_now().await; // lets the aborted flusher drop its handle
+        let path = dir.path().join("db");
+        let config = StoreConfig {
+            path: path.clone(),
+            ..StoreConfig::default()
+        };
+        let error = EmbeddedStore::<E>::open(&config, LIMITS)
+            .err()
+            .unwrap()
+            .to_string();
+        let names = format!(
+            "{}: holds a {} database, and store.engine is \"{}\"",
+            path.display(),
+            D::ENGINE,
+            E::ENGINE
+        );
+        assert!(error.contains(&names), "{error}");
+        assert!(!E::owns(&path), "{} wrote nothing there", E::ENGINE);
+        let store = open::<D>(&dir, LIMITS);
+        assert_eq!(store.live(), 1, "the code is still there");
+    }
+
+    #[tokio::test]
+    async fn a_sled_directory_is_refused_by_fjall_and_left_as_it_is() {
+        refused_by_the_other_engine::<SledDb, FjallDb>().await;
+    }
+
+    #[tokio::test]
+    async fn a_fjall_directory_is_refused_by_sled_and_left_as_it_is() {
+        refused_by_the_other_engine::<FjallDb, SledDb>().await;
+    }
+
+    #[tokio::test]
+    async fn a_fjall_directory_is_opened_by_one_store_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open::<FjallDb>(&dir, LIMITS);
+        let config = StoreConfig {
+            path: dir.path().join("db"),
+            ..StoreConfig::default()
+        };
+        let error = FjallStore::open(&config, LIMITS).err().unwrap().to_string();
+        assert!(error.contains("locked by another process"), "{error}");
+        drop(store);
+        tokio::task::yield_now().await;
+        open::<FjallDb>(&dir, LIMITS);
+    }
+
+    /// Runs each test written once over `D: Database` on both engines, as
+    /// `sled::name` and `fjall::name`.
+    macro_rules! on_both_engines {
+        ($($name:ident),* $(,)?) => {
+            mod sled {
+                $(#[tokio::test]
+                async fn $name() {
+                    super::$name::<super::SledDb>().await
+                })*
+            }
+            mod fjall {
+                $(#[tokio::test]
+                async fn $name() {
+                    super::$name::<super::FjallDb>().await
+                })*
+            }
+        };
+    }
+
+    on_both_engines!(
+        a_verified_code_is_filed_again_and_goes_retain_after_its_expiry,
+        answers_drawn_from_a_record_wait_for_a_flush,
+        an_undelivered_resend_puts_the_previous_code_back,
+        the_replaced_code_stands_in_until_the_resend_is_confirmed_even_across_a_crash,
+        a_failover_sms_is_filed_with_its_code_and_forgotten_with_it,
+        an_entry_replaced_by_a_sooner_one_is_dropped_when_due,
+        the_recipient_limit_spans_two_buckets_and_counts_only_the_window,
+        failovers_are_handed_out_once_in_deadline_order_and_claimed_until_finished,
+    );
 }

@@ -1,0 +1,262 @@
+//! [`Database`] on fjall 2: one keyspace at `store.path`, a partition per tree, and a
+//! `meta` partition for the layout mark.
+//!
+//! Write order. fjall has one journal per keyspace, shared by every partition: a write
+//! (or a batch) takes the journal's lock, gets the next sequence number, is appended to
+//! the journal and then to its partition's memtable, all under that lock
+//! (`PartitionHandle::insert`, `Batch::commit`). Before a memtable is sealed to become
+//! a table on disk, the journal is fsynced and rotated (`rotate_memtable`, under the
+//! same lock), so no table holds a write the journal on disk lacks. Recovery replays
+//! the journals in order and cuts the last one at its first incomplete batch
+//! (`RecoveryMode::TolerateCorruptTail`, the default). What survives a crash is
+//! therefore a prefix of the writes, across all partitions, as [`super`] needs. (A
+//! batch whose checksum does not match stops the open with an error instead of being
+//! cut: fjall 2.11's `JournalBatchReader`; a kill cannot cause it, as the kernel keeps
+//! what was written, only a disk that tears or corrupts a sector.)
+//!
+//! Durability. With `manual_journal_persist` (set on the keyspace for batches and on
+//! each partition for single writes: a partition's default hands every write to the
+//! kernel at once, a `write(2)` each) a write stays in the journal's 8 KiB buffer in
+//! the process until [`Database::flush`], a journal rotation or a full buffer hands it
+//! to the kernel; only the first two sync it. So `flush` durability costs one
+//! fdatasync per group commit, as with sled. `Keyspace::persist(SyncData)` would hold
+//! the journal's lock through the fdatasync, so that no request could write meanwhile
+//! and each flush would cover only the writes made before it (on the benchmark, 12 k
+//! instead of 16 k ops/s at half the CPU); [`Database::flush`] takes the lock only to
+//! hand the buffer over (`PersistMode::Buffer`) and fdatasyncs the journal file itself
+//! ([`JournalSync`]), while requests go on writing. fjall's own defaults (neither
+//! `manual_journal_persist` nor `fsync_ms`) hand every write to the kernel at once and
+//! fsync only at a journal rotation, so a power loss could take any amount of recent
+//! writes; `relaxed` sets `fsync_ms` to 500 instead: a background thread persists the
+//! journal every 500 ms (holding its lock through that fsync), the window sled's
+//! `relaxed` has.
+//!
+//! Memory. The block cache is `store.cache_capacity_mb`; each partition's memtable is
+//! sealed at [`MEMTABLE_BYTES`] and all of them together are held to
+//! [`WRITE_BUFFER_BYTES`]; journals are rotated (their memtables flushed) beyond
+//! [`JOURNAL_BYTES`] on disk. fjall stores a partition's options (memtable size,
+//! `manual_journal_persist`) when it creates the partition and keeps those: a change
+//! here applies to new databases only.
+//!
+//! fjall 2 does not lock its directory, so [`FjallDb`] holds an exclusive `flock` on
+//! it: a second process opening the same `store.path` is refused, as sled refuses it.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use fjall::{Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode, Slice};
+use nix::fcntl::{Flock, FlockArg};
+
+use super::kv::{Batch, Database, Tree};
+use crate::config::Durability;
+use crate::store::StoreError;
+
+/// A partition's memtable is sealed and written out as a table at this size.
+pub const MEMTABLE_BYTES: u32 = 8 * 1024 * 1024;
+/// All memtables together, sealed ones waiting for their flush included.
+pub const WRITE_BUFFER_BYTES: u64 = 16 * 1024 * 1024;
+/// Journals on disk before the oldest one's memtables are flushed (fjall's least is 24
+/// MiB; each journal file is preallocated 32 MiB).
+pub const JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+/// Sealed memtables one wake-up of fjall's flush thread may write out (its
+/// `flush_workers`: the tasks it takes per wake-up; it starts a thread per partition
+/// among them, six at most here). fjall 2.11.2 wakes it once per partition with
+/// recovered memtables at start-up, and once per rotation after, but with its default
+/// of one task per wake-up (cores − 1) a start after a large journal left tasks no
+/// wake-up would take: the write buffer stayed full and every write halted for good
+/// (`.ci/bench janitor` on fjall, 1 M codes, hung at its restart). Taking every queued
+/// task (up to 32) at each wake-up drains such a backlog at the next rotation. (Each
+/// flushed partition also wakes the compaction thread this many times, to find nothing
+/// to do but once.)
+const FLUSH_TASKS_PER_WAKEUP: usize = 32;
+/// How often `relaxed` durability persists the journal in the background.
+const RELAXED_FSYNC_MS: u16 = 500;
+/// The partition holding the layout mark.
+const META: &str = "meta";
+
+fn db_error(e: fjall::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+/// A fjall keyspace, the lock on its directory, and its journal's fdatasync.
+#[derive(Clone)]
+pub struct FjallDb {
+    keyspace: Keyspace,
+    sync: Arc<JournalSync>,
+    _lock: Arc<Flock<File>>,
+}
+
+/// fdatasyncs the active journal outside fjall's journal lock.
+///
+/// fjall 2 keeps its journals as `journals/<id>` in the keyspace directory and writes
+/// to the highest id; a rotation syncs the old file before it creates the next one.
+/// So after `persist(Buffer)` the writes made before it are in the newest journal, or
+/// in an older one that its rotation already synced: syncing the newest file found
+/// afterwards makes them durable.
+struct JournalSync {
+    dir: PathBuf,
+    /// The newest journal's id and file, reopened when a rotation makes another.
+    newest: Mutex<Option<(u64, File)>>,
+    /// Set when a sync failed: the kernel may have dropped pages it could not write
+    /// and a later sync would not say so, so every later flush fails too (fjall
+    /// poisons its keyspace likewise).
+    failed: AtomicBool,
+}
+
+impl JournalSync {
+    fn sync(&self) -> std::io::Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(std::io::Error::other("an earlier journal sync failed"));
+        }
+        let result = self.sync_newest();
+        if result.is_err() {
+            self.failed.store(true, Ordering::Release);
+        }
+        result
+    }
+
+    fn sync_newest(&self) -> std::io::Result<()> {
+        let mut newest_id = None;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            if let Some(id) = name.to_str().and_then(|name| name.parse::<u64>().ok()) {
+                newest_id = newest_id.max(Some(id));
+            }
+        }
+        let Some(id) = newest_id else {
+            return Err(std::io::Error::other("no journal found"));
+        };
+        let mut newest = self.newest.lock().unwrap_or_else(PoisonError::into_inner);
+        if newest.as_ref().is_none_or(|(open, _)| *open != id) {
+            *newest = Some((id, File::open(self.dir.join(id.to_string()))?));
+        }
+        newest.as_ref().map_or(Ok(()), |(_, file)| file.sync_data())
+    }
+}
+
+impl Database for FjallDb {
+    type Tree = FjallTree;
+
+    const ENGINE: &'static str = "fjall";
+
+    fn open(
+        path: &Path,
+        cache_capacity_mb: u64,
+        durability: Durability,
+    ) -> Result<Self, StoreError> {
+        let at =
+            |e: &dyn std::fmt::Display| StoreError::Database(format!("{}: {e}", path.display()));
+        std::fs::create_dir_all(path).map_err(|e| at(&e))?;
+        let dir = File::open(path).map_err(|e| at(&e))?;
+        let lock = Flock::lock(dir, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| at(&format!("locked by another process ({errno})")))?;
+        let config = fjall::Config::new(path)
+            .cache_size(cache_capacity_mb * 1024 * 1024)
+            .max_write_buffer_size(WRITE_BUFFER_BYTES)
+            .max_journaling_size(JOURNAL_BYTES)
+            .flush_workers(FLUSH_TASKS_PER_WAKEUP)
+            .manual_journal_persist(true)
+            .fsync_ms((durability == Durability::Relaxed).then_some(RELAXED_FSYNC_MS));
+        let keyspace = config.open().map_err(|e| at(&e))?;
+        Ok(FjallDb {
+            keyspace,
+            sync: Arc::new(JournalSync {
+                dir: path.join("journals"),
+                newest: Mutex::new(None),
+                failed: AtomicBool::new(false),
+            }),
+            _lock: Arc::new(lock),
+        })
+    }
+
+    fn owns(path: &Path) -> bool {
+        // fjall's marker file, written when a keyspace is created, and its journals.
+        path.join("version").is_file() && path.join("journals").is_dir()
+    }
+
+    fn meta(&self) -> Result<FjallTree, StoreError> {
+        self.open_tree(META)
+    }
+
+    fn is_fresh(&self) -> Result<bool, StoreError> {
+        let only_meta = self.keyspace.list_partitions().iter().all(|p| &**p == META);
+        Ok(only_meta && self.meta()?.partition.is_empty().map_err(db_error)?)
+    }
+
+    fn open_tree(&self, name: &str) -> Result<FjallTree, StoreError> {
+        let options = PartitionCreateOptions::default()
+            .max_memtable_size(MEMTABLE_BYTES)
+            .manual_journal_persist(true);
+        Ok(FjallTree {
+            partition: self
+                .keyspace
+                .open_partition(name, options)
+                .map_err(db_error)?,
+            keyspace: self.keyspace.clone(),
+        })
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.keyspace
+            .persist(PersistMode::Buffer)
+            .map_err(db_error)?;
+        self.sync
+            .sync()
+            .map_err(|e| StoreError::Database(format!("journal sync: {e}")))
+    }
+}
+
+/// A fjall partition, and its keyspace for batches.
+pub struct FjallTree {
+    keyspace: Keyspace,
+    partition: PartitionHandle,
+}
+
+impl Tree for FjallTree {
+    type Bytes = Slice;
+
+    fn get(&self, key: &[u8]) -> Result<Option<Slice>, StoreError> {
+        self.partition.get(key).map_err(db_error)
+    }
+
+    fn insert(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.partition.insert(key, value).map_err(db_error)
+    }
+
+    fn remove(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.partition.remove(key).map_err(db_error)
+    }
+
+    fn keys_before(&self, end: &[u8], limit: usize) -> Result<Vec<Slice>, StoreError> {
+        self.partition
+            .range(..end)
+            .take(limit)
+            .map(|entry| entry.map(|(key, _)| key).map_err(db_error))
+            .collect()
+    }
+
+    fn first_key(&self) -> Result<Option<Slice>, StoreError> {
+        Ok(self
+            .partition
+            .first_key_value()
+            .map_err(db_error)?
+            .map(|(key, _)| key))
+    }
+
+    fn values(&self) -> impl Iterator<Item = Result<Slice, StoreError>> + '_ {
+        self.partition.values().map(|value| value.map_err(db_error))
+    }
+
+    fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        let mut change = self.keyspace.batch();
+        for (key, value) in batch.changes {
+            match value {
+                Some(value) => change.insert(&self.partition, key, value),
+                None => change.remove(&self.partition, key),
+            }
+        }
+        change.commit().map_err(db_error)
+    }
+}

@@ -1,0 +1,87 @@
+//! The ordered key-value interface the embedded engine is written against.
+//!
+//! Just what [`super::EmbeddedStore`] uses: named trees of byte keys in byte order,
+//! single-key reads and writes, the keys at the head of a tree, an atomic batch on one
+//! tree, and a durable flush of the whole database. Every write is visible to reads at
+//! once and reaches disk in the order it was made ([`super`]'s module doc relies on
+//! that); [`Database::flush`] makes everything written before it durable.
+
+use std::path::Path;
+
+use crate::config::Durability;
+use crate::store::StoreError;
+
+/// An embedded database: one directory, several [`Tree`]s.
+pub trait Database: Clone + Send + Sync + 'static {
+    type Tree: Tree;
+
+    /// The engine's name in `store.engine`, for messages.
+    const ENGINE: &'static str;
+
+    /// Opens (or creates) the database in `path`, with a cache of about
+    /// `cache_capacity_mb`. With [`Durability::Relaxed`] the engine makes writes
+    /// durable in the background, as no one will call [`Database::flush`] for them.
+    fn open(
+        path: &Path,
+        cache_capacity_mb: u64,
+        durability: Durability,
+    ) -> Result<Self, StoreError>;
+
+    /// Whether `path` holds files of this engine's database (checked before opening
+    /// one of another engine there).
+    fn owns(path: &Path) -> bool;
+
+    /// The tree for the database's own metadata (the layout mark).
+    fn meta(&self) -> Result<Self::Tree, StoreError>;
+
+    /// Whether the database holds nothing yet: no tree but [`Database::meta`], empty.
+    fn is_fresh(&self) -> Result<bool, StoreError>;
+
+    /// Opens (or creates) a tree.
+    fn open_tree(&self, name: &str) -> Result<Self::Tree, StoreError>;
+
+    /// Makes every write made before the call durable; blocks while the disk works.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// One ordered tree of a [`Database`].
+pub trait Tree: Send + Sync + 'static {
+    /// A key or value read back: a cheap handle on the engine's own bytes.
+    type Bytes: std::ops::Deref<Target = [u8]> + Send;
+
+    fn get(&self, key: &[u8]) -> Result<Option<Self::Bytes>, StoreError>;
+
+    fn insert(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+
+    /// Removes a key; removing one that is not there is no error.
+    fn remove(&self, key: &[u8]) -> Result<(), StoreError>;
+
+    /// At most `limit` keys below `end`, in order.
+    fn keys_before(&self, end: &[u8], limit: usize) -> Result<Vec<Self::Bytes>, StoreError>;
+
+    /// The smallest key, if any.
+    fn first_key(&self) -> Result<Option<Self::Bytes>, StoreError>;
+
+    /// Every value, in key order.
+    fn values(&self) -> impl Iterator<Item = Result<Self::Bytes, StoreError>> + '_;
+
+    /// Applies every change of `batch` at once: after a crash, all or none are there.
+    fn apply(&self, batch: Batch) -> Result<(), StoreError>;
+}
+
+/// Changes to one [`Tree`], applied atomically by [`Tree::apply`].
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Each key with its new value, or `None` to remove it, in order.
+    pub changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    pub fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.changes.push((key, Some(value)));
+    }
+
+    pub fn remove(&mut self, key: Vec<u8>) {
+        self.changes.push((key, None));
+    }
+}
