@@ -56,8 +56,14 @@ pub trait Tree: Send + Sync + 'static {
     /// Removes a key; removing one that is not there is no error.
     fn remove(&self, key: &[u8]) -> Result<(), StoreError>;
 
-    /// At most `limit` keys below `end`, in order.
-    fn keys_before(&self, end: &[u8], limit: usize) -> Result<Vec<Self::Bytes>, StoreError>;
+    /// At most `limit` keys from `start` (included) to `end` (excluded), in order;
+    /// `start` is below `end`.
+    fn keys_between(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Self::Bytes>, StoreError>;
 
     /// The smallest key, if any.
     fn first_key(&self) -> Result<Option<Self::Bytes>, StoreError>;
