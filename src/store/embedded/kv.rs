@@ -1,8 +1,8 @@
 //! The ordered key-value interface the embedded engine is written against.
 //!
 //! Just what [`super::EmbeddedStore`] uses: named trees of byte keys in byte order,
-//! single-key reads and writes, the keys at the head of a tree, an atomic batch on one
-//! tree, and a durable flush of the whole database. Every write is visible to reads at
+//! single-key reads and writes, the keys of a range and the first key of a tree, an
+//! atomic batch on one tree, and a durable flush of the whole database. Every write is visible to reads at
 //! once and reaches disk in the order it was made ([`super`]'s module doc relies on
 //! that); [`Database::flush`] makes everything written before it durable.
 
