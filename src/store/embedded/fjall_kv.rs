@@ -229,9 +229,14 @@ impl Tree for FjallTree {
         self.partition.remove(key).map_err(db_error)
     }
 
-    fn keys_before(&self, end: &[u8], limit: usize) -> Result<Vec<Slice>, StoreError> {
+    fn keys_between(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Slice>, StoreError> {
         self.partition
-            .range(..end)
+            .range(start..end)
             .take(limit)
             .map(|entry| entry.map(|(key, _)| key).map_err(db_error))
             .collect()

@@ -1,8 +1,8 @@
 //! The ordered key-value interface the embedded engine is written against.
 //!
 //! Just what [`super::EmbeddedStore`] uses: named trees of byte keys in byte order,
-//! single-key reads and writes, the keys at the head of a tree, an atomic batch on one
-//! tree, and a durable flush of the whole database. Every write is visible to reads at
+//! single-key reads and writes, the keys of a range and the first key of a tree, an
+//! atomic batch on one tree, and a durable flush of the whole database. Every write is visible to reads at
 //! once and reaches disk in the order it was made ([`super`]'s module doc relies on
 //! that); [`Database::flush`] makes everything written before it durable.
 
@@ -56,8 +56,14 @@ pub trait Tree: Send + Sync + 'static {
     /// Removes a key; removing one that is not there is no error.
     fn remove(&self, key: &[u8]) -> Result<(), StoreError>;
 
-    /// At most `limit` keys below `end`, in order.
-    fn keys_before(&self, end: &[u8], limit: usize) -> Result<Vec<Self::Bytes>, StoreError>;
+    /// At most `limit` keys from `start` (included) to `end` (excluded), in order;
+    /// `start` is below `end`.
+    fn keys_between(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Self::Bytes>, StoreError>;
 
     /// The smallest key, if any.
     fn first_key(&self) -> Result<Option<Self::Bytes>, StoreError>;

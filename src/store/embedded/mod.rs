@@ -44,6 +44,7 @@ pub mod sled_kv;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -126,9 +127,41 @@ fn split_timed_key(key: &[u8]) -> Option<(Millis, &[u8])> {
     Some((at, &key[8..]))
 }
 
-/// At most `batch` keys of a [`timed_key`] tree, due by `now`.
+/// At most `batch` keys of a [`timed_key`] tree due by `now`, from the start of the
+/// tree.
 fn due_keys<T: Tree>(tree: &T, now: Millis, batch: usize) -> Result<Vec<T::Bytes>, StoreError> {
-    tree.keys_before(&(now + 1).to_be_bytes(), batch)
+    tree.keys_between(&[], &(now + 1).to_be_bytes(), batch)
+}
+
+/// The janitor's batch of a [`timed_key`] tree: at most `batch` keys due by `now`, for
+/// the caller to remove, and whether it is full (more may be due).
+///
+/// An LSM tree (fjall) keeps a removed key as a tombstone until a compaction drops it,
+/// and a scan from the head steps over all of them, so purging a backlog batch by batch
+/// from the head would cost each batch more than the one before. While batches come
+/// back full (more are due), the next one therefore starts at `resume`, the last key of
+/// this one; a batch that is not full ends the backlog, and the next scan starts at the
+/// head again. A key filed below `resume` meanwhile (only a clock stepping back files
+/// one in the past) waits for that; reads check expiry themselves.
+fn due_batch<T: Tree>(
+    tree: &T,
+    resume: &Mutex<Vec<u8>>,
+    now: Millis,
+    batch: usize,
+) -> Result<(Vec<T::Bytes>, bool), StoreError> {
+    let mut from = resume.lock().unwrap_or_else(PoisonError::into_inner);
+    let end = (now + 1).to_be_bytes();
+    let due = if from.as_slice() < end.as_slice() {
+        tree.keys_between(&from, &end, batch)?
+    } else {
+        Vec::new()
+    };
+    match due.last() {
+        Some(last) if due.len() == batch => *from = last.to_vec(),
+        _ => from.clear(),
+    }
+    let full = !from.is_empty();
+    Ok((due, full))
 }
 
 /// The time at the head of a [`timed_key`] tree.
@@ -179,6 +212,10 @@ pub struct EmbeddedStore<D: Database> {
     limits: Limits,
     commit: Option<GroupCommit>,
     live: AtomicU64,
+    /// Where the janitor's next batch of `expiry` and of `recipients` starts
+    /// ([`due_batch`]).
+    resume_expiry: Mutex<Vec<u8>>,
+    resume_recipients: Mutex<Vec<u8>>,
     db: D,
 }
 
@@ -208,6 +245,8 @@ impl<D: Database> EmbeddedStore<D> {
             commit: (config.durability == Durability::Flush)
                 .then(|| GroupCommit::start(db.clone())),
             live: AtomicU64::new(0),
+            resume_expiry: Mutex::default(),
+            resume_recipients: Mutex::default(),
             db,
         };
         store.live.store(store.count_live()?, Ordering::Relaxed);
@@ -399,37 +438,53 @@ impl<D: Database> EmbeddedStore<D> {
         Ok(visit)
     }
 
-    /// Deletes at most `batch` recipient buckets whose sends all left the window.
-    fn purge_recipients(&self, now: Millis, batch: usize) -> Result<u64, StoreError> {
+    /// Deletes at most `batch` recipient buckets whose sends all left the window;
+    /// returns how many, and when the next one is due.
+    fn purge_recipients(
+        &self,
+        now: Millis,
+        batch: usize,
+    ) -> Result<(u64, Option<Millis>), StoreError> {
         // A bucket starting at b holds sends before b + window, out of it by b + 2 windows.
-        let Some(last_due) = now.checked_sub(2 * self.limits.send_window) else {
-            return Ok(0);
-        };
-        let due = due_keys(&self.recipients, last_due, batch)?;
-        for key in &due {
-            self.recipients.remove(key)?;
+        let window = 2 * self.limits.send_window;
+        let mut purged = 0;
+        let mut more = false;
+        if let Some(last_due) = now.checked_sub(window) {
+            let due;
+            (due, more) = due_batch(&self.recipients, &self.resume_recipients, last_due, batch)?;
+            for key in &due {
+                self.recipients.remove(key)?;
+            }
+            purged = due.len() as u64;
         }
-        Ok(due.len() as u64)
+        let next = if more {
+            Some(now) // more may be due: the janitor goes on
+        } else {
+            first_due(&self.recipients)?.map(|bucket| bucket.saturating_add(window))
+        };
+        Ok((purged, next))
     }
 
     /// One janitor batch, synchronously: see [`Store::purge_due`].
     fn purge_batch(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError> {
         let mut report = PurgeReport::default();
         let mut live_delta = 0;
-        for entry in due_keys(&self.expiry, now, batch)? {
+        let (due, more) = due_batch(&self.expiry, &self.resume_expiry, now, batch)?;
+        for entry in due {
             let visit = self.visit(&entry, now)?;
             report.purged += visit.purged;
             report.expired += visit.expired;
             live_delta += visit.live_delta;
         }
         super::adjust_live(&self.live, live_delta);
-        report.purged += self.purge_recipients(now, batch)?;
-        let next_recipients = first_due(&self.recipients)?
-            .map(|bucket| bucket.saturating_add(2 * self.limits.send_window));
-        report.next_due = first_due(&self.expiry)?
-            .into_iter()
-            .chain(next_recipients)
-            .min();
+        let (purged, next_recipients) = self.purge_recipients(now, batch)?;
+        report.purged += purged;
+        let next_expiry = if more {
+            Some(now) // more may be due: the janitor goes on
+        } else {
+            first_due(&self.expiry)?
+        };
+        report.next_due = next_expiry.into_iter().chain(next_recipients).min();
         Ok(report)
     }
 
@@ -1207,6 +1262,54 @@ mod tests {
         assert!(is_empty(&store.failovers), "finished, it is gone");
     }
 
+    async fn a_backlog_is_purged_from_where_the_last_full_batch_ended<D: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open::<D>(&dir, LIMITS);
+        for (digest, token) in [(1, "a"), (2, "b"), (3, "c")] {
+            let new = new_code(token, digest, 0, 1_000 + Millis::from(digest));
+            store.create(&new, 0).await.unwrap().unwrap();
+        }
+        let report = store.purge_due(5_000, 2).await.unwrap();
+        assert_eq!(report.expired, 2);
+        assert_eq!(
+            report.next_due,
+            Some(5_000),
+            "a full batch: more may be due"
+        );
+        // Filed below where the next batch starts, as only a clock step back would.
+        store
+            .create(&new_code("d", 4, 0, 500), 0)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut batches = 1;
+        let report = loop {
+            let report = store.purge_due(5_000, 2).await.unwrap();
+            batches += 1;
+            if report.next_due != Some(5_000) {
+                break report;
+            }
+        };
+        assert!(batches <= 4, "{batches} batches");
+        assert_eq!(report.next_due, Some(500), "caught up: the head again");
+        let state = async |token| {
+            store
+                .status(token)
+                .await
+                .unwrap()
+                .unwrap()
+                .code
+                .unwrap()
+                .state
+        };
+        assert_eq!(state("d").await, CodeState::Pending, "not seen yet");
+        let code = store.status("c").await.unwrap().unwrap().code;
+        assert!(code.is_none(), "expired and purged in the backlog");
+        assert_eq!(store.purge_due(5_000, 2).await.unwrap().expired, 1);
+        let code = store.status("d").await.unwrap().unwrap().code;
+        assert!(code.is_none(), "expired and purged once caught up");
+    }
+
     #[tokio::test]
     async fn a_fjall_database_of_another_layout_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
@@ -1297,6 +1400,7 @@ mod tests {
     }
 
     on_both_engines!(
+        a_backlog_is_purged_from_where_the_last_full_batch_ended,
         a_verified_code_is_filed_again_and_goes_retain_after_its_expiry,
         answers_drawn_from_a_record_wait_for_a_flush,
         an_undelivered_resend_puts_the_previous_code_back,

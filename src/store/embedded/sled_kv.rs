@@ -74,8 +74,13 @@ impl Tree for sled::Tree {
         sled::Tree::remove(self, key).map(drop).map_err(db_error)
     }
 
-    fn keys_before(&self, end: &[u8], limit: usize) -> Result<Vec<IVec>, StoreError> {
-        self.range(..end)
+    fn keys_between(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<IVec>, StoreError> {
+        self.range(start..end)
             .keys()
             .take(limit)
             .collect::<Result<_, _>>()
