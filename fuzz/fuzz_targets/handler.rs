@@ -13,7 +13,7 @@ use otpd::otp::Otp;
 use otpd::rules::Limits;
 use otpd::secret::ServerSecret;
 use otpd::store::Store;
-use otpd::store::sled::SledStore;
+use otpd::store::embedded::SledStore;
 
 struct Harness {
     runtime: tokio::runtime::Runtime,
