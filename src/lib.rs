@@ -42,15 +42,22 @@ pub fn hex(bytes: &[u8]) -> String {
     text
 }
 
-/// Reads a file the configuration names (a key, a CA bundle), refusing one longer than
-/// `limit` bytes without reading it all: a wrong path such as `/dev/zero` must end in
-/// an error, not in memory exhaustion.
-pub fn read_bounded(path: &std::path::Path, limit: u64) -> std::io::Result<Vec<u8>> {
+/// Reads at most `limit` + 1 bytes of a file the configuration names: a caller that
+/// wants at most `limit` tells a longer file by the one byte more, without reading it
+/// all (a wrong path such as `/dev/zero` must end in an error, not in memory
+/// exhaustion).
+pub fn read_prefix(path: &std::path::Path, limit: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::new();
     std::fs::File::open(path)?
         .take(limit + 1)
         .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// [`read_prefix`], refusing a file longer than `limit` bytes (a key, a CA bundle).
+pub fn read_bounded(path: &std::path::Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let bytes = read_prefix(path, limit)?;
     if bytes.len() as u64 > limit {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,

@@ -4,7 +4,7 @@
 //! of the database alone cannot be used to test guesses offline.
 
 use std::fs::OpenOptions;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -30,8 +30,9 @@ pub enum SecretError {
         path: String,
         source: std::io::Error,
     },
-    /// `len` is what was read: at most one byte more than a secret, so that a wrong
-    /// path (`/dev/zero`, a log file) is not read to its end.
+    /// `len` is what was read: at most one byte more than a secret
+    /// ([`crate::read_prefix`]), so that a wrong path (`/dev/zero`, a log file) is not
+    /// read to its end.
     #[error("server secret {path} holds {} bytes, expected {SECRET_LEN}", held(*.len))]
     WrongLength { path: String, len: usize },
     #[error("cannot draw random bytes from the OS: {0}")]
@@ -76,11 +77,8 @@ impl ServerSecret {
             path: path.display().to_string(),
             source,
         };
-        match std::fs::File::open(path) {
-            Ok(mut file) => {
-                let mut bytes = Vec::with_capacity(SECRET_LEN + 1);
-                let most = SECRET_LEN as u64 + 1;
-                (&mut file).take(most).read_to_end(&mut bytes).map_err(io)?;
+        match crate::read_prefix(path, SECRET_LEN as u64) {
+            Ok(bytes) => {
                 crate::warn_if_exposed(path, "the server secret");
                 let bytes: [u8; SECRET_LEN] =
                     bytes
