@@ -540,13 +540,13 @@ impl<D: Database> EmbeddedStore<D> {
         let Some(mut state) = self.read_token(token.as_bytes())? else {
             return Ok(None);
         };
-        let stand_in = state.standing_in(digest, now).is_some();
-        let probed = if state.record.live == Some(*digest) {
-            state.code.clone()
-        } else if stand_in {
-            state.replaced.as_ref().map(|old| old.code.clone())
+        // The token's code, or the code a resend replaced while it stands in.
+        let (probed, stand_in) = if state.record.live == Some(*digest) {
+            (state.code.clone(), false)
         } else {
-            None
+            let old = state.standing_in(digest, now).map(|old| old.code.clone());
+            let stand_in = old.is_some();
+            (old, stand_in)
         };
         let plan = rules::plan_verify(Some(state.record.clone()), probed, now, &self.limits);
         let wrote = plan.code.is_some() || plan.token.is_some();
