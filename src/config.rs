@@ -648,7 +648,13 @@ impl SystemdDirs {
 /// key file given as the config by mistake). A key given twice is named (the span is
 /// the key).
 fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
-    at_line(text, error.span(), error.message().trim_end())
+    let message = match (error.message().trim_end(), error.span()) {
+        ("duplicate key", Some(key)) => {
+            format!("`{}` given twice", text.get(key).unwrap_or("a key"))
+        }
+        (message, _) => message.to_owned(),
+    };
+    at_line(text, error.span(), &message)
 }
 
 /// `message` behind the line and column where `span` starts.
@@ -660,14 +666,7 @@ fn at_line(text: &str, span: Option<std::ops::Range<usize>>, message: &str) -> S
     let before = &text[..start];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
-    let end = text.floor_char_boundary(span.end.min(text.len()));
-    match message {
-        "duplicate key" => format!(
-            "line {line}, column {column}: `{}` given twice",
-            &text[start..end]
-        ),
-        _ => format!("line {line}, column {column}: {message}"),
-    }
+    format!("line {line}, column {column}: {message}")
 }
 
 /// A value of the wrong type or range: [`describe_toml_error`] with the key's full
