@@ -5,7 +5,9 @@
 //! full reference with an example per op.
 
 use serde::Serialize;
-use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use std::cell::RefCell;
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
 use crate::delivery::Recipients;
@@ -48,9 +50,42 @@ pub struct Envelope {
 /// (`to.sms`) of the keys given twice in one object, in the order found: serde_json
 /// would keep the last silently, and a request must not mean something other than it
 /// seems to. The value keeps each key's first occurrence.
-pub fn parse_json(bytes: &[u8]) -> serde_json::Result<(Value, Vec<String>)> {
-    let Checked { value, duplicates } = serde_json::from_slice(bytes)?;
-    Ok((value, duplicates))
+pub fn parse_json(bytes: &[u8]) -> Result<(Value, Vec<String>), JsonError> {
+    let failed_at = RefCell::new(Vec::new());
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let parsed = CheckedSeed {
+        failed_at: &failed_at,
+    }
+    .deserialize(&mut deserializer)
+    .and_then(|checked| deserializer.end().map(|()| checked));
+    match parsed {
+        Ok(Checked { value, duplicates }) => Ok((value, duplicates)),
+        Err(error) => {
+            let mut path = failed_at.into_inner();
+            path.reverse();
+            Err(JsonError {
+                at: (!path.is_empty()).then(|| path.join(".")),
+                error,
+            })
+        }
+    }
+}
+
+/// Text that is not JSON, and the dotted path of the value where it stopped being JSON
+/// (a number beyond a double in `ttl_secs`, say), so that the answer can name the field.
+#[derive(Debug)]
+pub struct JsonError {
+    at: Option<String>,
+    error: serde_json::Error,
+}
+
+impl std::fmt::Display for JsonError {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match &self.at {
+            Some(path) => write!(f, "{path}: {}", self.error),
+            None => self.error.fmt(f),
+        }
+    }
 }
 
 /// The answer to a key given twice (see [`parse_json`]), on both front ends.
@@ -73,16 +108,24 @@ impl Checked {
     }
 }
 
-impl<'de> Deserialize<'de> for Checked {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(CheckedVisitor)
+/// Reads one JSON value into a [`Checked`]. When the text stops being JSON inside the
+/// value, each object and array it is nested in adds its key or index to `failed_at`,
+/// innermost first.
+#[derive(Clone, Copy)]
+struct CheckedSeed<'p> {
+    failed_at: &'p RefCell<Vec<String>>,
+}
+
+impl<'de> DeserializeSeed<'de> for CheckedSeed<'_> {
+    type Value = Checked;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Checked, D::Error> {
+        deserializer.deserialize_any(self)
     }
 }
 
 /// Builds a [`Value`] as serde_json's own visitor does, noting repeated keys.
-struct CheckedVisitor;
-
-impl<'de> Visitor<'de> for CheckedVisitor {
+impl<'de> Visitor<'de> for CheckedSeed<'_> {
     type Value = Checked;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -121,8 +164,12 @@ impl<'de> Visitor<'de> for CheckedVisitor {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<Checked, A::Error> {
         let (mut values, mut duplicates) = (Vec::new(), Vec::new());
-        while let Some(item) = items.next_element::<Checked>()? {
+        loop {
             let index = values.len();
+            let item = items
+                .next_element_seed(self)
+                .inspect_err(|_| self.failed_at.borrow_mut().push(index.to_string()))?;
+            let Some(item) = item else { break };
             duplicates.extend(item.duplicates.iter().map(|path| format!("{index}.{path}")));
             values.push(item.value);
         }
@@ -135,7 +182,9 @@ impl<'de> Visitor<'de> for CheckedVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Checked, A::Error> {
         let (mut object, mut duplicates) = (Map::new(), Vec::new());
         while let Some(key) = entries.next_key::<String>()? {
-            let entry = entries.next_value::<Checked>()?;
+            let entry = entries
+                .next_value_seed(self)
+                .inspect_err(|_| self.failed_at.borrow_mut().push(key.clone()))?;
             duplicates.extend(entry.duplicates.iter().map(|path| format!("{key}.{path}")));
             if object.contains_key(&key) {
                 duplicates.push(key);
@@ -598,6 +647,25 @@ mod tests {
                 error.message
             );
         }
+    }
+
+    #[test]
+    fn text_that_stops_being_json_inside_a_value_names_its_field() {
+        let message = |text: &str| error_of(text).message;
+        assert_eq!(
+            message(r#"{"op":"create","token":"t","ttl_secs":1e400}"#),
+            "request is not valid JSON: ttl_secs: number out of range at line 1 column 43"
+        );
+        assert!(
+            message(r#"{"op":"create","to":{"sms":"1","messenger":"2}"#)
+                .starts_with("request is not valid JSON: to.messenger: EOF while parsing"),
+        );
+        assert!(message(r#"{"a":[1,{"b":-}]}"#).starts_with("request is not valid JSON: a.1.b: "));
+        // Outside any value there is no field to name: the position only.
+        assert_eq!(
+            message(r#"{"op":"ping"} x"#),
+            "request is not valid JSON: trailing characters at line 1 column 15"
+        );
     }
 
     #[test]
