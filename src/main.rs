@@ -238,6 +238,7 @@ fn serve_config(config_file: Option<PathBuf>, overrides: &Overrides) -> anyhow::
         None => Config::default(),
     };
     config.resolve_paths(overrides, &SystemdDirs::from_env());
+    otpd::delivery::check(&config)?;
     Ok(config)
 }
 

@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::thread;
 use std::time::Duration;
 
-use common::{Daemon, Engine, concurrently, count, wait_for};
+use common::{Daemon, Engine, concurrently, count, refused_start, wait_for};
 use serde_json::{Value, json};
 
 /// No resend cooldown, so one test can create several codes quickly.
@@ -606,15 +606,14 @@ fn socket_mode_is_applied_and_a_live_daemon_is_not_replaced(engine: Engine) {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
-    let second = std::process::Command::new(env!("CARGO_BIN_EXE_otpd"))
-        .args(["serve", "--socket"])
-        .arg(&daemon.socket)
-        .arg("--data-dir")
-        .arg(daemon.dir.path().join("other"))
-        .output()
-        .unwrap();
-    assert!(!second.status.success());
-    assert!(String::from_utf8_lossy(&second.stderr).contains("already running"));
+    let other = daemon.dir.path().join("other");
+    let stderr = refused_start(&[
+        "--socket".as_ref(),
+        daemon.socket.as_ref(),
+        "--data-dir".as_ref(),
+        other.as_ref(),
+    ]);
+    assert!(stderr.contains("already running"), "{stderr}");
     assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
 }
 
@@ -673,19 +672,23 @@ fn bad_config_stops_start_up_naming_the_key() {
             "[delivery.messages]\nfailover_secs = 5\n",
             "delivery.messages.failover_secs",
         ),
+        (
+            "[delivery]\nbackend = \"dispatch\"\n",
+            "delivery.dispatch.application_id",
+        ),
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, toml).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_otpd"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .arg("--data-dir")
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{toml}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let data_dir = dir.path().join("data");
+        let stderr = refused_start(&[
+            "--config".as_ref(),
+            path.as_ref(),
+            "--data-dir".as_ref(),
+            data_dir.as_ref(),
+        ]);
         assert!(stderr.contains(key), "{toml}: {stderr}");
+        // Refused before anything was made: no secret, database or socket.
+        assert!(!data_dir.exists(), "{toml}: {data_dir:?} was created");
     }
 }
 

@@ -5,8 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Daemon;
 use common::vonage::{self, Reply, VonageStandIn};
+use common::{Daemon, refused_start};
 use serde_json::{Value, json};
 
 const PSID: &str = "8192836451";
@@ -475,16 +475,12 @@ fn start_up_error(vonage: &VonageStandIn, section_extra: &str) -> String {
     let (backend, delivery) = vonage.config("dispatch", section_extra);
     let path = dir.path().join("otpd.toml");
     std::fs::write(&path, format!("[delivery]\n{delivery}\n{backend}")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_otpd"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "otpd started with {section_extra}");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    refused_start(&[
+        "--config".as_ref(),
+        path.as_ref(),
+        "--data-dir".as_ref(),
+        dir.path().as_ref(),
+    ])
 }
 
 #[test]

@@ -168,6 +168,21 @@ pub fn fill_minutes(text: &str, secs_left: u64) -> String {
     text.replace("{minutes}", &minutes.to_string())
 }
 
+/// Checks the delivery configuration, naming the key at fault, without touching
+/// anything: `otpd serve` runs it before it creates the secret, the database or the
+/// socket. A Vonage section otpd does not use is checked too: a wrong value there is as
+/// much a mistake as anywhere else.
+pub fn check(config: &Config) -> anyhow::Result<()> {
+    let backend = config.delivery.backend()?;
+    for (api, sent_through) in [
+        (vonage::Api::Dispatch, Backend::Dispatch),
+        (vonage::Api::Messages, Backend::Messages),
+    ] {
+        api.check(config, backend == sent_through)?;
+    }
+    Ok(())
+}
+
 /// Builds the backend the configuration names. `counters` get its delivery counts;
 /// the `messages` backend keeps pending failovers in `store`, their texts sealed with
 /// a key derived from `secret`. Once `stopping` is cancelled, no delivery is retried.
@@ -178,9 +193,6 @@ pub fn from_config(
     secret: &ServerSecret,
     stopping: CancellationToken,
 ) -> anyhow::Result<Arc<dyn Delivery>> {
-    for api in [vonage::Api::Dispatch, vonage::Api::Messages] {
-        api.check(config)?;
-    }
     Ok(match config.delivery.backend()? {
         Backend::Log => Arc::new(LogDelivery::new(&config.delivery)?),
         Backend::Dispatch => Arc::new(DispatchDelivery::new(config, counters, stopping)?),

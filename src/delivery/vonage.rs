@@ -58,10 +58,20 @@ impl Api {
         format!("delivery.{}.{name}", self.section())
     }
 
-    /// Checks the API's section, naming the key at fault. A section otpd does not use
-    /// is checked too: a wrong value there is as much a mistake as anywhere else.
-    pub fn check(self, config: &Config) -> anyhow::Result<()> {
-        self.settings(config).map(drop)
+    /// Checks the API's section, naming the key at fault: its settings, and what
+    /// sending needs when otpd sends through it (`in_use`).
+    pub fn check(self, config: &Config, in_use: bool) -> anyhow::Result<Settings> {
+        let settings = self.settings(config)?;
+        if in_use {
+            if self.section_of(config).application_id.trim().is_empty() {
+                anyhow::bail!(
+                    "{}: required (the id of your Vonage application)",
+                    self.key("application_id")
+                );
+            }
+            check_template_length(config, settings.messenger_from.is_some())?;
+        }
+        Ok(settings)
     }
 
     fn section_of(self, config: &Config) -> &VonageConfig {
@@ -180,15 +190,8 @@ impl Vonage {
         counters: Arc<Counters>,
         stopping: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let settings = api.settings(config)?;
+        let settings = api.check(config, true)?;
         let v = api.section_of(config);
-        if v.application_id.trim().is_empty() {
-            anyhow::bail!(
-                "{}: required (the id of your Vonage application)",
-                api.key("application_id")
-            );
-        }
-        check_template_length(config, settings.messenger_from.is_some())?;
 
         let private_key = jwt::load_key(&v.private_key_file, &api.key("private_key_file"))?;
         let signer = JwtSigner::new(v.application_id.clone(), private_key, Arc::new(SystemClock));

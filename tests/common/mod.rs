@@ -988,6 +988,40 @@ fn redis_ping<S: Read + Write>(mut stream: S) -> bool {
         && [b"+PONG\r\n", b"-NOAUTH"].contains(&&answer)
 }
 
+/// Runs `otpd serve ARGS` expecting it to refuse to start, and returns its stderr. One
+/// that starts after all fails the test after [`PATIENCE`] instead of hanging it.
+pub fn refused_start(args: &[&OsStr]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_otpd"))
+        .arg("serve")
+        .args(args)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("otpd serve {args:?} started instead of refusing to");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "otpd serve {args:?} exited 0: {stderr}");
+    stderr
+}
+
 /// Polls `done` until it holds; panics after [`PATIENCE`].
 pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
