@@ -196,7 +196,7 @@ impl ApiClient {
             };
         }
         // Only an answer that is no success pays for finding what to withhold.
-        let problem = SentNumbers::of(sent).withhold(describe_problem(status, &bytes));
+        let problem = describe_problem(status, &bytes, &SentNumbers::of(sent));
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             return Attempt::Retry {
                 reason: problem,
@@ -236,16 +236,16 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
 }
 
 /// "status: title: detail (invalid: a, b)" from an RFC 7807 problem, or the bare
-/// status when the body is not one. Control characters become spaces: the text is the
-/// provider's, and it is logged.
-fn describe_problem(status: StatusCode, body: &[u8]) -> String {
-    describe_problem_raw(status, body)
+/// status when the body is not one, without the numbers otpd `sent`. Control
+/// characters become spaces: the text is the provider's, and it is logged.
+fn describe_problem(status: StatusCode, body: &[u8], sent: &SentNumbers) -> String {
+    describe_problem_raw(status, body, sent)
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
 }
 
-fn describe_problem_raw(status: StatusCode, body: &[u8]) -> String {
+fn describe_problem_raw(status: StatusCode, body: &[u8], sent: &SentNumbers) -> String {
     let Ok(problem) = serde_json::from_slice::<Value>(body) else {
         return status.to_string();
     };
@@ -253,7 +253,8 @@ fn describe_problem_raw(status: StatusCode, body: &[u8]) -> String {
     for field in ["title", "detail"] {
         if let Some(text) = problem[field].as_str().filter(|t| !t.is_empty()) {
             message.push_str(": ");
-            message.extend(text.chars().take(MAX_PROBLEM_CHARS));
+            // Withheld before it is cut short: a number cut in half is no longer found.
+            message.extend(sent.withhold(text).chars().take(MAX_PROBLEM_CHARS));
         }
     }
     let invalid: Vec<&str> = match &problem["invalid_parameters"] {
@@ -265,7 +266,7 @@ fn describe_problem_raw(status: StatusCode, body: &[u8]) -> String {
         _ => Vec::new(),
     };
     if !invalid.is_empty() {
-        message.push_str(&format!(" (invalid: {})", invalid.join(", ")));
+        message.push_str(&sent.withhold(&format!(" (invalid: {})", invalid.join(", "))));
     }
     message
 }
@@ -283,11 +284,31 @@ impl SentNumbers {
         Self(numbers)
     }
 
-    fn withhold(&self, mut text: String) -> String {
-        for number in &self.0 {
-            text = text.replace(number.as_str(), "[withheld]");
+    /// `text` with each run of digits that is part of a number sent, or holds one,
+    /// replaced: a provider may echo a number whole, cut short, or run into others.
+    fn withhold(&self, text: &str) -> String {
+        let mut kept = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(start) = rest.find(|c: char| c.is_ascii_digit()) {
+            let (before, from_run) = rest.split_at(start);
+            let end = from_run
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(from_run.len());
+            let (run, after) = from_run.split_at(end);
+            kept.push_str(before);
+            kept.push_str(if self.covers(run) { "[withheld]" } else { run });
+            rest = after;
         }
-        text
+        kept.push_str(rest);
+        kept
+    }
+
+    fn covers(&self, run: &str) -> bool {
+        run.len() >= MIN_WITHHELD_DIGITS
+            && self
+                .0
+                .iter()
+                .any(|number| number.contains(run) || run.contains(number.as_str()))
     }
 }
 
@@ -314,11 +335,11 @@ mod tests {
     fn problem_json_becomes_a_message() {
         let body = br#"{"type":"https://x/errors#invalid","title":"Bad Request","detail":"The request failed due to validation errors","instance":"1","invalid_parameters":[{"name":"workflow[0].to.id","reason":"Invalid"}]}"#;
         assert_eq!(
-            describe_problem(StatusCode::BAD_REQUEST, body),
+            describe_problem(StatusCode::BAD_REQUEST, body, &SentNumbers(Vec::new())),
             "400 Bad Request: Bad Request: The request failed due to validation errors (invalid: workflow[0].to.id)"
         );
         assert_eq!(
-            describe_problem(StatusCode::BAD_GATEWAY, b"<html>"),
+            describe_problem(StatusCode::BAD_GATEWAY, b"<html>", &SentNumbers(Vec::new())),
             "502 Bad Gateway"
         );
     }
@@ -327,7 +348,11 @@ mod tests {
     fn control_characters_in_a_problem_become_spaces() {
         let body = json!({"title": "Bad\nRequest", "detail": "a\r\n2026 FORGED", "invalid_parameters": [{"name": "x\u{1b}[31m"}]});
         assert_eq!(
-            describe_problem(StatusCode::BAD_REQUEST, body.to_string().as_bytes()),
+            describe_problem(
+                StatusCode::BAD_REQUEST,
+                body.to_string().as_bytes(),
+                &SentNumbers(Vec::new())
+            ),
             "400 Bad Request: Bad Request: a  2026 FORGED (invalid: x [31m)"
         );
     }
@@ -336,8 +361,8 @@ mod tests {
     fn numbers_sent_are_withheld_from_a_problem_that_echoes_them() {
         let sent = json!({"to": "393331234567", "text": "Code 081234, valid 5 minutes", "n": [{"id": "8192836451"}]});
         let echo = json!({"title": "Bad Request", "detail": sent.to_string()}).to_string();
-        let message = SentNumbers::of(&sent)
-            .withhold(describe_problem(StatusCode::BAD_REQUEST, echo.as_bytes()));
+        let withheld = SentNumbers::of(&sent);
+        let message = describe_problem(StatusCode::BAD_REQUEST, echo.as_bytes(), &withheld);
         for number in ["393331234567", "081234", "8192836451"] {
             assert!(!message.contains(number), "{number} in {message}");
         }
@@ -351,8 +376,34 @@ mod tests {
         );
 
         let long = json!({"detail": "x".repeat(1000)}).to_string();
-        let message = describe_problem(StatusCode::BAD_REQUEST, long.as_bytes());
+        let message = describe_problem(StatusCode::BAD_REQUEST, long.as_bytes(), &withheld);
         assert_eq!(message.len(), "400 Bad Request: ".len() + MAX_PROBLEM_CHARS);
+    }
+
+    #[test]
+    fn a_number_sent_is_withheld_even_where_the_problem_cuts_it_short() {
+        let sent = json!({"text": "Your verification code is 044576", "to": "393331234568"});
+        let withheld = SentNumbers::of(&sent);
+        // Our own cut at MAX_PROBLEM_CHARS falls inside the code.
+        let padding = "x".repeat(MAX_PROBLEM_CHARS - "Your verification code is 04".len());
+        let cut_by_us = json!({"detail": format!("{padding}Your verification code is 044576")});
+        // The provider cut it (or ran it into other digits) itself.
+        let cut_by_them = json!({"title": "text 0445…", "detail": "to 3933312345689 rejected"});
+        for body in [cut_by_us, cut_by_them] {
+            let message = describe_problem(
+                StatusCode::BAD_REQUEST,
+                body.to_string().as_bytes(),
+                &withheld,
+            );
+            for part in ["04", "0445", "393331", "3933312345689"] {
+                assert!(!message.contains(part), "{part} in {message}");
+            }
+        }
+        assert_eq!(
+            withheld.withhold("2026: code 5678 or 044576 to +393331234568."),
+            "2026: code 5678 or [withheld] to +[withheld].",
+            "numbers not sent stay"
+        );
     }
 
     #[test]
