@@ -1,10 +1,12 @@
 //! The janitor: a background task that expires pending codes and purges finished items
 //! in due order, in bounded batches.
 //!
-//! It reads the first entries of the store's expiry index, handles at most `batch` of
-//! them, and sleeps until the next entry is due (at most `interval_secs`). A create
-//! whose expiry comes sooner than the planned wake-up wakes it early ([`Wakeup`]), as
-//! mini-redis's purge task does.
+//! Each pass has the store handle what is due: the embedded engine reads the first
+//! entries of its expiry index, handles at most `batch` of them and names the next
+//! one's time; Redis expires keys itself, and a pass only counts the codes that
+//! expired. The janitor then sleeps until the next entry is due (at most
+//! `interval_secs`). A create whose expiry comes sooner than the planned wake-up wakes
+//! it early ([`Wakeup`]), as mini-redis's purge task does.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +43,18 @@ impl Wakeup {
             self.notify.notify_one();
         }
     }
+
+    /// A pass begins: a deadline told from now on may be one the pass does not see,
+    /// so each is taken (and wakes the janitor, which finds it after the pass).
+    fn pass_begins(&self) {
+        self.planned.store(Millis::MAX, Ordering::Release);
+    }
+
+    /// The pass found its next entry due at `at`: the janitor wakes then, or at a
+    /// sooner deadline told during the pass.
+    fn plan(&self, at: Millis) -> Millis {
+        self.planned.fetch_min(at, Ordering::AcqRel).min(at)
+    }
 }
 
 /// Runs until `shutdown` is cancelled.
@@ -55,6 +69,7 @@ pub async fn run(
     loop {
         let now = now_ms();
         let started = std::time::Instant::now();
+        wakeup.pass_begins();
         let next_due = match store.purge_due(now, config.batch).await {
             Ok(report) => {
                 counters.purged.fetch_add(report.purged, Ordering::Relaxed);
@@ -78,8 +93,7 @@ pub async fn run(
         // A full batch may leave more due entries: go on after a pause as long as the
         // batch took, so a large purge takes at most half the janitor's core from
         // requests (BENCHMARKS.md, "Janitor at scale").
-        let wake_at = next_due.unwrap_or(Millis::MAX).min(now + interval).max(now);
-        wakeup.planned.store(wake_at, Ordering::Release);
+        let wake_at = wakeup.plan(next_due.unwrap_or(Millis::MAX).min(now + interval).max(now));
         let mut sleep = Duration::from_millis(wake_at.saturating_sub(now_ms()));
         if next_due.is_some_and(|due| due <= now) {
             sleep = sleep.max(started.elapsed());
@@ -90,5 +104,22 @@ pub async fn run(
             _ = wakeup.notify.notified() => {}
         }
         tokio::task::yield_now().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_told_during_a_pass_is_not_lost() {
+        let wakeup = Wakeup::default();
+        assert_eq!(wakeup.plan(1_000), 1_000);
+        wakeup.due_by(2_000); // later than planned: no wake-up needed
+        wakeup.pass_begins();
+        // A create lands while the pass runs, after the store read the next deadline.
+        wakeup.due_by(1_500);
+        assert_eq!(wakeup.plan(5_000), 1_500, "the pass's own plan is later");
+        assert_eq!(wakeup.plan(900), 900, "and an earlier one stands");
     }
 }
