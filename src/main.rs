@@ -38,19 +38,23 @@ enum Command {
         data_dir: Option<PathBuf>,
     },
     /// Create and deliver a code for TOKEN.
+    #[command(group(clap::ArgGroup::new("to").required(true).multiple(true)))]
     Create {
         #[command(flatten)]
         token: TokenArg,
         /// Phone number to send the code to by SMS (E.164, e.g. +393331234567).
-        #[arg(long)]
+        #[arg(long, group = "to")]
         sms: Option<String>,
         /// Messenger page-scoped id to send the code to (digits); with --sms too,
         /// Messenger goes first and SMS is the failover.
-        #[arg(long)]
+        #[arg(long, group = "to")]
         messenger: Option<String>,
         /// Validity in seconds (at most the configured ttl).
         #[arg(long)]
         ttl: Option<u64>,
+        /// Digits in the code (at least the configured code_length, at most 10).
+        #[arg(long)]
+        code_length: Option<u32>,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -149,7 +153,7 @@ impl SocketArg {
     }
 }
 
-/// How long the client tools wait for an answer.
+/// How long the client tools wait for an answer other than a create's.
 const CLIENT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// sled allocates and frees on every write from every thread; under load glibc's malloc
@@ -300,6 +304,7 @@ async fn run_client(command: Command) -> anyhow::Result<ExitCode> {
             sms,
             messenger,
             ttl,
+            code_length,
             socket,
         } => {
             let mut to = serde_json::Map::new();
@@ -312,6 +317,9 @@ async fn run_client(command: Command) -> anyhow::Result<ExitCode> {
             let mut request = json!({"op": "create", "token": token.token, "to": to});
             if let Some(ttl) = ttl {
                 request["ttl_secs"] = ttl.into();
+            }
+            if let Some(code_length) = code_length {
+                request["code_length"] = code_length.into();
             }
             (socket, request)
         }
@@ -333,11 +341,16 @@ async fn run_client(command: Command) -> anyhow::Result<ExitCode> {
         Command::Ping { socket } => (socket, json!({"op": "ping"})),
     };
     let mut client = Client::connect(&socket.path()).await?;
-    // Longer than any answer takes (a create waits at most for its provider's retries):
-    // only a daemon that has stopped answering meets it.
-    let response = tokio::time::timeout(CLIENT_PATIENCE, client.call(&request))
-        .await
-        .map_err(|_| anyhow::anyhow!("otpd did not answer within {CLIENT_PATIENCE:?}"))??;
+    // A create is answered once its provider's retries are done, which the daemon
+    // bounds by its [delivery] settings, unknown here: it is waited for. Any other
+    // answer is quick, and only a daemon that has stopped answering meets the limit.
+    let response = if request["op"] == "create" {
+        client.call(&request).await?
+    } else {
+        tokio::time::timeout(CLIENT_PATIENCE, client.call(&request))
+            .await
+            .map_err(|_| anyhow::anyhow!("otpd did not answer within {CLIENT_PATIENCE:?}"))??
+    };
     println!("{response}");
     Ok(if response.get("ok") == Some(&Value::Bool(true)) {
         ExitCode::SUCCESS

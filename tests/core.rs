@@ -702,11 +702,27 @@ fn cli_client_commands(engine: Engine) {
             .output()
             .unwrap()
     };
-    let out = otpd(&["create", "cli", "--sms", "+393331234567", "--ttl", "120"]);
+    let out = otpd(&["create", "cli", "--ttl", "120"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--sms <SMS>|--messenger <MESSENGER>"),
+        "a create without a recipient names both flags: {stderr}"
+    );
+    let out = otpd(&[
+        "create",
+        "cli",
+        "--sms",
+        "+393331234567",
+        "--ttl",
+        "120",
+        "--code-length",
+        "8",
+    ]);
     assert!(out.status.success());
     let created: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(created["status"], 201);
     let code = daemon.code_for("cli");
+    assert_eq!(code.len(), 8, "--code-length reaches the daemon");
     let out = otpd(&["verify", "cli", "000"]);
     assert!(!out.status.success(), "bad code exits non-zero");
     let out = otpd(&["verify", "cli", &code]);
