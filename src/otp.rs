@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use crate::code::Code;
 use crate::config::{CODE_LENGTHS, OtpConfig};
-use crate::delivery::{Delivery, DeliveryError, Message, Recipients};
+
+use crate::delivery::{
+    Delivery, DeliveryError, FAILOVER_SECS, Message, Recipients, SHORTEST_FAILOVER_TTL_SECS,
+};
 use crate::janitor::Wakeup;
 use crate::log_throttle::OncePerSecond;
 use crate::metrics::{Counters, Stats, bump};
@@ -337,6 +340,17 @@ impl Otp {
             return Err(bad("to.messenger", reason));
         }
         let ttl_secs = self.checked_ttl(ttl_secs)?;
+        if to.messenger.is_some() && to.sms.is_some() && ttl_secs < SHORTEST_FAILOVER_TTL_SECS {
+            return Err(bad(
+                "ttl_secs",
+                format!(
+                    "a code sent by Messenger with an SMS failover needs at least \
+                     {SHORTEST_FAILOVER_TTL_SECS} s: the SMS waits at least {} s for the \
+                     Messenger message to be read, and at most half the validity",
+                    FAILOVER_SECS.start()
+                ),
+            ));
+        }
         let code = Code::generate(self.checked_code_length(code_length)?);
         let digest = code.digest(&self.secret, &token);
         let now = now_ms();

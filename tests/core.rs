@@ -473,6 +473,9 @@ fn bad_input_gets_its_error_and_harms_nobody(engine: Engine) {
         (b"{\"op\":\"create\",\"token\":\"x\",\"to\":{\"sms\":\"12\"}}\n", 400, "bad_request", "to.sms"),
         (b"{\"op\":\"create\",\"token\":\"x\",\"to\":{\"sms\":\"393331234567\"},\"ttl_secs\":9999}\n", 400, "bad_request", "ttl_secs"),
         (b"{\"op\":\"create\",\"token\":\"x\",\"to\":{\"sms\":\"393331234567\"},\"code_length\":3}\n", 400, "bad_request", "code_length"),
+        // Too short a validity for the SMS to wait for the Messenger message to be read.
+        (b"{\"op\":\"create\",\"token\":\"x\",\"to\":{\"sms\":\"393331234567\",\"messenger\":\"8192836451\"},\"ttl_secs\":29}\n", 400, "bad_request", "ttl_secs: a code sent by Messenger with an SMS failover needs at least 30 s"),
+        (b"{\"op\":\"create\",\"token\":\"x\",\"to\":{\"sms\":\"393331234567\"},\"ttl_secs\":1e400}\n", 400, "bad_json", "ttl_secs: number out of range"),
         (b"{\"op\":\"create\",\"token\":\"x\",\"phoneNumber\":true}\n", 400, "bad_request", "phoneNumber"),
         (b"{\"op\":\"ping\",\"extra\":1}\n", 400, "bad_request", "extra"),
         (b"{\"Op\":\"ping\"}\n", 400, "bad_request", "Op: unknown field"),

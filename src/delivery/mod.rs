@@ -26,6 +26,8 @@ use crate::rules::Channel;
 use crate::secret::ServerSecret;
 use crate::store::Store;
 
+pub use vonage::{FAILOVER_SECS, SHORTEST_FAILOVER_TTL_SECS};
+
 use self::dispatch::DispatchDelivery;
 use self::log::LogDelivery;
 use self::messages::MessagesDelivery;

@@ -25,6 +25,9 @@ pub const MESSENGER_MAX_CHARS: usize = 640;
 pub const SMS_MAX_CHARS: usize = 1000;
 /// Range of `failover_secs` (Dispatch's `expiry_time`).
 pub const FAILOVER_SECS: std::ops::RangeInclusive<u64> = 15..=86_400;
+/// The shortest validity of a code sent by Messenger with an SMS failover: the SMS waits
+/// at least the shortest failover and at most half the validity.
+pub const SHORTEST_FAILOVER_TTL_SECS: u64 = 2 * *FAILOVER_SECS.start();
 
 /// Which Vonage API, and so which config section.
 #[derive(Debug, Clone, Copy)]
@@ -174,8 +177,10 @@ pub struct Vonage {
 
 impl Vonage {
     /// Seconds to wait for the Messenger message to be read before the SMS goes out:
-    /// `failover_secs`, but at most half the code's validity (and at least the 15 s
-    /// Dispatch allows), so that the SMS does not bring a code that has expired.
+    /// `failover_secs`, but at most half the code's validity (at least the 15 s
+    /// Dispatch allows: a create refuses a shorter validity with both channels,
+    /// [`SHORTEST_FAILOVER_TTL_SECS`]), so that the SMS does not bring a code that has
+    /// expired.
     pub fn failover_after(&self, ttl_secs: u64) -> u64 {
         self.settings
             .failover_secs
