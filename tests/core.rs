@@ -1,10 +1,11 @@
 //! The core daemon through its real socket: every op and status code, the rules,
 //! concurrency, restarts, the janitor, bad input and access control.
 //!
-//! Each test that touches the store runs on every engine (`sled::`, `redis::`,
-//! `redis_cluster::`, see the list at the end). Sled-only, with a plain `#[test]`: the
-//! scan of the database files and the janitor's purge counts (Redis has its own
-//! versions of both in tests/redis.rs), and the config check, which starts no store.
+//! Each test that touches the store runs on every engine (`sled::`, `fjall::`,
+//! `redis::`, `redis_cluster::`, see the list near the end). On the embedded engines
+//! only (`embedded::`): the scan of the database files and the janitor's purge counts
+//! (Redis has its own versions of both in tests/redis.rs). With a plain `#[test]`: what
+//! starts no store or needs no engine of its own, such as the config check.
 
 mod common;
 

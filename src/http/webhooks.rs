@@ -4,9 +4,9 @@
 //! Vonage signs each callback with an HS256 JWT made with the account's signature
 //! secret; its `payload_hash` claim is the SHA-256 of the body. A callback is accepted
 //! only when the signature, the hash of the exact body and a recent `iat` all hold.
-//! Badly signed ones get 401; unsigned ones get 503, because Vonage sends an unsigned
-//! callback only after an internal error and retries 5xx answers, so the retry can
-//! arrive signed (README.md, "Vonage status webhooks", has Vonage's sources). Refusals
+//! Badly signed ones get 401; unsigned ones get 503 (once a secret is set: without one,
+//! every callback gets 401), because Vonage sends an unsigned callback only after an
+//! internal error and retries 5xx answers, so the retry can arrive signed (README.md, "Vonage status webhooks", has Vonage's sources). Refusals
 //! are logged at most once a second: anyone can send them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,6 +58,9 @@ fn is_early(reported_at: Option<Millis>, now: Millis) -> bool {
 const MAX_DETAIL_CHARS: usize = 200;
 const MAX_CHANNEL_CHARS: usize = 32;
 
+/// A signature secret is a few dozen bytes: a longer credential file is a mistake.
+const MAX_SECRET_FILE_BYTES: u64 = 4096;
+
 /// The signature secret: `http.webhook_signature_secret`, else the systemd credential
 /// (surrounding whitespace dropped: a file usually ends with a newline).
 pub fn load_secret(config: &HttpConfig, dirs: &SystemdDirs) -> anyhow::Result<Option<Vec<u8>>> {
@@ -67,13 +70,13 @@ pub fn load_secret(config: &HttpConfig, dirs: &SystemdDirs) -> anyhow::Result<Op
     let Some(path) = dirs.credential(WEBHOOK_SECRET_CREDENTIAL) else {
         return Ok(None);
     };
-    let text = std::fs::read_to_string(&path)
+    let bytes = crate::read_bounded(&path, MAX_SECRET_FILE_BYTES)
         .map_err(|e| anyhow::anyhow!("credential {}: {e}", path.display()))?;
-    let secret = text.trim();
+    let secret = bytes.trim_ascii();
     if secret.is_empty() {
         anyhow::bail!("credential {} is empty", path.display());
     }
-    Ok(Some(secret.as_bytes().to_vec()))
+    Ok(Some(secret.to_vec()))
 }
 
 /// What became of a callback, counted for `/metrics`.
@@ -87,7 +90,7 @@ pub enum Outcome {
     UnknownId,
     /// Signed, recent and about no code otpd knows yet: 503, so that Vonage retries.
     Early,
-    /// No `Authorization` header: 503, so that Vonage retries.
+    /// No `Authorization` header while a secret is set: 503, so that Vonage retries.
     Unsigned,
     /// Bad signature, body hash or `iat`, or no secret configured: 401.
     Unauthorized,
@@ -471,6 +474,23 @@ mod tests {
     use serde_json::json;
 
     const SECRET: &[u8] = b"signature-secret-for-tests";
+
+    #[test]
+    fn the_credential_is_trimmed_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = SystemdDirs {
+            credentials: Some(dir.path().to_owned()),
+            ..SystemdDirs::default()
+        };
+        let path = dir.path().join(WEBHOOK_SECRET_CREDENTIAL);
+        let load = || load_secret(&HttpConfig::default(), &dirs);
+        std::fs::write(&path, b" s3cret\n").unwrap();
+        assert_eq!(load().unwrap(), Some(b"s3cret".to_vec()));
+        std::fs::write(&path, vec![b'x'; MAX_SECRET_FILE_BYTES as usize + 1]).unwrap();
+        let error = load().unwrap_err().to_string();
+        assert!(error.contains("longer than 4096 bytes"), "{error}");
+        assert!(!error.contains("xxxx"), "{error}");
+    }
 
     fn signed(claims: Value) -> HeaderMap {
         let token = jsonwebtoken::encode(

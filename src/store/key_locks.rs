@@ -47,7 +47,7 @@ impl KeyLocks {
         Held {
             _guards: stripes
                 .into_iter()
-                // The data lives in sled, not behind the mutex: a panic elsewhere
+                // The data lives in the database, not behind the mutex: a panic elsewhere
                 // leaves nothing half-updated here.
                 .map(|i| {
                     self.stripes[i]

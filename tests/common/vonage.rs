@@ -100,7 +100,6 @@ impl Default for Expect {
 #[derive(Default)]
 struct State {
     script: VecDeque<Reply>,
-    delay: Duration,
     seen: Vec<Seen>,
     violations: Vec<String>,
     next_uuid: u64,
@@ -192,11 +191,6 @@ impl VonageStandIn {
             .unwrap()
             .script
             .extend(replies.iter().cloned());
-    }
-
-    /// Answers every request only after `delay` (as a slow provider would).
-    pub fn set_delay(&self, delay: Duration) {
-        self.state.lock().unwrap().delay = delay;
     }
 
     /// Holds every answer until [`VonageStandIn::release`]: Vonage may report on a
@@ -300,15 +294,14 @@ async fn answer(
             return problem(StatusCode::BAD_REQUEST, "Bad Request", &violation);
         }
     };
-    let (reply, delay, uuid) = {
+    let (reply, uuid) = {
         let mut state = state.lock().unwrap();
         state.next_uuid += 1;
         let reply = state.script.pop_front().unwrap_or(Reply::Accept);
         let uuid = format!("00000000-0000-4000-8000-{:012}", state.next_uuid);
         state.unanswered.push(uuid.clone());
-        (reply, state.delay, uuid)
+        (reply, uuid)
     };
-    tokio::time::sleep(delay).await;
     while state.lock().unwrap().held {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

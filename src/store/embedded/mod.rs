@@ -1,6 +1,7 @@
 //! The embedded storage engine, on sled or fjall ([`kv`] is all it asks of them).
 //!
-//! Trees, each written one key at a time (no transactions, see [`KeyLocks`]):
+//! Trees, each written one key at a time (no transactions, see [`KeyLocks`]; only the
+//! claim of due failovers is one atomic batch):
 //! - `tokens`: token → [`TokenState`]: the token's record and its one code, and while
 //!   a resend's delivery is unsettled the code it replaced. A code is stored only as
 //!   its digest (`TokenRecord::live`), never in the clear.

@@ -511,7 +511,7 @@ impl RedisStore {
         Ok(applied == 1)
     }
 
-    /// When a code's key goes, as sled's janitor would purge it.
+    /// When a code's key goes, as the embedded engine's janitor would purge it.
     fn code_expire_at(&self, code: &CodeRecord) -> Millis {
         code.purge_at(&self.limits)
     }
