@@ -273,18 +273,29 @@ fn parse_recipients(object: &Map<String, Value>) -> Result<Recipients, ProtocolE
         Some(_) => return Err(bad_request("to", "must be an object")),
     }
     let mut recipients = Recipients::default();
+    // The field each recipient came from, to name both when one is given twice.
+    let (mut messenger_from, mut sms_from) = (None, None);
     for (label, field, value) in found {
-        let (slot, normalized) = match field {
+        let (slot, given_as, normalized) = match field {
             "messenger" | "messengerId" => (
                 &mut recipients.messenger,
+                &mut messenger_from,
                 otp::validate_messenger_id(&value),
             ),
-            _ => (&mut recipients.sms, otp::normalize_phone(&value)),
+            _ => (
+                &mut recipients.sms,
+                &mut sms_from,
+                otp::normalize_phone(&value),
+            ),
         };
         let normalized = normalized.map_err(|reason| bad_request(&label, reason))?;
-        if slot.replace(normalized).is_some() {
-            return Err(bad_request(&label, "given twice"));
+        if let Some(earlier) = given_as.replace(label.clone()) {
+            return Err(bad_request(
+                &label,
+                &format!("given twice (also as {earlier})"),
+            ));
         }
+        *slot = Some(normalized);
     }
     Ok(recipients)
 }
@@ -629,7 +640,7 @@ mod tests {
             (r#"{"op":"create","token":"t","ttl_secs":-1}"#, "ttl_secs:"),
             (
                 r#"{"op":"create","token":"t","phoneNumber":"393331234567","to":{"sms":"393331234567"}}"#,
-                "to.sms: given twice",
+                "to.sms: given twice (also as phoneNumber)",
             ),
             (r#"{"op":"ping","op":"stats"}"#, "op: given twice"),
             (

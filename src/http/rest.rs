@@ -46,8 +46,11 @@ pub async fn create(otp: &Otp, token: &str, body: &[u8]) -> Answer {
 
 /// `GET /otp/:token/:code`: 200 `OK`, or the refusal.
 pub async fn verify(otp: &Otp, token: &str, code: &str) -> Answer {
-    let (Some(token), Some(code)) = (percent_decode(token), percent_decode(code)) else {
-        return bad_request("token, code: bad percent-encoding");
+    let Some(token) = percent_decode(token) else {
+        return bad_request("token: bad percent-encoding");
+    };
+    let Some(code) = percent_decode(code) else {
+        return bad_request("code: bad percent-encoding");
     };
     match otp.verify(&token, &code).await {
         Ok(()) => text(StatusCode::OK, "OK"),
