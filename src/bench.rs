@@ -70,7 +70,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
+        "m" => n
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{text:?}: too long")),
         _ => Err(format!("{text:?}: unit must be ms, s or m")),
     }
 }
@@ -244,7 +247,8 @@ async fn batch(
     Ok(answers)
 }
 
-/// Creates codes for `count` tokens, untimed; returns the tokens that got one.
+/// Creates codes for `count` tokens, untimed; returns the tokens that got one. Stops
+/// at a round in which the daemon created none (it refuses them all), naming why.
 async fn preload(run: &Run, client: &mut Client, count: usize) -> anyhow::Result<Vec<String>> {
     let mut tokens = Vec::with_capacity(count);
     let mut scratch = Samples::default();
@@ -254,13 +258,20 @@ async fn preload(run: &Run, client: &mut Client, count: usize) -> anyhow::Result
             .map(|_| run.names.create_line(run.options.ttl_secs))
             .unzip();
         let answers = batch(client, &lines, &mut scratch).await?;
+        let before = tokens.len();
         tokens.extend(
             names
                 .into_iter()
-                .zip(answers)
+                .zip(&answers)
                 .filter(|(_, a)| a["status"] == 201)
                 .map(|(t, _)| t),
         );
+        if tokens.len() == before {
+            anyhow::bail!(
+                "the daemon refused every create while preloading: {}",
+                answers[0]
+            );
+        }
     }
     Ok(tokens)
 }

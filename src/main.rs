@@ -109,7 +109,8 @@ struct BenchArgs {
     /// Requests each client sends before reading their answers.
     #[arg(long, default_value_t = 1)]
     pipeline: usize,
-    /// The daemon's `[delivery] log_file` (log backend), where codes are learnt.
+    /// The daemon's `[delivery] log_file` (log backend), where codes are learnt;
+    /// required for --op verify and mixed.
     #[arg(long)]
     codes_file: Option<PathBuf>,
     /// Daemon pid for RSS figures [default: the process holding the socket].
