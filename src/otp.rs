@@ -28,6 +28,9 @@ pub enum OtpError {
     BadRequest { field: &'static str, reason: String },
     #[error("no such code for this token")]
     NotFound,
+    /// A cancel found no code still pending (none, or one verified, expired or locked).
+    #[error("no pending code for this token")]
+    NothingPending,
     #[error("the code has already been verified")]
     AlreadyVerified,
     #[error("the code is expired")]
@@ -54,7 +57,7 @@ impl OtpError {
     pub fn status(&self) -> u16 {
         match self {
             OtpError::BadRequest { .. } => 400,
-            OtpError::NotFound => 404,
+            OtpError::NotFound | OtpError::NothingPending => 404,
             OtpError::AlreadyVerified => 409,
             OtpError::Expired => 410,
             OtpError::TooManyAttempts { .. } | OtpError::RateLimited { .. } => 429,
@@ -68,7 +71,7 @@ impl OtpError {
     pub fn code(&self) -> &'static str {
         match self {
             OtpError::BadRequest { .. } => "bad_request",
-            OtpError::NotFound => "not_found",
+            OtpError::NotFound | OtpError::NothingPending => "not_found",
             OtpError::AlreadyVerified => "already_verified",
             OtpError::Expired => "expired",
             OtpError::TooManyAttempts { .. } => "too_many_attempts",
@@ -458,7 +461,7 @@ impl Otp {
             bump(&self.counters.cancelled);
             Ok(())
         } else {
-            Err(OtpError::NotFound)
+            Err(OtpError::NothingPending)
         }
     }
 

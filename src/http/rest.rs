@@ -66,7 +66,7 @@ fn bad_request(message: &str) -> Answer {
 fn refusal(error: &OtpError) -> Answer {
     let body = match error {
         OtpError::BadRequest { .. } => return bad_request(&error.to_string()),
-        OtpError::NotFound => "Not found",
+        OtpError::NotFound | OtpError::NothingPending => "Not found",
         OtpError::AlreadyVerified => "The code has already been verified",
         OtpError::Expired => "The code is expired",
         OtpError::TooManyAttempts { .. } => "Too many attempts",
