@@ -1,7 +1,7 @@
 //! One-time codes: generation from the OS CSPRNG and the keyed digest stored in their
 //! place.
 
-use hmac::{KeyInit, Mac};
+use hmac::Mac;
 use rand::RngExt;
 
 use crate::secret::ServerSecret;
@@ -56,8 +56,7 @@ impl Code {
 
     /// The keyed digest that the store keeps.
     pub fn digest(&self, secret: &ServerSecret, token: &str) -> Digest {
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
-            .expect("HMAC takes keys of any length");
+        let mut mac = secret.mac();
         mac.update(token.as_bytes());
         mac.update(&[0]);
         mac.update(self.0.as_bytes());

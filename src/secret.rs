@@ -49,9 +49,12 @@ fn held(len: usize) -> String {
 }
 
 impl ServerSecret {
-    /// The raw key bytes, for the digest.
-    pub fn as_bytes(&self) -> &[u8; SECRET_LEN] {
-        &self.0
+    /// HMAC-SHA-256 keyed with the secret: everything otpd derives from it (code
+    /// digests, the failover-text key, the fingerprint) starts here, each with input
+    /// of its own.
+    pub fn mac(&self) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::KeyInit;
+        hmac::Hmac::new_from_slice(&self.0).expect("HMAC takes keys of any length")
     }
 
     /// Builds a secret from known bytes, for tests and fuzzing; the daemon's comes from
@@ -63,9 +66,8 @@ impl ServerSecret {
     /// A value that tells whether two hosts hold the same secret without revealing it:
     /// HMAC-SHA-256 of a fixed label, hex. Hosts sharing a Redis compare it at start-up.
     pub fn fingerprint(&self) -> String {
-        use hmac::{KeyInit, Mac};
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0)
-            .expect("HMAC takes keys of any length");
+        use hmac::Mac;
+        let mut mac = self.mac();
         mac.update(b"otpd server secret check v1");
         crate::hex(&mac.finalize().into_bytes())
     }
@@ -143,7 +145,7 @@ mod tests {
         );
         let (second, created) = ServerSecret::load_or_create(&path).unwrap();
         assert!(!created);
-        assert_eq!(first.as_bytes(), second.as_bytes());
+        assert_eq!(first.0, second.0);
         assert_eq!(format!("{first:?}"), "ServerSecret(***)");
     }
 

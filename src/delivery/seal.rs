@@ -6,7 +6,7 @@
 //! shows nothing and a sealed text cannot be moved to another token.
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use hmac::{KeyInit, Mac};
+use hmac::Mac;
 use rand::RngExt;
 
 use crate::secret::ServerSecret;
@@ -17,8 +17,7 @@ pub struct Sealer(LessSafeKey);
 impl Sealer {
     /// Derives the key: HMAC-SHA-256(server secret, a fixed label).
     pub fn new(secret: &ServerSecret) -> Self {
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
-            .expect("HMAC takes keys of any length");
+        let mut mac = secret.mac();
         mac.update(b"otpd failover text v1");
         let key = mac.finalize().into_bytes();
         let key = UnboundKey::new(&AES_256_GCM, &key).expect("a 32-byte AES-256 key");
