@@ -268,9 +268,15 @@ impl Otp {
         }
     }
 
+    /// The code lengths a create may ask for and a verify may bring: from the
+    /// configured one up.
+    fn code_lengths(&self) -> std::ops::RangeInclusive<u32> {
+        self.config.code_length..=*CODE_LENGTHS.end()
+    }
+
     /// The code length a create asked for: at least the configured one.
     fn checked_code_length(&self, asked: Option<u32>) -> Result<u32, OtpError> {
-        let lengths = self.config.code_length..=*CODE_LENGTHS.end();
+        let lengths = self.code_lengths();
         match asked {
             None => Ok(self.config.code_length),
             Some(len) if lengths.contains(&len) => Ok(len),
@@ -411,7 +417,7 @@ impl Otp {
     /// Checks a code typed by a person.
     pub async fn verify(&self, token: &str, code: &str) -> Result<(), OtpError> {
         validate_token(token)?;
-        let lengths = self.config.code_length..=*CODE_LENGTHS.end();
+        let lengths = self.code_lengths();
         if !lengths.contains(&(code.len() as u32)) || !code.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad(
                 "code",

@@ -321,21 +321,24 @@ impl TokenRecord {
     /// When the record's own fields stop mattering: the lock is over and the last send
     /// left the window.
     pub fn free_at(&self, limits: &Limits) -> Millis {
-        let last_send = self
-            .sends
-            .last()
-            .map_or(0, |t| t.saturating_add(limits.send_window));
-        self.locked_until.unwrap_or(0).max(last_send)
+        self.locked_until
+            .unwrap_or(0)
+            .max(last_send_leaves_window(&self.sends, limits))
     }
 }
 
 impl RecipientRecord {
     /// When the record can go: once its last send left the window.
     pub fn purge_at(&self, limits: &Limits) -> Millis {
-        self.sends
-            .last()
-            .map_or(0, |t| t.saturating_add(limits.send_window))
+        last_send_leaves_window(&self.sends, limits)
     }
+}
+
+/// When the last of `sends` (oldest first) leaves the send window; 0 without sends.
+fn last_send_leaves_window(sends: &[Millis], limits: &Limits) -> Millis {
+    sends
+        .last()
+        .map_or(0, |t| t.saturating_add(limits.send_window))
 }
 
 /// What a create changes: the token's new state and the code it replaces.
