@@ -482,6 +482,52 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         options,
     });
 
+    let loaded = preload_all(&run, clients).await?;
+    let abuse = Abuse::start(&run.options).await?;
+    print_memory("before", pid.and_then(memory));
+    let cpu_before = pid.and_then(cpu_time);
+
+    let started = Instant::now();
+    run.deadline
+        .set(started + run.options.duration)
+        .expect("set once");
+    let tasks: Vec<_> = loaded
+        .into_iter()
+        .map(|(client, pool)| {
+            let run = run.clone();
+            tokio::spawn(async move { client_loop(&run, client, pool).await })
+        })
+        .collect();
+    let mut timed = Timed::default();
+    for task in tasks {
+        let result = task.await??;
+        timed.create.merge(result.create);
+        timed.verify.merge(result.verify);
+        timed.ran_dry += usize::from(result.ran_dry);
+    }
+    let elapsed = started.elapsed();
+    let cut_off = abuse.stop();
+    print_report(&run.options, timed, elapsed, cut_off);
+    if let (Some(before), Some(after)) = (cpu_before, pid.and_then(cpu_time)) {
+        println!(
+            "daemon CPU: {:.2} s in {:.2} s ({:.0}% of one core)",
+            (after - before).as_secs_f64(),
+            elapsed.as_secs_f64(),
+            100.0 * (after - before).as_secs_f64() / elapsed.as_secs_f64()
+        );
+    }
+    match pid {
+        Some(pid) => print_memory("after", memory(pid)),
+        None => println!("daemon RSS: unknown (not local, or pass --pid)"),
+    }
+    Ok(())
+}
+
+/// Gives each client its share of `--preload` codes (for `--op verify`), all at once.
+async fn preload_all(
+    run: &Arc<Run>,
+    clients: Vec<Client>,
+) -> anyhow::Result<Vec<(Client, Vec<String>)>> {
     let share = match run.options.op {
         Op::Verify => run.options.preload.div_ceil(run.options.clients),
         Op::Create | Op::Mixed => 0,
@@ -504,34 +550,19 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         let codes: usize = loaded.iter().map(|(_, pool)| pool.len()).sum();
         println!("preloaded {codes} codes");
     }
-    let abuse = Abuse::start(&run.options).await?;
-    print_memory("before", pid.and_then(memory));
-    let cpu_before = pid.and_then(cpu_time);
+    Ok(loaded)
+}
 
-    let started = Instant::now();
-    run.deadline
-        .set(started + run.options.duration)
-        .expect("set once");
-    let tasks: Vec<_> = loaded
-        .into_iter()
-        .map(|(client, pool)| {
-            let run = run.clone();
-            tokio::spawn(async move { client_loop(&run, client, pool).await })
-        })
-        .collect();
-    let mut create = Samples::default();
-    let mut verify = Samples::default();
-    let mut ran_dry = 0;
-    for task in tasks {
-        let result = task.await??;
-        create.merge(result.create);
-        verify.merge(result.verify);
-        ran_dry += usize::from(result.ran_dry);
-    }
-    let elapsed = started.elapsed();
-    let cut_off = abuse.stop();
+/// What the clients measured in the timed phase, together.
+#[derive(Default)]
+struct Timed {
+    create: Samples,
+    verify: Samples,
+    /// Clients that used up their preloaded codes before the end.
+    ran_dry: usize,
+}
 
-    let o = &run.options;
+fn print_report(o: &Options, timed: Timed, elapsed: Duration, cut_off: usize) {
     println!(
         "otpd bench: op {:?}, {} clients, pipeline {}, {:.2} s{}",
         o.op,
@@ -547,29 +578,19 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             String::new()
         }
     );
-    let total = create.micros.len() + verify.micros.len();
-    print_op("create", create, elapsed);
-    print_op("verify", verify, elapsed);
+    let total = timed.create.micros.len() + timed.verify.micros.len();
+    print_op("create", timed.create, elapsed);
+    print_op("verify", timed.verify, elapsed);
     println!(
         "total   {total:>8} req {:>9.0} ops/s",
         total as f64 / elapsed.as_secs_f64()
     );
-    if ran_dry > 0 {
-        println!("{ran_dry} clients used up their preloaded codes early: raise --preload");
-    }
-    if let (Some(before), Some(after)) = (cpu_before, pid.and_then(cpu_time)) {
+    if timed.ran_dry > 0 {
         println!(
-            "daemon CPU: {:.2} s in {:.2} s ({:.0}% of one core)",
-            (after - before).as_secs_f64(),
-            elapsed.as_secs_f64(),
-            100.0 * (after - before).as_secs_f64() / elapsed.as_secs_f64()
+            "{} clients used up their preloaded codes early: raise --preload",
+            timed.ran_dry
         );
     }
-    match pid {
-        Some(pid) => print_memory("after", memory(pid)),
-        None => println!("daemon RSS: unknown (not local, or pass --pid)"),
-    }
-    Ok(())
 }
 
 #[cfg(test)]
