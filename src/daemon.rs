@@ -21,6 +21,17 @@ use crate::store::embedded::{FjallStore, SledStore};
 use crate::store::redis::RedisStore;
 use crate::systemd;
 
+/// The engine the configuration names, opened (or connected to, for Redis, which
+/// checks that every host shares `secret`).
+async fn open_store(config: &Config, secret: &ServerSecret) -> anyhow::Result<Arc<dyn Store>> {
+    let limits = Limits::from(&config.otp);
+    Ok(match config.store.engine {
+        Engine::Sled => Arc::new(SledStore::open(&config.store, limits)?),
+        Engine::Fjall => Arc::new(FjallStore::open(&config.store, limits)?),
+        Engine::Redis => Arc::new(RedisStore::connect(&config.store.redis, limits, secret).await?),
+    })
+}
+
 /// Runs the daemon on `listener` until `shutdown` resolves, then stops accepting,
 /// lets in-flight requests finish, flushes the store and returns.
 pub async fn run(
@@ -37,12 +48,7 @@ pub async fn run(
     if created {
         tracing::info!(path = %config.store.secret_file.display(), "created a new server secret");
     }
-    let limits = Limits::from(&config.otp);
-    let store: Arc<dyn Store> = match config.store.engine {
-        Engine::Sled => Arc::new(SledStore::open(&config.store, limits)?),
-        Engine::Fjall => Arc::new(FjallStore::open(&config.store, limits)?),
-        Engine::Redis => Arc::new(RedisStore::connect(&config.store.redis, limits, &secret).await?),
-    };
+    let store = open_store(&config, &secret).await?;
     let counters = Arc::new(Counters::default());
     let stop = CancellationToken::new();
     let delivery = delivery::from_config(
