@@ -7,8 +7,6 @@
 
 pub mod embedded;
 mod encoding;
-mod group_commit;
-mod key_locks;
 pub mod redis;
 
 use async_trait::async_trait;

@@ -40,6 +40,8 @@
 //! replaced are recognised by their time and dropped.
 
 pub mod fjall_kv;
+mod group_commit;
+mod key_locks;
 pub mod kv;
 pub mod sled_kv;
 
@@ -51,8 +53,6 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use self::kv::{Batch, Database, Tree};
-use super::group_commit::GroupCommit;
-use super::key_locks::KeyLocks;
 use super::{
     DueFailovers, Filed, NewCode, PurgeReport, ReplacedCode, Store, StoreError, TokenStatus,
     decode, decode_with_extra, encode, encode_with_extra,
@@ -63,6 +63,8 @@ use crate::rules::{
     self, CodeRecord, CodeState, DeliveryEvent, FailoverVerdict, Limits, Millis, PendingFailover,
     RecipientRecord, Refusal, TokenRecord, VerifyOutcome,
 };
+use group_commit::GroupCommit;
+use key_locks::KeyLocks;
 
 /// Key in the metadata tree ([`Database::meta`]) naming the layout of the other trees.
 const LAYOUT_KEY: &[u8] = b"layout";

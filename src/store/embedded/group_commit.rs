@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Notify, watch};
 
 use super::StoreError;
-use super::embedded::kv::Database;
+use super::kv::Database;
 
 /// Flush progress: the highest ticket known durable and the highest whose flush failed.
 #[derive(Debug, Clone, Copy, Default)]
