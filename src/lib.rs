@@ -29,6 +29,7 @@ pub mod rules;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod strict_json;
 pub mod systemd;
 
 /// Lower-case hex of `bytes`: digests in Redis keys, the secret's fingerprint, payload

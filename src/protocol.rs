@@ -5,14 +5,12 @@
 //! full reference with an example per op.
 
 use serde::Serialize;
-use std::cell::RefCell;
-
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_json::{Map, Number, Value};
+use serde_json::{Map, Value};
 
 use crate::delivery::Recipients;
 use crate::metrics::Stats;
 use crate::otp::{self, CreateRequest, OtpError};
+use crate::strict_json::parse_json;
 
 /// A parsed request.
 #[derive(Debug, Clone)]
@@ -46,157 +44,9 @@ pub struct Envelope {
     pub request: Result<Request, ProtocolError>,
 }
 
-/// Parses JSON text as `serde_json::from_slice` does, and also returns the dotted paths
-/// (`to.sms`) of the keys given twice in one object, in the order found: serde_json
-/// would keep the last silently, and a request must not mean something other than it
-/// seems to. The value keeps each key's first occurrence.
-pub fn parse_json(bytes: &[u8]) -> Result<(Value, Vec<String>), JsonError> {
-    let failed_at = RefCell::new(Vec::new());
-    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let parsed = CheckedSeed {
-        failed_at: &failed_at,
-    }
-    .deserialize(&mut deserializer)
-    .and_then(|checked| deserializer.end().map(|()| checked));
-    match parsed {
-        Ok(Checked { value, duplicates }) => Ok((value, duplicates)),
-        Err(error) => {
-            let mut path = failed_at.into_inner();
-            path.reverse();
-            Err(JsonError {
-                at: (!path.is_empty()).then(|| path.join(".")),
-                error,
-            })
-        }
-    }
-}
-
-/// Text that is not JSON, and the dotted path of the value where it stopped being JSON
-/// (a number beyond a double in `ttl_secs`, say), so that the answer can name the field.
-#[derive(Debug)]
-pub struct JsonError {
-    at: Option<String>,
-    error: serde_json::Error,
-}
-
-impl std::fmt::Display for JsonError {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        match &self.at {
-            Some(path) => write!(f, "{path}: {}", self.error),
-            None => self.error.fmt(f),
-        }
-    }
-}
-
-/// The answer to a key given twice (see [`parse_json`]), on both front ends.
+/// The answer to a key given twice (found by [`parse_json`]), on both front ends.
 pub fn given_twice(path: &str) -> ProtocolError {
     bad_request(path, "given twice")
-}
-
-/// A JSON value and the paths of its repeated keys, as [`parse_json`] returns.
-struct Checked {
-    value: Value,
-    duplicates: Vec<String>,
-}
-
-impl Checked {
-    fn plain(value: Value) -> Self {
-        Self {
-            value,
-            duplicates: Vec::new(),
-        }
-    }
-}
-
-/// Reads one JSON value into a [`Checked`]. When the text stops being JSON inside the
-/// value, each object and array it is nested in adds its key or index to `failed_at`,
-/// innermost first.
-#[derive(Clone, Copy)]
-struct CheckedSeed<'p> {
-    failed_at: &'p RefCell<Vec<String>>,
-}
-
-impl<'de> DeserializeSeed<'de> for CheckedSeed<'_> {
-    type Value = Checked;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Checked, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-/// Builds a [`Value`] as serde_json's own visitor does, noting repeated keys.
-impl<'de> Visitor<'de> for CheckedSeed<'_> {
-    type Value = Checked;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_bool<E>(self, v: bool) -> Result<Checked, E> {
-        Ok(Checked::plain(Value::Bool(v)))
-    }
-
-    fn visit_i64<E>(self, v: i64) -> Result<Checked, E> {
-        Ok(Checked::plain(Value::from(v)))
-    }
-
-    fn visit_u64<E>(self, v: u64) -> Result<Checked, E> {
-        Ok(Checked::plain(Value::from(v)))
-    }
-
-    fn visit_f64<E>(self, v: f64) -> Result<Checked, E> {
-        Ok(Checked::plain(
-            Number::from_f64(v).map_or(Value::Null, Value::Number),
-        ))
-    }
-
-    fn visit_str<E>(self, v: &str) -> Result<Checked, E> {
-        Ok(Checked::plain(Value::String(v.to_owned())))
-    }
-
-    fn visit_string<E>(self, v: String) -> Result<Checked, E> {
-        Ok(Checked::plain(Value::String(v)))
-    }
-
-    fn visit_unit<E>(self) -> Result<Checked, E> {
-        Ok(Checked::plain(Value::Null))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<Checked, A::Error> {
-        let (mut values, mut duplicates) = (Vec::new(), Vec::new());
-        loop {
-            let index = values.len();
-            let item = items
-                .next_element_seed(self)
-                .inspect_err(|_| self.failed_at.borrow_mut().push(index.to_string()))?;
-            let Some(item) = item else { break };
-            duplicates.extend(item.duplicates.iter().map(|path| format!("{index}.{path}")));
-            values.push(item.value);
-        }
-        Ok(Checked {
-            value: Value::Array(values),
-            duplicates,
-        })
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Checked, A::Error> {
-        let (mut object, mut duplicates) = (Map::new(), Vec::new());
-        while let Some(key) = entries.next_key::<String>()? {
-            let entry = entries
-                .next_value_seed(self)
-                .inspect_err(|_| self.failed_at.borrow_mut().push(key.clone()))?;
-            duplicates.extend(entry.duplicates.iter().map(|path| format!("{key}.{path}")));
-            if object.contains_key(&key) {
-                duplicates.push(key);
-            } else {
-                object.insert(key, entry.value);
-            }
-        }
-        Ok(Checked {
-            value: Value::Object(object),
-            duplicates,
-        })
-    }
 }
 
 /// The fields an object may carry, so that a misspelt key is an error, not ignored.

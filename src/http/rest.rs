@@ -22,7 +22,7 @@ pub async fn create(otp: &Otp, token: &str, body: &[u8]) -> Answer {
     let object = if body.iter().all(u8::is_ascii_whitespace) {
         Map::new()
     } else {
-        match protocol::parse_json(body) {
+        match crate::strict_json::parse_json(body) {
             Ok((Value::Object(object), duplicates)) if duplicates.is_empty() => object,
             Ok((Value::Object(_), duplicates)) => {
                 return bad_request(&protocol::given_twice(&duplicates[0]).message);
