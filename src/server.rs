@@ -417,7 +417,7 @@ async fn read_line<R: AsyncBufRead + Unpin>(
                 LineRead::Line
             });
         }
-        let (chunk, found_newline) = match memchr(available) {
+        let (chunk, found_newline) = match find_newline(available) {
             Some(at) => (&available[..at], true),
             None => (available, false),
         };
@@ -433,7 +433,7 @@ async fn read_line<R: AsyncBufRead + Unpin>(
     }
 }
 
-fn memchr(bytes: &[u8]) -> Option<usize> {
+fn find_newline(bytes: &[u8]) -> Option<usize> {
     bytes.iter().position(|&b| b == b'\n')
 }
 

@@ -289,7 +289,7 @@ impl<D: Database> EmbeddedStore<D> {
 
     /// Waits for the shared flush, unless durability is relaxed: after a write, and
     /// before answering from a record read (see the module doc).
-    async fn durable(&self) -> Result<(), StoreError> {
+    async fn wait_durable(&self) -> Result<(), StoreError> {
         match &self.commit {
             Some(commit) => commit.commit().await,
             None => Ok(()),
@@ -633,7 +633,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
                 Ok(Ok(()))
             }
             Err(refusal) => {
-                self.durable().await?;
+                self.wait_durable().await?;
                 Ok(Err(refusal))
             }
         }
@@ -659,7 +659,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
             self.forget_references(removed.as_ref())?;
             self.file_references(restored.as_ref(), token.as_bytes())?;
         }
-        self.durable().await
+        self.wait_durable().await
     }
 
     async fn confirm_delivery(
@@ -680,7 +680,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
         if filed.is_some() {
             self.file_reference(reference, token.as_bytes())?;
         }
-        self.durable().await
+        self.wait_durable().await
     }
 
     async fn record_delivery_event(
@@ -710,7 +710,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
                 }
             }
         };
-        self.durable().await?;
+        self.wait_durable().await?;
         Ok(filed)
     }
 
@@ -728,7 +728,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
             return Ok(VerifyOutcome::NotFound);
         };
         super::adjust_live(&self.live, live_delta);
-        self.durable().await?;
+        self.wait_durable().await?;
         Ok(outcome)
     }
 
@@ -740,7 +740,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
         if cancelled.is_some() {
             super::adjust_live(&self.live, -1);
         }
-        self.durable().await?;
+        self.wait_durable().await?;
         Ok(cancelled.is_some())
     }
 
@@ -748,7 +748,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
         let Some(TokenState { record, code, .. }) = self.read_token(token.as_bytes())? else {
             return Ok(None);
         };
-        self.durable().await?;
+        self.wait_durable().await?;
         Ok(Some(TokenStatus {
             code,
             token: record,
@@ -765,7 +765,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
     async fn put_failover(&self, failover: &PendingFailover) -> Result<(), StoreError> {
         let key = timed_key(failover.due_at, failover.reference.as_bytes());
         self.failovers.insert(&key, &encode(failover))?;
-        self.durable().await
+        self.wait_durable().await
     }
 
     async fn claim_due_failovers(
@@ -808,7 +808,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
             handed_out.due.push((failover, verdict));
         }
         if !handed_out.due.is_empty() {
-            self.durable().await?;
+            self.wait_durable().await?;
         }
         handed_out.next_due = first_due(&self.failovers)?;
         Ok(handed_out)
@@ -832,7 +832,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
 
     async fn probe(&self) -> Result<(), StoreError> {
         self.meta.get(LAYOUT_KEY)?;
-        self.durable().await
+        self.wait_durable().await
     }
 }
 
