@@ -208,7 +208,7 @@ impl CodeRecord {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
     /// Digest of the token's one code (live or finished but retained).
-    pub live: Option<Digest>,
+    pub current: Option<Digest>,
     /// Wrong codes since the last valid verify or the end of the last lock.
     pub attempts: u32,
     pub locked_until: Option<Millis>,
@@ -315,7 +315,7 @@ impl TokenRecord {
     /// When the record can go: never while it has a code (the code's purge comes back
     /// for it), else at [`TokenRecord::free_at`].
     pub fn purge_at(&self, limits: &Limits) -> Option<Millis> {
-        self.live.is_none().then(|| self.free_at(limits))
+        self.current.is_none().then(|| self.free_at(limits))
     }
 
     /// When the record's own fields stop mattering: the lock is over and the last send
@@ -391,7 +391,7 @@ pub fn plan_create(
     for recipient in recipients.iter_mut() {
         recipient.sends.push(now);
     }
-    let replaced = token.live.replace(digest);
+    let replaced = token.current.replace(digest);
     Ok(CreatePlan { token, replaced })
 }
 
@@ -573,7 +573,7 @@ mod tests {
         assert_eq!(plan.replaced, None);
         let plan = plan_create(Some(plan.token), &mut [], D2, 60_000, &LIMITS).unwrap();
         assert_eq!(plan.replaced, Some(D1));
-        assert_eq!(plan.token.live, Some(D2));
+        assert_eq!(plan.token.current, Some(D2));
     }
 
     #[test]
@@ -749,7 +749,7 @@ mod tests {
     fn token_record_stays_while_it_has_a_code() {
         let mut token = plan_create(None, &mut [], D1, 0, &LIMITS).unwrap().token;
         assert_eq!(token.purge_at(&LIMITS), None);
-        token.live = None;
+        token.current = None;
         assert_eq!(token.purge_at(&LIMITS), Some(LIMITS.send_window));
     }
 

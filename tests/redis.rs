@@ -612,7 +612,7 @@ fn the_replaced_code_stands_in_while_a_resend_is_unsettled(engine: Engine) {
             "one valid verify per token"
         );
         let status = b.status("stand").await.unwrap().unwrap();
-        assert_eq!(status.token.live, Some(first.digest));
+        assert_eq!(status.token.current, Some(first.digest));
         let read = DeliveryEvent {
             at: now,
             status: "read".into(),

@@ -4,7 +4,7 @@
 //! claim of due failovers is one atomic batch):
 //! - `tokens`: token → [`TokenState`]: the token's record and its one code, and while
 //!   a resend's delivery is unsettled the code it replaced. A code is stored only as
-//!   its digest (`TokenRecord::live`), never in the clear.
+//!   its digest (`TokenRecord::current`), never in the clear.
 //! - `expiry`: big-endian due time, token → empty: when the janitor must next look at a
 //!   token, so it reads due tokens in time order without scanning.
 //! - `recipients`: big-endian start of a send-window-long bucket, `channel:address` →
@@ -75,7 +75,7 @@ const LAYOUT: &[u8] = b"1";
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct TokenState {
     record: TokenRecord,
-    /// The code `record.live` names: present exactly when that is `Some`.
+    /// The code `record.current` names: present exactly when that is `Some`.
     code: Option<CodeRecord>,
     /// The due time of the token's live entry in the expiry index, if any.
     indexed_at: Option<Millis>,
@@ -102,7 +102,7 @@ impl TokenState {
 
     /// Takes the code away (discarded, replaced or purged); returns it.
     fn remove_code(&mut self) -> Option<CodeRecord> {
-        self.record.live = None;
+        self.record.current = None;
         self.code.take()
     }
 
@@ -544,7 +544,7 @@ impl<D: Database> EmbeddedStore<D> {
             return Ok(None);
         };
         // The token's code, or the code a resend replaced while it stands in.
-        let (probed, stand_in) = if state.record.live == Some(*digest) {
+        let (probed, stand_in) = if state.record.current == Some(*digest) {
             (state.code.clone(), false)
         } else {
             let old = state.standing_in(digest, now).map(|old| old.code.clone());
@@ -573,7 +573,7 @@ impl<D: Database> EmbeddedStore<D> {
                 live_delta -= 1;
             }
             if dropped.is_some() {
-                record.live = Some(*digest);
+                record.current = Some(*digest);
             }
             state.record = record;
         }
@@ -641,13 +641,13 @@ impl<D: Database> Store for EmbeddedStore<D> {
 
     async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError> {
         let settled = self.update_token(token.as_bytes(), |state| {
-            let undelivered = state.record.live == Some(*digest)
+            let undelivered = state.record.current == Some(*digest)
                 && state.code.as_ref().is_some_and(CodeRecord::is_pending);
             undelivered.then(|| {
                 let restored = state.replaced.take();
                 let removed = state.remove_code();
                 if let Some(old) = &restored {
-                    state.record.live = Some(old.digest);
+                    state.record.current = Some(old.digest);
                     state.code = Some(old.code.clone());
                 }
                 (removed, restored.map(|old| old.code))
@@ -672,7 +672,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
             let code = state
                 .code
                 .as_mut()
-                .filter(|_| state.record.live == Some(*digest))?;
+                .filter(|_| state.record.current == Some(*digest))?;
             code.delivery.reference = Some(reference.to_owned());
             state.replaced = None; // the new code went out: only it counts now
             Some(())
@@ -1078,7 +1078,7 @@ mod tests {
             "one valid verify per token"
         );
         let status = store.status("a").await.unwrap().unwrap();
-        assert_eq!(status.token.live, Some(first.digest));
+        assert_eq!(status.token.current, Some(first.digest));
         let filed = store.record_delivery_event(
             "uuid-1",
             DeliveryEvent {

@@ -440,7 +440,7 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         let read = self.get(conn, &self.keys.token(token)).await?;
         match decode_read::<TokenRecord>(&read)? {
-            Some(record) if record.live.is_some_and(|live| live != *digest) => Ok(()),
+            Some(record) if record.current.is_some_and(|live| live != *digest) => Ok(()),
             _ => Err(StoreError::Database(
                 "the new code is no longer in Redis (lost in a failover?)".into(),
             )),
@@ -487,7 +487,7 @@ impl RedisStore {
         old: &ReplacedCode,
         now: Millis,
     ) -> Result<Option<(String, Read, Digest)>, StoreError> {
-        let Some(live) = record.live.filter(|live| *live != old.digest) else {
+        let Some(live) = record.current.filter(|live| *live != old.digest) else {
             return Ok(None);
         };
         let key = self.keys.code(token, &live);
@@ -717,9 +717,9 @@ impl Store for RedisStore {
                 .delete(&code_key);
             let mut restored = None;
             if let (Some(mut record), replaced) = decode_token(&token_read)?
-                && record.live == Some(*digest)
+                && record.current == Some(*digest)
             {
-                record.live = replaced.as_ref().map(|old| old.digest);
+                record.current = replaced.as_ref().map(|old| old.digest);
                 let mut expire_at = self.token_expire_at(&record);
                 if let Some(old) = &replaced {
                     let old_expire_at = self.code_expire_at(&old.code);
@@ -850,14 +850,14 @@ impl Store for RedisStore {
             }
             if let Some(mut record) = plan.token {
                 if promoted_until.is_some() {
-                    record.live = Some(*digest);
+                    record.current = Some(*digest);
                 }
                 let expire_at = self
                     .token_expire_at(&record)
                     .max(promoted_until.unwrap_or(0));
                 let keep = replaced.as_ref().filter(|_| promoted_until.is_none());
                 if plan.invalidate_live
-                    && let Some(live) = record.live
+                    && let Some(live) = record.current
                 {
                     let live_key = self.keys.code(token, &live);
                     let live_read = self.get(&mut conn, &live_key).await?;
@@ -885,7 +885,8 @@ impl Store for RedisStore {
         let token_key = self.keys.token(token);
         for _ in 0..MAX_ROUNDS {
             let token_read = self.get(&mut conn, &token_key).await?;
-            let Some(live) = decode_read::<TokenRecord>(&token_read)?.and_then(|r| r.live) else {
+            let Some(live) = decode_read::<TokenRecord>(&token_read)?.and_then(|r| r.current)
+            else {
                 return Ok(false);
             };
             let live_key = self.keys.code(token, &live);
@@ -920,7 +921,7 @@ impl Store for RedisStore {
         let Some(record) = decode_read::<TokenRecord>(&token_read)? else {
             return Ok(None);
         };
-        let code = match record.live {
+        let code = match record.current {
             Some(live) => {
                 let code_read = self.get(&mut conn, &self.keys.code(token, &live)).await?;
                 decode_read::<CodeRecord>(&code_read)?
