@@ -43,14 +43,26 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 
 /// Checks `min <= value <= max` and names the key when it is not.
 fn check_range(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    check_range_why(key, value, min, max, None)
+}
+
+/// [`check_range`], saying where a bound comes from when the key alone does not
+/// explain it (`why`: "it may not exceed otp.send_window_secs").
+fn check_range_why(
+    key: &'static str,
+    value: u64,
+    min: u64,
+    max: u64,
+    why: Option<&str>,
+) -> Result<(), ConfigError> {
     if (min..=max).contains(&value) {
-        Ok(())
-    } else {
-        Err(invalid(
-            key,
-            format!("{value} is out of range {min}..={max}"),
-        ))
+        return Ok(());
     }
+    let why = why.map(|why| format!(" ({why})")).unwrap_or_default();
+    Err(invalid(
+        key,
+        format!("{value} is out of range {min}..={max}{why}"),
+    ))
 }
 
 /// The whole configuration, section by section as in the TOML file. (`Serialize`
@@ -781,11 +793,16 @@ impl Config {
         )?;
         check_range("otp.send_window_secs", o.send_window_secs, 1, 30 * 86_400)?;
         // Sends are remembered for one send window, so a longer cooldown would end early.
-        check_range(
+        let (longest_cooldown, why) = match o.send_window_secs {
+            window @ ..=86_400 => (window, "it may not exceed otp.send_window_secs"),
+            _ => (86_400, "at most a day, whatever otp.send_window_secs"),
+        };
+        check_range_why(
             "otp.resend_cooldown_secs",
             o.resend_cooldown_secs,
             0,
-            o.send_window_secs.min(86_400),
+            longest_cooldown,
+            Some(why),
         )?;
         check_range(
             "janitor.interval_secs",
@@ -987,6 +1004,23 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("0..=2"), "{err}");
+    }
+
+    #[test]
+    fn a_cooldown_out_of_range_names_what_bounds_it() {
+        let err = Config::parse("[otp]\nsend_window_secs = 10\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config key `otp.resend_cooldown_secs`: 30 is out of range 0..=10 \
+             (it may not exceed otp.send_window_secs)"
+        );
+        let text = "[otp]\nsend_window_secs = 200000\nresend_cooldown_secs = 100000\n";
+        let err = Config::parse(text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config key `otp.resend_cooldown_secs`: 100000 is out of range 0..=86400 \
+             (at most a day, whatever otp.send_window_secs)"
+        );
     }
 
     #[test]
