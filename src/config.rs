@@ -699,16 +699,33 @@ fn describe_value_error(text: &str, error: serde_path_to_error::Error<toml::de::
     }
 }
 
+/// The Rust integer types serde names in "expected u64".
+const INTEGER_TYPES: [&str; 12] = [
+    "u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize",
+];
+
 /// serde's "invalid type: <kind> <value>, expected <what>" (or "invalid value: …")
-/// with the kind of value only.
+/// with the kind of value only, and with Rust's type names in words: a whole number,
+/// or, for an integer outside its type, which way it is wrong (told by its sign, as
+/// the value itself is not shown).
 fn without_value(message: &str) -> String {
     for prefix in ["invalid type: ", "invalid value: "] {
         if let Some(rest) = message.strip_prefix(prefix)
             && let Some((found, expected)) = rest.rsplit_once(", expected ")
         {
             let kind = found.split(['`', '"']).next().unwrap_or(found).trim_end();
+            let integer_type = INTEGER_TYPES.contains(&expected);
+            if kind == "integer" && integer_type {
+                return match (found.starts_with("integer `-"), expected.starts_with('u')) {
+                    (true, true) => "must not be negative",
+                    (true, false) => "too small",
+                    (false, _) => "too large",
+                }
+                .to_owned();
+            }
             let expected = match expected.strip_prefix("struct ") {
                 Some(_) => "a table",
+                None if integer_type => "a whole number",
                 None => expected,
             };
             return format!("{prefix}{kind}, expected {expected}");
@@ -974,6 +991,49 @@ mod tests {
             twice.to_string().contains("`ttl_secs` given twice"),
             "{twice}"
         );
+    }
+
+    #[test]
+    fn a_number_of_the_wrong_type_or_size_is_described_in_words() {
+        for (text, key, described) in [
+            (
+                "[server]\nmax_connections = \"5133770\"\n",
+                "server.max_connections",
+                "invalid type: string, expected a whole number",
+            ),
+            (
+                "[otp]\nttl_secs = 5133770.5\n",
+                "otp.ttl_secs",
+                "invalid type: floating point, expected a whole number",
+            ),
+            (
+                "[otp]\nttl_secs = 99999999999999999999\n",
+                "otp.ttl_secs",
+                "too large",
+            ),
+            (
+                "[otp]\ncode_length = 5133770000\n",
+                "otp.code_length",
+                "too large",
+            ),
+            (
+                "[otp]\nretain_secs = -5133770\n",
+                "otp.retain_secs",
+                "must not be negative",
+            ),
+            (
+                "[server]\nallowed_uids = [-5133770]\n",
+                "server.allowed_uids[0]",
+                "must not be negative",
+            ),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(
+                err.ends_with(&format!(": {described} (key `{key}`)")),
+                "{err}"
+            );
+            assert!(!err.contains("5133770") && !err.contains("9999"), "{err}");
+        }
     }
 
     #[test]
