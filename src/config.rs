@@ -707,8 +707,16 @@ const INTEGER_TYPES: [&str; 12] = [
 /// serde's "invalid type: <kind> <value>, expected <what>" (or "invalid value: …")
 /// with the kind of value only, and with Rust's type names in words: a whole number,
 /// or, for an integer outside its type, which way it is wrong (told by its sign, as
-/// the value itself is not shown).
+/// the value itself is not shown). "unknown variant `<value>`, expected …" (a word
+/// that is not one of a key's choices) loses the value too.
 fn without_value(message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("unknown variant ") {
+        let expected = rest
+            .rsplit_once(", expected ")
+            .map(|(_, expected)| format!(", expected {expected}"))
+            .unwrap_or_default();
+        return format!("unknown value{expected}");
+    }
     for prefix in ["invalid type: ", "invalid value: "] {
         if let Some(rest) = message.strip_prefix(prefix)
             && let Some((found, expected)) = rest.rsplit_once(", expected ")
@@ -976,6 +984,16 @@ mod tests {
                 "server = 5133770\n",
                 "server",
                 "invalid type: integer, expected a table",
+            ),
+            (
+                "[store]\ndurability = \"redis://u:S3CRET-VALUE@h, expected x\"\n",
+                "store.durability",
+                "unknown value, expected `flush` or `relaxed`",
+            ),
+            (
+                "[delivery]\nbackend = \"S3CRET-VALUE\"\n",
+                "delivery.backend",
+                "unknown value, expected one of `log`, `dispatch`, `messages`",
             ),
         ] {
             let err = Config::parse(text).unwrap_err().to_string();
