@@ -114,17 +114,32 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    /// The socket mode as permission bits (validated by [`Config::validate`]).
+    /// The socket mode as permission bits (validated by [`Config::validate`]). The
+    /// owner must keep read and write: otpd's own user connects too (the `otpd` tools,
+    /// and the start-up probe for a daemon still listening on the path).
     pub fn socket_mode_bits(&self) -> Result<u32, ConfigError> {
-        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
+        let refused = |why: &str| {
+            invalid(
+                "server.socket_mode",
+                format!("{:?} {why}", self.socket_mode),
+            )
+        };
+        let bits = u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
             .ok()
-            .filter(|bits| *bits <= 0o777)
-            .ok_or_else(|| {
-                invalid(
-                    "server.socket_mode",
-                    format!("{:?} is not an octal mode like \"0660\"", self.socket_mode),
-                )
-            })
+            .filter(|bits| *bits <= 0o7777)
+            .ok_or_else(|| refused("is not an octal mode like \"0660\""))?;
+        if bits > 0o777 {
+            return Err(refused(
+                "sets setuid, setgid or sticky bits, which are not allowed on a socket",
+            ));
+        }
+        if bits & 0o600 != 0o600 {
+            return Err(refused(
+                "denies the owner read and write: otpd's own user could not connect \
+                 (the otpd tools, the start-up check for a daemon already running)",
+            ));
+        }
+        Ok(bits)
     }
 }
 
@@ -905,6 +920,19 @@ impl Config {
                     .into(),
             );
         }
+        let s = &self.server;
+        if let Ok(bits) = s.socket_mode_bits()
+            && bits & 0o002 != 0
+            && s.allowed_uids.is_empty()
+            && s.allowed_gids.is_empty()
+        {
+            warnings.push(format!(
+                "server.socket_mode = {:?} lets others write to the socket: anyone on the \
+                 host can connect and use otpd; give access by group (\"0660\") or set \
+                 server.allowed_uids / server.allowed_gids",
+                s.socket_mode
+            ));
+        }
         let vonage = match self.delivery.backend() {
             Ok(Backend::Dispatch) => Some(("dispatch", &self.delivery.dispatch)),
             Ok(Backend::Messages) => Some(("messages", &self.delivery.messages)),
@@ -1098,6 +1126,41 @@ mod tests {
             err.to_string(),
             "config key `otp.resend_cooldown_secs`: 100000 is out of range 0..=86400 \
              (at most a day, whatever otp.send_window_secs)"
+        );
+    }
+
+    #[test]
+    fn a_socket_mode_must_let_the_owner_in_and_is_warned_about_when_open_to_all() {
+        let refused = |mode: &str| {
+            let text = format!("[server]\nsocket_mode = {mode:?}\n");
+            Config::parse(&text).unwrap_err().to_string()
+        };
+        for mode in ["7777", "1660", "0o4660"] {
+            let err = refused(mode);
+            assert!(err.contains("server.socket_mode"), "{err}");
+            assert!(err.contains("setuid, setgid or sticky"), "{err}");
+        }
+        for mode in ["66", "0000", "0460", "0260"] {
+            let err = refused(mode);
+            assert!(err.contains("denies the owner read and write"), "{err}");
+        }
+        assert!(refused("17777").contains("not an octal mode"));
+
+        let warned = |server: &str| {
+            let config = Config::parse(&format!("[server]\n{server}")).unwrap();
+            config.warnings().join("\n")
+        };
+        for mode in ["0666", "0777", "0602"] {
+            let warning = warned(&format!("socket_mode = {mode:?}\n"));
+            assert!(warning.contains("server.socket_mode"), "{mode}: {warning}");
+            assert!(warning.contains("anyone on the host"), "{warning}");
+        }
+        assert_eq!(warned("socket_mode = \"0600\"\n"), "");
+        assert_eq!(warned("socket_mode = \"0664\"\n"), "");
+        assert_eq!(
+            warned("socket_mode = \"0666\"\nallowed_gids = [4321]\n"),
+            "",
+            "the allow-lists decide who is served"
         );
     }
 
