@@ -933,6 +933,17 @@ impl Config {
                 s.socket_mode
             ));
         }
+        // The REST API has no authentication: only the host itself should reach it.
+        if let Ok(address) = self.http.listen.parse::<std::net::SocketAddr>()
+            && !address.ip().to_canonical().is_loopback()
+        {
+            warnings.push(format!(
+                "http.listen = {:?} is not a loopback address: the REST API and /metrics \
+                 have no authentication, so anyone who can reach it can create and verify \
+                 codes; listen on 127.0.0.1 or a unix: socket behind a reverse proxy",
+                self.http.listen
+            ));
+        }
         let vonage = match self.delivery.backend() {
             Ok(Backend::Dispatch) => Some(("dispatch", &self.delivery.dispatch)),
             Ok(Backend::Messages) => Some(("messages", &self.delivery.messages)),
@@ -1186,6 +1197,32 @@ mod tests {
         };
         assert!(warned("http://127.0.0.1:9").contains("delivery.messages.api_url"));
         assert_eq!(warned("https://api.nexmo.com"), "");
+    }
+
+    #[test]
+    fn an_http_listener_beyond_loopback_is_warned_about() {
+        let warned = |listen: &str| {
+            let text = format!("[http]\nlisten = {listen:?}\n");
+            Config::parse(&text).unwrap().warnings().join("\n")
+        };
+        for listen in [
+            "0.0.0.0:8080",
+            "[::]:8080",
+            "192.168.1.20:3000",
+            "[fe80::1]:80",
+        ] {
+            assert!(warned(listen).contains("http.listen"), "{listen}");
+        }
+        for listen in [
+            "",
+            "127.0.0.1:3000",
+            "127.1.2.3:3000",
+            "[::1]:3000",
+            "[::ffff:127.0.0.1]:3000",
+            "unix:/run/otpd-http/http.sock",
+        ] {
+            assert_eq!(warned(listen), "", "{listen}");
+        }
     }
 
     #[test]
