@@ -556,6 +556,24 @@ impl DeliveryConfig {
     }
 }
 
+/// The `{name}`s the delivery backends fill into `delivery.template`.
+const PLACEHOLDERS: [&str; 2] = ["code", "minutes"];
+
+/// The first `{name}` in `template` that otpd does not fill in (a misspelt or made-up
+/// placeholder), which would be sent as it is. Braces around anything but a name
+/// (letters, digits, `_`) are text.
+fn unknown_placeholder(template: &str) -> Option<&str> {
+    template
+        .split('{')
+        .skip(1)
+        .filter_map(|after_brace| after_brace.split_once('}').map(|(name, _)| name))
+        .find(|name| {
+            !name.is_empty()
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !PLACEHOLDERS.contains(name)
+        })
+}
+
 /// `[delivery.dispatch]` and `[delivery.messages]`: a Vonage application.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -854,6 +872,14 @@ impl Config {
         self.delivery.backend()?;
         if !self.delivery.template.contains("{code}") {
             return Err(invalid("delivery.template", "must contain {code}"));
+        }
+        if let Some(name) = unknown_placeholder(&self.delivery.template) {
+            return Err(invalid(
+                "delivery.template",
+                format!(
+                    "{{{name}}} is not a placeholder: only {{code}} and {{minutes}} are filled in"
+                ),
+            ));
         }
         if !self.http.listen.is_empty() && !self.http.listen.starts_with("unix:") {
             self.http
@@ -1173,6 +1199,30 @@ mod tests {
             "",
             "the allow-lists decide who is served"
         );
+    }
+
+    #[test]
+    fn a_template_may_hold_only_the_placeholders_otpd_fills_in() {
+        let parsed = |template: &str| {
+            Config::parse(&format!("[delivery]\ntemplate = {template:?}\n"))
+                .map_err(|e| e.to_string())
+        };
+        for (template, unknown) in [
+            ("{code} {hours}", "{hours}"),
+            ("{minutes} {Code} {code}", "{Code}"),
+            ("{code}{x_1}", "{x_1}"),
+        ] {
+            let err = parsed(template).unwrap_err();
+            assert!(err.contains("delivery.template"), "{err}");
+            assert!(err.contains(&format!(": {unknown} is not")), "{err}");
+        }
+        for template in [
+            "{code} expires in {minutes} minutes",
+            "{{code}} {} { } {not a name} {code",
+            "json: {\"otp\": \"{code}\"}",
+        ] {
+            assert!(parsed(template).is_ok(), "{template}");
+        }
     }
 
     #[test]
