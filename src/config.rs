@@ -20,6 +20,10 @@ pub const SECRET_CREDENTIAL: &str = "otpd-secret";
 /// Name of the systemd credential that may hold the Vonage application's private key.
 pub const VONAGE_KEY_CREDENTIAL: &str = "otpd-vonage-key";
 
+/// Longest config file read: the packaged one is 6 KiB, and a wrong `--config`
+/// (`/dev/zero`, a log) must end in an error, not in memory exhaustion.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// A configuration error: always names the key it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -776,12 +780,17 @@ fn without_value(message: &str) -> String {
 }
 
 impl Config {
-    /// Reads and validates a TOML file.
+    /// Reads and validates a TOML file, of at most [`MAX_CONFIG_BYTES`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = crate::read_bounded(path, MAX_CONFIG_BYTES)
+            .and_then(|bytes| {
+                String::from_utf8(bytes)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })
+            .map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
         Self::parse(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_owned(),
@@ -997,6 +1006,22 @@ mod tests {
             Config::parse("[store]\nengine = \"fjall\"\ndurability = \"relaxed\"\n").unwrap();
         assert_eq!(config.store.engine, Engine::Fjall);
         assert!(config.warnings().iter().any(|w| w.contains("relaxed")));
+    }
+
+    #[test]
+    fn a_config_file_is_read_up_to_a_mebibyte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("otpd.toml");
+        let comment = |len: u64| format!("#{}\n", "x".repeat(len as usize - 2));
+        std::fs::write(&path, comment(MAX_CONFIG_BYTES)).unwrap();
+        assert!(Config::load(&path).is_ok(), "exactly the limit");
+        std::fs::write(&path, comment(MAX_CONFIG_BYTES + 1)).unwrap();
+        let err = format!(
+            "{:#}",
+            anyhow::Error::from(Config::load(&path).unwrap_err())
+        );
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("longer than 1048576 bytes"), "{err}");
     }
 
     #[test]
