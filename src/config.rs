@@ -35,25 +35,26 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config key `{key}`: {reason}")]
-    Invalid { key: &'static str, reason: String },
+    Invalid { key: String, reason: String },
 }
 
-fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        key,
+        key: key.to_owned(),
         reason: reason.into(),
     }
 }
 
-/// Checks `min <= value <= max` and names the key when it is not.
-fn check_range(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+/// Checks `min <= value <= max` and names the key when it is not (also for the
+/// delivery backends' keys, so that every range error reads alike).
+pub(crate) fn check_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     check_range_why(key, value, min, max, None)
 }
 
 /// [`check_range`], saying where a bound comes from when the key alone does not
 /// explain it (`why`: "it may not exceed otp.send_window_secs").
 fn check_range_why(
-    key: &'static str,
+    key: &str,
     value: u64,
     min: u64,
     max: u64,
