@@ -20,6 +20,10 @@ pub const SECRET_CREDENTIAL: &str = "otpd-secret";
 /// Name of the systemd credential that may hold the Vonage application's private key.
 pub const VONAGE_KEY_CREDENTIAL: &str = "otpd-vonage-key";
 
+/// Longest config file read: the packaged one is 6 KiB, and a wrong `--config`
+/// (`/dev/zero`, a log) must end in an error, not in memory exhaustion.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// A configuration error: always names the key it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -31,26 +35,39 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config key `{key}`: {reason}")]
-    Invalid { key: &'static str, reason: String },
+    Invalid { key: String, reason: String },
 }
 
-fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        key,
+        key: key.to_owned(),
         reason: reason.into(),
     }
 }
 
-/// Checks `min <= value <= max` and names the key when it is not.
-fn check_range(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+/// Checks `min <= value <= max` and names the key when it is not (also for the
+/// delivery backends' keys, so that every range error reads alike).
+pub(crate) fn check_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    check_range_why(key, value, min, max, None)
+}
+
+/// [`check_range`], saying where a bound comes from when the key alone does not
+/// explain it (`why`: "it may not exceed otp.send_window_secs").
+fn check_range_why(
+    key: &str,
+    value: u64,
+    min: u64,
+    max: u64,
+    why: Option<&str>,
+) -> Result<(), ConfigError> {
     if (min..=max).contains(&value) {
-        Ok(())
-    } else {
-        Err(invalid(
-            key,
-            format!("{value} is out of range {min}..={max}"),
-        ))
+        return Ok(());
     }
+    let why = why.map(|why| format!(" ({why})")).unwrap_or_default();
+    Err(invalid(
+        key,
+        format!("{value} is out of range {min}..={max}{why}"),
+    ))
 }
 
 /// The whole configuration, section by section as in the TOML file. (`Serialize`
@@ -102,17 +119,32 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    /// The socket mode as permission bits (validated by [`Config::validate`]).
+    /// The socket mode as permission bits (validated by [`Config::validate`]). The
+    /// owner must keep read and write: otpd's own user connects too (the `otpd` tools,
+    /// and the start-up probe for a daemon still listening on the path).
     pub fn socket_mode_bits(&self) -> Result<u32, ConfigError> {
-        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
+        let refused = |why: &str| {
+            invalid(
+                "server.socket_mode",
+                format!("{:?} {why}", self.socket_mode),
+            )
+        };
+        let bits = u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
             .ok()
-            .filter(|bits| *bits <= 0o777)
-            .ok_or_else(|| {
-                invalid(
-                    "server.socket_mode",
-                    format!("{:?} is not an octal mode like \"0660\"", self.socket_mode),
-                )
-            })
+            .filter(|bits| *bits <= 0o7777)
+            .ok_or_else(|| refused("is not an octal mode like \"0660\""))?;
+        if bits > 0o777 {
+            return Err(refused(
+                "sets setuid, setgid or sticky bits, which are not allowed on a socket",
+            ));
+        }
+        if bits & 0o600 != 0o600 {
+            return Err(refused(
+                "denies the owner read and write: otpd's own user could not connect \
+                 (the otpd tools, the start-up check for a daemon already running)",
+            ));
+        }
+        Ok(bits)
     }
 }
 
@@ -529,6 +561,24 @@ impl DeliveryConfig {
     }
 }
 
+/// The `{name}`s the delivery backends fill into `delivery.template`.
+const PLACEHOLDERS: [&str; 2] = ["code", "minutes"];
+
+/// The first `{name}` in `template` that otpd does not fill in (a misspelt or made-up
+/// placeholder), which would be sent as it is. Braces around anything but a name
+/// (letters, digits, `_`) are text.
+fn unknown_placeholder(template: &str) -> Option<&str> {
+    template
+        .split('{')
+        .skip(1)
+        .filter_map(|after_brace| after_brace.split_once('}').map(|(name, _)| name))
+        .find(|name| {
+            !name.is_empty()
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !PLACEHOLDERS.contains(name)
+        })
+}
+
 /// `[delivery.dispatch]` and `[delivery.messages]`: a Vonage application.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -687,16 +737,41 @@ fn describe_value_error(text: &str, error: serde_path_to_error::Error<toml::de::
     }
 }
 
+/// The Rust integer types serde names in "expected u64".
+const INTEGER_TYPES: [&str; 12] = [
+    "u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize",
+];
+
 /// serde's "invalid type: <kind> <value>, expected <what>" (or "invalid value: …")
-/// with the kind of value only.
+/// with the kind of value only, and with Rust's type names in words: a whole number,
+/// or, for an integer outside its type, which way it is wrong (told by its sign, as
+/// the value itself is not shown). "unknown variant `<value>`, expected …" (a word
+/// that is not one of a key's choices) loses the value too.
 fn without_value(message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("unknown variant ") {
+        let expected = rest
+            .rsplit_once(", expected ")
+            .map(|(_, expected)| format!(", expected {expected}"))
+            .unwrap_or_default();
+        return format!("unknown value{expected}");
+    }
     for prefix in ["invalid type: ", "invalid value: "] {
         if let Some(rest) = message.strip_prefix(prefix)
             && let Some((found, expected)) = rest.rsplit_once(", expected ")
         {
             let kind = found.split(['`', '"']).next().unwrap_or(found).trim_end();
+            let integer_type = INTEGER_TYPES.contains(&expected);
+            if kind == "integer" && integer_type {
+                return match (found.starts_with("integer `-"), expected.starts_with('u')) {
+                    (true, true) => "must not be negative",
+                    (true, false) => "too small",
+                    (false, _) => "too large",
+                }
+                .to_owned();
+            }
             let expected = match expected.strip_prefix("struct ") {
                 Some(_) => "a table",
+                None if integer_type => "a whole number",
                 None => expected,
             };
             return format!("{prefix}{kind}, expected {expected}");
@@ -706,12 +781,17 @@ fn without_value(message: &str) -> String {
 }
 
 impl Config {
-    /// Reads and validates a TOML file.
+    /// Reads and validates a TOML file, of at most [`MAX_CONFIG_BYTES`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = crate::read_bounded(path, MAX_CONFIG_BYTES)
+            .and_then(|bytes| {
+                String::from_utf8(bytes)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })
+            .map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
         Self::parse(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_owned(),
@@ -781,11 +861,16 @@ impl Config {
         )?;
         check_range("otp.send_window_secs", o.send_window_secs, 1, 30 * 86_400)?;
         // Sends are remembered for one send window, so a longer cooldown would end early.
-        check_range(
+        let (longest_cooldown, why) = match o.send_window_secs {
+            window @ ..=86_400 => (window, "it may not exceed otp.send_window_secs"),
+            _ => (86_400, "at most a day, whatever otp.send_window_secs"),
+        };
+        check_range_why(
             "otp.resend_cooldown_secs",
             o.resend_cooldown_secs,
             0,
-            o.send_window_secs.min(86_400),
+            longest_cooldown,
+            Some(why),
         )?;
         check_range(
             "janitor.interval_secs",
@@ -797,6 +882,14 @@ impl Config {
         self.delivery.backend()?;
         if !self.delivery.template.contains("{code}") {
             return Err(invalid("delivery.template", "must contain {code}"));
+        }
+        if let Some(name) = unknown_placeholder(&self.delivery.template) {
+            return Err(invalid(
+                "delivery.template",
+                format!(
+                    "{{{name}}} is not a placeholder: only {{code}} and {{minutes}} are filled in"
+                ),
+            ));
         }
         if !self.http.listen.is_empty() && !self.http.listen.starts_with("unix:") {
             self.http
@@ -863,6 +956,30 @@ impl Config {
                     .into(),
             );
         }
+        let s = &self.server;
+        if let Ok(bits) = s.socket_mode_bits()
+            && bits & 0o002 != 0
+            && s.allowed_uids.is_empty()
+            && s.allowed_gids.is_empty()
+        {
+            warnings.push(format!(
+                "server.socket_mode = {:?} lets others write to the socket: anyone on the \
+                 host can connect and use otpd; give access by group (\"0660\") or set \
+                 server.allowed_uids / server.allowed_gids",
+                s.socket_mode
+            ));
+        }
+        // The REST API has no authentication: only the host itself should reach it.
+        if let Ok(address) = self.http.listen.parse::<std::net::SocketAddr>()
+            && !address.ip().to_canonical().is_loopback()
+        {
+            warnings.push(format!(
+                "http.listen = {:?} is not a loopback address: the REST API and /metrics \
+                 have no authentication, so anyone who can reach it can create and verify \
+                 codes; listen on 127.0.0.1 or a unix: socket behind a reverse proxy",
+                self.http.listen
+            ));
+        }
         let vonage = match self.delivery.backend() {
             Ok(Backend::Dispatch) => Some(("dispatch", &self.delivery.dispatch)),
             Ok(Backend::Messages) => Some(("messages", &self.delivery.messages)),
@@ -890,6 +1007,22 @@ mod tests {
             Config::parse("[store]\nengine = \"fjall\"\ndurability = \"relaxed\"\n").unwrap();
         assert_eq!(config.store.engine, Engine::Fjall);
         assert!(config.warnings().iter().any(|w| w.contains("relaxed")));
+    }
+
+    #[test]
+    fn a_config_file_is_read_up_to_a_mebibyte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("otpd.toml");
+        let comment = |len: u64| format!("#{}\n", "x".repeat(len as usize - 2));
+        std::fs::write(&path, comment(MAX_CONFIG_BYTES)).unwrap();
+        assert!(Config::load(&path).is_ok(), "exactly the limit");
+        std::fs::write(&path, comment(MAX_CONFIG_BYTES + 1)).unwrap();
+        let err = format!(
+            "{:#}",
+            anyhow::Error::from(Config::load(&path).unwrap_err())
+        );
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("longer than 1048576 bytes"), "{err}");
     }
 
     #[test]
@@ -943,6 +1076,16 @@ mod tests {
                 "server",
                 "invalid type: integer, expected a table",
             ),
+            (
+                "[store]\ndurability = \"redis://u:S3CRET-VALUE@h, expected x\"\n",
+                "store.durability",
+                "unknown value, expected `flush` or `relaxed`",
+            ),
+            (
+                "[delivery]\nbackend = \"S3CRET-VALUE\"\n",
+                "delivery.backend",
+                "unknown value, expected one of `log`, `dispatch`, `messages`",
+            ),
         ] {
             let err = Config::parse(text).unwrap_err().to_string();
             assert!(err.contains(&format!("(key `{key}`)")), "{err}");
@@ -957,6 +1100,49 @@ mod tests {
             twice.to_string().contains("`ttl_secs` given twice"),
             "{twice}"
         );
+    }
+
+    #[test]
+    fn a_number_of_the_wrong_type_or_size_is_described_in_words() {
+        for (text, key, described) in [
+            (
+                "[server]\nmax_connections = \"5133770\"\n",
+                "server.max_connections",
+                "invalid type: string, expected a whole number",
+            ),
+            (
+                "[otp]\nttl_secs = 5133770.5\n",
+                "otp.ttl_secs",
+                "invalid type: floating point, expected a whole number",
+            ),
+            (
+                "[otp]\nttl_secs = 99999999999999999999\n",
+                "otp.ttl_secs",
+                "too large",
+            ),
+            (
+                "[otp]\ncode_length = 5133770000\n",
+                "otp.code_length",
+                "too large",
+            ),
+            (
+                "[otp]\nretain_secs = -5133770\n",
+                "otp.retain_secs",
+                "must not be negative",
+            ),
+            (
+                "[server]\nallowed_uids = [-5133770]\n",
+                "server.allowed_uids[0]",
+                "must not be negative",
+            ),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(
+                err.ends_with(&format!(": {described} (key `{key}`)")),
+                "{err}"
+            );
+            assert!(!err.contains("5133770") && !err.contains("9999"), "{err}");
+        }
     }
 
     #[test]
@@ -990,6 +1176,82 @@ mod tests {
     }
 
     #[test]
+    fn a_cooldown_out_of_range_names_what_bounds_it() {
+        let err = Config::parse("[otp]\nsend_window_secs = 10\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config key `otp.resend_cooldown_secs`: 30 is out of range 0..=10 \
+             (it may not exceed otp.send_window_secs)"
+        );
+        let text = "[otp]\nsend_window_secs = 200000\nresend_cooldown_secs = 100000\n";
+        let err = Config::parse(text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config key `otp.resend_cooldown_secs`: 100000 is out of range 0..=86400 \
+             (at most a day, whatever otp.send_window_secs)"
+        );
+    }
+
+    #[test]
+    fn a_socket_mode_must_let_the_owner_in_and_is_warned_about_when_open_to_all() {
+        let refused = |mode: &str| {
+            let text = format!("[server]\nsocket_mode = {mode:?}\n");
+            Config::parse(&text).unwrap_err().to_string()
+        };
+        for mode in ["7777", "1660", "0o4660"] {
+            let err = refused(mode);
+            assert!(err.contains("server.socket_mode"), "{err}");
+            assert!(err.contains("setuid, setgid or sticky"), "{err}");
+        }
+        for mode in ["66", "0000", "0460", "0260"] {
+            let err = refused(mode);
+            assert!(err.contains("denies the owner read and write"), "{err}");
+        }
+        assert!(refused("17777").contains("not an octal mode"));
+
+        let warned = |server: &str| {
+            let config = Config::parse(&format!("[server]\n{server}")).unwrap();
+            config.warnings().join("\n")
+        };
+        for mode in ["0666", "0777", "0602"] {
+            let warning = warned(&format!("socket_mode = {mode:?}\n"));
+            assert!(warning.contains("server.socket_mode"), "{mode}: {warning}");
+            assert!(warning.contains("anyone on the host"), "{warning}");
+        }
+        assert_eq!(warned("socket_mode = \"0600\"\n"), "");
+        assert_eq!(warned("socket_mode = \"0664\"\n"), "");
+        assert_eq!(
+            warned("socket_mode = \"0666\"\nallowed_gids = [4321]\n"),
+            "",
+            "the allow-lists decide who is served"
+        );
+    }
+
+    #[test]
+    fn a_template_may_hold_only_the_placeholders_otpd_fills_in() {
+        let parsed = |template: &str| {
+            Config::parse(&format!("[delivery]\ntemplate = {template:?}\n"))
+                .map_err(|e| e.to_string())
+        };
+        for (template, unknown) in [
+            ("{code} {hours}", "{hours}"),
+            ("{minutes} {Code} {code}", "{Code}"),
+            ("{code}{x_1}", "{x_1}"),
+        ] {
+            let err = parsed(template).unwrap_err();
+            assert!(err.contains("delivery.template"), "{err}");
+            assert!(err.contains(&format!(": {unknown} is not")), "{err}");
+        }
+        for template in [
+            "{code} expires in {minutes} minutes",
+            "{{code}} {} { } {not a name} {code",
+            "json: {\"otp\": \"{code}\"}",
+        ] {
+            assert!(parsed(template).is_ok(), "{template}");
+        }
+    }
+
+    #[test]
     fn a_master_password_is_for_sentinels_only_and_never_shown() {
         let url = "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"redis://a\"\nmaster_password = \"pw\"\n";
         let err = Config::parse(url).unwrap_err();
@@ -1011,6 +1273,32 @@ mod tests {
         };
         assert!(warned("http://127.0.0.1:9").contains("delivery.messages.api_url"));
         assert_eq!(warned("https://api.nexmo.com"), "");
+    }
+
+    #[test]
+    fn an_http_listener_beyond_loopback_is_warned_about() {
+        let warned = |listen: &str| {
+            let text = format!("[http]\nlisten = {listen:?}\n");
+            Config::parse(&text).unwrap().warnings().join("\n")
+        };
+        for listen in [
+            "0.0.0.0:8080",
+            "[::]:8080",
+            "192.168.1.20:3000",
+            "[fe80::1]:80",
+        ] {
+            assert!(warned(listen).contains("http.listen"), "{listen}");
+        }
+        for listen in [
+            "",
+            "127.0.0.1:3000",
+            "127.1.2.3:3000",
+            "[::1]:3000",
+            "[::ffff:127.0.0.1]:3000",
+            "unix:/run/otpd-http/http.sock",
+        ] {
+            assert_eq!(warned(listen), "", "{listen}");
+        }
     }
 
     #[test]

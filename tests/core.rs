@@ -668,7 +668,7 @@ fn bad_config_stops_start_up_naming_the_key() {
         ("[otp]\ncode_lenght = 6\n", "code_lenght"),
         ("[otp]\nttl_secs = 0\n", "otp.ttl_secs"),
         ("[server]\nsocket_mode = \"rw\"\n", "server.socket_mode"),
-        ("[delivery]\nbackend = \"pigeon\"\n", "pigeon"),
+        ("[delivery]\nbackend = \"pigeon\"\n", "delivery.backend"),
         // A Vonage section the log backend does not use is checked all the same.
         (
             "[delivery.messages]\nfailover_secs = 5\n",

@@ -255,6 +255,22 @@ mod tests {
     }
 
     #[test]
+    fn a_vonage_value_out_of_range_reads_like_any_config_range_error() {
+        for (section, key, value, range) in [
+            ("dispatch", "failover_secs", 5, "15..=86400"),
+            ("messages", "timeout_secs", 301, "1..=300"),
+            ("dispatch", "max_retries", 11, "0..=10"),
+        ] {
+            let text = format!("[delivery.{section}]\n{key} = {value}\n");
+            let err = check(&Config::parse(&text).unwrap()).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("config key `delivery.{section}.{key}`: {value} is out of range {range}")
+            );
+        }
+    }
+
+    #[test]
     fn recipients_in_failover_order() {
         let to = Recipients {
             messenger: Some("42".into()),

@@ -119,29 +119,14 @@ impl Api {
                 self.key("sms_from")
             );
         }
-        if !FAILOVER_SECS.contains(&v.failover_secs) {
-            anyhow::bail!(
-                "{}: {} is out of range {}..={}",
-                self.key("failover_secs"),
-                v.failover_secs,
-                FAILOVER_SECS.start(),
-                FAILOVER_SECS.end()
-            );
-        }
-        if !(1..=300).contains(&v.timeout_secs) {
-            anyhow::bail!(
-                "{}: {} is out of range 1..=300",
-                self.key("timeout_secs"),
-                v.timeout_secs
-            );
-        }
-        if v.max_retries > 10 {
-            anyhow::bail!(
-                "{}: {} is out of range 0..=10",
-                self.key("max_retries"),
-                v.max_retries
-            );
-        }
+        crate::config::check_range(
+            &self.key("failover_secs"),
+            v.failover_secs,
+            *FAILOVER_SECS.start(),
+            *FAILOVER_SECS.end(),
+        )?;
+        crate::config::check_range(&self.key("timeout_secs"), v.timeout_secs, 1, 300)?;
+        crate::config::check_range(&self.key("max_retries"), v.max_retries.into(), 0, 10)?;
         let messenger_options = match (v.messenger_category.as_str(), v.messenger_tag.as_str()) {
             ("response" | "update", "") => json!({"category": v.messenger_category}),
             ("message_tag", "") => anyhow::bail!(
