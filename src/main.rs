@@ -242,7 +242,9 @@ fn serve_config(config_file: Option<PathBuf>, overrides: &Overrides) -> anyhow::
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
-    config.resolve_paths(overrides, &SystemdDirs::from_env());
+    for replaced in config.resolve_paths(overrides, &SystemdDirs::from_env()) {
+        tracing::warn!("{replaced}");
+    }
     otpd::delivery::check(&config)?;
     Ok(config)
 }

@@ -581,14 +581,32 @@ impl Config {
     }
 
     /// Fills in every path left empty, from flags, then systemd's directories,
-    /// then the developer default.
-    pub fn resolve_paths(&mut self, overrides: &Overrides, dirs: &SystemdDirs) {
+    /// then the developer default. Returns what `--data-dir` replaced of the file's
+    /// paths, for a start-up warning: the file then does not say where the state is.
+    pub fn resolve_paths(&mut self, overrides: &Overrides, dirs: &SystemdDirs) -> Vec<String> {
         let data_dir = overrides
             .data_dir
             .clone()
             .or_else(|| dirs.state.clone())
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let from_flag = overrides.data_dir.is_some();
+        let mut replaced = Vec::new();
+        if from_flag {
+            let socket = (overrides.socket.is_none()).then_some(&self.server.socket);
+            for (key, path) in [
+                ("server.socket", socket),
+                ("store.path", Some(&self.store.path)),
+                ("store.secret_file", Some(&self.store.secret_file)),
+            ] {
+                if let Some(path) = path.filter(|path| !path.as_os_str().is_empty()) {
+                    replaced.push(format!(
+                        "--data-dir {} replaces {key} = {:?} from the config file",
+                        data_dir.display(),
+                        path.display().to_string()
+                    ));
+                }
+            }
+        }
 
         if let Some(socket) = &overrides.socket {
             self.server.socket = socket.clone();
@@ -614,6 +632,7 @@ impl Config {
                 }
             }
         }
+        replaced
     }
 
     /// Start-up warnings that do not stop the daemon.
@@ -1161,10 +1180,24 @@ mod tests {
             socket: None,
             data_dir: Some("/flag".into()),
         };
-        config.resolve_paths(&data_dir, &SystemdDirs::default());
+        let replaced = config.resolve_paths(&data_dir, &SystemdDirs::default());
         assert_eq!(config.server.socket, PathBuf::from("/flag/otpd.sock"));
         assert_eq!(config.store.path, PathBuf::from("/flag/db"));
         assert_eq!(config.store.secret_file, PathBuf::from("/flag/secret.key"));
+        assert_eq!(
+            replaced,
+            [
+                "--data-dir /flag replaces server.socket = \"/file.sock\" from the config file",
+                "--data-dir /flag replaces store.path = \"/file-db\" from the config file",
+            ],
+            "said at start-up; the secret_file the file left empty is not"
+        );
+        let mut config = Config::default();
+        assert!(
+            config
+                .resolve_paths(&data_dir, &SystemdDirs::default())
+                .is_empty()
+        );
     }
 
     #[test]
