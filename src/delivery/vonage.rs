@@ -86,6 +86,13 @@ impl Api {
 
     fn settings(self, config: &Config) -> anyhow::Result<Settings> {
         let v = self.section_of(config);
+        if !v.application_id.is_empty() && !is_uuid(&v.application_id) {
+            anyhow::bail!(
+                "{}: must be your Vonage application's id, a UUID such as \
+                 aaaaaaaa-bbbb-4ccc-8ddd-0123456789ab",
+                self.key("application_id")
+            );
+        }
         let api_url = v.api_url.trim_end_matches('/').to_owned();
         let uri: Uri = api_url.parse().map_err(|_| {
             anyhow::anyhow!("{}: {:?} is not a URL", self.key("api_url"), v.api_url)
@@ -237,6 +244,15 @@ impl Vonage {
 
 /// The longest text the template can make (longest code, configured minutes) must fit
 /// Messenger's limit when Messenger is on, and SMS's always.
+/// `8-4-4-4-12` hex digits, as Vonage's application ids are.
+fn is_uuid(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 fn check_template_length(config: &Config, messenger: bool) -> anyhow::Result<()> {
     let longest = Code::from_input(&"9".repeat(*CODE_LENGTHS.end() as usize));
     let chars = render(&config.delivery.template, &longest, config.otp.ttl_secs)
@@ -280,5 +296,31 @@ mod tests {
             check_template_length(&config(&longer), false).is_ok(),
             "SMS takes 1000"
         );
+    }
+
+    #[test]
+    fn application_id_must_be_a_uuid() {
+        let mut config = Config::default();
+        for (id, ok) in [
+            ("aaaaaaaa-bbbb-4ccc-8ddd-0123456789ab", true),
+            ("AAAAAAAA-BBBB-4CCC-8DDD-0123456789AB", true),
+            ("", true), // not in use: checked as required where it is
+            ("not-a-uuid", false),
+            ("aaaaaaaa-bbbb-4ccc-8ddd-0123456789a", false),
+            ("aaaaaaaabbbb4ccc8ddd0123456789abcdef", false),
+            ("gaaaaaaa-bbbb-4ccc-8ddd-0123456789ab", false),
+        ] {
+            config.delivery.messages.application_id = id.into();
+            let checked = Api::Messages.check(&config, false);
+            assert_eq!(checked.is_ok(), ok, "{id}: {:?}", checked.err());
+            if let Err(error) = checked {
+                assert!(
+                    error
+                        .to_string()
+                        .starts_with("delivery.messages.application_id: "),
+                    "{error}"
+                );
+            }
+        }
     }
 }
