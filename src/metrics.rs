@@ -26,8 +26,7 @@ pub struct Counters {
     /// Messages the provider accepted.
     pub delivery_sent: AtomicU64,
     /// Messages that will not go out as they are: the provider refused them (4xx other
-    /// than 429), accepted them with an answer otpd cannot read, or otpd could not
-    /// sign the request.
+    /// than 429), or otpd could not sign the request.
     pub delivery_refused: AtomicU64,
     /// Messages given up on after retries (429, 5xx, connection errors, timeouts).
     pub delivery_unavailable: AtomicU64,

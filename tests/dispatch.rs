@@ -308,6 +308,24 @@ fn a_refusal_answers_502_with_the_provider_detail_and_nothing_stays_live() {
     assert_log_is_clean(&daemon, &seen[0].code());
 }
 
+/// Vonage took the message but its answer cannot be read: the message is out, so the
+/// code must stand (refusing it would leave the person a code that answers 404).
+#[test]
+fn an_acceptance_without_an_id_keeps_the_code_under_a_local_reference() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    vonage.script(&[Reply::AcceptUnreadable]);
+    let answer = create(&daemon, "t7", json!({"sms": PHONE}));
+    assert_eq!(answer["status"], 201, "{answer}");
+    let seen = vonage.requests();
+    assert_eq!(seen.len(), 1, "an acceptance is not retried");
+    let status = daemon.call(json!({"op": "status", "token": "t7"}));
+    let reference = status["delivery"]["reference"].as_str().unwrap();
+    assert!(reference.starts_with("unread-"), "{status}");
+    assert_eq!(daemon.verify("t7", &seen[0].code())["status"], 200);
+    assert_eq!(daemon.stats()["delivery_sent"], 1);
+}
+
 #[test]
 fn a_provider_echoing_the_request_gets_no_code_or_number_into_answers_or_logs() {
     let vonage = VonageStandIn::start();

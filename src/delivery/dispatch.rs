@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::vonage::{Api, Vonage};
-use super::{Delivery, DeliveryError, Message, Receipt};
+use super::{Delivery, DeliveryError, Message, Receipt, accepted_reference};
 use crate::config::Config;
 use crate::metrics::Counters;
 
@@ -77,16 +77,12 @@ impl Delivery for DispatchDelivery {
     async fn send(&self, message: &Message<'_>) -> Result<Receipt, DeliveryError> {
         let body = self.workflow(message)?;
         let answer = self.vonage.client.post_json(&self.url, &body).await?;
-        let uuid = answer["dispatch_uuid"].as_str().ok_or_else(|| {
-            DeliveryError::Refused("Vonage accepted the workflow without a dispatch_uuid".into())
-        })?;
+        let uuid = accepted_reference(&answer, "dispatch_uuid");
         tracing::info!(
             token = message.token,
             dispatch_uuid = uuid,
             "sent via Dispatch"
         );
-        Ok(Receipt {
-            reference: uuid.to_owned(),
-        })
+        Ok(Receipt { reference: uuid })
     }
 }

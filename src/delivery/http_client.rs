@@ -192,7 +192,12 @@ impl ApiClient {
         if status.is_success() {
             return match serde_json::from_slice(&bytes) {
                 Ok(answer) => Attempt::Accepted(answer),
-                Err(e) => Attempt::Refused(format!("{status} with an unreadable body: {e}")),
+                // Accepted all the same: the message is on its way, and refusing it
+                // would drop a code its person is about to receive.
+                Err(error) => {
+                    tracing::warn!(%status, %error, "Vonage accepted the request with an unreadable answer");
+                    Attempt::Accepted(Value::Null)
+                }
             };
         }
         // Only an answer that is no success pays for finding what to withhold.

@@ -11,7 +11,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rand::RngExt;
 use serde::Serialize;
 
 /// How long a token is valid: Vonage's default and the official SDKs' choice.
@@ -116,7 +115,7 @@ impl JwtSigner {
             application_id: &self.application_id,
             iat: now,
             exp: now + LIFETIME_SECS,
-            jti: random_jti(),
+            jti: super::random_id(),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &self.key)?;
         *cached = Some(Cached {
@@ -125,12 +124,6 @@ impl JwtSigner {
         });
         Ok(token)
     }
-}
-
-/// 128 random bits from the OS, in hex: never repeated in practice.
-fn random_jti() -> String {
-    let mut rng = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
-    format!("{:032x}", rng.random::<u128>())
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Mutex, Once};
 
 use async_trait::async_trait;
-use rand::RngExt;
 
 use super::{Delivery, DeliveryError, Message, Receipt};
 use crate::config::DeliveryConfig;
@@ -90,6 +89,5 @@ impl Delivery for LogDelivery {
 
 /// A fresh reference in the shape of a provider's id: `log-` and 32 hex digits.
 fn new_reference() -> String {
-    let mut rng = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
-    format!("log-{:032x}", rng.random::<u128>())
+    format!("log-{}", super::random_id())
 }

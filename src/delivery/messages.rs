@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::seal::Sealer;
 use super::vonage::{Api, Vonage};
-use super::{Delivery, DeliveryError, Message, Receipt, fill_minutes};
+use super::{Delivery, DeliveryError, Message, Receipt, accepted_reference, fill_minutes};
 use crate::config::Config;
 use crate::metrics::Counters;
 use crate::rules::{
@@ -102,12 +102,7 @@ impl Inner {
     /// Posts one message; answers its `message_uuid`.
     async fn post(&self, body: &Value) -> Result<String, DeliveryError> {
         let answer = self.vonage.client.post_json(&self.url, body).await?;
-        answer["message_uuid"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                DeliveryError::Refused("Vonage accepted the message without a message_uuid".into())
-            })
+        Ok(accepted_reference(&answer, "message_uuid"))
     }
 
     /// How long a claimed failover is kept from everyone else: longer than its send.

@@ -17,6 +17,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use rand::RngExt;
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::code::Code;
@@ -146,6 +148,31 @@ pub trait Delivery: Send + Sync {
         _stop: CancellationToken,
     ) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
         None
+    }
+}
+
+/// 128 random bits from the OS, in hex: never repeated in practice.
+fn random_id() -> String {
+    let mut rng = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
+    format!("{:032x}", rng.random::<u128>())
+}
+
+/// The id Vonage gave a message it accepted (`field` of its answer), or, when the
+/// answer does not carry one, a local reference (`unread-` and 32 hex digits): the
+/// message is out all the same, so its code stands, but no status report will name
+/// it (no read receipt for a failover, no events in `status`).
+fn accepted_reference(answer: &Value, field: &str) -> String {
+    match answer[field].as_str() {
+        Some(id) => id.to_owned(),
+        None => {
+            let reference = format!("unread-{}", random_id());
+            tracing::warn!(
+                field,
+                reference,
+                "Vonage accepted the message without an id; it is filed under a local reference"
+            );
+            reference
+        }
     }
 }
 

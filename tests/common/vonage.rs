@@ -36,6 +36,8 @@ pub const TEMPLATE: &str = "{code} is your code. It expires in {minutes} minutes
 pub enum Reply {
     /// 202 with a fresh `dispatch_uuid` / `message_uuid`.
     Accept,
+    /// 202 with a body that is not JSON: accepted, but without an id.
+    AcceptUnreadable,
     /// 400 with an RFC 7807 problem body.
     Problem,
     /// 401 problem, as for a wrong application id or key.
@@ -307,7 +309,7 @@ async fn answer(
     }
     state.lock().unwrap().unanswered.retain(|u| *u != uuid);
     let status = match &reply {
-        Reply::Accept => 202,
+        Reply::Accept | Reply::AcceptUnreadable => 202,
         Reply::Problem => 400,
         Reply::Unauthorized => 401,
         Reply::TooMany { .. } => 429,
@@ -338,6 +340,10 @@ async fn answer(
                 .body(Full::new(Bytes::from(json!({ field: uuid }).to_string())))
                 .unwrap()
         }
+        Reply::AcceptUnreadable => Response::builder()
+            .status(202)
+            .body(Full::new(Bytes::from_static(b"Accepted")))
+            .unwrap(),
         Reply::Problem => problem(
             StatusCode::BAD_REQUEST,
             "Bad Request",
