@@ -389,10 +389,14 @@ impl Otp {
         };
         match self.delivery.send(&message).await {
             Ok(receipt) => {
-                self.store
-                    .confirm_delivery(&token, &digest, &receipt.reference)
+                let counts = self
+                    .store
+                    .confirm_delivery(&token, &digest, &receipt.reference, now_ms())
                     .await
                     .map_err(self.storage_failed("create", &token))?;
+                if !counts {
+                    return Err(self.ended_while_sent(&token).await);
+                }
             }
             Err(error) => {
                 bump(&self.counters.delivery_failed);
@@ -412,6 +416,30 @@ impl Otp {
             expires_at,
             channels: new.channels,
         })
+    }
+
+    /// Why a code that went out no longer counts, as the token's state says: the code
+    /// it replaced verified meanwhile (409), a lock ended it (429), or a cancel or its
+    /// expiry did (410). A 201 would promise a code that cannot verify.
+    async fn ended_while_sent(&self, token: &str) -> OtpError {
+        tracing::info!(
+            token,
+            "the new code was sent, but the token's state ended it meanwhile"
+        );
+        match self.status(token).await {
+            Ok(report) => match report.state {
+                CodeState::Verified => OtpError::AlreadyVerified,
+                CodeState::Locked => OtpError::TooManyAttempts {
+                    retry_after_secs: report
+                        .locked_until
+                        .map_or(0, |until| secs_rounded_up(until.saturating_sub(now_ms()))),
+                },
+                // A newer create replaced it, as verify would say of it.
+                CodeState::Pending => OtpError::NotFound,
+                CodeState::Cancelled | CodeState::Expired => OtpError::Expired,
+            },
+            Err(error) => error,
+        }
     }
 
     /// Checks a code typed by a person.

@@ -377,6 +377,49 @@ fn a_resend_that_fails_leaves_the_code_already_sent() {
     assert_eq!(daemon.verify("t7", &sent)["status"], 200);
 }
 
+/// While a resend is on its way its token may end: the code it replaced verifies, a
+/// lock or a cancel ends the new code. The create then answers what ended it, not a
+/// 201 promising a code that cannot verify.
+#[test]
+fn a_resend_whose_token_ended_on_the_way_does_not_answer_201() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    let wrong = "0000000000";
+    for (token, end, status, error, sms) in [
+        ("by-verify", "verify", 409, "already_verified", "393331000001"),
+        ("by-lock", "lock", 429, "too_many_attempts", "393331000002"),
+        ("by-cancel", "cancel", 410, "expired", "393331000003"),
+    ] {
+        let to = json!({ "sms": sms });
+        assert_eq!(create(&daemon, token, to.clone())["status"], 201);
+        let sent = vonage.requests().last().unwrap().code();
+        vonage.hold();
+        let mut resend = daemon.connect();
+        resend.send(&json!({"op": "create", "token": token, "to": to}));
+        common::wait_for("the resend to reach Vonage", || {
+            !vonage.unanswered().is_empty()
+        });
+        match end {
+            "verify" => assert_eq!(daemon.verify(token, &sent)["status"], 200),
+            "lock" => {
+                while daemon.verify(token, wrong)["status"] != 429 {}
+            }
+            _ => assert_eq!(
+                daemon.call(json!({"op": "cancel", "token": token}))["status"],
+                200
+            ),
+        }
+        vonage.release();
+        let answer = resend.receive().expect("the resend's answer");
+        assert_eq!(
+            (&answer["status"], &answer["error"]),
+            (&json!(status), &json!(error)),
+            "{end}: {answer}"
+        );
+    }
+    assert_eq!(daemon.stats()["live"], 0);
+}
+
 #[test]
 fn a_crash_during_a_resend_leaves_the_code_already_sent_valid() {
     let vonage = VonageStandIn::start();

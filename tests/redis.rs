@@ -503,10 +503,12 @@ fn delivery_records_and_discard_through_the_store(engine: Engine) {
         let digest = new.digest;
         assert!(store.create(&new, now).await.unwrap().is_ok());
         assert_eq!(store.live(), 1);
-        store
-            .confirm_delivery("deliv", &digest, "uuid-1")
-            .await
-            .unwrap();
+        assert!(
+            store
+                .confirm_delivery("deliv", &digest, "uuid-1", now)
+                .await
+                .unwrap()
+        );
         let event = DeliveryEvent {
             at: now,
             status: "delivered".into(),
@@ -588,9 +590,11 @@ fn the_replaced_code_stands_in_while_a_resend_is_unsettled(engine: Engine) {
         let now = now_ms();
         let first = new_code("stand", 1, "393331234567", now);
         a.create(&first, now).await.unwrap().unwrap();
-        a.confirm_delivery("stand", &first.digest, "uuid-s1")
-            .await
-            .unwrap();
+        assert!(
+            a.confirm_delivery("stand", &first.digest, "uuid-s1", now)
+                .await
+                .unwrap()
+        );
         // Host a dies during the resend's delivery.
         let second = new_code("stand", 2, "393331234567", now);
         a.create(&second, now).await.unwrap().unwrap();
@@ -625,9 +629,11 @@ fn the_replaced_code_stands_in_while_a_resend_is_unsettled(engine: Engine) {
         // A confirmed resend: only the new code counts.
         let third = new_code("stand", 3, "393331234567", now);
         b.create(&third, now).await.unwrap().unwrap();
-        b.confirm_delivery("stand", &third.digest, "uuid-s3")
-            .await
-            .unwrap();
+        assert!(
+            b.confirm_delivery("stand", &third.digest, "uuid-s3", now)
+                .await
+                .unwrap()
+        );
         let outcome = b.verify("stand", &first.digest, now).await.unwrap();
         assert_eq!(outcome, VerifyOutcome::NotFound);
         let outcome = b.verify("stand", &third.digest, now).await.unwrap();
@@ -650,9 +656,9 @@ fn failovers_are_taken_once_across_hosts(engine: Engine) {
         for (token, digit) in [("unread", 1), ("read", 2)] {
             let new = new_code(token, digit, &format!("39333100000{digit}"), now);
             assert!(a.create(&new, now).await.unwrap().is_ok());
-            a.confirm_delivery(token, &new.digest, &format!("uuid-{token}"))
-                .await
-                .unwrap();
+            let reference = format!("uuid-{token}");
+            let counts = a.confirm_delivery(token, &new.digest, &reference, now);
+            assert!(counts.await.unwrap());
         }
         let read = DeliveryEvent {
             at: now,
@@ -793,10 +799,11 @@ fn a_create_lost_before_its_confirm_is_not_acknowledged(engine: Engine) {
         assert!(store.create(&first, now).await.unwrap().is_ok());
         let second = new_code("gone", 2, "393331000012", now);
         assert!(store.create(&second, now).await.unwrap().is_ok());
-        store
-            .confirm_delivery("gone", &first.digest, "uuid-first")
+        let counts = store
+            .confirm_delivery("gone", &first.digest, "uuid-first", now)
             .await
             .expect("replaced by a newer create: nothing to confirm, nothing wrong");
+        assert!(!counts, "the replaced code no longer counts");
 
         // The new master never had the token: as after a failover.
         let prefix = &direct.config.store.redis.key_prefix;
@@ -807,7 +814,7 @@ fn a_create_lost_before_its_confirm_is_not_acknowledged(engine: Engine) {
         ));
         behind_otpds_back(&direct.config.store.redis, &del);
         let lost = store
-            .confirm_delivery("gone", &second.digest, "uuid-second")
+            .confirm_delivery("gone", &second.digest, "uuid-second", now)
             .await;
         assert!(lost.is_err(), "a lost create was acknowledged: {lost:?}");
     });

@@ -26,6 +26,12 @@ fn adjust_live(live: &std::sync::atomic::AtomicU64, delta: i64) {
     let _ = live.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add_signed(delta)));
 }
 
+/// Whether a code just confirmed delivered still counts: pending, or verified already
+/// (it arrived before its confirm did).
+fn still_counts(code: &CodeRecord, now: Millis) -> bool {
+    matches!(code.state_at(now), CodeState::Pending | CodeState::Verified)
+}
+
 /// A stored failover, or `None` (logged) when it does not decode: one unreadable
 /// entry is dropped rather than holding up the failovers behind it.
 fn readable_failover(bytes: &[u8]) -> Option<PendingFailover> {
@@ -135,13 +141,16 @@ pub trait Store: Send + Sync {
 
     /// Makes a created code final once its delivery went out: keeps the provider's
     /// delivery id (from then on the code it replaced no longer stands in) and returns
-    /// once the code is durable.
+    /// once the code is durable. Returns whether the code still counts at `now`: it is
+    /// the token's code, pending or verified. It does not when, while it was on its
+    /// way, the code it replaced verified, or a lock, a cancel or its expiry ended it.
     async fn confirm_delivery(
         &self,
         token: &str,
         digest: &Digest,
         reference: &str,
-    ) -> Result<(), StoreError>;
+        now: Millis,
+    ) -> Result<bool, StoreError>;
 
     /// Records a provider status report on the code whose delivery carries `reference`.
     async fn record_delivery_event(

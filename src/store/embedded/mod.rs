@@ -667,7 +667,8 @@ impl<D: Database> Store for EmbeddedStore<D> {
         token: &str,
         digest: &Digest,
         reference: &str,
-    ) -> Result<(), StoreError> {
+        now: Millis,
+    ) -> Result<bool, StoreError> {
         let filed = self.update_token(token.as_bytes(), |state| {
             let code = state
                 .code
@@ -675,12 +676,13 @@ impl<D: Database> Store for EmbeddedStore<D> {
                 .filter(|_| state.record.current == Some(*digest))?;
             code.delivery.reference = Some(reference.to_owned());
             state.replaced = None; // the new code went out: only it counts now
-            Some(())
+            Some(super::still_counts(code, now))
         })?;
         if filed.is_some() {
             self.file_reference(reference, token.as_bytes())?;
         }
-        self.wait_durable().await
+        self.wait_durable().await?;
+        Ok(filed.unwrap_or(false))
     }
 
     async fn record_delivery_event(
@@ -902,10 +904,12 @@ mod tests {
     async fn delivered<D: Database>(store: &EmbeddedStore<D>, reference: &str) -> NewCode {
         let new = new_code("a", 1, 0, 5_000);
         store.create(&new, 0).await.unwrap().unwrap();
-        store
-            .confirm_delivery("a", &new.digest, reference)
-            .await
-            .unwrap();
+        assert!(
+            store
+                .confirm_delivery("a", &new.digest, reference, 0)
+                .await
+                .unwrap()
+        );
         new
     }
 
@@ -1097,10 +1101,12 @@ mod tests {
         // Once the resend is confirmed, only the new code counts.
         let third = new_code("a", 3, 400, 5_400);
         store.create(&third, 400).await.unwrap().unwrap();
-        store
-            .confirm_delivery("a", &third.digest, "uuid-3")
-            .await
-            .unwrap();
+        assert!(
+            store
+                .confirm_delivery("a", &third.digest, "uuid-3", 400)
+                .await
+                .unwrap()
+        );
         let outcome = store.verify("a", &first.digest, 500).await.unwrap();
         assert_eq!(outcome, VerifyOutcome::NotFound);
         let outcome = store.verify("a", &third.digest, 600).await.unwrap();

@@ -753,24 +753,29 @@ impl Store for RedisStore {
         token: &str,
         digest: &Digest,
         reference: &str,
-    ) -> Result<(), StoreError> {
+        now: Millis,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let code_key = self.keys.code(token, digest);
+        let mut counts = false;
         let change = self
             .change_code(&mut conn, &code_key, |code| {
+                counts = super::still_counts(code, now);
                 code.delivery.reference = Some(reference.to_owned());
                 true
             })
             .await?;
         match change {
-            CodeChange::Gone => self.confirm_gone(&mut conn, token, digest).await,
-            CodeChange::Unchanged { .. } => Ok(()),
+            // The code it replaced verified (and took its place), or a newer create did.
+            CodeChange::Gone => self.confirm_gone(&mut conn, token, digest).await?,
+            CodeChange::Unchanged { .. } => {}
             CodeChange::Written { expire_at } => {
                 self.file_reference(&mut conn, reference, &code_key, expire_at)
                     .await?;
-                self.replicated(&mut conn).await
+                self.replicated(&mut conn).await?;
             }
         }
+        Ok(counts)
     }
 
     async fn record_delivery_event(
