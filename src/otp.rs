@@ -142,10 +142,15 @@ pub fn normalize_phone(number: &str) -> Result<String, &'static str> {
 /// Checks a Messenger page-scoped id: 1 to 32 digits (the error as for
 /// [`normalize_phone`]).
 pub fn validate_messenger_id(id: &str) -> Result<String, &'static str> {
-    if (1..=32).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_digit()) {
+    // No leading zero: an id is a number, and `0819…` beside `819…` would be a second
+    // name for one recipient, with send limits of its own.
+    if (1..=32).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_digit())
+        && !id.starts_with('0')
+    {
         Ok(id.to_owned())
     } else {
-        Err("must be a Messenger id: 1 to 32 digits")
+        Err("must be a Messenger id: 1 to 32 digits, the first not 0")
     }
 }
 
@@ -561,6 +566,9 @@ mod tests {
     fn messenger_ids() {
         assert!(validate_messenger_id("8192836451").is_ok());
         assert!(validate_messenger_id("81a").is_err());
+        for zeros in ["08192836451", "0", "00"] {
+            assert!(validate_messenger_id(zeros).is_err(), "{zeros}");
+        }
         assert!(validate_messenger_id("").is_err());
     }
 }
