@@ -386,7 +386,13 @@ fn a_resend_whose_token_ended_on_the_way_does_not_answer_201() {
     let daemon = start(&vonage, "");
     let wrong = "0000000000";
     for (token, end, status, error, sms) in [
-        ("by-verify", "verify", 409, "already_verified", "393331000001"),
+        (
+            "by-verify",
+            "verify",
+            409,
+            "already_verified",
+            "393331000001",
+        ),
         ("by-lock", "lock", 429, "too_many_attempts", "393331000002"),
         ("by-cancel", "cancel", 410, "expired", "393331000003"),
     ] {
@@ -401,9 +407,7 @@ fn a_resend_whose_token_ended_on_the_way_does_not_answer_201() {
         });
         match end {
             "verify" => assert_eq!(daemon.verify(token, &sent)["status"], 200),
-            "lock" => {
-                while daemon.verify(token, wrong)["status"] != 429 {}
-            }
+            "lock" => while daemon.verify(token, wrong)["status"] != 429 {},
             _ => assert_eq!(
                 daemon.call(json!({"op": "cancel", "token": token}))["status"],
                 200

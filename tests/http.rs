@@ -203,7 +203,15 @@ fn bad_input_answers_400_naming_the_field() {
 fn other_paths_404_and_other_methods_405() {
     let daemon = start("[otp]\nresend_cooldown_secs = 0\n");
     let http = daemon.http();
-    for path in ["/nope", "/otp", "/otp/a/b/c", "/webhooks", "/metrics/x"] {
+    for path in [
+        "/nope",
+        "/otp",
+        "/otp/a/b/c",
+        "/webhooks",
+        "/metrics/x",
+        "/otp//b",
+        "/otp/a//",
+    ] {
         let answer = http.get(path);
         assert_eq!((answer.status, answer.text()), (404, "Not found"), "{path}");
     }

@@ -278,8 +278,11 @@ impl<'a> Endpoint<'a> {
         let is = |segment: &str, word: &str| segment.eq_ignore_ascii_case(word);
         Some(match segments.as_slice() {
             [""] => Endpoint::Home,
-            [otp, token] if is(otp, "otp") => Endpoint::Create { token },
-            [otp, token, code] if is(otp, "otp") => Endpoint::Verify { token, code },
+            // As Express's `:token`, a segment must not be empty.
+            [otp, token] if is(otp, "otp") && !token.is_empty() => Endpoint::Create { token },
+            [otp, token, code] if is(otp, "otp") && !token.is_empty() && !code.is_empty() => {
+                Endpoint::Verify { token, code }
+            }
             [metrics] if is(metrics, "metrics") => Endpoint::Metrics,
             [webhooks, status] if is(webhooks, "webhooks") && is(status, "status") => {
                 Endpoint::StatusWebhook
