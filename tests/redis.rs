@@ -577,6 +577,33 @@ fn delivery_records_and_discard_through_the_store(engine: Engine) {
     });
 }
 
+/// Two resends on their way at once: the code delivered before them stands in for
+/// both, and is back when both fail.
+fn overlapping_resends_keep_the_delivered_code(engine: Engine) {
+    use otpd::rules::{VerifyOutcome, now_ms};
+    use otpd::store::Store;
+
+    let direct = DirectStore::new(engine);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = direct.connect().await;
+        let now = now_ms();
+        let first = new_code("overlap", 1, "393331000021", now);
+        store.create(&first, now).await.unwrap().unwrap();
+        let counts = store.confirm_delivery("overlap", &first.digest, "uuid-o1", now);
+        assert!(counts.await.unwrap());
+        let resends = [2, 3].map(|digit| new_code("overlap", digit, "393331000021", now));
+        for resend in &resends {
+            store.create(resend, now).await.unwrap().unwrap();
+        }
+        for resend in resends.iter().rev() {
+            store.discard("overlap", &resend.digest).await.unwrap();
+        }
+        let outcome = store.verify("overlap", &first.digest, now).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::Valid, "the delivered code is back");
+    });
+}
+
 /// A resend whose delivery never settles (its host died) leaves the code it replaced
 /// standing in, on every host, until one of the two verifies; a confirmed one does not.
 fn the_replaced_code_stands_in_while_a_resend_is_unsettled(engine: Engine) {
@@ -825,6 +852,7 @@ per_engine!([redis, redis_cluster] {
     failovers_are_taken_once_across_hosts,
     delivery_records_and_discard_through_the_store,
     the_replaced_code_stands_in_while_a_resend_is_unsettled,
+    overlapping_resends_keep_the_delivered_code,
     create_on_one_host_verify_on_another,
     fifty_concurrent_verifies_across_two_hosts_one_wins,
     guessing_spread_across_hosts_still_locks,

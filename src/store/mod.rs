@@ -72,6 +72,14 @@ pub struct ReplacedCode {
 }
 
 impl ReplacedCode {
+    /// Whether the code standing in (`standing`) keeps doing so for a new create that
+    /// replaces `replaced`: when that is a resend still on its way (pending, its delivery
+    /// not confirmed), the person may hold only the code standing in.
+    pub fn keeps_standing_in(standing: Option<&Self>, replaced: Option<&Self>) -> bool {
+        standing.is_some()
+            && replaced.is_some_and(|r| r.code.is_pending() && r.code.delivery.reference.is_none())
+    }
+
     /// Whether a verify of this code counts, given the code that replaced it (`live`):
     /// while this one is pending and the new one is pending without a confirmed
     /// delivery. Once the new code went out, was verified, or ended, only it counts.

@@ -384,15 +384,16 @@ impl<D: Database> EmbeddedStore<D> {
     }
 
     /// One due expiry entry: handles its token if the entry is still the live one, then
-    /// removes it.
+    /// removes it. Both under the token's lock: a write in between could file the token
+    /// under this very key again (a discard restoring a code due then), and removing
+    /// that entry would leave the token out of the index for good.
     fn visit(&self, entry: &[u8], now: Millis) -> Result<Visit, StoreError> {
-        let visit = match split_timed_key(entry) {
-            Some((due, token)) => {
-                let _held = self.locks.lock(&[token]);
-                self.visit_token(token, due, now)?
-            }
-            None => Visit::default(),
+        let Some((due, token)) = split_timed_key(entry) else {
+            self.expiry.remove(entry)?;
+            return Ok(Visit::default());
         };
+        let _held = self.locks.lock(&[token]);
+        let visit = self.visit_token(token, due, now)?;
         self.expiry.remove(entry)?;
         Ok(visit)
     }
@@ -426,6 +427,8 @@ impl<D: Database> EmbeddedStore<D> {
             state.replaced = None;
             visit.purged += 1;
         }
+        // References first: after a crash in between, none is left naming nothing.
+        self.forget_references(purged_code.as_ref())?;
         if state.code.is_none()
             && state
                 .record
@@ -437,7 +440,6 @@ impl<D: Database> EmbeddedStore<D> {
         } else {
             self.write_token(token, &mut state)?;
         }
-        self.forget_references(purged_code.as_ref())?;
         Ok(visit)
     }
 
@@ -523,12 +525,16 @@ impl<D: Database> EmbeddedStore<D> {
         let code = CodeRecord::new(new.created_at, new.expires_at, new.channels.clone());
         let replaced = state.code.replace(code);
         let replaced_live = replaced.as_ref().is_some_and(CodeRecord::is_pending);
-        state.replaced = plan
+        let replaced = plan
             .replaced
             .zip(replaced)
             .map(|(digest, code)| ReplacedCode { digest, code });
+        // Its references go whether it stands in or is dropped.
+        self.forget_references(replaced.as_ref().map(|old| &old.code))?;
+        if !ReplacedCode::keeps_standing_in(state.replaced.as_ref(), replaced.as_ref()) {
+            state.replaced = replaced;
+        }
         self.write_token(token, &mut state)?;
-        self.forget_references(state.replaced.as_ref().map(|old| &old.code))?;
         Ok(Ok(1 - i64::from(replaced_live)))
     }
 
@@ -1113,6 +1119,44 @@ mod tests {
         assert_eq!(outcome, VerifyOutcome::Valid);
     }
 
+    /// Two resends on their way at once: the code delivered before them stands in for
+    /// both, and is back when both fail.
+    async fn overlapping_resends_keep_the_delivered_code<D: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open::<D>(&dir, LIMITS);
+        let first = delivered(&store, "uuid-1").await;
+        let second = new_code("a", 2, 100, 5_100);
+        store.create(&second, 100).await.unwrap().unwrap();
+        let third = new_code("a", 3, 200, 5_200);
+        store.create(&third, 200).await.unwrap().unwrap();
+        let typo = Digest([9; crate::code::DIGEST_LEN]);
+        let outcome = store.verify("a", &typo, 250).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::NotFound);
+        store.discard("a", &third.digest).await.unwrap();
+        store.discard("a", &second.digest).await.unwrap();
+        assert_eq!(store.live(), 1);
+        let outcome = store.verify("a", &first.digest, 300).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::Valid, "the delivered code is back");
+
+        // While both are on their way, the delivered code verifies too (and ends them).
+        let delivered_b = new_code("b", 4, 400, 5_400);
+        store.create(&delivered_b, 400).await.unwrap().unwrap();
+        let counts = store.confirm_delivery("b", &delivered_b.digest, "uuid-4", 400);
+        assert!(counts.await.unwrap());
+        for (digest, at) in [(5, 500), (6, 600)] {
+            let resend = new_code("b", digest, at, at + 5_000);
+            store.create(&resend, at).await.unwrap().unwrap();
+        }
+        let outcome = store.verify("b", &delivered_b.digest, 700).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::Valid);
+        for digest in [5, 6] {
+            let dropped = Digest([digest; crate::code::DIGEST_LEN]);
+            let outcome = store.verify("b", &dropped, 800).await.unwrap();
+            assert_eq!(outcome, VerifyOutcome::NotFound);
+        }
+        assert_eq!(store.live(), 0);
+    }
+
     async fn a_failover_sms_is_filed_with_its_code_and_forgotten_with_it<D: Database>() {
         let dir = tempfile::tempdir().unwrap();
         let store = open::<D>(&dir, LIMITS);
@@ -1413,6 +1457,7 @@ mod tests {
         a_verified_code_is_filed_again_and_goes_retain_after_its_expiry,
         answers_drawn_from_a_record_wait_for_a_flush,
         an_undelivered_resend_puts_the_previous_code_back,
+        overlapping_resends_keep_the_delivered_code,
         the_replaced_code_stands_in_until_the_resend_is_confirmed_even_across_a_crash,
         a_failover_sms_is_filed_with_its_code_and_forgotten_with_it,
         an_entry_replaced_by_a_sooner_one_is_dropped_when_due,

@@ -630,16 +630,12 @@ impl Store for RedisStore {
                 .iter()
                 .map(|read| decode_read(read).map(Option::unwrap_or_default))
                 .collect::<Result<Vec<RecipientRecord>, _>>()?;
-            let plan = match rules::plan_create(
-                decode_read(&token_read)?,
-                &mut recipients,
-                new.digest,
-                now,
-                &self.limits,
-            ) {
-                Ok(plan) => plan,
-                Err(refusal) => return Ok(Err(refusal)),
-            };
+            let (record, standing_in) = decode_token(&token_read)?;
+            let plan =
+                match rules::plan_create(record, &mut recipients, new.digest, now, &self.limits) {
+                    Ok(plan) => plan,
+                    Err(refusal) => return Ok(Err(refusal)),
+                };
             if !self
                 .reserve(
                     &mut conn,
@@ -665,9 +661,15 @@ impl Store for RedisStore {
                     .map(|code| ReplacedCode { digest: old, code });
                 commit.expect(&old_key, &old_read).delete(&old_key);
             }
+            let stand_in =
+                if ReplacedCode::keeps_standing_in(standing_in.as_ref(), replaced.as_ref()) {
+                    standing_in.as_ref()
+                } else {
+                    replaced.as_ref()
+                };
             commit.set(&code_key, &encode(&code), code_expire_at).set(
                 &token_key,
-                &encode_with_extra(&plan.token, replaced.as_ref()),
+                &encode_with_extra(&plan.token, stand_in),
                 self.token_expire_at(&plan.token).max(code_expire_at),
             );
             if self.apply(&mut conn, &commit).await? {
