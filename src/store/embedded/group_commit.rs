@@ -64,6 +64,15 @@ impl GroupCommit {
     }
 }
 
+impl GroupCommit {
+    /// Has a flush start soon for everything written so far, without waiting for it:
+    /// for a write that is waited on later, and had better be on disk before then.
+    pub fn hasten(&self) {
+        self.shared.issued.fetch_add(1, Ordering::AcqRel);
+        self.shared.wake.notify_one();
+    }
+}
+
 #[cfg(test)]
 impl GroupCommit {
     /// How many tickets are known durable: rises only when a commit was asked for.

@@ -633,9 +633,14 @@ impl<D: Database> Store for EmbeddedStore<D> {
             self.create_locked(new, now)?
         };
         match result {
-            // Durable with confirm_delivery or discard, whichever follows the delivery.
+            // Waited on by confirm_delivery or discard, whichever follows the delivery;
+            // its flush starts now, so that the code is on disk while it is on its way
+            // to its person (a crash then would lose a code that arrives after all).
             Ok(delta) => {
                 super::adjust_live(&self.live, delta);
+                if let Some(commit) = &self.commit {
+                    commit.hasten();
+                }
                 Ok(Ok(()))
             }
             Err(refusal) => {
@@ -1119,6 +1124,24 @@ mod tests {
         assert_eq!(outcome, VerifyOutcome::Valid);
     }
 
+    /// A create's flush starts before its delivery ends: nothing waits for it yet.
+    async fn a_created_code_is_flushed_while_it_is_on_its_way<D: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open::<D>(&dir, LIMITS);
+        let flushed = || store.commit.as_ref().unwrap().durable_tickets();
+        assert_eq!(flushed(), 0);
+        store
+            .create(&new_code("a", 1, 0, 5_000), 0)
+            .await
+            .unwrap()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while flushed() == 0 {
+            assert!(std::time::Instant::now() < deadline, "never flushed");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Two resends on their way at once: the code delivered before them stands in for
     /// both, and is back when both fail.
     async fn overlapping_resends_keep_the_delivered_code<D: Database>() {
@@ -1457,6 +1480,7 @@ mod tests {
         a_verified_code_is_filed_again_and_goes_retain_after_its_expiry,
         answers_drawn_from_a_record_wait_for_a_flush,
         an_undelivered_resend_puts_the_previous_code_back,
+        a_created_code_is_flushed_while_it_is_on_its_way,
         overlapping_resends_keep_the_delivered_code,
         the_replaced_code_stands_in_until_the_resend_is_confirmed_even_across_a_crash,
         a_failover_sms_is_filed_with_its_code_and_forgotten_with_it,
