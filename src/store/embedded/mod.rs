@@ -584,21 +584,26 @@ impl<D: Database> EmbeddedStore<D> {
             state.record = record;
         }
         if wrote {
-            self.write_token(token.as_bytes(), &mut state)?;
+            // References first, as update_token files them.
             if dropped.is_some() {
                 self.forget_references(dropped.as_ref())?;
                 self.file_references(state.code.as_ref(), token.as_bytes())?;
             }
+            self.write_token(token.as_bytes(), &mut state)?;
         }
         Ok(Some((plan.outcome, live_delta)))
     }
 
     /// Changes the token's state under its lock with `change`, which says whether to
-    /// write; returns what `change` returned.
+    /// write; returns what `change` returned. `file` then files or forgets the
+    /// references the change calls for, still under the lock, and before the token is
+    /// written: a crash in between leaves at most a reference naming a code that does
+    /// not answer to it, which lookups pass over, never a code without its reference.
     fn update_token<T>(
         &self,
         token: &[u8],
         change: impl FnOnce(&mut TokenState) -> Option<T>,
+        file: impl FnOnce(&T) -> Result<(), StoreError>,
     ) -> Result<Option<T>, StoreError> {
         let _held = self.locks.lock(&[token]);
         let Some(mut state) = self.read_token(token)? else {
@@ -607,6 +612,7 @@ impl<D: Database> EmbeddedStore<D> {
         let Some(result) = change(&mut state) else {
             return Ok(None);
         };
+        file(&result)?;
         self.write_token(token, &mut state)?;
         Ok(Some(result))
     }
@@ -651,24 +657,29 @@ impl<D: Database> Store for EmbeddedStore<D> {
     }
 
     async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError> {
-        let settled = self.update_token(token.as_bytes(), |state| {
-            let undelivered = state.record.current == Some(*digest)
-                && state.code.as_ref().is_some_and(CodeRecord::is_pending);
-            undelivered.then(|| {
-                let restored = state.replaced.take();
-                let removed = state.remove_code();
-                if let Some(old) = &restored {
-                    state.record.current = Some(old.digest);
-                    state.code = Some(old.code.clone());
-                }
-                (removed, restored.map(|old| old.code))
-            })
-        })?;
-        if let Some((removed, restored)) = settled {
+        let settled = self.update_token(
+            token.as_bytes(),
+            |state| {
+                let undelivered = state.record.current == Some(*digest)
+                    && state.code.as_ref().is_some_and(CodeRecord::is_pending);
+                undelivered.then(|| {
+                    let restored = state.replaced.take();
+                    let removed = state.remove_code();
+                    if let Some(old) = &restored {
+                        state.record.current = Some(old.digest);
+                        state.code = Some(old.code.clone());
+                    }
+                    (removed, restored.map(|old| old.code))
+                })
+            },
+            |(removed, restored)| {
+                self.forget_references(removed.as_ref())?;
+                self.file_references(restored.as_ref(), token.as_bytes())
+            },
+        )?;
+        if let Some((_, restored)) = settled {
             let back = restored.as_ref().is_some_and(CodeRecord::is_pending);
             super::adjust_live(&self.live, i64::from(back) - 1);
-            self.forget_references(removed.as_ref())?;
-            self.file_references(restored.as_ref(), token.as_bytes())?;
         }
         self.wait_durable().await
     }
@@ -680,18 +691,19 @@ impl<D: Database> Store for EmbeddedStore<D> {
         reference: &str,
         now: Millis,
     ) -> Result<bool, StoreError> {
-        let filed = self.update_token(token.as_bytes(), |state| {
-            let code = state
-                .code
-                .as_mut()
-                .filter(|_| state.record.current == Some(*digest))?;
-            code.delivery.reference = Some(reference.to_owned());
-            state.replaced = None; // the new code went out: only it counts now
-            Some(super::still_counts(code, now))
-        })?;
-        if filed.is_some() {
-            self.file_reference(reference, token.as_bytes())?;
-        }
+        let filed = self.update_token(
+            token.as_bytes(),
+            |state| {
+                let code = state
+                    .code
+                    .as_mut()
+                    .filter(|_| state.record.current == Some(*digest))?;
+                code.delivery.reference = Some(reference.to_owned());
+                state.replaced = None; // the new code went out: only it counts now
+                Some(super::still_counts(code, now))
+            },
+            |_| self.file_reference(reference, token.as_bytes()),
+        )?;
         self.wait_durable().await?;
         Ok(filed.unwrap_or(false))
     }
@@ -705,23 +717,22 @@ impl<D: Database> Store for EmbeddedStore<D> {
             return Ok(Filed::UnknownReference);
         };
         let new_reference = event.new_reference().map(str::to_owned);
-        let added = self.update_token(&token, |state| {
-            state.code_delivered_as(reference)?;
-            state.code.as_mut().map(|code| code.delivery.push(event))
-        })?;
+        let added = self.update_token(
+            &token,
+            |state| {
+                state.code_delivered_as(reference)?;
+                state.code.as_mut().map(|code| code.delivery.push(event))
+            },
+            // On a retry too: a first try may have failed between the id and the event.
+            |_| match &new_reference {
+                Some(new_reference) => self.file_reference(new_reference, &token),
+                None => Ok(()),
+            },
+        )?;
         let filed = match added {
             None => Filed::UnknownReference,
-            Some(added) => {
-                // On a retry too: a first try may have failed between the event and its id.
-                if let Some(new_reference) = new_reference {
-                    self.file_reference(&new_reference, &token)?;
-                }
-                if added {
-                    Filed::Recorded
-                } else {
-                    Filed::AlreadyRecorded
-                }
-            }
+            Some(true) => Filed::Recorded,
+            Some(false) => Filed::AlreadyRecorded,
         };
         self.wait_durable().await?;
         Ok(filed)
@@ -746,10 +757,14 @@ impl<D: Database> Store for EmbeddedStore<D> {
     }
 
     async fn cancel(&self, token: &str, now: Millis) -> Result<bool, StoreError> {
-        let cancelled = self.update_token(token.as_bytes(), |state| {
-            let code = state.code.as_mut()?;
-            rules::finish_pending(code, CodeState::Cancelled, now).then_some(())
-        })?;
+        let cancelled = self.update_token(
+            token.as_bytes(),
+            |state| {
+                let code = state.code.as_mut()?;
+                rules::finish_pending(code, CodeState::Cancelled, now).then_some(())
+            },
+            |()| Ok(()),
+        )?;
         if cancelled.is_some() {
             super::adjust_live(&self.live, -1);
         }
@@ -873,6 +888,23 @@ mod tests {
             ..StoreConfig::default()
         };
         EmbeddedStore::open(&config, limits).unwrap()
+    }
+
+    /// Opens the store at `dir` again once the one before let go of it: a flush that a
+    /// create started may hold the database for a moment after the store is dropped.
+    async fn reopen<D: Database>(dir: &tempfile::TempDir) -> EmbeddedStore<D> {
+        let config = StoreConfig {
+            path: dir.path().join("db"),
+            ..StoreConfig::default()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match EmbeddedStore::open(&config, LIMITS) {
+                Ok(store) => return store,
+                Err(error) => assert!(std::time::Instant::now() < deadline, "{error}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     fn is_empty(tree: &impl Tree) -> bool {
@@ -1074,8 +1106,7 @@ mod tests {
         store.flush().await.unwrap();
         // The resend's delivery never settles: the daemon dies, and starts again.
         drop(store);
-        tokio::task::yield_now().await; // lets the aborted flusher drop its handle
-        let store = open::<D>(&dir, LIMITS);
+        let store = reopen::<D>(&dir).await;
         assert_eq!(
             store.live(),
             1,
@@ -1409,6 +1440,8 @@ mod tests {
         let store = open::<D>(&dir, LIMITS);
         delivered(&store, "uuid-1").await;
         drop(store);
+        // Once D let go (a store that wrote nothing lets go as soon as it is dropped).
+        drop(reopen::<D>(&dir).await);
         tokio::task::yield_now().await; // lets the aborted flusher drop its handle
         let path = dir.path().join("db");
         let config = StoreConfig {
@@ -1452,8 +1485,7 @@ mod tests {
         let error = FjallStore::open(&config, LIMITS).err().unwrap().to_string();
         assert!(error.contains("locked by another process"), "{error}");
         drop(store);
-        tokio::task::yield_now().await;
-        open::<FjallDb>(&dir, LIMITS);
+        reopen::<FjallDb>(&dir).await;
     }
 
     /// Runs each test written once over `D: Database` on both engines, as
