@@ -573,7 +573,11 @@ impl Config {
                 .map_err(|_| {
                     invalid(
                         "http.listen",
-                        format!("{:?} is neither host:port nor unix:/path", self.http.listen),
+                        format!(
+                            "{:?} is neither an IP address with a port (127.0.0.1:3000) nor \
+                             unix:/path",
+                            self.http.listen
+                        ),
                     )
                 })?;
         }
@@ -644,6 +648,14 @@ impl Config {
                 self.otp.ttl_secs
             ));
         }
+        let shortest = crate::delivery::SHORTEST_FAILOVER_TTL_SECS;
+        if self.otp.ttl_secs < shortest {
+            warnings.push(format!(
+                "otp.ttl_secs = {} is below {shortest}: a create naming both Messenger and SMS \
+                 will be refused (its SMS could not wait for the Messenger message to be read)",
+                self.otp.ttl_secs
+            ));
+        }
         if self.store.engine != Engine::Redis && self.store.durability == Durability::Relaxed {
             warnings.push(
                 "store.durability = \"relaxed\": a crash may lose codes created or verified in the last 500 ms"
@@ -701,6 +713,18 @@ mod tests {
             Config::parse("[store]\nengine = \"fjall\"\ndurability = \"relaxed\"\n").unwrap();
         assert_eq!(config.store.engine, Engine::Fjall);
         assert!(config.warnings().iter().any(|w| w.contains("relaxed")));
+    }
+
+    #[test]
+    fn a_validity_too_short_for_a_failover_is_warned_about() {
+        let short = Config::parse("[otp]\nttl_secs = 29\n").unwrap().warnings();
+        assert!(
+            short
+                .iter()
+                .any(|w| w.starts_with("otp.ttl_secs = 29 is below 30")),
+            "{short:?}"
+        );
+        assert!(Config::default().warnings().is_empty());
     }
 
     #[test]
