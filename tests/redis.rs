@@ -671,6 +671,54 @@ fn the_replaced_code_stands_in_while_a_resend_is_unsettled(engine: Engine) {
 
 /// Pending SMS failovers of the `messages` backend: kept in Redis, each taken by exactly
 /// one of two hosts at its deadline, and judged from its code's record.
+/// A failover whose code record cannot be read (corrupt, or from a newer otpd) waits a
+/// minute behind the others instead of holding them up on every host.
+fn a_failover_with_an_unreadable_code_waits_behind_the_others(engine: Engine) {
+    use otpd::rules::{FailoverVerdict, PendingFailover, now_ms};
+    use otpd::store::Store;
+
+    let direct = DirectStore::new(engine);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = direct.connect().await;
+        let now = now_ms();
+        for (token, digit) in [("fo-bad", 1), ("fo-good", 2)] {
+            let new = new_code(token, digit, &format!("39333100003{digit}"), now);
+            store.create(&new, now).await.unwrap().unwrap();
+            let reference = format!("uuid-{token}");
+            let counts = store.confirm_delivery(token, &new.digest, &reference, now);
+            assert!(counts.await.unwrap());
+        }
+        let prefix = &direct.config.store.redis.key_prefix;
+        let mut set = ::redis::cmd("SET");
+        set.arg(format!("{prefix}{{fo-bad}}:c:{}", otpd::hex(&[1; 16])))
+            .arg(b"\xff\xff".as_slice());
+        behind_otpds_back(&direct.config.store.redis, &set);
+        let failover = |token: &str, due_at| PendingFailover {
+            reference: format!("uuid-{token}"),
+            due_at,
+            token: token.into(),
+            to: "393331000030".into(),
+            sealed_text: vec![1, 2, 3],
+        };
+        store.put_failover(&failover("fo-bad", now)).await.unwrap();
+        store
+            .put_failover(&failover("fo-good", now + 10))
+            .await
+            .unwrap();
+        let claimed = store.claim_due_failovers(now + 10, now + 20_000, 10).await;
+        let claimed = claimed.unwrap();
+        assert_eq!(claimed.due.len(), 1, "{:?}", claimed.due);
+        assert_eq!(claimed.due[0].0.reference, "uuid-fo-good");
+        assert!(matches!(claimed.due[0].1, FailoverVerdict::Send { .. }));
+        assert_eq!(
+            claimed.next_due,
+            Some(now + 20_000),
+            "the claim; the bad one waits"
+        );
+    });
+}
+
 fn failovers_are_taken_once_across_hosts(engine: Engine) {
     use otpd::rules::{DeliveryEvent, FailoverVerdict, PendingFailover, now_ms};
     use otpd::store::{Filed, Store};
@@ -850,6 +898,7 @@ fn a_create_lost_before_its_confirm_is_not_acknowledged(engine: Engine) {
 per_engine!([redis, redis_cluster] {
     a_create_lost_before_its_confirm_is_not_acknowledged,
     failovers_are_taken_once_across_hosts,
+    a_failover_with_an_unreadable_code_waits_behind_the_others,
     delivery_records_and_discard_through_the_store,
     the_replaced_code_stands_in_while_a_resend_is_unsettled,
     overlapping_resends_keep_the_delivered_code,

@@ -40,6 +40,24 @@ fn readable_failover(bytes: &[u8]) -> Option<PendingFailover> {
         .ok()
 }
 
+/// How long a failover waits whose code record cannot be read (corrupt, or written by
+/// a newer otpd during a rolling upgrade): it goes back in line, behind the others,
+/// instead of holding them up at the head.
+const FAILOVER_UNREADABLE_RETRY_MS: Millis = 60_000;
+
+/// `failover` due again after [`FAILOVER_UNREADABLE_RETRY_MS`], logged.
+fn postponed(failover: PendingFailover, now: Millis, error: &StoreError) -> PendingFailover {
+    tracing::error!(
+        reference = failover.reference,
+        %error,
+        "cannot read the code of a pending SMS failover; trying again in a minute"
+    );
+    PendingFailover {
+        due_at: now + FAILOVER_UNREADABLE_RETRY_MS,
+        ..failover
+    }
+}
+
 /// A storage failure. The request that met it answers 500; the daemon keeps serving.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -814,8 +814,19 @@ impl<D: Database> Store for EmbeddedStore<D> {
                 continue;
             };
             let state = match self.token_delivered_as(&failover.reference)? {
-                Some(token) => self.read_token(&token)?,
-                None => None,
+                Some(token) => self.read_token(&token),
+                None => Ok(None),
+            };
+            let state = match state {
+                Ok(state) => state,
+                Err(error @ StoreError::Corrupt(_)) => {
+                    let later = super::postponed(failover, now, &error);
+                    let key = timed_key(later.due_at, later.reference.as_bytes());
+                    change.insert(key, encode(&later));
+                    self.failovers.apply(change)?;
+                    continue;
+                }
+                Err(error) => return Err(error),
             };
             let code = state
                 .as_ref()
@@ -1325,6 +1336,24 @@ mod tests {
         assert!(error.contains("another layout"), "{error}");
     }
 
+    /// A failover whose code record cannot be read (corrupt, or from a newer otpd)
+    /// waits a minute behind the others instead of holding them up.
+    async fn a_failover_with_an_unreadable_code_waits_behind_the_others<D: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open::<D>(&dir, Limits::from(&OtpConfig::default()));
+        delivered(&store, "uuid-late").await; // token `a`, pending until 5 s
+        store.put_failover(&failover("late", 2_000)).await.unwrap();
+        store.tokens.insert(b"bad", &[0xff, 0xff]).unwrap();
+        store.file_reference("uuid-bad", b"bad").unwrap();
+        store.put_failover(&failover("bad", 1_000)).await.unwrap();
+        let claimed = store.claim_due_failovers(2_000, 3_000, 10).await.unwrap();
+        let send = FailoverVerdict::Send { expires_at: 5_000 };
+        assert_eq!(claimed.due, vec![(failover("late", 3_000), send)]);
+        assert_eq!(claimed.next_due, Some(3_000));
+        let postponed = timed_key(62_000, b"uuid-bad");
+        assert!(store.failovers.get(&postponed).unwrap().is_some());
+    }
+
     async fn failovers_are_handed_out_once_in_deadline_order_and_claimed_until_finished<
         D: Database,
     >() {
@@ -1519,5 +1548,6 @@ mod tests {
         an_entry_replaced_by_a_sooner_one_is_dropped_when_due,
         the_recipient_limit_spans_two_buckets_and_counts_only_the_window,
         failovers_are_handed_out_once_in_deadline_order_and_claimed_until_finished,
+        a_failover_with_an_unreadable_code_waits_behind_the_others,
     );
 }

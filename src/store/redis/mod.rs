@@ -75,16 +75,17 @@ return 1
 
 static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(COMMIT));
 
-/// Hands out failovers from the sorted set `KEYS[1]`: `ARGV[1]` is the end of a claim,
-/// then pairs of a member and its claim (empty: none). Each member still there is
-/// removed and its claim filed, due at the end of the claim; returns the members
-/// removed, so a failover another host took first is handed to that host alone.
+/// Hands out failovers from the sorted set `KEYS[1]`: `ARGV` holds triples of a
+/// member, what replaces it (its claim, or itself postponed; empty: nothing) and when
+/// that is due. Each member still there is removed and its replacement filed; returns
+/// the members removed, so a failover another host took first is handed to that host
+/// alone.
 const CLAIM: &str = r"
 local handed_out = {}
-for i = 2, #ARGV, 2 do
+for i = 1, #ARGV, 3 do
   if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
     if ARGV[i + 1] ~= '' then
-      redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i + 1])
+      redis.call('ZADD', KEYS[1], ARGV[i + 2], ARGV[i + 1])
     end
     handed_out[#handed_out + 1] = ARGV[i]
   end
@@ -990,18 +991,24 @@ impl Store for RedisStore {
             .map_err(redis_error)?;
         let mut judged = Vec::with_capacity(members.len());
         let mut claim = CLAIM_SCRIPT.key(&key);
-        claim.arg(claim_until);
         for member in &members {
             // Removed all the same: an unreadable entry would otherwise come back forever.
             let Some(failover) = super::readable_failover(member) else {
-                claim.arg(member).arg("");
+                claim.arg(member).arg("").arg(0);
                 continue;
             };
             let code = match self.code_key_of(&mut conn, &failover.reference).await? {
-                Some(code_key) => {
-                    decode_read::<CodeRecord>(&self.get(&mut conn, &code_key).await?)?
+                Some(code_key) => decode_read::<CodeRecord>(&self.get(&mut conn, &code_key).await?),
+                None => Ok(None),
+            };
+            let code = match code {
+                Ok(code) => code,
+                Err(error @ StoreError::Corrupt(_)) => {
+                    let later = super::postponed(failover, now, &error);
+                    claim.arg(member).arg(encode(&later)).arg(later.due_at);
+                    continue;
                 }
-                None => None,
+                Err(error) => return Err(error),
             };
             let verdict = rules::failover_verdict(code.as_ref(), now);
             let failover = if matches!(verdict, FailoverVerdict::Send { .. }) {
@@ -1009,10 +1016,10 @@ impl Store for RedisStore {
                     due_at: claim_until,
                     ..failover
                 };
-                claim.arg(member).arg(encode(&claimed));
+                claim.arg(member).arg(encode(&claimed)).arg(claim_until);
                 claimed
             } else {
-                claim.arg(member).arg("");
+                claim.arg(member).arg("").arg(0);
                 failover
             };
             judged.push((member, failover, verdict));
@@ -1027,18 +1034,23 @@ impl Store for RedisStore {
             .filter(|(member, ..)| handed_out.contains(member))
             .map(|(_, failover, verdict)| (failover, verdict))
             .collect();
-        let next: Vec<(Vec<u8>, f64)> = redis::cmd("ZRANGE")
+        // The claims are made: they are handed out even if this read fails (then the
+        // next pass comes in a second).
+        let next: Result<Vec<(Vec<u8>, f64)>, _> = redis::cmd("ZRANGE")
             .arg(&key)
             .arg(0)
             .arg(0)
             .arg("WITHSCORES")
             .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        Ok(DueFailovers {
-            due,
-            next_due: next.first().map(|(_, score)| *score as Millis),
-        })
+            .await;
+        let next_due = match next {
+            Ok(next) => next.first().map(|(_, score)| *score as Millis),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the next failover's deadline");
+                Some(now + 1000)
+            }
+        };
+        Ok(DueFailovers { due, next_due })
     }
 
     async fn finish_failover(&self, claimed: &PendingFailover) -> Result<(), StoreError> {
