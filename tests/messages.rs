@@ -306,6 +306,24 @@ fn a_refused_failover_sms_is_recorded_and_the_code_stands() {
     assert_eq!(daemon.verify("f1", &code)["status"], 200, "the code stands");
 }
 
+/// Vonage down at the deadline (no retries left in the client): the SMS goes back in
+/// line and out once Vonage takes it, rather than being given up.
+#[test]
+fn a_failover_sms_vonage_could_not_take_is_sent_later() {
+    let vonage = stand_in();
+    let daemon = start_configured(&vonage, "max_retries = 0\n");
+    create_both(&daemon, &vonage, "f2");
+    vonage.script(&[Reply::ServerError]);
+    wait_for_failover_sent(&daemon, "f2");
+    let statuses: Vec<u16> = sms_requests(&vonage).iter().map(|s| s.status).collect();
+    assert_eq!(statuses, [500, 202]);
+    assert!(
+        !events(&daemon, "f2")
+            .iter()
+            .any(|e| e["status"] == "failover_failed")
+    );
+}
+
 #[test]
 fn a_restart_while_waiting_neither_loses_nor_repeats_the_sms() {
     let vonage = stand_in();

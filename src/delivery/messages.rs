@@ -41,7 +41,7 @@ use crate::rules::{
 };
 use crate::secret::ServerSecret;
 use crate::server::SHUTDOWN_GRACE;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Most failover SMS being sent at once.
 const MAX_SENDING: usize = 64;
@@ -51,6 +51,10 @@ const IDLE: Duration = Duration::from_secs(60);
 const CLAIM_MARGIN: Duration = Duration::from_secs(10);
 /// Pause between tries to record a send's outcome through a store error.
 const SETTLE_PAUSE: Duration = Duration::from_secs(1);
+/// A failover SMS Vonage could not take (5xx, 429, no answer, after the client's own
+/// retries) goes back in line this much later, as long as its code then still has as
+/// long left: nobody waits on this send, and a brief outage must not cost the SMS.
+const OUTAGE_RETRY_MS: Millis = 10_000;
 
 /// Sends codes through `POST {api_url}/v1/messages`.
 pub struct MessagesDelivery {
@@ -208,6 +212,11 @@ impl Inner {
             Err(DeliveryError::Unavailable(_)) if stop.is_cancelled() => {
                 return self.set_aside(&failover).await;
             }
+            Err(DeliveryError::Unavailable(error))
+                if now_ms() + 2 * OUTAGE_RETRY_MS <= expires_at =>
+            {
+                return self.retry_later(&failover, &error).await;
+            }
             Err(e) => {
                 tracing::error!(token = failover.token, error = %e, "failover SMS not sent");
                 (FAILOVER_FAILED, e.to_string())
@@ -250,18 +259,9 @@ impl Inner {
 
     /// Files a failover not sent because otpd is stopping as due now, so the next start
     /// sends it at once rather than when its claim runs out (the code may not live that
-    /// long). Filed before the claim goes: between the two, a crash leaves both, and the
-    /// second is dropped as [`FailoverVerdict::Done`] once the first is sent.
+    /// long).
     async fn set_aside(&self, claimed: &PendingFailover) {
-        let due_now = PendingFailover {
-            due_at: now_ms(),
-            ..claimed.clone()
-        };
-        let set_aside = async {
-            self.store.put_failover(&due_now).await?;
-            self.store.finish_failover(claimed).await
-        };
-        match set_aside.await {
+        match self.refile(claimed, now_ms()).await {
             Ok(()) => tracing::info!(
                 token = claimed.token,
                 "failover SMS not sent before the stop: the next start sends it"
@@ -272,6 +272,35 @@ impl Inner {
                 "failover SMS not sent before the stop: it is sent when its claim runs out"
             ),
         }
+    }
+
+    /// Files a failover Vonage could not take [`OUTAGE_RETRY_MS`] later.
+    async fn retry_later(&self, claimed: &PendingFailover, error: &str) {
+        match self.refile(claimed, now_ms() + OUTAGE_RETRY_MS).await {
+            Ok(()) => tracing::warn!(
+                token = claimed.token,
+                error,
+                "failover SMS not taken by Vonage: trying again in 10 s"
+            ),
+            Err(store_error) => tracing::error!(
+                token = claimed.token,
+                error,
+                %store_error,
+                "failover SMS not taken by Vonage: it is tried again when its claim runs out"
+            ),
+        }
+    }
+
+    /// Files a claimed failover again, due at `due_at`, then lets the claim go. Filed
+    /// before the claim goes: between the two, a crash leaves both, and the second is
+    /// dropped as [`FailoverVerdict::Done`] once the first is sent.
+    async fn refile(&self, claimed: &PendingFailover, due_at: Millis) -> Result<(), StoreError> {
+        let again = PendingFailover {
+            due_at,
+            ..claimed.clone()
+        };
+        self.store.put_failover(&again).await?;
+        self.store.finish_failover(claimed).await
     }
 }
 
