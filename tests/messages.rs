@@ -324,6 +324,30 @@ fn a_failover_sms_vonage_could_not_take_is_sent_later() {
     );
 }
 
+/// A failover SMS whose retries would run past its code's expiry stops retrying, so
+/// no SMS carries a code that has expired.
+#[test]
+fn a_failover_sms_is_not_retried_past_its_codes_expiry() {
+    let vonage = stand_in();
+    let daemon = start_configured(&vonage, "timeout_secs = 5\nmax_retries = 3\n");
+    create_both_with(&daemon, &vonage, json!({"token": "f3", "ttl_secs": 30}));
+    vonage.script(&[Reply::Hang, Reply::Hang, Reply::Hang]);
+    wait_for("the failover to be given up", || {
+        events(&daemon, "f3")
+            .iter()
+            .any(|e| e["status"] == "failover_failed")
+    });
+    let events = events(&daemon, "f3");
+    let failed = events.iter().find(|e| e["status"] == "failover_failed");
+    let detail = failed.unwrap()["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("no time left before the code expires"),
+        "{detail}"
+    );
+    let statuses: Vec<u16> = sms_requests(&vonage).iter().map(|s| s.status).collect();
+    assert!(!statuses.contains(&202), "an SMS went out: {statuses:?}");
+}
+
 #[test]
 fn a_restart_while_waiting_neither_loses_nor_repeats_the_sms() {
     let vonage = stand_in();

@@ -76,7 +76,7 @@ impl Delivery for DispatchDelivery {
 
     async fn send(&self, message: &Message<'_>) -> Result<Receipt, DeliveryError> {
         let body = self.workflow(message)?;
-        let answer = self.vonage.client.post_json(&self.url, &body).await?;
+        let answer = self.vonage.client.post_json(&self.url, &body, None).await?;
         let uuid = accepted_reference(&answer, "dispatch_uuid");
         tracing::info!(
             token = message.token,

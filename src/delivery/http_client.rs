@@ -11,7 +11,7 @@
 //! provider echoes its request.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
@@ -99,8 +99,14 @@ impl ApiClient {
         self.timeout * (self.max_retries + 1) + MAX_RETRY_DELAY * self.max_retries
     }
 
-    /// POSTs `body` as JSON; answers the provider's JSON on 2xx.
-    pub async fn post_json(&self, url: &Uri, sent: &Value) -> Result<Value, DeliveryError> {
+    /// POSTs `body` as JSON; answers the provider's JSON on 2xx. With `until`, no
+    /// attempt starts that could end after it (a failover SMS whose code expires then).
+    pub async fn post_json(
+        &self,
+        url: &Uri,
+        sent: &Value,
+        until: Option<Instant>,
+    ) -> Result<Value, DeliveryError> {
         let body = Bytes::from(serde_json::to_vec(sent).expect("JSON values serialize"));
         let mut attempt = 0;
         let outcome = loop {
@@ -124,6 +130,11 @@ impl ApiClient {
                 break Err(DeliveryError::Unavailable(format!(
                     "{reason}; the provider asked to retry after {} s",
                     delay.as_secs()
+                )));
+            }
+            if until.is_some_and(|until| Instant::now() + delay + self.timeout > until) {
+                break Err(DeliveryError::Unavailable(format!(
+                    "{reason}; not retried: no time left before the code expires"
                 )));
             }
             let stopped =

@@ -22,7 +22,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use hyper::Uri;
@@ -104,8 +104,8 @@ impl Inner {
     }
 
     /// Posts one message; answers its `message_uuid`.
-    async fn post(&self, body: &Value) -> Result<String, DeliveryError> {
-        let answer = self.vonage.client.post_json(&self.url, body).await?;
+    async fn post(&self, body: &Value, until: Option<Instant>) -> Result<String, DeliveryError> {
+        let answer = self.vonage.client.post_json(&self.url, body, until).await?;
         Ok(accepted_reference(&answer, "message_uuid"))
     }
 
@@ -193,7 +193,9 @@ impl Inner {
             Some(text) => {
                 let secs_left = expires_at.saturating_sub(now_ms()) / 1000;
                 let text = fill_minutes(&text, secs_left);
-                self.post(&self.sms(&failover.to, &text)).await
+                let left = Duration::from_millis(expires_at.saturating_sub(now_ms()));
+                self.post(&self.sms(&failover.to, &text), Some(Instant::now() + left))
+                    .await
             }
             None => Err(DeliveryError::Refused(
                 "the stored text does not open with this server secret".into(),
@@ -314,7 +316,9 @@ impl Delivery for MessagesDelivery {
         let inner = &self.inner;
         let Some(psid) = &message.to.messenger else {
             let number = message.to.sms.as_deref().expect("a create names a channel");
-            let uuid = inner.post(&inner.sms(number, &message.text())).await?;
+            let uuid = inner
+                .post(&inner.sms(number, &message.text()), None)
+                .await?;
             tracing::info!(token = message.token, message_uuid = uuid, "sent SMS");
             return Ok(Receipt { reference: uuid });
         };
@@ -331,7 +335,7 @@ impl Delivery for MessagesDelivery {
             // Vonage's own failover, on a rejection, goes out at once.
             body["failover"] = json!([inner.sms(number, &text)]);
         }
-        let uuid = inner.post(&body).await?;
+        let uuid = inner.post(&body, None).await?;
         if let Some(number) = &message.to.sms {
             let after = inner.vonage.failover_after(message.ttl_secs);
             let failover = PendingFailover {
