@@ -534,6 +534,30 @@ fn a_store_error_after_the_sms_went_out_does_not_send_it_twice() {
     assert_eq!(sms_requests(&vonage).len(), 1, "sent once");
 }
 
+/// The store down for longer than the claim right after Vonage took the SMS: the claim
+/// comes back while the outcome is still being recorded, and the SMS is not sent again.
+#[test]
+fn a_store_outage_longer_than_the_claim_does_not_send_the_sms_twice() {
+    let vonage = stand_in();
+    let mut redis = OwnedRedis::start();
+    // A claim lasts 2 s + 10 s.
+    let daemon = start_on_redis(&vonage, &redis, "timeout_secs = 2\nmax_retries = 0\n");
+    create_both(&daemon, &vonage, "outage");
+    vonage.hold();
+    wait_for("the SMS to reach Vonage", || {
+        !vonage.unanswered().is_empty()
+    });
+    redis.kill();
+    vonage.release();
+    std::thread::sleep(Duration::from_secs(15));
+    redis.spawn();
+    wait_for_failover_sent(&daemon, "outage");
+    wait_for("the failover to be let go", || {
+        redis.cli(&["ZCARD", "otpd:failovers"]).trim() == "0"
+    });
+    assert_eq!(sms_requests(&vonage).len(), 1, "sent once");
+}
+
 #[test]
 fn single_channels_and_refusals() {
     let vonage = stand_in();

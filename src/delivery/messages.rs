@@ -19,9 +19,10 @@
 //! due at once, for the next start. Sends run side by side, so one slow SMS holds up
 //! no other.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -68,6 +69,10 @@ struct Inner {
     sealer: Sealer,
     /// Wakes the failover task when a failover is added.
     added: Notify,
+    /// References of the failovers this host is sending or settling: a claim that
+    /// runs out meanwhile (the store down after Vonage took the SMS) and comes back is
+    /// not sent again from here.
+    in_hand: Mutex<HashSet<String>>,
 }
 
 impl MessagesDelivery {
@@ -87,6 +92,7 @@ impl MessagesDelivery {
                 store,
                 sealer: Sealer::new(secret),
                 added: Notify::new(),
+                in_hand: Mutex::default(),
             }),
         })
     }
@@ -107,6 +113,12 @@ impl Inner {
     async fn post(&self, body: &Value, until: Option<Instant>) -> Result<String, DeliveryError> {
         let answer = self.vonage.client.post_json(&self.url, body, until).await?;
         Ok(accepted_reference(&answer, "message_uuid"))
+    }
+
+    /// Marks `reference` as being sent from here; false if it already is.
+    fn take_in_hand(&self, reference: &str) -> bool {
+        let mut in_hand = self.in_hand.lock().unwrap_or_else(PoisonError::into_inner);
+        in_hand.insert(reference.to_owned())
     }
 
     /// How long a claimed failover is kept from everyone else: longer than its send.
@@ -135,6 +147,14 @@ impl Inner {
                         let full = handed_out.due.len() == room;
                         for (failover, verdict) in handed_out.due {
                             if let FailoverVerdict::Send { expires_at } = verdict {
+                                if !self.take_in_hand(&failover.reference) {
+                                    tracing::warn!(
+                                        token = failover.token,
+                                        message_uuid = failover.reference,
+                                        "a failover's claim ran out while its SMS is still settling here"
+                                    );
+                                    continue;
+                                }
                                 let send =
                                     self.clone()
                                         .send_failover(failover, expires_at, stop.clone());
@@ -189,6 +209,10 @@ impl Inner {
         expires_at: Millis,
         stop: CancellationToken,
     ) {
+        let _in_hand = InHand {
+            set: &self.in_hand,
+            reference: &failover.reference,
+        };
         let outcome = match self.sealer.open(&failover.token, &failover.sealed_text) {
             Some(text) => {
                 let secs_left = expires_at.saturating_sub(now_ms()) / 1000;
@@ -230,13 +254,20 @@ impl Inner {
             channel: Some("sms".into()),
             detail: Some(detail),
         };
-        self.settle(&failover, event).await;
+        self.settle(&failover, event, expires_at, &stop).await;
     }
 
     /// Records a send's outcome on its code and lets the failover go, trying again
-    /// through a store error until shortly before the claim runs out: a claim left
-    /// behind would send the SMS again.
-    async fn settle(&self, failover: &PendingFailover, event: DeliveryEvent) {
+    /// through a store error until the code expires or otpd stops. A claim that runs
+    /// out meanwhile comes back, but is not sent again from here (`in_hand`), nor from
+    /// anywhere once the code has expired.
+    async fn settle(
+        &self,
+        failover: &PendingFailover,
+        event: DeliveryEvent,
+        expires_at: Millis,
+        stop: &CancellationToken,
+    ) {
         loop {
             let settled = async {
                 // A retried record finds the event there already: the same `at`.
@@ -247,15 +278,18 @@ impl Inner {
                 store.finish_failover(failover).await
             };
             let Err(error) = settled.await else { return };
-            if now_ms() + SETTLE_PAUSE.as_millis() as Millis * 2 >= failover.due_at {
+            if now_ms() >= expires_at || stop.is_cancelled() {
                 tracing::error!(
                     token = failover.token,
                     %error,
-                    "cannot record the failover SMS's outcome: it will be tried again"
+                    "cannot record the failover SMS's outcome: it may be sent again"
                 );
                 return;
             }
-            tokio::time::sleep(SETTLE_PAUSE).await;
+            tokio::select! {
+                () = tokio::time::sleep(SETTLE_PAUSE) => {}
+                () = stop.cancelled() => {}
+            }
         }
     }
 
@@ -303,6 +337,19 @@ impl Inner {
         };
         self.store.put_failover(&again).await?;
         self.store.finish_failover(claimed).await
+    }
+}
+
+/// A failover reference in hand for as long as this lives (see `Inner::in_hand`).
+struct InHand<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    reference: &'a str,
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        let mut set = self.set.lock().unwrap_or_else(PoisonError::into_inner);
+        set.remove(self.reference);
     }
 }
 
