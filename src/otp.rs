@@ -391,6 +391,7 @@ impl Otp {
             to: &to,
             template: &self.template,
             ttl_secs,
+            expires_at,
         };
         match self.delivery.send(&message).await {
             Ok(receipt) => {

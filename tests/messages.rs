@@ -348,6 +348,32 @@ fn a_failover_sms_is_not_retried_past_its_codes_expiry() {
     assert!(!statuses.contains(&202), "an SMS went out: {statuses:?}");
 }
 
+/// A Messenger message that took long to go out (the client's retries) still gets its
+/// SMS before the code expires: the deadline is kept clear of the expiry.
+#[test]
+fn a_slow_messenger_send_still_leaves_its_sms_time() {
+    let vonage = stand_in();
+    let daemon = start_configured(&vonage, "timeout_secs = 8\nmax_retries = 2\n");
+    vonage.script(&[Reply::Hang, Reply::Hang]);
+    let created_at = Instant::now();
+    let created = daemon.call(json!({
+        "op": "create", "token": "f4", "ttl_secs": 30,
+        "to": {"messenger": PSID, "sms": PHONE}
+    }));
+    assert_eq!(created["status"], 201, "{created}");
+    assert!(
+        created_at.elapsed() > Duration::from_secs(15),
+        "the send was slow"
+    );
+    wait_for_failover_sent(&daemon, "f4");
+    let sms = sms_requests(&vonage);
+    assert_eq!(sms.len(), 1);
+    assert!(
+        sms[0].at - created_at < Duration::from_secs(30),
+        "the SMS went out after the code expired"
+    );
+}
+
 #[test]
 fn a_restart_while_waiting_neither_loses_nor_repeats_the_sms() {
     let vonage = stand_in();

@@ -384,10 +384,14 @@ impl Delivery for MessagesDelivery {
         }
         let uuid = inner.post(&body, None).await?;
         if let Some(number) = &message.to.sms {
-            let after = inner.vonage.failover_after(message.ttl_secs);
+            // Waited from now, when the message went out; but after a slow send (the
+            // client's retries) no later than leaves the SMS as long as that.
+            let after = inner.vonage.failover_after(message.ttl_secs) * 1000;
+            let now = now_ms();
+            let due_at = (now + after).min(message.expires_at.saturating_sub(after));
             let failover = PendingFailover {
                 reference: uuid.clone(),
-                due_at: now_ms() + after * 1000,
+                due_at: due_at.max(now),
                 token: message.token.to_owned(),
                 to: number.clone(),
                 sealed_text: inner

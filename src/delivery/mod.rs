@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::code::Code;
 use crate::config::{Backend, Config};
 use crate::metrics::Counters;
-use crate::rules::Channel;
+use crate::rules::{Channel, Millis};
 use crate::secret::ServerSecret;
 use crate::store::Store;
 
@@ -81,6 +81,9 @@ pub struct Message<'a> {
     pub template: &'a str,
     /// How long the code is valid, which bounds when an SMS failover may still help.
     pub ttl_secs: u64,
+    /// When the code expires (unix ms): a failover deadline taken after a slow send
+    /// stays clear of it.
+    pub expires_at: Millis,
 }
 
 impl Message<'_> {
@@ -270,6 +273,7 @@ mod tests {
             to: &Recipients::default(),
             template: "{code} for {minutes} min",
             ttl_secs: 300,
+            expires_at: 300_000,
         };
         assert_eq!(message.text(), "123456 for 5 min");
         assert_eq!(message.failover_text(120), "123456 for 3 min");
