@@ -536,52 +536,37 @@ fn a_store_failure_after_the_messenger_message_went_out_discards_nothing() {
     assert_eq!(daemon.verify("lost", &code)["status"], 200);
 }
 
-#[test]
-fn a_store_error_after_the_sms_went_out_does_not_send_it_twice() {
+/// Redis down when Vonage takes the SMS, for `outage`: the SMS goes out once.
+fn sms_sent_once_through_a_store_outage(token: &str, outage: Duration) {
     let vonage = stand_in();
     let mut redis = OwnedRedis::start();
     // A claim lasts 2 s + 10 s.
     let daemon = start_on_redis(&vonage, &redis, "timeout_secs = 2\nmax_retries = 0\n");
-    create_both(&daemon, &vonage, "blip");
-
-    // Redis is down when Vonage takes the SMS, and back two seconds later.
+    create_both(&daemon, &vonage, token);
     vonage.hold();
     wait_for("the SMS to reach Vonage", || {
         !vonage.unanswered().is_empty()
     });
     redis.kill();
     vonage.release();
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(outage);
     redis.spawn();
-    wait_for_failover_sent(&daemon, "blip");
+    wait_for_failover_sent(&daemon, token);
     wait_for("the failover to be let go", || {
         redis.cli(&["ZCARD", "otpd:failovers"]).trim() == "0"
     });
     assert_eq!(sms_requests(&vonage).len(), 1, "sent once");
 }
 
-/// The store down for longer than the claim right after Vonage took the SMS: the claim
-/// comes back while the outcome is still being recorded, and the SMS is not sent again.
+#[test]
+fn a_store_error_after_the_sms_went_out_does_not_send_it_twice() {
+    sms_sent_once_through_a_store_outage("blip", Duration::from_secs(2));
+}
+
+/// Longer than the claim: it comes back while the outcome is still being recorded.
 #[test]
 fn a_store_outage_longer_than_the_claim_does_not_send_the_sms_twice() {
-    let vonage = stand_in();
-    let mut redis = OwnedRedis::start();
-    // A claim lasts 2 s + 10 s.
-    let daemon = start_on_redis(&vonage, &redis, "timeout_secs = 2\nmax_retries = 0\n");
-    create_both(&daemon, &vonage, "outage");
-    vonage.hold();
-    wait_for("the SMS to reach Vonage", || {
-        !vonage.unanswered().is_empty()
-    });
-    redis.kill();
-    vonage.release();
-    std::thread::sleep(Duration::from_secs(15));
-    redis.spawn();
-    wait_for_failover_sent(&daemon, "outage");
-    wait_for("the failover to be let go", || {
-        redis.cli(&["ZCARD", "otpd:failovers"]).trim() == "0"
-    });
-    assert_eq!(sms_requests(&vonage).len(), 1, "sent once");
+    sms_sent_once_through_a_store_outage("outage", Duration::from_secs(15));
 }
 
 #[test]
