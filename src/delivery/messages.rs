@@ -12,7 +12,9 @@
 //! The task claims a failover before sending its SMS: the store files it again, due
 //! when the longest send would be over, so no other host takes it meanwhile, and once
 //! the outcome is recorded on the code the failover is let go (tried again through a
-//! store error, as a claim left behind would send the SMS again). A send a crash cuts
+//! store error until the code expires; a claim that comes back meanwhile is not sent
+//! again from here). An SMS Vonage could not take goes back in line, and no retry of
+//! one starts that could end after its code expires. A send a crash cuts
 //! short leaves the claim, which comes back when it runs out: the SMS goes out late
 //! rather than never (and twice only if the crash came after Vonage took it). A stop
 //! lets the attempt under way end and retries nothing: an SMS not sent is set aside,
@@ -215,9 +217,8 @@ impl Inner {
         };
         let outcome = match self.sealer.open(&failover.token, &failover.sealed_text) {
             Some(text) => {
-                let secs_left = expires_at.saturating_sub(now_ms()) / 1000;
-                let text = fill_minutes(&text, secs_left);
                 let left = Duration::from_millis(expires_at.saturating_sub(now_ms()));
+                let text = fill_minutes(&text, left.as_secs());
                 self.post(&self.sms(&failover.to, &text), Some(Instant::now() + left))
                     .await
             }
@@ -316,7 +317,8 @@ impl Inner {
             Ok(()) => tracing::warn!(
                 token = claimed.token,
                 error,
-                "failover SMS not taken by Vonage: trying again in 10 s"
+                retry_in_ms = OUTAGE_RETRY_MS,
+                "failover SMS not taken by Vonage: it goes back in line"
             ),
             Err(store_error) => tracing::error!(
                 token = claimed.token,
