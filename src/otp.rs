@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use crate::code::Code;
 use crate::config::{CODE_LENGTHS, OtpConfig};
-
 use crate::delivery::{
     Delivery, DeliveryError, FAILOVER_SECS, Message, Recipients, SHORTEST_FAILOVER_TTL_SECS,
 };

@@ -242,8 +242,6 @@ impl Vonage {
     }
 }
 
-/// The longest text the template can make (longest code, configured minutes) must fit
-/// Messenger's limit when Messenger is on, and SMS's always.
 /// `8-4-4-4-12` hex digits, as Vonage's application ids are.
 fn is_uuid(text: &str) -> bool {
     let groups: Vec<&str> = text.split('-').collect();
@@ -253,6 +251,8 @@ fn is_uuid(text: &str) -> bool {
             .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// The longest text the template can make (longest code, configured minutes) must fit
+/// Messenger's limit when Messenger is on, and SMS's always.
 fn check_template_length(config: &Config, messenger: bool) -> anyhow::Result<()> {
     let longest = Code::from_input(&"9".repeat(*CODE_LENGTHS.end() as usize));
     let chars = render(&config.delivery.template, &longest, config.otp.ttl_secs)

@@ -6,8 +6,9 @@
 //! only when the signature, the hash of the exact body and a recent `iat` all hold.
 //! Badly signed ones get 401; unsigned ones get 503 (once a secret is set: without one,
 //! every callback gets 401), because Vonage sends an unsigned callback only after an
-//! internal error and retries 5xx answers, so the retry can arrive signed (README.md, "Vonage status webhooks", has Vonage's sources). Refusals
-//! are logged at most once a second: anyone can send them.
+//! internal error and retries 5xx answers, so the retry can arrive signed (README.md,
+//! "Vonage status webhooks", has Vonage's sources). Refusals are logged at most once a
+//! second: anyone can send them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
