@@ -118,6 +118,21 @@ impl JournalSync {
     }
 
     fn sync_newest(&self) -> std::io::Result<()> {
+        let mut newest = self.newest.lock().unwrap_or_else(PoisonError::into_inner);
+        // A rotation names the next journal id + 1 (fjall's `Writer::rotate`), so the
+        // folder is listed only when that file appears, not on every flush.
+        let rotated = match newest.as_ref() {
+            Some((id, _)) => self.dir.join((id + 1).to_string()).try_exists()?,
+            None => true,
+        };
+        if rotated {
+            let id = self.newest_id()?;
+            *newest = Some((id, File::open(self.dir.join(id.to_string()))?));
+        }
+        newest.as_ref().map_or(Ok(()), |(_, file)| file.sync_data())
+    }
+
+    fn newest_id(&self) -> std::io::Result<u64> {
         let mut newest_id = None;
         for entry in std::fs::read_dir(&self.dir)? {
             let name = entry?.file_name();
@@ -125,14 +140,7 @@ impl JournalSync {
                 newest_id = newest_id.max(Some(id));
             }
         }
-        let Some(id) = newest_id else {
-            return Err(std::io::Error::other("no journal found"));
-        };
-        let mut newest = self.newest.lock().unwrap_or_else(PoisonError::into_inner);
-        if newest.as_ref().is_none_or(|(open, _)| *open != id) {
-            *newest = Some((id, File::open(self.dir.join(id.to_string()))?));
-        }
-        newest.as_ref().map_or(Ok(()), |(_, file)| file.sync_data())
+        newest_id.ok_or_else(|| std::io::Error::other("no journal found"))
     }
 }
 
@@ -263,5 +271,38 @@ impl Tree for FjallTree {
             }
         }
         change.commit().map_err(db_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The journal each flush syncs, by id.
+    fn synced_id(db: &FjallDb) -> Option<u64> {
+        let newest = db.sync.newest.lock().unwrap();
+        newest.as_ref().map(|(id, _)| *id)
+    }
+
+    #[test]
+    fn a_flush_after_a_journal_rotation_syncs_the_new_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = FjallDb::open(dir.path(), 4, Durability::Flush).unwrap();
+        let tree = db.open_tree("t").unwrap();
+        tree.insert(b"first", b"value").unwrap();
+        db.flush().unwrap();
+        let first = synced_id(&db).unwrap();
+
+        // Fill past a memtable: sealing it rotates the journal to the next id.
+        let value = vec![7u8; 64 * 1024];
+        let mut key = 0u32;
+        while db.sync.newest_id().unwrap() == first {
+            tree.insert(&key.to_be_bytes(), &value).unwrap();
+            key += 1;
+            assert!(key < 10_000, "the journal never rotated");
+        }
+        db.flush().unwrap();
+        assert_eq!(synced_id(&db), Some(db.sync.newest_id().unwrap()));
+        assert!(synced_id(&db).unwrap() > first);
     }
 }
