@@ -237,8 +237,7 @@ impl ApiClient {
 fn backoff(attempt: u32) -> Duration {
     let full = BACKOFF_BASE.saturating_mul(1 << attempt.min(16));
     let half = full / 2;
-    let mut rng = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
-    half + half.mul_f64(rng.random::<f64>())
+    half + half.mul_f64(rand::rng().random::<f64>())
 }
 
 /// `Retry-After` as delta-seconds or an HTTP date.

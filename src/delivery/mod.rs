@@ -154,10 +154,11 @@ pub trait Delivery: Send + Sync {
     }
 }
 
-/// 128 random bits from the OS, in hex: never repeated in practice.
+/// 128 random bits in hex: never repeated in practice. An id needs to be unique, not
+/// secret, so it comes from the thread's CSPRNG (seeded from the OS) rather than a
+/// `getrandom` call per id; codes come from the OS itself (`Code::generate`).
 fn random_id() -> String {
-    let mut rng = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
-    format!("{:032x}", rng.random::<u128>())
+    format!("{:032x}", rand::rng().random::<u128>())
 }
 
 /// The id Vonage gave a message it accepted (`field` of its answer), or, when the
