@@ -138,13 +138,16 @@ impl DeliveryRecord {
 
     /// Appends an event, dropping the oldest beyond [`MAX_DELIVERY_EVENTS`]; false when
     /// the event is already held: Vonage retries a callback whose answer it did not
-    /// see, with the same timestamp.
+    /// see, with the same timestamp. An event that adds a reference is never the one
+    /// dropped: the failover SMS's id would be forgotten while its reports, the purge
+    /// of its reference and the failover's own record still need it.
     pub fn push(&mut self, event: DeliveryEvent) -> bool {
         if self.events.contains(&event) {
             return false;
         }
         if self.events.len() >= MAX_DELIVERY_EVENTS {
-            self.events.remove(0);
+            let oldest = self.events.iter().position(|e| e.new_reference().is_none());
+            self.events.remove(oldest.unwrap_or(0));
         }
         self.events.push(event);
         true
@@ -812,5 +815,37 @@ mod tests {
         }
         assert_eq!(delivery.events.len(), MAX_DELIVERY_EVENTS);
         assert_eq!(delivery.events[0], event(2), "the oldest went");
+    }
+
+    #[test]
+    fn the_failover_sms_id_outlives_a_chatty_provider() {
+        let mut delivery = DeliveryRecord {
+            reference: Some("messenger-id".into()),
+            events: vec![],
+        };
+        delivery.push(DeliveryEvent {
+            at: 1,
+            status: FAILOVER_SENT.into(),
+            channel: Some("sms".into()),
+            detail: Some("sms-id".into()),
+        });
+        for at in 2..=(3 * MAX_DELIVERY_EVENTS as Millis) {
+            delivery.push(DeliveryEvent {
+                at,
+                status: "delivered".into(),
+                channel: Some("sms".into()),
+                detail: None,
+            });
+        }
+        assert_eq!(delivery.events.len(), MAX_DELIVERY_EVENTS);
+        assert_eq!(
+            delivery.references().collect::<Vec<_>>(),
+            ["messenger-id", "sms-id"]
+        );
+        assert_eq!(
+            delivery.events.last().unwrap().at,
+            3 * MAX_DELIVERY_EVENTS as Millis,
+            "the newest report is kept"
+        );
     }
 }
