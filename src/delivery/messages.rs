@@ -6,15 +6,20 @@
 //! list (the SMS, for an immediate rejection) and keeps a [`PendingFailover`] in the
 //! store. At its deadline a background task takes it and, judging from the code's
 //! record as the status webhooks left it, sends the SMS itself — unless the code was
-//! verified, cancelled or expired meanwhile, a `read` status arrived, or Vonage
-//! reported the message `rejected` (its own failover has sent the SMS).
+//! verified, cancelled, locked, replaced or expired meanwhile, a `read` status
+//! arrived, or Vonage reported the message `rejected` (its own failover has sent the
+//! SMS). While a resend that replaced the code is on its way, the store keeps the
+//! failover waiting: a failed resend brings the code back, and the SMS is owed again.
 //!
 //! The task claims a failover before sending its SMS: the store files it again, due
 //! when the longest send would be over, so no other host takes it meanwhile, and once
 //! the outcome is recorded on the code the failover is let go (tried again through a
 //! store error until the code expires; a claim that comes back meanwhile is not sent
-//! again from here). An SMS Vonage could not take goes back in line, and no retry of
-//! one starts that could end after its code expires. A send a crash cuts
+//! again from here). Before each of the client's retries the store judges the
+//! failover again as the claim did, and one no longer owed is let go unsent; each
+//! attempt names the minutes left as of that attempt. An SMS Vonage could not take
+//! goes back in line, and no retry of one starts that could end after its code
+//! expires. A send a crash cuts
 //! short leaves the claim, which comes back when it runs out: the SMS goes out late
 //! rather than never (and twice only if the crash came after Vonage took it). A stop
 //! lets the attempt under way end and retries nothing: an SMS not sent is set aside,

@@ -174,6 +174,21 @@ fn first_due(tree: &impl Tree) -> Result<Option<Millis>, StoreError> {
         .and_then(|key| Some(split_timed_key(&key)?.0)))
 }
 
+/// When the janitor must come back to a [`timed_key`] tree whose entries are due
+/// `wait` after their key's time: at once after a full batch (more may be due), else
+/// when its head is due.
+fn next_visit(
+    tree: &impl Tree,
+    full: bool,
+    now: Millis,
+    wait: Millis,
+) -> Result<Option<Millis>, StoreError> {
+    if full {
+        return Ok(Some(now));
+    }
+    Ok(first_due(tree)?.map(|at| at.saturating_add(wait)))
+}
+
 /// Refuses `path` if it holds the database of an engine other than `D`, naming it,
 /// before `D` writes anything there.
 fn refuse_other_engines<D: Database>(path: &Path) -> Result<(), StoreError> {
@@ -481,12 +496,7 @@ impl<D: Database> EmbeddedStore<D> {
             }
             purged = due.len() as u64;
         }
-        let next = if more {
-            Some(now) // more may be due: the janitor goes on
-        } else {
-            first_due(&self.recipients)?.map(|bucket| bucket.saturating_add(window))
-        };
-        Ok((purged, next))
+        Ok((purged, next_visit(&self.recipients, more, now, window)?))
     }
 
     /// One janitor batch, synchronously: see [`Store::purge_due`].
@@ -503,11 +513,7 @@ impl<D: Database> EmbeddedStore<D> {
         super::adjust_live(&self.live, live_delta);
         let (purged, next_recipients) = self.purge_recipients(now, batch)?;
         report.purged += purged;
-        let next_expiry = if more {
-            Some(now) // more may be due: the janitor goes on
-        } else {
-            first_due(&self.expiry)?
-        };
+        let next_expiry = next_visit(&self.expiry, more, now, 0)?;
         report.next_due = next_expiry.into_iter().chain(next_recipients).min();
         Ok(report)
     }
