@@ -180,6 +180,17 @@ impl CodeRecord {
         self.state == CodeState::Pending
     }
 
+    /// Pending, and its delivery not confirmed: a resend still on its way (or one a
+    /// crash cut short), which the person may not have.
+    pub fn on_its_way(&self) -> bool {
+        self.is_pending() && self.delivery.reference.is_none()
+    }
+
+    /// Whether the provider's `reference` is one of this code's deliveries.
+    pub fn delivered_as(&self, reference: &str) -> bool {
+        self.delivery.references().any(|r| r == reference)
+    }
+
     /// The state as of `now`: a pending code past its expiry is expired even when the
     /// janitor has not come by yet.
     pub fn state_at(&self, now: Millis) -> CodeState {
@@ -523,6 +534,10 @@ pub enum FailoverVerdict {
     Read,
     /// Vonage reported the Messenger message `rejected`, so its own failover sent the SMS.
     ProviderFellOver,
+    /// A resend replaced the code and is still on its way: its delivery may yet fail and
+    /// bring the code back, so the failover is judged again shortly, neither sent (the
+    /// person may have the new code) nor dropped. Never handed out by a claim.
+    ResendOnItsWay,
     /// The SMS was sent, or failed, already: a claim that outlived its send's end (the
     /// daemon stopped before it let the failover go).
     Done,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::http::{SECRET, post_signed};
 use common::vonage::{self, Expect, Reply, Seen, VonageStandIn};
-use common::{Daemon, OwnedRedis, PATIENCE};
+use common::{Daemon, Engine, OwnedRedis, PATIENCE};
 use serde_json::{Value, json};
 
 const PSID: &str = "8192836451";
@@ -31,12 +31,17 @@ fn start(vonage: &VonageStandIn) -> Daemon {
 
 /// A daemon whose `[delivery.messages]` section has `section_extra` too.
 fn start_configured(vonage: &VonageStandIn, section_extra: &str) -> Daemon {
+    start_on(Engine::Sled, vonage, section_extra)
+}
+
+/// [`start_configured`] on `engine`.
+fn start_on(engine: Engine, vonage: &VonageStandIn, section_extra: &str) -> Daemon {
     let (backend, delivery) = vonage.config("messages", section_extra);
     let extra = format!(
-        "[otp]\nresend_cooldown_secs = 0\n[http]\nlisten = \"127.0.0.1:0\"\n\
+        "[otp]\nresend_cooldown_secs = 0\nmax_sends_per_recipient = 10\n[http]\nlisten = \"127.0.0.1:0\"\n\
          webhook_signature_secret = \"{SECRET}\"\n{backend}"
     );
-    Daemon::start_with(&extra, &delivery)
+    engine.start_with(&extra, &delivery)
 }
 
 /// Creates a code for both channels; returns the stand-in's record of the Messenger
@@ -262,9 +267,14 @@ fn no_sms_after_a_read_a_verify_a_cancel_or_vonages_own_failover() {
         sms_requests(&vonage).is_empty(),
         "otpd sent an SMS it should not have"
     );
-    let log = daemon.stderr();
+    assert_no_sms_needed(&daemon.stderr(), &cases);
+}
+
+/// Asserts that `log` says of each `(token, verdict)` that its failover needs no SMS,
+/// for that verdict.
+fn assert_no_sms_needed(log: &str, cases: &[(&str, &str)]) {
     for (token, verdict) in cases {
-        let line = skipped(&log, token).unwrap();
+        let line = skipped(log, token).unwrap_or_else(|| panic!("{token}: nothing logged"));
         assert!(
             line.contains(&format!("verdict={verdict}")),
             "{token}: {line}"
@@ -322,6 +332,92 @@ fn a_failover_sms_vonage_could_not_take_is_sent_later() {
             .iter()
             .any(|e| e["status"] == "failover_failed")
     );
+}
+
+/// Before each retry of a failover SMS (here after a 429), otpd asks again whether the
+/// SMS is still owed: none goes out for a code verified, read, cancelled, replaced or
+/// locked meanwhile.
+#[test]
+fn a_failover_sms_no_longer_owed_is_not_retried() {
+    let vonage = stand_in();
+    let daemon = start(&vonage);
+    let cases = [
+        ("verified", "Finished(Verified)"),
+        ("read", "Read"),
+        ("cancelled", "Finished(Cancelled)"),
+        ("replaced", "Gone"),
+        ("locked", "Finished(Locked)"),
+    ];
+    let messages: Vec<Seen> = cases
+        .iter()
+        .map(|(token, _)| create_both(&daemon, &vonage, token))
+        .collect();
+    let busy = Reply::TooMany {
+        retry_after_secs: 6,
+    };
+    vonage.script(&vec![busy; cases.len()]);
+    wait_for("the first SMS attempts", || {
+        sms_requests(&vonage).len() == cases.len()
+    });
+    // Within the 6 s before the retries.
+    assert_eq!(
+        daemon.verify("verified", &messages[0].code())["status"],
+        200
+    );
+    report(&daemon, &messages[1], "read");
+    let cancelled = daemon.call(json!({"op": "cancel", "token": "cancelled"}));
+    assert_eq!(cancelled["status"], 200);
+    create_both(&daemon, &vonage, "replaced");
+    let wrong = format!(
+        "{:06}",
+        (messages[4].code().parse::<u32>().unwrap() + 1) % 1_000_000
+    );
+    let guesses: Vec<Value> = (0..5).map(|_| daemon.verify("locked", &wrong)).collect();
+    assert_eq!(guesses[4]["error"], "too_many_attempts", "{guesses:?}");
+
+    let sent = || sms_requests(&vonage).iter().any(|s| s.status == 202);
+    wait_for("the retries to be judged", || {
+        let log = daemon.stderr();
+        sent()
+            || cases
+                .iter()
+                .all(|(token, _)| skipped(&log, token).is_some())
+    });
+    assert!(!sent(), "an SMS no longer owed went out");
+    assert_no_sms_needed(&daemon.stderr(), &cases);
+    for (token, _) in cases {
+        let events = events(&daemon, token);
+        assert!(
+            !events.iter().any(|e| e["status"] == "failover_failed"),
+            "{token}: nothing is recorded for an SMS no longer owed: {events:?}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        sms_requests(&vonage).len(),
+        cases.len(),
+        "no retry went out"
+    );
+}
+
+/// A retried failover SMS names the minutes its code has left at that attempt, not at
+/// the first.
+#[test]
+fn a_retried_failover_sms_names_the_minutes_left_then() {
+    let vonage = stand_in();
+    let daemon = start(&vonage);
+    // Due at 15 s, 65 s left: 2 minutes; the retry 6 s later, 59 s left: 1 minute.
+    let messenger = create_both_with(&daemon, &vonage, json!({"token": "m2", "ttl_secs": 80}));
+    vonage.script(&[Reply::TooMany {
+        retry_after_secs: 6,
+    }]);
+    wait_for_failover_sent(&daemon, "m2");
+    let texts: Vec<Value> = sms_requests(&vonage)
+        .iter()
+        .map(|s| s.body["text"].clone())
+        .collect();
+    let text = |left: &str| format!("{} is your code. It expires in {left}.", messenger.code());
+    assert_eq!(texts, [text("2 minutes"), text("1 minute")]);
 }
 
 /// A failover SMS whose retries would run past its code's expiry stops retrying, so
@@ -602,3 +698,73 @@ fn single_channels_and_refusals() {
     assert_eq!(unavailable["status"], 503, "{unavailable}");
     assert_eq!(daemon.stats()["live"], 2, "only s1 and s2 are live");
 }
+
+/// A failover that falls due while a resend is on its way waits for the resend: when
+/// it fails, the code the person has is back, and its SMS goes out; when it goes out,
+/// the old failover is dropped (the new code has its own).
+fn a_failover_due_while_a_resend_is_on_its_way_waits_for_it(engine: Engine) {
+    let vonage = stand_in();
+    // The resends are held past the failovers' deadline.
+    let daemon = start_on(engine, &vonage, "timeout_secs = 30\n");
+    let created_at = Instant::now();
+    let back = create_both(&daemon, &vonage, "back");
+    let kept = create_both(&daemon, &vonage, "kept");
+    vonage.script(&[Reply::Problem, Reply::Accept]);
+    vonage.hold();
+    let (failed, confirmed) = std::thread::scope(|scope| {
+        let resend = |token: &'static str| {
+            let daemon = &daemon;
+            move || {
+                daemon.call(json!({"op": "create", "token": token, "to": {"messenger": PSID, "sms": PHONE}}))
+            }
+        };
+        let failing = scope.spawn(resend("back"));
+        wait_for("the first resend", || vonage.unanswered().len() == 1);
+        let confirming = scope.spawn(resend("kept"));
+        wait_for("the second resend", || vonage.unanswered().len() == 2);
+        let due = created_at + Duration::from_secs(FAILOVER_SECS + 2);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        vonage.release();
+        (failing.join().unwrap(), confirming.join().unwrap())
+    });
+    assert_eq!(failed["status"], 502, "{failed}");
+    assert_eq!(confirmed["status"], 201, "{confirmed}");
+    let resent = vonage
+        .requests()
+        .into_iter()
+        .rfind(|s| s.status == 202)
+        .unwrap();
+
+    wait_for("the restored code's failover", || {
+        skipped(&daemon.stderr(), "back").is_some()
+            || events(&daemon, "back")
+                .iter()
+                .any(|e| e["status"] == "failover_sent")
+    });
+    let sms = sms_requests(&vonage);
+    assert_eq!(sms.len(), 1, "only the restored code's SMS: {sms:?}");
+    assert_eq!(sms[0].code(), back.code());
+    assert_eq!(daemon.verify("back", &back.code())["status"], 200);
+
+    wait_for("the replaced code's failover to be dropped", || {
+        skipped(&daemon.stderr(), "kept").is_some()
+    });
+    let line = skipped(&daemon.stderr(), "kept").unwrap().to_owned();
+    assert!(line.contains("verdict=Gone"), "{line}");
+    assert!(
+        line.contains(kept.uuid.as_deref().unwrap()),
+        "the old failover: {line}"
+    );
+    wait_for_failover_sent(&daemon, "kept");
+    let sms = sms_requests(&vonage);
+    assert_eq!(sms.len(), 2, "{sms:?}");
+    assert_eq!(
+        sms[1].code(),
+        resent.code(),
+        "the new code, by its own failover"
+    );
+}
+
+per_engine!([sled, fjall, redis] {
+    a_failover_due_while_a_resend_is_on_its_way_waits_for_it,
+});

@@ -719,6 +719,75 @@ fn a_failover_with_an_unreadable_code_waits_behind_the_others(engine: Engine) {
     });
 }
 
+/// A failover due while a resend is on its way waits for it, on every host: the code
+/// is back, and its failover with it, when the resend fails; once the resend is
+/// confirmed (it has its own failover), the old one goes.
+fn a_failover_due_while_a_resend_is_on_its_way_waits_for_it(engine: Engine) {
+    use otpd::rules::{FailoverVerdict, PendingFailover, now_ms};
+    use otpd::store::Store;
+
+    let direct = DirectStore::new(engine);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (a, b) = (direct.connect().await, direct.connect().await);
+        let now = now_ms();
+        let first = new_code("fo-resend", 1, "393331000041", now);
+        a.create(&first, now).await.unwrap().unwrap();
+        let counts = a.confirm_delivery("fo-resend", &first.digest, "uuid-fo-resend", now);
+        assert!(counts.await.unwrap());
+        let failover = |due_at| PendingFailover {
+            reference: "uuid-fo-resend".into(),
+            due_at,
+            token: "fo-resend".into(),
+            to: "393331000041".into(),
+            sealed_text: vec![1, 2, 3],
+        };
+        let claim_until = now + 20_000;
+        a.put_failover(&failover(now)).await.unwrap();
+        let failing = new_code("fo-resend", 2, "393331000041", now);
+        a.create(&failing, now).await.unwrap().unwrap();
+        let waiting = b.claim_due_failovers(now, claim_until, 10).await.unwrap();
+        assert!(
+            waiting.due.is_empty(),
+            "neither sent nor dropped: {waiting:?}"
+        );
+        assert_eq!(
+            waiting.next_due,
+            Some(now + 1_000),
+            "judged again a second later"
+        );
+        let judged = b.judge_failover(&failover(now), now).await.unwrap();
+        assert_eq!(judged, FailoverVerdict::ResendOnItsWay);
+        a.discard("fo-resend", &failing.digest).await.unwrap();
+        let back = b
+            .claim_due_failovers(now + 1_000, claim_until, 10)
+            .await
+            .unwrap();
+        let send = FailoverVerdict::Send {
+            expires_at: first.expires_at,
+        };
+        assert_eq!(back.due, vec![(failover(claim_until), send)], "back");
+        b.finish_failover(&back.due[0].0).await.unwrap();
+
+        a.put_failover(&failover(now)).await.unwrap();
+        let confirmed = new_code("fo-resend", 3, "393331000041", now);
+        a.create(&confirmed, now).await.unwrap().unwrap();
+        let waiting = b.claim_due_failovers(now, claim_until, 10).await.unwrap();
+        assert!(waiting.due.is_empty(), "{waiting:?}");
+        let counts = a.confirm_delivery("fo-resend", &confirmed.digest, "uuid-r", now);
+        assert!(counts.await.unwrap());
+        let gone = b
+            .claim_due_failovers(now + 1_000, claim_until, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            gone.due,
+            vec![(failover(now + 1_000), FailoverVerdict::Gone)]
+        );
+        assert_eq!(gone.next_due, None);
+    });
+}
+
 fn failovers_are_taken_once_across_hosts(engine: Engine) {
     use otpd::rules::{DeliveryEvent, FailoverVerdict, PendingFailover, now_ms};
     use otpd::store::{Filed, Store};
@@ -899,6 +968,7 @@ per_engine!([redis, redis_cluster] {
     a_create_lost_before_its_confirm_is_not_acknowledged,
     failovers_are_taken_once_across_hosts,
     a_failover_with_an_unreadable_code_waits_behind_the_others,
+    a_failover_due_while_a_resend_is_on_its_way_waits_for_it,
     delivery_records_and_discard_through_the_store,
     the_replaced_code_stands_in_while_a_resend_is_unsettled,
     overlapping_resends_keep_the_delivered_code,

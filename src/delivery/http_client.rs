@@ -107,58 +107,23 @@ impl ApiClient {
         sent: &Value,
         until: Option<Instant>,
     ) -> Result<Value, DeliveryError> {
-        let body = Bytes::from(serde_json::to_vec(sent).expect("JSON values serialize"));
-        let mut attempt = 0;
-        let outcome = loop {
-            bump(&self.counters.delivery_attempts);
-            let (reason, retry_after) = match self.attempt(url, body.clone(), sent).await {
-                Attempt::Accepted(answer) => break Ok(answer),
-                Attempt::Refused(message) => break Err(DeliveryError::Refused(message)),
-                Attempt::Retry {
-                    reason,
-                    retry_after,
-                } => (reason, retry_after),
-            };
-            if attempt >= self.max_retries {
-                break Err(DeliveryError::Unavailable(format!(
-                    "{reason} (after {} attempts)",
-                    attempt + 1
-                )));
+        let mut tries = self.tries(until);
+        loop {
+            if let Some(outcome) = tries.attempt(url, sent).await {
+                return outcome;
             }
-            let delay = backoff(attempt).max(retry_after.unwrap_or_default());
-            if delay > MAX_RETRY_DELAY {
-                break Err(DeliveryError::Unavailable(format!(
-                    "{reason}; the provider asked to retry after {} s",
-                    delay.as_secs()
-                )));
-            }
-            if until.is_some_and(|until| Instant::now() + delay + self.timeout > until) {
-                break Err(DeliveryError::Unavailable(format!(
-                    "{reason}; not retried: no time left before the code expires"
-                )));
-            }
-            let stopped =
-                || DeliveryError::Unavailable(format!("{reason}; not retried: otpd is stopping"));
-            if self.stopping.is_cancelled() {
-                break Err(stopped());
-            }
-            tracing::info!(
-                ?reason,
-                delay_ms = delay.as_millis() as u64,
-                "Vonage: retrying"
-            );
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = self.stopping.cancelled() => break Err(stopped()),
-            }
-            attempt += 1;
-        };
-        bump(match &outcome {
-            Ok(_) => &self.counters.delivery_sent,
-            Err(DeliveryError::Refused(_)) => &self.counters.delivery_refused,
-            Err(DeliveryError::Unavailable(_)) => &self.counters.delivery_unavailable,
-        });
-        outcome
+        }
+    }
+
+    /// The attempts of one POST, made one at a time by [`Tries::attempt`], for a sender
+    /// that looks again at what it sends before each retry. With `until` as for
+    /// [`ApiClient::post_json`].
+    pub fn tries(&self, until: Option<Instant>) -> Tries<'_> {
+        Tries {
+            client: self,
+            until,
+            attempt: 0,
+        }
     }
 
     /// One request (`body` is `sent`, serialized), bounded by the timeout from connect
@@ -230,6 +195,93 @@ impl ApiClient {
             );
         }
         Attempt::Refused(problem)
+    }
+}
+
+/// The attempts of one POST ([`ApiClient::tries`]): retries as [`ApiClient::post_json`]
+/// makes them, the request being the caller's at each attempt.
+pub struct Tries<'a> {
+    client: &'a ApiClient,
+    until: Option<Instant>,
+    attempt: u32,
+}
+
+impl Tries<'_> {
+    /// POSTs `sent` as JSON. Answers the outcome once there is one: the provider's JSON
+    /// on 2xx, a refusal, or unavailable with no retry left (or none allowed: too long
+    /// a wait, no time left before `until`, otpd stopping). `None` when the attempt is
+    /// to be retried: the delay before it has passed, so the caller makes the retry now.
+    pub async fn attempt(
+        &mut self,
+        url: &Uri,
+        sent: &Value,
+    ) -> Option<Result<Value, DeliveryError>> {
+        let client = self.client;
+        let body = Bytes::from(serde_json::to_vec(sent).expect("JSON values serialize"));
+        bump(&client.counters.delivery_attempts);
+        let outcome = match client.attempt(url, body, sent).await {
+            Attempt::Accepted(answer) => Ok(answer),
+            Attempt::Refused(message) => Err(DeliveryError::Refused(message)),
+            Attempt::Retry {
+                reason,
+                retry_after,
+            } => match self.wait_to_retry(&reason, retry_after).await {
+                Ok(()) => return None,
+                Err(error) => Err(error),
+            },
+        };
+        bump(match &outcome {
+            Ok(_) => &client.counters.delivery_sent,
+            Err(DeliveryError::Refused(_)) => &client.counters.delivery_refused,
+            Err(DeliveryError::Unavailable(_)) => &client.counters.delivery_unavailable,
+        });
+        Some(outcome)
+    }
+
+    /// Waits out the delay before the next attempt, or answers why none is made.
+    async fn wait_to_retry(
+        &mut self,
+        reason: &str,
+        retry_after: Option<Duration>,
+    ) -> Result<(), DeliveryError> {
+        let client = self.client;
+        if self.attempt >= client.max_retries {
+            return Err(DeliveryError::Unavailable(format!(
+                "{reason} (after {} attempts)",
+                self.attempt + 1
+            )));
+        }
+        let delay = backoff(self.attempt).max(retry_after.unwrap_or_default());
+        if delay > MAX_RETRY_DELAY {
+            return Err(DeliveryError::Unavailable(format!(
+                "{reason}; the provider asked to retry after {} s",
+                delay.as_secs()
+            )));
+        }
+        if self
+            .until
+            .is_some_and(|until| Instant::now() + delay + client.timeout > until)
+        {
+            return Err(DeliveryError::Unavailable(format!(
+                "{reason}; not retried: no time left before the code expires"
+            )));
+        }
+        let stopped =
+            || DeliveryError::Unavailable(format!("{reason}; not retried: otpd is stopping"));
+        if client.stopping.is_cancelled() {
+            return Err(stopped());
+        }
+        tracing::info!(
+            ?reason,
+            delay_ms = delay.as_millis() as u64,
+            "Vonage: retrying"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = client.stopping.cancelled() => return Err(stopped()),
+        }
+        self.attempt += 1;
+        Ok(())
     }
 }
 

@@ -6,15 +6,20 @@
 //! list (the SMS, for an immediate rejection) and keeps a [`PendingFailover`] in the
 //! store. At its deadline a background task takes it and, judging from the code's
 //! record as the status webhooks left it, sends the SMS itself — unless the code was
-//! verified, cancelled or expired meanwhile, a `read` status arrived, or Vonage
-//! reported the message `rejected` (its own failover has sent the SMS).
+//! verified, cancelled, locked, replaced or expired meanwhile, a `read` status
+//! arrived, or Vonage reported the message `rejected` (its own failover has sent the
+//! SMS). While a resend that replaced the code is on its way, the store keeps the
+//! failover waiting: a failed resend brings the code back, and the SMS is owed again.
 //!
 //! The task claims a failover before sending its SMS: the store files it again, due
 //! when the longest send would be over, so no other host takes it meanwhile, and once
 //! the outcome is recorded on the code the failover is let go (tried again through a
 //! store error until the code expires; a claim that comes back meanwhile is not sent
-//! again from here). An SMS Vonage could not take goes back in line, and no retry of
-//! one starts that could end after its code expires. A send a crash cuts
+//! again from here). Before each of the client's retries the store judges the
+//! failover again as the claim did, and one no longer owed is let go unsent; each
+//! attempt names the minutes left as of that attempt. An SMS Vonage could not take
+//! goes back in line, and no retry of one starts that could end after its code
+//! expires. A send a crash cuts
 //! short leaves the claim, which comes back when it runs out: the SMS goes out late
 //! rather than never (and twice only if the crash came after Vonage took it). A stop
 //! lets the attempt under way end and retries nothing: an SMS not sent is set aside,
@@ -162,12 +167,7 @@ impl Inner {
                                         .send_failover(failover, expires_at, stop.clone());
                                 sending.spawn(send);
                             } else {
-                                tracing::info!(
-                                    token = failover.token,
-                                    message_uuid = failover.reference,
-                                    ?verdict,
-                                    "no failover SMS needed"
-                                );
+                                log_not_needed(&failover, verdict);
                             }
                         }
                         if full {
@@ -216,12 +216,10 @@ impl Inner {
             reference: &failover.reference,
         };
         let outcome = match self.sealer.open(&failover.token, &failover.sealed_text) {
-            Some(text) => {
-                let left = Duration::from_millis(expires_at.saturating_sub(now_ms()));
-                let text = fill_minutes(&text, left.as_secs());
-                self.post(&self.sms(&failover.to, &text), Some(Instant::now() + left))
-                    .await
-            }
+            Some(text) => match self.post_failover(&failover, &text, expires_at).await {
+                Ok(outcome) => outcome,
+                Err(verdict) => return self.let_go(&failover, verdict).await,
+            },
             None => Err(DeliveryError::Refused(
                 "the stored text does not open with this server secret".into(),
             )),
@@ -256,6 +254,59 @@ impl Inner {
             detail: Some(detail),
         };
         self.settle(&failover, event, expires_at, &stop).await;
+    }
+
+    /// Posts a claimed failover's SMS (`text`, its minutes left to fill). Before each
+    /// retry it asks the store again whether the SMS is still owed, as the claim did,
+    /// and answers the verdict when it is not (verified, read, cancelled, replaced,
+    /// locked meanwhile); each attempt names the minutes left as of that attempt. A
+    /// store error on asking retries as claimed: the claim found the SMS owed.
+    async fn post_failover(
+        &self,
+        failover: &PendingFailover,
+        text: &str,
+        expires_at: Millis,
+    ) -> Result<Result<String, DeliveryError>, FailoverVerdict> {
+        let left = |now| Duration::from_millis(expires_at.saturating_sub(now));
+        let mut tries = self
+            .vonage
+            .client
+            .tries(Some(Instant::now() + left(now_ms())));
+        loop {
+            let sms = self.sms(&failover.to, &fill_minutes(text, left(now_ms()).as_secs()));
+            if let Some(outcome) = tries.attempt(&self.url, &sms).await {
+                return Ok(outcome.map(|answer| accepted_reference(&answer, "message_uuid")));
+            }
+            match self.store.judge_failover(failover, now_ms()).await {
+                Ok(FailoverVerdict::Send { .. }) => {}
+                Ok(verdict) => return Err(verdict),
+                Err(error) => tracing::warn!(
+                    token = failover.token,
+                    %error,
+                    "cannot check that the failover SMS is still owed: retrying it as claimed"
+                ),
+            }
+        }
+    }
+
+    /// Lets go of a claimed failover whose SMS turned out no longer owed between two
+    /// attempts, as a claim drops one: nothing is recorded on its code. One whose code
+    /// a resend on its way replaced is filed again, due at once, for the claim to wait
+    /// on that resend. A store error leaves the claim, judged again when it runs out.
+    async fn let_go(&self, claimed: &PendingFailover, verdict: FailoverVerdict) {
+        log_not_needed(claimed, verdict);
+        let released = if verdict == FailoverVerdict::ResendOnItsWay {
+            self.refile(claimed, now_ms()).await
+        } else {
+            self.store.finish_failover(claimed).await
+        };
+        if let Err(error) = released {
+            tracing::error!(
+                token = claimed.token,
+                %error,
+                "cannot let the failover go: it is judged again when its claim runs out"
+            );
+        }
     }
 
     /// Records a send's outcome on its code and lets the failover go, trying again
@@ -339,6 +390,20 @@ impl Inner {
         };
         self.store.put_failover(&again).await?;
         self.store.finish_failover(claimed).await
+    }
+}
+
+/// Logs why a failover's SMS is not sent: not at all, or not yet (a resend is on its way).
+fn log_not_needed(failover: &PendingFailover, verdict: FailoverVerdict) {
+    let (token, message_uuid) = (&failover.token, &failover.reference);
+    if verdict == FailoverVerdict::ResendOnItsWay {
+        tracing::info!(
+            token,
+            message_uuid,
+            "failover SMS held back: a resend is on its way"
+        );
+    } else {
+        tracing::info!(token, message_uuid, ?verdict, "no failover SMS needed");
     }
 }
 

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 
 use crate::code::Digest;
 use crate::rules::{
-    Channel, CodeRecord, CodeState, DeliveryEvent, FailoverVerdict, Millis, PendingFailover,
+    self, Channel, CodeRecord, CodeState, DeliveryEvent, FailoverVerdict, Millis, PendingFailover,
     Refusal, TokenRecord, VerifyOutcome,
 };
 
@@ -45,17 +45,91 @@ fn readable_failover(bytes: &[u8]) -> Option<PendingFailover> {
 /// instead of holding them up at the head.
 const FAILOVER_UNREADABLE_RETRY_MS: Millis = 60_000;
 
-/// `failover` due again after [`FAILOVER_UNREADABLE_RETRY_MS`], logged.
-fn postponed(failover: PendingFailover, now: Millis, error: &StoreError) -> PendingFailover {
-    tracing::error!(
-        reference = failover.reference,
-        %error,
-        "cannot read the code of a pending SMS failover; trying again in a minute"
-    );
-    PendingFailover {
-        due_at: now + FAILOVER_UNREADABLE_RETRY_MS,
-        ..failover
+/// How long a failover waits whose code a resend on its way replaced
+/// ([`FailoverVerdict::ResendOnItsWay`]) before it is judged again: a resend settles
+/// within its send, seconds as a rule, and the SMS must not be late once it is owed.
+const FAILOVER_RESEND_WAIT_MS: Millis = 1_000;
+
+/// The verdict on a failover of the code delivered as `reference`, from its token's
+/// codes: `code`, the current one, and `replaced`, the one a resend replaced. A
+/// failover of the code standing in for a resend on its way waits for that resend to
+/// settle: undone, it brings the code back, and with it the failover.
+fn judge_failover(
+    reference: &str,
+    code: Option<&CodeRecord>,
+    replaced: Option<&ReplacedCode>,
+    now: Millis,
+) -> FailoverVerdict {
+    if let Some(code) = code.filter(|code| code.delivered_as(reference)) {
+        return rules::failover_verdict(Some(code), now);
     }
+    let standing_in =
+        replaced.filter(|old| old.code.delivered_as(reference) && old.stands_in(code, now));
+    match standing_in.map(|old| rules::failover_verdict(Some(&old.code), now)) {
+        Some(FailoverVerdict::Send { .. }) => FailoverVerdict::ResendOnItsWay,
+        Some(verdict) => verdict,
+        None => FailoverVerdict::Gone,
+    }
+}
+
+/// What a claim does with one due failover, which it removes from where it was due.
+#[derive(Debug)]
+struct ClaimStep {
+    /// Filed again in its place: its claim, or itself, due later.
+    refiled: Option<PendingFailover>,
+    /// Handed out, with its verdict.
+    handed_out: Option<(PendingFailover, FailoverVerdict)>,
+}
+
+/// The claim of a due `failover`, from its verdict, or the error reading its code:
+/// one to send is claimed until `claim_until`; one whose code a resend on its way
+/// replaced, or whose code cannot be read, is filed again for later; any other is
+/// handed out to be dropped. An error other than an unreadable record fails the claim.
+fn claim_step(
+    failover: PendingFailover,
+    judged: Result<FailoverVerdict, StoreError>,
+    now: Millis,
+    claim_until: Millis,
+) -> Result<ClaimStep, StoreError> {
+    let refiled_at = |due_at| ClaimStep {
+        refiled: Some(PendingFailover {
+            due_at,
+            ..failover.clone()
+        }),
+        handed_out: None,
+    };
+    Ok(match judged {
+        Ok(verdict @ FailoverVerdict::Send { .. }) => {
+            let claimed = PendingFailover {
+                due_at: claim_until,
+                ..failover
+            };
+            ClaimStep {
+                refiled: Some(claimed.clone()),
+                handed_out: Some((claimed, verdict)),
+            }
+        }
+        Ok(FailoverVerdict::ResendOnItsWay) => {
+            tracing::debug!(
+                token = failover.token,
+                "a resend is on its way: the failover of the code it replaced waits"
+            );
+            refiled_at(now + FAILOVER_RESEND_WAIT_MS)
+        }
+        Ok(verdict) => ClaimStep {
+            refiled: None,
+            handed_out: Some((failover, verdict)),
+        },
+        Err(error @ StoreError::Corrupt(_)) => {
+            tracing::error!(
+                reference = failover.reference,
+                %error,
+                "cannot read the code of a pending SMS failover; trying again in a minute"
+            );
+            refiled_at(now + FAILOVER_UNREADABLE_RETRY_MS)
+        }
+        Err(error) => return Err(error),
+    })
 }
 
 /// A storage failure. The request that met it answers 500; the daemon keeps serving.
@@ -94,8 +168,7 @@ impl ReplacedCode {
     /// replaces `replaced`: when that is a resend still on its way (pending, its delivery
     /// not confirmed), the person may hold only the code standing in.
     pub fn keeps_standing_in(standing: Option<&Self>, replaced: Option<&Self>) -> bool {
-        standing.is_some()
-            && replaced.is_some_and(|r| r.code.is_pending() && r.code.delivery.reference.is_none())
+        standing.is_some() && replaced.is_some_and(|r| r.code.on_its_way())
     }
 
     /// Whether a verify of this code counts, given the code that replaced it (`live`):
@@ -103,9 +176,7 @@ impl ReplacedCode {
     /// delivery. Once the new code went out, was verified, or ended, only it counts.
     pub fn stands_in(&self, live: Option<&CodeRecord>, now: Millis) -> bool {
         self.code.state_at(now) == CodeState::Pending
-            && live.is_some_and(|new| {
-                new.state_at(now) == CodeState::Pending && new.delivery.reference.is_none()
-            })
+            && live.is_some_and(|new| new.on_its_way() && new.state_at(now) == CodeState::Pending)
     }
 }
 
@@ -208,18 +279,28 @@ pub trait Store: Send + Sync {
     /// Keeps a pending failover of the `messages` backend until it is due.
     async fn put_failover(&self, failover: &PendingFailover) -> Result<(), StoreError>;
 
-    /// Hands out at most `batch` failovers due by `now`, each with
-    /// [`crate::rules::failover_verdict`] on its code as stored just before. One to
-    /// send is claimed: filed again, due at `claim_until`, so no one else gets it
-    /// until then, and it comes back if its send never ends (a crash, a stop). The
-    /// others are removed, and so is an unreadable one (logged, never handed out).
-    /// Atomic per failover, so one host gets each.
+    /// Hands out at most `batch` failovers due by `now`, each with the verdict on its
+    /// code as stored just before ([`Store::judge_failover`]). One to send is claimed:
+    /// filed again, due at `claim_until`, so no one else gets it until then, and it
+    /// comes back if its send never ends (a crash, a stop). One whose code a resend on
+    /// its way replaced is filed again a second later, one whose code cannot be read a
+    /// minute later (logged); neither is handed out. The others are removed, and so is
+    /// an entry that does not decode (logged, never handed out). Atomic per failover,
+    /// so one host gets each.
     async fn claim_due_failovers(
         &self,
         now: Millis,
         claim_until: Millis,
         batch: usize,
     ) -> Result<DueFailovers, StoreError>;
+
+    /// The verdict [`Store::claim_due_failovers`] would reach on `failover` at `now`,
+    /// changing nothing: the send of a claimed failover asks again before each retry.
+    async fn judge_failover(
+        &self,
+        failover: &PendingFailover,
+        now: Millis,
+    ) -> Result<FailoverVerdict, StoreError>;
 
     /// Removes a failover [`Store::claim_due_failovers`] claimed, once its outcome is
     /// recorded on its code. Not waited on to be durable: a claim a crash brings back

@@ -90,7 +90,7 @@ impl TokenState {
     fn code_delivered_as(&self, reference: &str) -> Option<&CodeRecord> {
         self.code
             .as_ref()
-            .filter(|code| code.delivery.references().any(|r| r == reference))
+            .filter(|code| code.delivered_as(reference))
     }
 
     /// The code a resend replaced, if `digest` is its digest and it stands in.
@@ -172,6 +172,21 @@ fn first_due(tree: &impl Tree) -> Result<Option<Millis>, StoreError> {
     Ok(tree
         .first_key()?
         .and_then(|key| Some(split_timed_key(&key)?.0)))
+}
+
+/// When the janitor must come back to a [`timed_key`] tree whose entries are due
+/// `wait` after their key's time: at once after a full batch (more may be due), else
+/// when its head is due.
+fn next_visit(
+    tree: &impl Tree,
+    full: bool,
+    now: Millis,
+    wait: Millis,
+) -> Result<Option<Millis>, StoreError> {
+    if full {
+        return Ok(Some(now));
+    }
+    Ok(first_due(tree)?.map(|at| at.saturating_add(wait)))
 }
 
 /// Refuses `path` if it holds the database of an engine other than `D`, naming it,
@@ -375,6 +390,25 @@ impl<D: Database> EmbeddedStore<D> {
         self.references.insert(reference.as_bytes(), token)
     }
 
+    /// The verdict on a failover from its token's record: one read, so the token's code
+    /// and the code a resend replaced are seen as of one instant.
+    fn judge(
+        &self,
+        failover: &PendingFailover,
+        now: Millis,
+    ) -> Result<FailoverVerdict, StoreError> {
+        let state = self.read_token(failover.token.as_bytes())?;
+        let (code, replaced) = state.as_ref().map_or((None, None), |state| {
+            (state.code.as_ref(), state.replaced.as_ref())
+        });
+        Ok(super::judge_failover(
+            &failover.reference,
+            code,
+            replaced,
+            now,
+        ))
+    }
+
     /// The token whose code was delivered as `reference` (the code may be gone since).
     fn token_delivered_as(
         &self,
@@ -462,12 +496,7 @@ impl<D: Database> EmbeddedStore<D> {
             }
             purged = due.len() as u64;
         }
-        let next = if more {
-            Some(now) // more may be due: the janitor goes on
-        } else {
-            first_due(&self.recipients)?.map(|bucket| bucket.saturating_add(window))
-        };
-        Ok((purged, next))
+        Ok((purged, next_visit(&self.recipients, more, now, window)?))
     }
 
     /// One janitor batch, synchronously: see [`Store::purge_due`].
@@ -484,11 +513,7 @@ impl<D: Database> EmbeddedStore<D> {
         super::adjust_live(&self.live, live_delta);
         let (purged, next_recipients) = self.purge_recipients(now, batch)?;
         report.purged += purged;
-        let next_expiry = if more {
-            Some(now) // more may be due: the janitor goes on
-        } else {
-            first_due(&self.expiry)?
-        };
+        let next_expiry = next_visit(&self.expiry, more, now, 0)?;
         report.next_due = next_expiry.into_iter().chain(next_recipients).min();
         Ok(report)
     }
@@ -813,44 +838,28 @@ impl<D: Database> Store for EmbeddedStore<D> {
                 self.failovers.apply(change)?;
                 continue;
             };
-            let state = match self.token_delivered_as(&failover.reference)? {
-                Some(token) => self.read_token(&token),
-                None => Ok(None),
-            };
-            let state = match state {
-                Ok(state) => state,
-                Err(error @ StoreError::Corrupt(_)) => {
-                    let later = super::postponed(failover, now, &error);
-                    let key = timed_key(later.due_at, later.reference.as_bytes());
-                    change.insert(key, encode(&later));
-                    self.failovers.apply(change)?;
-                    continue;
-                }
-                Err(error) => return Err(error),
-            };
-            let code = state
-                .as_ref()
-                .and_then(|state| state.code_delivered_as(&failover.reference));
-            let verdict = rules::failover_verdict(code, now);
-            let failover = if matches!(verdict, FailoverVerdict::Send { .. }) {
-                let claimed = PendingFailover {
-                    due_at: claim_until,
-                    ..failover
-                };
-                let claim_key = timed_key(claim_until, claimed.reference.as_bytes());
-                change.insert(claim_key, encode(&claimed));
-                claimed
-            } else {
-                failover
-            };
+            let judged = self.judge(&failover, now);
+            let step = super::claim_step(failover, judged, now, claim_until)?;
+            if let Some(again) = &step.refiled {
+                let key = timed_key(again.due_at, again.reference.as_bytes());
+                change.insert(key, encode(again));
+            }
             self.failovers.apply(change)?;
-            handed_out.due.push((failover, verdict));
+            handed_out.due.extend(step.handed_out);
         }
         if !handed_out.due.is_empty() {
             self.wait_durable().await?;
         }
         handed_out.next_due = first_due(&self.failovers)?;
         Ok(handed_out)
+    }
+
+    async fn judge_failover(
+        &self,
+        failover: &PendingFailover,
+        now: Millis,
+    ) -> Result<FailoverVerdict, StoreError> {
+        self.judge(failover, now)
     }
 
     async fn finish_failover(&self, claimed: &PendingFailover) -> Result<(), StoreError> {
@@ -954,13 +963,17 @@ mod tests {
         (report.purged, report.expired, report.next_due)
     }
 
-    /// A code for token `a`, valid from 0 to 5 s, delivered as `reference`.
-    async fn delivered<D: Database>(store: &EmbeddedStore<D>, reference: &str) -> NewCode {
-        let new = new_code("a", 1, 0, 5_000);
+    /// A code for `token`, valid from 0 to 5 s, delivered as `reference`.
+    async fn delivered<D: Database>(
+        store: &EmbeddedStore<D>,
+        token: &str,
+        reference: &str,
+    ) -> NewCode {
+        let new = new_code(token, 1, 0, 5_000);
         store.create(&new, 0).await.unwrap().unwrap();
         assert!(
             store
-                .confirm_delivery("a", &new.digest, reference, 0)
+                .confirm_delivery(token, &new.digest, reference, 0)
                 .await
                 .unwrap()
         );
@@ -970,7 +983,7 @@ mod tests {
     async fn a_verified_code_is_filed_again_and_goes_retain_after_its_expiry<D: Database>() {
         let dir = tempfile::tempdir().unwrap();
         let store = open::<D>(&dir, LIMITS);
-        let new = delivered(&store, "uuid-0").await;
+        let new = delivered(&store, "a", "uuid-0").await;
         let valid = store.verify("a", &new.digest, 100).await.unwrap();
         assert_eq!(valid, VerifyOutcome::Valid);
         assert_eq!(store.live(), 0);
@@ -1007,7 +1020,7 @@ mod tests {
                 ..LIMITS
             },
         );
-        let new = delivered(&store, "uuid-1").await;
+        let new = delivered(&store, "a", "uuid-1").await;
         // Another request's verify, written but not yet flushed.
         store.verify_locked("a", &new.digest, 100).unwrap();
         let flushed = || store.commit.as_ref().unwrap().durable_tickets();
@@ -1077,7 +1090,7 @@ mod tests {
     async fn an_undelivered_resend_puts_the_previous_code_back<D: Database>() {
         let dir = tempfile::tempdir().unwrap();
         let store = open::<D>(&dir, LIMITS);
-        let first = delivered(&store, "uuid-1").await;
+        let first = delivered(&store, "a", "uuid-1").await;
         let second = new_code("a", 2, 100, 5_100);
         store.create(&second, 100).await.unwrap().unwrap();
         store.discard("a", &second.digest).await.unwrap();
@@ -1111,7 +1124,7 @@ mod tests {
     >() {
         let dir = tempfile::tempdir().unwrap();
         let store = open::<D>(&dir, LIMITS);
-        let first = delivered(&store, "uuid-1").await;
+        let first = delivered(&store, "a", "uuid-1").await;
         let second = new_code("a", 2, 100, 5_100);
         store.create(&second, 100).await.unwrap().unwrap();
         store.flush().await.unwrap();
@@ -1189,7 +1202,7 @@ mod tests {
     async fn overlapping_resends_keep_the_delivered_code<D: Database>() {
         let dir = tempfile::tempdir().unwrap();
         let store = open::<D>(&dir, LIMITS);
-        let first = delivered(&store, "uuid-1").await;
+        let first = delivered(&store, "a", "uuid-1").await;
         let second = new_code("a", 2, 100, 5_100);
         store.create(&second, 100).await.unwrap().unwrap();
         let third = new_code("a", 3, 200, 5_200);
@@ -1225,7 +1238,7 @@ mod tests {
     async fn a_failover_sms_is_filed_with_its_code_and_forgotten_with_it<D: Database>() {
         let dir = tempfile::tempdir().unwrap();
         let store = open::<D>(&dir, LIMITS);
-        delivered(&store, "uuid-m").await;
+        delivered(&store, "a", "uuid-m").await;
         let event = |status: &str, detail: Option<&str>| DeliveryEvent {
             at: 100,
             status: status.into(),
@@ -1341,7 +1354,7 @@ mod tests {
     async fn a_failover_with_an_unreadable_code_waits_behind_the_others<D: Database>() {
         let dir = tempfile::tempdir().unwrap();
         let store = open::<D>(&dir, Limits::from(&OtpConfig::default()));
-        delivered(&store, "uuid-late").await; // token `a`, pending until 5 s
+        delivered(&store, "late", "uuid-late").await; // pending until 5 s
         store.put_failover(&failover("late", 2_000)).await.unwrap();
         store.tokens.insert(b"bad", &[0xff, 0xff]).unwrap();
         store.file_reference("uuid-bad", b"bad").unwrap();
@@ -1352,6 +1365,42 @@ mod tests {
         assert_eq!(claimed.next_due, Some(3_000));
         let postponed = timed_key(62_000, b"uuid-bad");
         assert!(store.failovers.get(&postponed).unwrap().is_some());
+    }
+
+    /// A failover due while a resend is on its way is judged again a second later,
+    /// neither sent nor dropped: the code is back, and its failover with it, when the
+    /// resend fails; once the resend is confirmed (it has its own), the failover goes.
+    async fn a_failover_due_while_a_resend_is_on_its_way_waits_for_it<D: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open::<D>(&dir, LIMITS);
+        delivered(&store, "a", "uuid-a").await; // pending until 5 s
+        let send = FailoverVerdict::Send { expires_at: 5_000 };
+        store.put_failover(&failover("a", 1_000)).await.unwrap();
+        let failing = new_code("a", 2, 900, 5_900);
+        store.create(&failing, 900).await.unwrap().unwrap();
+        let waiting = store.claim_due_failovers(1_000, 3_000, 10).await.unwrap();
+        assert_eq!(waiting.due, vec![], "neither sent nor dropped");
+        assert_eq!(waiting.next_due, Some(2_000), "judged again a second later");
+        let judged = store.judge_failover(&failover("a", 2_000), 1_500).await;
+        assert_eq!(judged.unwrap(), FailoverVerdict::ResendOnItsWay);
+        store.discard("a", &failing.digest).await.unwrap();
+        let back = store.claim_due_failovers(2_000, 3_000, 10).await.unwrap();
+        assert_eq!(back.due, vec![(failover("a", 3_000), send)], "back");
+        store.finish_failover(&back.due[0].0).await.unwrap();
+
+        store.put_failover(&failover("a", 3_100)).await.unwrap();
+        let confirmed = new_code("a", 3, 3_000, 8_000);
+        store.create(&confirmed, 3_000).await.unwrap().unwrap();
+        let waiting = store.claim_due_failovers(3_100, 9_000, 10).await.unwrap();
+        assert_eq!(waiting.due, vec![]);
+        let counts = store.confirm_delivery("a", &confirmed.digest, "uuid-r", 3_200);
+        assert!(counts.await.unwrap());
+        let gone = store.claim_due_failovers(4_100, 9_000, 10).await.unwrap();
+        assert_eq!(
+            gone.due,
+            vec![(failover("a", 4_100), FailoverVerdict::Gone)]
+        );
+        assert!(is_empty(&store.failovers));
     }
 
     async fn failovers_are_handed_out_once_in_deadline_order_and_claimed_until_finished<
@@ -1379,7 +1428,7 @@ mod tests {
         assert!(again.due.is_empty(), "handed out once");
 
         // A failover to send is claimed until the end of its claim, then comes back.
-        delivered(&store, "uuid-late").await; // pending until 5 s
+        delivered(&store, "late", "uuid-late").await; // pending until 5 s
         let claimed = store.claim_due_failovers(2_000, 3_000, 10).await.unwrap();
         let send = FailoverVerdict::Send { expires_at: 5_000 };
         let expected = (failover("late", 3_000), send);
@@ -1467,7 +1516,7 @@ mod tests {
     async fn refused_by_the_other_engine<D: Database, E: Database>() {
         let dir = tempfile::tempdir().unwrap();
         let store = open::<D>(&dir, LIMITS);
-        delivered(&store, "uuid-1").await;
+        delivered(&store, "a", "uuid-1").await;
         drop(store);
         // Once D let go (a store that wrote nothing lets go as soon as it is dropped).
         drop(reopen::<D>(&dir).await);
@@ -1549,5 +1598,6 @@ mod tests {
         the_recipient_limit_spans_two_buckets_and_counts_only_the_window,
         failovers_are_handed_out_once_in_deadline_order_and_claimed_until_finished,
         a_failover_with_an_unreadable_code_waits_behind_the_others,
+        a_failover_due_while_a_resend_is_on_its_way_waits_for_it,
     );
 }

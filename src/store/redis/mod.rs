@@ -499,6 +499,48 @@ impl RedisStore {
             .then_some((key, read, live)))
     }
 
+    /// The verdict on a failover from its token's records, as of one instant.
+    async fn judge(
+        &self,
+        conn: &mut Connection,
+        failover: &PendingFailover,
+        now: Millis,
+    ) -> Result<FailoverVerdict, StoreError> {
+        let (code, replaced) = self.token_codes(conn, &failover.token).await?;
+        let (code, replaced) = (code.as_ref(), replaced.as_ref());
+        Ok(super::judge_failover(
+            &failover.reference,
+            code,
+            replaced,
+            now,
+        ))
+    }
+
+    /// The token's current code and the code a resend replaced, as of one instant: the
+    /// token's key is read again with its code's (one slot, one `MGET`) until it held
+    /// still, so a resend settling in between is not missed.
+    async fn token_codes(
+        &self,
+        conn: &mut Connection,
+        token: &str,
+    ) -> Result<(Option<CodeRecord>, Option<ReplacedCode>), StoreError> {
+        let token_key = self.keys.token(token);
+        let mut token_read = self.get(conn, &token_key).await?;
+        for _ in 0..MAX_ROUNDS {
+            let (record, replaced) = decode_token(&token_read)?;
+            let Some(live) = record.and_then(|record| record.current) else {
+                return Ok((None, replaced));
+            };
+            let code_key = self.keys.code(token, &live);
+            let (again, code_read) = self.get_two(conn, &token_key, &code_key).await?;
+            if again == token_read {
+                return Ok((decode_read(&code_read)?, replaced));
+            }
+            token_read = again;
+        }
+        Err(contention())
+    }
+
     /// Runs a commit; false when a key changed since it was read.
     async fn apply(&self, conn: &mut Connection, commit: &Commit) -> Result<bool, StoreError> {
         let mut invocation = COMMIT_SCRIPT.prepare_invoke();
@@ -989,7 +1031,7 @@ impl Store for RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        let mut judged = Vec::with_capacity(members.len());
+        let mut to_hand_out = Vec::with_capacity(members.len());
         let mut claim = CLAIM_SCRIPT.key(&key);
         for member in &members {
             // Removed all the same: an unreadable entry would otherwise come back forever.
@@ -997,39 +1039,23 @@ impl Store for RedisStore {
                 claim.arg(member).arg("").arg(0);
                 continue;
             };
-            let code = match self.code_key_of(&mut conn, &failover.reference).await? {
-                Some(code_key) => decode_read::<CodeRecord>(&self.get(&mut conn, &code_key).await?),
-                None => Ok(None),
+            let judged = self.judge(&mut conn, &failover, now).await;
+            let step = super::claim_step(failover, judged, now, claim_until)?;
+            match &step.refiled {
+                Some(again) => claim.arg(member).arg(encode(again)).arg(again.due_at),
+                None => claim.arg(member).arg("").arg(0),
             };
-            let code = match code {
-                Ok(code) => code,
-                Err(error @ StoreError::Corrupt(_)) => {
-                    let later = super::postponed(failover, now, &error);
-                    claim.arg(member).arg(encode(&later)).arg(later.due_at);
-                    continue;
-                }
-                Err(error) => return Err(error),
-            };
-            let verdict = rules::failover_verdict(code.as_ref(), now);
-            let failover = if matches!(verdict, FailoverVerdict::Send { .. }) {
-                let claimed = PendingFailover {
-                    due_at: claim_until,
-                    ..failover
-                };
-                claim.arg(member).arg(encode(&claimed)).arg(claim_until);
-                claimed
-            } else {
-                claim.arg(member).arg("").arg(0);
-                failover
-            };
-            judged.push((member, failover, verdict));
+            to_hand_out.extend(
+                step.handed_out
+                    .map(|(failover, verdict)| (member, failover, verdict)),
+            );
         }
         let handed_out: Vec<Vec<u8>> = if members.is_empty() {
             Vec::new()
         } else {
             claim.invoke_async(&mut conn).await.map_err(redis_error)?
         };
-        let due = judged
+        let due = to_hand_out
             .into_iter()
             .filter(|(member, ..)| handed_out.contains(member))
             .map(|(_, failover, verdict)| (failover, verdict))
@@ -1051,6 +1077,14 @@ impl Store for RedisStore {
             }
         };
         Ok(DueFailovers { due, next_due })
+    }
+
+    async fn judge_failover(
+        &self,
+        failover: &PendingFailover,
+        now: Millis,
+    ) -> Result<FailoverVerdict, StoreError> {
+        self.judge(&mut self.conn(), failover, now).await
     }
 
     async fn finish_failover(&self, claimed: &PendingFailover) -> Result<(), StoreError> {
