@@ -278,8 +278,36 @@ fn oversized_bodies_answer_413() {
     assert_eq!(answer.status, 200);
     let longer = "x".repeat(9000);
     let answer = http.send("GET", "/", &[("x-long", &longer)], Payload::empty());
-    assert_eq!(answer.status, 431);
+    assert_eq!(
+        (answer.status, answer.text()),
+        (431, "Header fields exceed 8192 bytes")
+    );
     assert_eq!(daemon.stats()["created"], 1);
+}
+
+#[test]
+fn over_long_urls_answer_414() {
+    let daemon = start(""); // max_request_bytes: the default 16384
+    let http = daemon.http();
+    let url = |length: usize| format!("/?{}", "x".repeat(length - 2));
+    assert_eq!(http.get(&url(8192)).status, 200, "a URL of 8 KiB is taken");
+    let answer = http.get(&url(8193));
+    assert_eq!(
+        (answer.status, answer.text()),
+        (414, "URL exceeds 8192 bytes")
+    );
+    // The URL's room is its own: full header fields beside it are still measured apart.
+    let fields = "x".repeat(16_000);
+    let answer = http.send(
+        "GET",
+        &url(12_000),
+        &[("x-long", &fields)],
+        Payload::empty(),
+    );
+    assert_eq!(answer.status, 414);
+    let answer = http.send("GET", &url(8192), &[("x-long", &fields)], Payload::empty());
+    assert_eq!(answer.status, 200);
+    assert_eq!(http.get("/").status, 200);
 }
 
 #[test]
