@@ -1152,6 +1152,35 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_redis_database_is_refused_in_otpds_words() {
+        let parse = |url: &str| {
+            let toml = format!("[store]\nengine = \"redis\"\n[store.redis]\nurl = {url:?}\n");
+            Config::parse(&toml).unwrap_err().to_string()
+        };
+        let expected = "is not a number: expected a database number, 0 or more, after the \
+                        host (redis://host:6379/0), or ?db=0 after a socket's path";
+        for (url, shown) in [
+            (
+                "redis://:S3CRET@h:6379/x",
+                r#""redis://***@h:6379/x": the database "x""#,
+            ),
+            ("redis://h/-1", r#""redis://h/-1": the database "-1""#),
+            ("rediss://h/0/1", r#""rediss://h/0/1": the database "0/1""#),
+            (
+                "unix:///run/r.sock?db=two",
+                r#""unix:///run/r.sock?db=two": the database "two""#,
+            ),
+        ] {
+            let err = parse(url);
+            assert_eq!(
+                err,
+                format!("config key `store.redis.url`: {shown} {expected}"),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
     fn redis_password_is_redacted() {
         assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://***@h:1/0");
         assert_eq!(redact_url("unix:///run/r.sock"), "unix:///run/r.sock");
