@@ -613,6 +613,27 @@ fn without_a_secret_every_webhook_is_refused() {
     assert_eq!(answer.status, 401);
 }
 
+#[test]
+fn the_webhook_secret_may_come_as_a_systemd_credential() {
+    let mut daemon = Daemon::prepare("", "[http]\nlisten = \"127.0.0.1:0\"\n", "");
+    let credentials = daemon.dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::write(
+        credentials.join("otpd-webhook-secret"),
+        format!("{SECRET}\n"),
+    )
+    .unwrap();
+    let mut command = daemon.serve_command();
+    command.env("CREDENTIALS_DIRECTORY", &credentials);
+    daemon.launch(command);
+    daemon.wait_until_ready();
+    assert!(!daemon.stderr().contains("webhooks will be refused"));
+    let body = br#"{"message_uuid":"m","status":"read"}"#;
+    let bearer = format!("Bearer {}", webhook_jwt(SECRET, body, now_secs()));
+    let answer = post_status(&daemon, body, Some(&bearer));
+    assert_eq!(answer.status, 200, "{answer:?}");
+}
+
 /// A sample's labels, sorted by name.
 type Labels = Vec<(String, String)>;
 

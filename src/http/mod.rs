@@ -29,11 +29,9 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, SystemdDirs};
+use crate::config::{Config, WEBHOOK_SECRET_CREDENTIAL};
 use crate::otp::Otp;
 use crate::server::{self, AcceptBackoff, PeerPolicy, SHUTDOWN_GRACE, wait_for_peer};
-
-pub use webhooks::WEBHOOK_SECRET_CREDENTIAL;
 
 /// A response: always a small, fully built body.
 type Answer = Response<Full<Bytes>>;
@@ -113,7 +111,7 @@ pub async fn start(
     if config.http.listen.is_empty() {
         return Ok(());
     }
-    let secret = webhooks::load_secret(&config.http, &SystemdDirs::from_env())?;
+    let secret = webhooks::load_secret(&config.http)?;
     if secret.is_none() {
         tracing::warn!(
             "http.webhook_signature_secret is not set (nor the credential {WEBHOOK_SECRET_CREDENTIAL}): \
