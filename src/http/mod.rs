@@ -219,7 +219,7 @@ async fn serve_connection<S>(
     let read_timeout = app.read_timeout;
     // Room for the longest URL and header fields taken, each measured in `App::answer`
     // so that the answer says which was too long (414, 431). A head longer than both
-    // together cannot be held to be measured: hyper answers it 431.
+    // together may not be held whole to be measured: hyper then answers 431.
     let max_head = MAX_URL_BYTES + app.max_headers + REQUEST_LINE_SLACK;
     let in_hand = TaskTracker::new();
     let tracked = in_hand.clone();
