@@ -22,13 +22,40 @@ use crate::store::redis::RedisStore;
 use crate::systemd;
 
 /// The engine the configuration names, opened (or connected to, for Redis, which
-/// checks that every host shares `secret`).
-async fn open_store(config: &Config, secret: &ServerSecret) -> anyhow::Result<Arc<dyn Store>> {
+/// checks that every host shares `secret`). A secret `drawn` at this start is saved
+/// once the store is open, or for Redis reached, so that a start that cannot open its
+/// store leaves no secret file; for Redis before the other hosts' secret is compared
+/// with it, so that Redis never records the fingerprint of a secret not kept.
+async fn open_store(
+    config: &Config,
+    secret: &ServerSecret,
+    drawn: bool,
+) -> anyhow::Result<Arc<dyn Store>> {
     let limits = Limits::from(&config.otp);
+    let keep = || -> anyhow::Result<()> {
+        if drawn {
+            secret.save(&config.store.secret_file)?;
+            tracing::info!(path = %config.store.secret_file.display(), "created a new server secret");
+        }
+        Ok(())
+    };
     Ok(match config.store.engine {
-        Engine::Sled => Arc::new(SledStore::open(&config.store, limits)?),
-        Engine::Fjall => Arc::new(FjallStore::open(&config.store, limits)?),
-        Engine::Redis => Arc::new(RedisStore::connect(&config.store.redis, limits, secret).await?),
+        Engine::Sled => {
+            let store = SledStore::open(&config.store, limits)?;
+            keep()?;
+            Arc::new(store)
+        }
+        Engine::Fjall => {
+            let store = FjallStore::open(&config.store, limits)?;
+            keep()?;
+            Arc::new(store)
+        }
+        Engine::Redis => {
+            let store = RedisStore::reach(&config.store.redis, limits).await?;
+            keep()?;
+            store.check_in(secret).await?;
+            Arc::new(store)
+        }
     })
 }
 
@@ -44,11 +71,8 @@ pub async fn run(
     }
     server::raise_open_file_limit(config.server.max_connections);
     systemd::status("opening the store");
-    let (secret, created) = ServerSecret::load_or_create(&config.store.secret_file)?;
-    if created {
-        tracing::info!(path = %config.store.secret_file.display(), "created a new server secret");
-    }
-    let store = open_store(&config, &secret).await?;
+    let (secret, drawn) = ServerSecret::load_or_draw(&config.store.secret_file)?;
+    let store = open_store(&config, &secret, drawn).await?;
     let counters = Arc::new(Counters::default());
     let stop = CancellationToken::new();
     let delivery = delivery::from_config(

@@ -522,6 +522,20 @@ mod tests {
                 .starts_with("request is not valid JSON: to.messenger: EOF while parsing"),
         );
         assert!(message(r#"{"a":[1,{"b":-}]}"#).starts_with("request is not valid JSON: a.1.b: "));
+        // Half a surrogate pair, high or low, alone or before something else: otpd's words.
+        let lone = "a \\u escape of a lone UTF-16 surrogate (\\ud800 to \\udfff), which is no \
+                    character; expected a high-low pair (\\ud83d\\ude00) or UTF-8 text, at line 1";
+        for (text, field) in [
+            (r#"{"op":"create","id":"\ud800"}"#, "id"),
+            (r#"{"op":"create","token":"\udc00x"}"#, "token"),
+            (r#"{"op":"create","to":{"sms":"\ud83d\u0041"}}"#, "to.sms"),
+        ] {
+            let got = message(text);
+            assert!(
+                got.starts_with(&format!("request is not valid JSON: {field}: {lone}")),
+                "{text}: {got}"
+            );
+        }
         // Outside any value there is no field to name: the position only.
         assert_eq!(
             message(r#"{"op":"ping"} x"#),

@@ -58,7 +58,7 @@ impl ServerSecret {
     }
 
     /// Builds a secret from known bytes, for tests and fuzzing; the daemon's comes from
-    /// [`ServerSecret::load_or_create`].
+    /// [`ServerSecret::load_or_draw`].
     pub fn from_bytes(bytes: [u8; SECRET_LEN]) -> Self {
         Self(bytes)
     }
@@ -72,13 +72,11 @@ impl ServerSecret {
         crate::hex(&mac.finalize().into_bytes())
     }
 
-    /// Reads the secret at `path`, creating it (mode 0600, from the OS CSPRNG) when it
-    /// does not exist yet. Returns whether it was created.
-    pub fn load_or_create(path: &Path) -> Result<(Self, bool), SecretError> {
-        let io = |source| SecretError::Io {
-            path: path.display().to_string(),
-            source,
-        };
+    /// Reads the secret at `path`, or draws a new one from the OS CSPRNG when there is no
+    /// file yet. Returns whether it was drawn: a drawn secret is written only by
+    /// [`ServerSecret::save`], once the start-up has got far enough to keep it (a start
+    /// that cannot reach its store leaves no secret behind).
+    pub fn load_or_draw(path: &Path) -> Result<(Self, bool), SecretError> {
         match crate::read_prefix(path, SECRET_LEN as u64) {
             Ok(bytes) => {
                 crate::warn_if_exposed(path, "the server secret");
@@ -97,26 +95,38 @@ impl ServerSecret {
                 rand::rngs::SysRng
                     .try_fill_bytes(&mut bytes)
                     .map_err(|e| SecretError::Random(e.to_string()))?;
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    crate::create_owned_dir(dir).map_err(io)?;
-                }
-                // Written under a temporary name and renamed, so a crash never leaves a
-                // short secret behind; create_new refuses to follow a planted file.
-                let tmp = path.with_extension("tmp");
-                let _ = std::fs::remove_file(&tmp);
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(io)?;
-                file.write_all(&bytes).map_err(io)?;
-                file.sync_all().map_err(io)?;
-                std::fs::rename(&tmp, path).map_err(io)?;
                 Ok((Self(bytes), true))
             }
-            Err(e) => Err(io(e)),
+            Err(source) => Err(SecretError::Io {
+                path: path.display().to_string(),
+                source,
+            }),
         }
+    }
+
+    /// Writes a secret drawn by [`ServerSecret::load_or_draw`] to `path`, mode 0600,
+    /// creating its directory.
+    pub fn save(&self, path: &Path) -> Result<(), SecretError> {
+        let io = |source| SecretError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            crate::create_owned_dir(dir).map_err(io)?;
+        }
+        // Written under a temporary name and renamed, so a crash never leaves a short
+        // secret behind; create_new refuses to follow a planted file.
+        let tmp = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        file.write_all(&self.0).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
     }
 }
 
@@ -127,11 +137,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn created_once_with_mode_0600_then_read_back() {
+    fn drawn_saved_with_mode_0600_then_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/secret.key");
-        let (first, created) = ServerSecret::load_or_create(&path).unwrap();
-        assert!(created);
+        let (first, drawn) = ServerSecret::load_or_draw(&path).unwrap();
+        assert!(drawn);
+        assert!(!path.exists(), "nothing is written until it is saved");
+        first.save(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let dir_mode = std::fs::metadata(dir.path().join("sub"))
@@ -143,8 +155,8 @@ mod tests {
             0,
             "the directory it made is writable by its owner alone"
         );
-        let (second, created) = ServerSecret::load_or_create(&path).unwrap();
-        assert!(!created);
+        let (second, drawn) = ServerSecret::load_or_draw(&path).unwrap();
+        assert!(!drawn);
         assert_eq!(first.0, second.0);
         assert_eq!(format!("{first:?}"), "ServerSecret(***)");
     }
@@ -163,7 +175,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secret.key");
         std::fs::write(&path, b"short").unwrap();
-        let err = ServerSecret::load_or_create(&path).unwrap_err();
+        let err = ServerSecret::load_or_draw(&path).unwrap_err();
         assert!(
             err.to_string().contains("holds 5 bytes, expected 32"),
             "{err}"
@@ -172,7 +184,7 @@ mod tests {
 
     #[test]
     fn an_endless_file_is_read_no_further_than_a_secret() {
-        let err = ServerSecret::load_or_create(Path::new("/dev/zero")).unwrap_err();
+        let err = ServerSecret::load_or_draw(Path::new("/dev/zero")).unwrap_err();
         let expected = "server secret /dev/zero holds more than 32 bytes, expected 32";
         assert_eq!(err.to_string(), expected);
     }

@@ -40,11 +40,34 @@ pub struct JsonError {
     error: serde_json::Error,
 }
 
+impl JsonError {
+    /// Whether a string held a `\u` escape of half a UTF-16 surrogate pair: JSON's
+    /// grammar allows it, but it is no character (RFC 8259 §8.2), and serde_json's
+    /// wording for it ("lone leading surrogate", "unexpected end of hex escape") is
+    /// about its own parsing, not the request.
+    fn is_lone_surrogate(&self) -> bool {
+        let message = self.error.to_string();
+        message.starts_with("lone leading surrogate in hex escape")
+            || message.starts_with("unexpected end of hex escape")
+    }
+}
+
 impl std::fmt::Display for JsonError {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        match &self.at {
-            Some(path) => write!(f, "{path}: {}", self.error),
-            None => self.error.fmt(f),
+        if let Some(path) = &self.at {
+            write!(f, "{path}: ")?;
+        }
+        if self.is_lone_surrogate() {
+            write!(
+                f,
+                "a \\u escape of a lone UTF-16 surrogate (\\ud800 to \\udfff), which is no \
+                 character; expected a high-low pair (\\ud83d\\ude00) or UTF-8 text, at line {} \
+                 column {}",
+                self.error.line(),
+                self.error.column()
+            )
+        } else {
+            self.error.fmt(f)
         }
     }
 }

@@ -477,6 +477,7 @@ fn bad_input_gets_its_error_and_harms_nobody(engine: Engine) {
         (b"{\"op\":\"create\",\"token\":\"x\",\"to\":{\"sms\":\"393331234567\"},\"ttl_secs\":1e400}\n", 400, "bad_json", "ttl_secs: number out of range"),
         (b"{\"op\":\"create\",\"token\":\"x\",\"phoneNumber\":true}\n", 400, "bad_request", "phoneNumber"),
         (b"{\"op\":\"ping\",\"extra\":1}\n", 400, "bad_request", "extra"),
+        (b"{\"op\":\"create\",\"id\":\"\\ud800\",\"token\":\"x\"}\n", 400, "bad_json", "id: a \\u escape of a lone UTF-16 surrogate"),
         (b"{\"Op\":\"ping\"}\n", 400, "bad_request", "Op: unknown field"),
         (b"{\"op\":\"ping\",\"op\":\"stats\"}\n", 400, "bad_request", "op: given twice"),
         (b"{\"op\":\"create\",\"token\":\"x\",\"to\":{\"sms\":\"393331234567\",\"sms\":\"393331234598\"}}\n", 400, "bad_request", "to.sms: given twice"),

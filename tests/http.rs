@@ -278,8 +278,36 @@ fn oversized_bodies_answer_413() {
     assert_eq!(answer.status, 200);
     let longer = "x".repeat(9000);
     let answer = http.send("GET", "/", &[("x-long", &longer)], Payload::empty());
-    assert_eq!(answer.status, 431);
+    assert_eq!(
+        (answer.status, answer.text()),
+        (431, "Header fields exceed 8192 bytes")
+    );
     assert_eq!(daemon.stats()["created"], 1);
+}
+
+#[test]
+fn over_long_urls_answer_414() {
+    let daemon = start(""); // max_request_bytes: the default 16384
+    let http = daemon.http();
+    let url = |length: usize| format!("/?{}", "x".repeat(length - 2));
+    assert_eq!(http.get(&url(8192)).status, 200, "a URL of 8 KiB is taken");
+    let answer = http.get(&url(8193));
+    assert_eq!(
+        (answer.status, answer.text()),
+        (414, "URL exceeds 8192 bytes")
+    );
+    // The URL's room is its own: full header fields beside it are still measured apart.
+    let fields = "x".repeat(16_000);
+    let answer = http.send(
+        "GET",
+        &url(12_000),
+        &[("x-long", &fields)],
+        Payload::empty(),
+    );
+    assert_eq!(answer.status, 414);
+    let answer = http.send("GET", &url(8192), &[("x-long", &fields)], Payload::empty());
+    assert_eq!(answer.status, 200);
+    assert_eq!(http.get("/").status, 200);
 }
 
 #[test]
@@ -583,6 +611,27 @@ fn without_a_secret_every_webhook_is_refused() {
     let bearer = format!("Bearer {}", webhook_jwt("", body, now_secs()));
     let answer = post_status(&daemon, body, Some(&bearer));
     assert_eq!(answer.status, 401);
+}
+
+#[test]
+fn the_webhook_secret_may_come_as_a_systemd_credential() {
+    let mut daemon = Daemon::prepare("", "[http]\nlisten = \"127.0.0.1:0\"\n", "");
+    let credentials = daemon.dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::write(
+        credentials.join("otpd-webhook-secret"),
+        format!("{SECRET}\n"),
+    )
+    .unwrap();
+    let mut command = daemon.serve_command();
+    command.env("CREDENTIALS_DIRECTORY", &credentials);
+    daemon.launch(command);
+    daemon.wait_until_ready();
+    assert!(!daemon.stderr().contains("webhooks will be refused"));
+    let body = br#"{"message_uuid":"m","status":"read"}"#;
+    let bearer = format!("Bearer {}", webhook_jwt(SECRET, body, now_secs()));
+    let answer = post_status(&daemon, body, Some(&bearer));
+    assert_eq!(answer.status, 200, "{answer:?}");
 }
 
 /// A sample's labels, sorted by name.

@@ -1,6 +1,7 @@
-//! Connection limits through the real socket: `max_connections` answers 503 `busy`,
-//! `idle_timeout_secs` closes silent connections and cuts off a slow writer, and the
-//! daemon keeps serving well-behaved clients throughout.
+//! Connection limits through the real socket: `max_request_bytes` bounds a line (its
+//! CRLF aside), `max_connections` answers 503 `busy`, `idle_timeout_secs` closes silent
+//! connections and cuts off a slow writer, and the daemon keeps serving well-behaved
+//! clients throughout.
 
 mod common;
 
@@ -43,6 +44,26 @@ fn connections_over_the_limit_are_told_busy() {
 
     drop(held);
     served(&daemon);
+}
+
+#[test]
+fn a_line_of_max_request_bytes_is_served_whether_it_ends_in_lf_or_crlf() {
+    let daemon = Daemon::start("[server]\nmax_request_bytes = 1024\n");
+    // A ping padded with JSON whitespace to exactly the limit.
+    let line = |length: usize, terminator: &[u8]| {
+        let mut line = format!("{:<length$}", "{\"op\":\"ping\"}").into_bytes();
+        line.extend_from_slice(terminator);
+        line
+    };
+    let mut conn = daemon.connect();
+    for terminator in [&b"\n"[..], b"\r\n"] {
+        conn.send_raw(&line(1024, terminator));
+        let answer = conn.receive().expect("an answer");
+        assert_eq!(answer["status"], 200, "{terminator:?}: {answer}");
+    }
+    conn.send_raw(&line(1025, b"\r\n"));
+    let answer = conn.receive().expect("an answer");
+    assert_eq!(answer["status"], 413, "{answer}");
 }
 
 #[test]

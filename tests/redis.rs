@@ -1,6 +1,6 @@
 //! The Redis engine's own promises: several otpd hosts on one Redis (or Redis Cluster)
-//! answer as one, a host with another secret or no Redis refuses to start, Redis holds
-//! no code, and keys expire by themselves.
+//! answer as one, a host with another secret or no Redis refuses to start (the latter
+//! keeping no secret it drew), Redis holds no code, and keys expire by themselves.
 
 mod common;
 
@@ -283,15 +283,19 @@ fn a_host_with_another_secret_refuses_to_start(engine: Engine) {
 }
 
 #[test]
-fn unreachable_redis_stops_start_up_naming_it() {
+fn unreachable_redis_stops_start_up_naming_it_and_leaves_no_secret() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("unix://{}/none.sock", dir.path().display());
     let store = redis_store(&format!("url = \"{url}\"\n"));
-    let stderr = Daemon::prepare(&store, "", "").start_refused();
+    let mut host = Daemon::prepare(&store, "", "");
+    let stderr = host.start_refused();
     assert!(
         stderr.contains("cannot reach Redis") && stderr.contains(&url),
         "{stderr}"
     );
+    // The secret it drew is not kept: the operator may still give it the other hosts'.
+    let secret = host.dir.path().join("secret.key");
+    assert!(!secret.exists(), "{} was written", secret.display());
     let store = redis_store("url = \"redis://:hunter2@127.0.0.1:1\"\n");
     let stderr = Daemon::prepare(&store, "", "").start_refused();
     assert!(stderr.contains("cannot reach Redis"), "{stderr}");

@@ -25,6 +25,8 @@ pub const SOCKET_NAME: &str = "otpd.sock";
 pub const SECRET_CREDENTIAL: &str = "otpd-secret";
 /// Name of the systemd credential that may hold the Vonage application's private key.
 pub const VONAGE_KEY_CREDENTIAL: &str = "otpd-vonage-key";
+/// Name of the systemd credential that may hold the status webhooks' signature secret.
+pub const WEBHOOK_SECRET_CREDENTIAL: &str = "otpd-webhook-secret";
 
 /// Longest config file read: the packaged one is 6 KiB, and a wrong `--config`
 /// (`/dev/zero`, a log) must end in an error, not in memory exhaustion.
@@ -390,6 +392,11 @@ pub struct HttpConfig {
     /// Vonage account signature secret for status webhooks (or credential
     /// `otpd-webhook-secret`).
     pub webhook_signature_secret: String,
+    /// The credential `otpd-webhook-secret`, if systemd passed it: found by
+    /// [`Config::resolve_paths`] with the other credentials, and read when
+    /// `webhook_signature_secret` is empty. Not a key of the file.
+    #[serde(skip)]
+    pub webhook_secret_credential: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for HttpConfig {
@@ -400,6 +407,7 @@ impl std::fmt::Debug for HttpConfig {
                 "webhook_signature_secret",
                 &hidden(&self.webhook_signature_secret),
             )
+            .field("webhook_secret_credential", &self.webhook_secret_credential)
             .finish()
     }
 }
@@ -629,6 +637,7 @@ impl Config {
                 _ => data_dir.join("secret.key"),
             };
         }
+        self.http.webhook_secret_credential = dirs.credential(WEBHOOK_SECRET_CREDENTIAL);
         if let Some(credential) = dirs.credential(VONAGE_KEY_CREDENTIAL) {
             for vonage in [&mut self.delivery.dispatch, &mut self.delivery.messages] {
                 if vonage.private_key_file.as_os_str().is_empty() {
@@ -1152,6 +1161,35 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_redis_database_is_refused_in_otpds_words() {
+        let parse = |url: &str| {
+            let toml = format!("[store]\nengine = \"redis\"\n[store.redis]\nurl = {url:?}\n");
+            Config::parse(&toml).unwrap_err().to_string()
+        };
+        let expected = "is not a number: expected a database number, 0 or more, after the \
+                        host (redis://host:6379/0), or ?db=0 after a socket's path";
+        for (url, shown) in [
+            (
+                "redis://:S3CRET@h:6379/x",
+                r#""redis://***@h:6379/x": the database "x""#,
+            ),
+            ("redis://h/-1", r#""redis://h/-1": the database "-1""#),
+            ("rediss://h/0/1", r#""rediss://h/0/1": the database "0/1""#),
+            (
+                "unix:///run/r.sock?db=two",
+                r#""unix:///run/r.sock?db=two": the database "two""#,
+            ),
+        ] {
+            let err = parse(url);
+            assert_eq!(
+                err,
+                format!("config key `store.redis.url`: {shown} {expected}"),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
     fn redis_password_is_redacted() {
         assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://***@h:1/0");
         assert_eq!(redact_url("unix:///run/r.sock"), "unix:///run/r.sock");
@@ -1259,9 +1297,10 @@ mod tests {
     }
 
     #[test]
-    fn vonage_key_falls_back_to_the_systemd_credential() {
+    fn vonage_key_and_webhook_secret_fall_back_to_systemd_credentials() {
         let credentials = tempfile::tempdir().unwrap();
         std::fs::write(credentials.path().join(VONAGE_KEY_CREDENTIAL), "key").unwrap();
+        std::fs::write(credentials.path().join(WEBHOOK_SECRET_CREDENTIAL), "s").unwrap();
         let dirs = SystemdDirs {
             credentials: Some(credentials.path().to_owned()),
             ..SystemdDirs::default()
@@ -1277,6 +1316,10 @@ mod tests {
             config.delivery.messages.private_key_file,
             PathBuf::from("/etc/otpd/k.pem"),
             "an explicit file wins"
+        );
+        assert_eq!(
+            config.http.webhook_secret_credential,
+            Some(credentials.path().join(WEBHOOK_SECRET_CREDENTIAL))
         );
     }
 }

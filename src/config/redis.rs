@@ -128,8 +128,8 @@ impl std::fmt::Debug for RedisConfig {
 /// without its password): a scheme outside `schemes`, a missing host or a bad database
 /// number would otherwise surface at start-up as Redis being unreachable.
 fn check_redis_url(key: &'static str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
-    let scheme = redis::parse_redis_url(url).map(|parsed| parsed.scheme().to_owned());
-    if !scheme.is_some_and(|scheme| schemes.contains(&scheme.as_str())) {
+    let parsed = redis::parse_redis_url(url).filter(|parsed| schemes.contains(&parsed.scheme()));
+    let Some(parsed) = parsed else {
         let expected: Vec<String> = schemes.iter().map(|s| format!("{s}://")).collect();
         return Err(invalid(
             key,
@@ -137,6 +137,23 @@ fn check_redis_url(key: &'static str, url: &str, schemes: &[&str]) -> Result<(),
                 "{:?} is not a Redis address: expected {}",
                 redact_url(url),
                 expected.join(", ")
+            ),
+        ));
+    };
+    // The database: a TCP address's path, a socket's `db` query value.
+    let database = if parsed.scheme().ends_with("unix") {
+        let db = parsed.query_pairs().find(|(name, _)| name == "db");
+        db.map(|(_, db)| db.into_owned())
+    } else {
+        Some(parsed.path().trim_matches('/').to_owned()).filter(|db| !db.is_empty())
+    };
+    if let Some(db) = database.filter(|db| db.parse::<u32>().is_err()) {
+        return Err(invalid(
+            key,
+            format!(
+                "{:?}: the database {db:?} is not a number: expected a database number, 0 or \
+                 more, after the host (redis://host:6379/0), or ?db=0 after a socket's path",
+                redact_url(url)
             ),
         ));
     }

@@ -29,14 +29,19 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, SystemdDirs};
+use crate::config::{Config, WEBHOOK_SECRET_CREDENTIAL};
 use crate::otp::Otp;
 use crate::server::{self, AcceptBackoff, PeerPolicy, SHUTDOWN_GRACE, wait_for_peer};
 
-pub use webhooks::WEBHOOK_SECRET_CREDENTIAL;
-
 /// A response: always a small, fully built body.
 type Answer = Response<Full<Bytes>>;
+
+/// The longest request target (URL) taken, 414 beyond: RFC 9110 §4.1 asks for at least
+/// 8000 octets, and otpd's own paths need a few hundred.
+const MAX_URL_BYTES: usize = 8 * 1024;
+
+/// Room in a request head for the method, the version and the line ends around the URL.
+const REQUEST_LINE_SLACK: usize = 64;
 
 /// The listening socket: TCP (`host:port`) or a Unix socket (`unix:/path`).
 enum Listener {
@@ -84,6 +89,8 @@ struct App {
     otp: Arc<Otp>,
     webhooks: webhooks::Webhooks,
     max_body: usize,
+    /// The most bytes of header fields taken (431 beyond): `max_body`, at least 8 KiB.
+    max_headers: usize,
     /// Longest wait for a request's headers (also between keep-alive requests) and
     /// for its body.
     read_timeout: Duration,
@@ -104,7 +111,7 @@ pub async fn start(
     if config.http.listen.is_empty() {
         return Ok(());
     }
-    let secret = webhooks::load_secret(&config.http, &SystemdDirs::from_env())?;
+    let secret = webhooks::load_secret(&config.http)?;
     if secret.is_none() {
         tracing::warn!(
             "http.webhook_signature_secret is not set (nor the credential {WEBHOOK_SECRET_CREDENTIAL}): \
@@ -116,6 +123,7 @@ pub async fn start(
         otp,
         webhooks: webhooks::Webhooks::new(secret),
         max_body: config.server.max_request_bytes,
+        max_headers: config.server.max_request_bytes.max(8192),
         read_timeout: Duration::from_secs(config.server.idle_timeout_secs),
         shutdown: shutdown.clone(),
         peers: PeerPolicy::new(&config.server),
@@ -209,8 +217,10 @@ async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let read_timeout = app.read_timeout;
-    // Headers are held to the body's limit (hyper's floor is 8 KiB): 431 beyond.
-    let max_head = app.max_body.max(8192);
+    // Room for the longest URL and header fields taken, each measured in `App::answer`
+    // so that the answer says which was too long (414, 431). A head longer than both
+    // together may not be held whole to be measured: hyper then answers 431.
+    let max_head = MAX_URL_BYTES + app.max_headers + REQUEST_LINE_SLACK;
     let in_hand = TaskTracker::new();
     let tracked = in_hand.clone();
     let service = hyper::service::service_fn(move |request| {
@@ -323,6 +333,14 @@ impl App {
         let (parts, body) = request.into_parts();
         let endpoint = Endpoint::of(parts.uri.path());
         let answer = match &endpoint {
+            _ if parts.uri.to_string().len() > MAX_URL_BYTES => text(
+                StatusCode::URI_TOO_LONG,
+                &format!("URL exceeds {MAX_URL_BYTES} bytes"),
+            ),
+            _ if header_bytes(&parts.headers) > self.max_headers => text(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                &format!("Header fields exceed {} bytes", self.max_headers),
+            ),
             None => text(StatusCode::NOT_FOUND, "Not found"),
             Some(endpoint) if parts.method != endpoint.method() => {
                 let mut answer = text(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed");
@@ -395,6 +413,14 @@ impl App {
             )),
         }
     }
+}
+
+/// The size of the header fields as sent, near enough (`name: value` and a line end).
+fn header_bytes(headers: &hyper::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
 }
 
 /// A plain-text answer. OTP answers are never to be cached by a proxy or browser.

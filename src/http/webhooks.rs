@@ -20,15 +20,12 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::{Answer, text};
-use crate::config::{HttpConfig, SystemdDirs};
+use crate::config::{HttpConfig, WEBHOOK_SECRET_CREDENTIAL};
 use crate::log_throttle::OncePerSecond;
 use crate::metrics::bump;
 use crate::otp::Otp;
 use crate::rules::{DeliveryEvent, Millis, OWN_STATUSES, now_ms};
 use crate::store::Filed;
-
-/// Name of the systemd credential that may hold the signature secret.
-pub const WEBHOOK_SECRET_CREDENTIAL: &str = "otpd-webhook-secret";
 
 /// Farthest a callback's `iat` may be from this host's clock, either way: old enough
 /// to allow for clock skew and slow delivery, young enough that a captured callback
@@ -64,14 +61,14 @@ const MAX_SECRET_FILE_BYTES: u64 = 4096;
 
 /// The signature secret: `http.webhook_signature_secret`, else the systemd credential
 /// (surrounding whitespace dropped: a file usually ends with a newline).
-pub fn load_secret(config: &HttpConfig, dirs: &SystemdDirs) -> anyhow::Result<Option<Vec<u8>>> {
+pub fn load_secret(config: &HttpConfig) -> anyhow::Result<Option<Vec<u8>>> {
     if !config.webhook_signature_secret.is_empty() {
         return Ok(Some(config.webhook_signature_secret.as_bytes().to_vec()));
     }
-    let Some(path) = dirs.credential(WEBHOOK_SECRET_CREDENTIAL) else {
+    let Some(path) = &config.webhook_secret_credential else {
         return Ok(None);
     };
-    let bytes = crate::read_bounded(&path, MAX_SECRET_FILE_BYTES)
+    let bytes = crate::read_bounded(path, MAX_SECRET_FILE_BYTES)
         .map_err(|e| anyhow::anyhow!("credential {}: {e}", path.display()))?;
     let secret = bytes.trim_ascii();
     if secret.is_empty() {
@@ -479,12 +476,12 @@ mod tests {
     #[test]
     fn the_credential_is_trimmed_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let dirs = SystemdDirs {
-            credentials: Some(dir.path().to_owned()),
-            ..SystemdDirs::default()
-        };
         let path = dir.path().join(WEBHOOK_SECRET_CREDENTIAL);
-        let load = || load_secret(&HttpConfig::default(), &dirs);
+        let config = HttpConfig {
+            webhook_secret_credential: Some(path.clone()),
+            ..HttpConfig::default()
+        };
+        let load = || load_secret(&config);
         std::fs::write(&path, b" s3cret\n").unwrap();
         assert_eq!(load().unwrap(), Some(b"s3cret".to_vec()));
         std::fs::write(&path, vec![b'x'; MAX_SECRET_FILE_BYTES as usize + 1]).unwrap();
@@ -548,25 +545,16 @@ mod tests {
     #[test]
     fn secret_from_config_or_credential() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(WEBHOOK_SECRET_CREDENTIAL), "s3cret\n").unwrap();
-        let dirs = SystemdDirs {
-            credentials: Some(dir.path().to_owned()),
-            ..SystemdDirs::default()
+        let path = dir.path().join(WEBHOOK_SECRET_CREDENTIAL);
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let mut config = HttpConfig {
+            webhook_secret_credential: Some(path),
+            ..HttpConfig::default()
         };
-        let mut config = HttpConfig::default();
-        assert_eq!(
-            load_secret(&config, &dirs).unwrap(),
-            Some(b"s3cret".to_vec())
-        );
+        assert_eq!(load_secret(&config).unwrap(), Some(b"s3cret".to_vec()));
         config.webhook_signature_secret = "from-file".into();
-        assert_eq!(
-            load_secret(&config, &dirs).unwrap(),
-            Some(b"from-file".to_vec())
-        );
-        assert_eq!(
-            load_secret(&HttpConfig::default(), &SystemdDirs::default()).unwrap(),
-            None
-        );
+        assert_eq!(load_secret(&config).unwrap(), Some(b"from-file".to_vec()));
+        assert_eq!(load_secret(&HttpConfig::default()).unwrap(), None);
     }
 
     #[test]

@@ -187,15 +187,17 @@ async fn write_line<W: AsyncWrite + Unpin>(
 /// The outcome of reading one request line.
 #[derive(Debug, PartialEq, Eq)]
 enum LineRead {
-    /// A line is in the buffer (without its `\n`; a final line may lack one).
+    /// A line is in the buffer (without its `\n` or `\r\n`; a final line may lack one).
     Line,
     /// The peer closed its side with nothing pending.
     Eof,
-    /// The line exceeded the limit; nothing beyond the limit was buffered.
+    /// The line exceeded the limit; nothing beyond the limit (and one `\r`) was buffered.
     TooLong,
 }
 
 /// Reads one `\n`-terminated line into `line`, refusing to buffer more than `max` bytes.
+/// A `\r` before the `\n` belongs to the terminator: it is neither counted nor kept, so
+/// a CRLF client has the same limit as an LF one.
 async fn read_line<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     line: &mut Vec<u8>,
@@ -215,13 +217,18 @@ async fn read_line<R: AsyncBufRead + Unpin>(
             Some(at) => (&available[..at], true),
             None => (available, false),
         };
-        if line.len() + chunk.len() > max {
+        // A last `\r` may be a CRLF's, its `\n` in this chunk or yet to come.
+        let ends_in_cr = chunk.last().or(line.last()) == Some(&b'\r');
+        if line.len() + chunk.len() - usize::from(ends_in_cr) > max {
             return Ok(LineRead::TooLong);
         }
         line.extend_from_slice(chunk);
         let consumed = chunk.len() + usize::from(found_newline);
         reader.consume(consumed);
         if found_newline {
+            if ends_in_cr {
+                line.pop();
+            }
             return Ok(LineRead::Line);
         }
     }
@@ -265,5 +272,18 @@ mod tests {
         let got = lines(b"123456789\n", 8).await;
         assert_eq!(got[0].0, LineRead::TooLong);
         assert!(got[0].1.len() <= 8);
+    }
+
+    #[tokio::test]
+    async fn a_crlf_line_is_measured_and_kept_without_its_cr() {
+        // The reader's 4-byte buffer puts the `\r` and the `\n` in different reads.
+        let got = lines(b"1234567\r\n12345678\r\nab\r\r\n", 8).await;
+        let expected =
+            [&b"1234567"[..], b"12345678", b"ab\r"].map(|l| (LineRead::Line, l.to_vec()));
+        assert_eq!(got[..3], expected);
+        // Only a `\r` right before the `\n` is free: one within the line counts.
+        for input in [&b"1234567\r8\r\n"[..], b"12345678\r\r\n"] {
+            assert_eq!(lines(input, 8).await[0].0, LineRead::TooLong);
+        }
     }
 }

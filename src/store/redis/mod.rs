@@ -228,13 +228,22 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Connects, checks that the other hosts on this Redis hold the same server secret,
-    /// and counts the live codes. Fails when Redis cannot be reached.
+    /// Connects as a host starting up does: [`RedisStore::reach`], then
+    /// [`RedisStore::check_in`].
     pub async fn connect(
         config: &RedisConfig,
         limits: Limits,
         secret: &ServerSecret,
     ) -> Result<Self, StoreError> {
+        let store = Self::reach(config, limits).await?;
+        store.check_in(secret).await?;
+        Ok(store)
+    }
+
+    /// Connects and makes sure Redis answers. Fails when Redis cannot be reached, before
+    /// anything is read or written, so that a host starting up can keep a secret it drew
+    /// only once its store is known to be there.
+    pub async fn reach(config: &RedisConfig, limits: Limits) -> Result<Self, StoreError> {
         let address = if !config.url.is_empty() {
             redact_url(&config.url)
         } else {
@@ -269,12 +278,18 @@ impl RedisStore {
             .query_async::<()>(&mut conn)
             .await
             .map_err(unreachable)?;
-        store.check_secret(secret).await?;
-        // Codes that expired while no host was running count at the first pass.
-        let expired = store.refresh_live(rules::now_ms()).await?;
-        store.expired_unreported.store(expired, Ordering::Relaxed);
-        store.warn_unless_durable().await;
         Ok(store)
+    }
+
+    /// Checks that the other hosts on this Redis hold the same server secret (the first
+    /// host records its fingerprint), and counts the live codes.
+    pub async fn check_in(&self, secret: &ServerSecret) -> Result<(), StoreError> {
+        self.check_secret(secret).await?;
+        // Codes that expired while no host was running count at the first pass.
+        let expired = self.refresh_live(rules::now_ms()).await?;
+        self.expired_unreported.store(expired, Ordering::Relaxed);
+        self.warn_unless_durable().await;
+        Ok(())
     }
 
     /// Says at start-up what a Redis crash would lose, as far as the server tells
