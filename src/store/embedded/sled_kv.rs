@@ -44,9 +44,8 @@ impl Database for SledDb {
     const ENGINE: &'static str = "sled";
 
     fn open(path: &Path, cache_capacity_mb: u64, _: Durability) -> Result<Self, StoreError> {
-        let at = |e: &dyn std::fmt::Display| {
-            StoreError::Database(format!("{}: {e}", path.display()))
-        };
+        let at =
+            |e: &dyn std::fmt::Display| StoreError::Database(format!("{}: {e}", path.display()));
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_capacity_mb * 1024 * 1024)
