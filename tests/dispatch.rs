@@ -188,6 +188,31 @@ fn overload_and_server_errors_are_retried_honouring_retry_after() {
     assert_eq!(daemon.verify("t4", &seen[2].code())["status"], 200);
 }
 
+/// A retried send names the minutes the code has left when the retry goes out, not
+/// when the create came: the text is built again for each attempt.
+#[test]
+fn a_retried_send_names_the_minutes_left_then() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    // 62 s: the first attempt has 61 s left (2 minutes), the retry 3 s later 58 s
+    // (1 minute).
+    vonage.script(&[Reply::TooMany {
+        retry_after_secs: 3,
+    }]);
+    let created = daemon.call(json!({
+        "op": "create", "token": "t11", "ttl_secs": 62, "to": {"sms": PHONE}
+    }));
+    assert_eq!(created["status"], 201, "{created}");
+    let seen = vonage.requests();
+    let texts: Vec<&Value> = seen
+        .iter()
+        .map(|s| &s.body["workflow"][0]["message"]["content"]["text"])
+        .collect();
+    let code = seen[1].code();
+    let text = |left: &str| format!("{code} is your code. It expires in {left}.");
+    assert_eq!(texts, [&json!(text("2 minutes")), &json!(text("1 minute"))]);
+}
+
 #[test]
 fn a_retry_after_beyond_30_s_answers_503_at_once() {
     let vonage = VonageStandIn::start();

@@ -17,6 +17,7 @@ use super::vonage::{Api, Vonage};
 use super::{Delivery, DeliveryError, Message, Receipt, accepted_reference};
 use crate::config::Config;
 use crate::metrics::Counters;
+use crate::rules::{Millis, now_ms};
 
 /// Sends codes through `POST {api_url}/v0.1/dispatch`.
 pub struct DispatchDelivery {
@@ -35,8 +36,8 @@ impl DispatchDelivery {
         Ok(Self { vonage, url })
     }
 
-    /// The request body for a message.
-    fn workflow(&self, message: &Message<'_>) -> Result<Value, DeliveryError> {
+    /// The request body for a message sent at `now`.
+    fn workflow(&self, message: &Message<'_>, now: Millis) -> Result<Value, DeliveryError> {
         let content = |text: String| json!({"type": "text", "text": text});
         let failover_after = self.vonage.failover_after(message.ttl_secs);
         let mut workflow = Vec::with_capacity(2);
@@ -44,7 +45,7 @@ impl DispatchDelivery {
             let mut step = json!({
                 "from": {"type": "messenger", "id": self.vonage.messenger_from()?},
                 "to": {"type": "messenger", "id": psid},
-                "message": {"content": content(message.text()), "messenger": self.vonage.settings.messenger_options},
+                "message": {"content": content(message.text_at(now)), "messenger": self.vonage.settings.messenger_options},
             });
             if message.to.sms.is_some() {
                 step["failover"] =
@@ -55,8 +56,8 @@ impl DispatchDelivery {
         if let Some(number) = &message.to.sms {
             // After a Messenger step the SMS goes out at the failover deadline.
             let text = match message.to.messenger {
-                Some(_) => message.failover_text(failover_after),
-                None => message.text(),
+                Some(_) => message.failover_text_at(now, failover_after),
+                None => message.text_at(now),
             };
             workflow.push(json!({
                 "from": {"type": "sms", "number": self.vonage.settings.sms_from},
@@ -75,8 +76,11 @@ impl Delivery for DispatchDelivery {
     }
 
     async fn send(&self, message: &Message<'_>) -> Result<Receipt, DeliveryError> {
-        let body = self.workflow(message)?;
-        let answer = self.vonage.client.post_json(&self.url, &body, None).await?;
+        let answer = self
+            .vonage
+            .client
+            .post_json(&self.url, || self.workflow(message, now_ms()))
+            .await?;
         let uuid = accepted_reference(&answer, "dispatch_uuid");
         tracing::info!(
             token = message.token,

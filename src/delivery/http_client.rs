@@ -99,25 +99,25 @@ impl ApiClient {
         self.timeout * (self.max_retries + 1) + MAX_RETRY_DELAY * self.max_retries
     }
 
-    /// POSTs `body` as JSON; answers the provider's JSON on 2xx. With `until`, no
-    /// attempt starts that could end after it (a failover SMS whose code expires then).
+    /// POSTs the JSON that `body` builds, built again for each attempt (a text that
+    /// names the minutes left stays true after a slow retry); answers the provider's
+    /// JSON on 2xx.
     pub async fn post_json(
         &self,
         url: &Uri,
-        sent: &Value,
-        until: Option<Instant>,
+        mut body: impl FnMut() -> Result<Value, DeliveryError>,
     ) -> Result<Value, DeliveryError> {
-        let mut tries = self.tries(until);
+        let mut tries = self.tries(None);
         loop {
-            if let Some(outcome) = tries.attempt(url, sent).await {
+            if let Some(outcome) = tries.attempt(url, &body()?).await {
                 return outcome;
             }
         }
     }
 
     /// The attempts of one POST, made one at a time by [`Tries::attempt`], for a sender
-    /// that looks again at what it sends before each retry. With `until` as for
-    /// [`ApiClient::post_json`].
+    /// that looks again at what it sends before each retry. With `until`, no attempt
+    /// starts that could end after it (a failover SMS whose code expires then).
     pub fn tries(&self, until: Option<Instant>) -> Tries<'_> {
         Tries {
             client: self,

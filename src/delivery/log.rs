@@ -16,6 +16,7 @@ use async_trait::async_trait;
 
 use super::{Delivery, DeliveryError, Message, Receipt};
 use crate::config::DeliveryConfig;
+use crate::rules::now_ms;
 
 /// Writes each message to the log (and optionally to a JSON-lines file).
 pub struct LogDelivery {
@@ -60,7 +61,7 @@ impl Delivery for LogDelivery {
         });
         let channels: Vec<&str> = message.to.channels().iter().map(|c| c.as_str()).collect();
         let reference = new_reference();
-        let text = message.text();
+        let text = message.text_at(now_ms());
         tracing::warn!(
             token = %message.token,
             code = %message.code.expose(),

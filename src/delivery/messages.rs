@@ -116,9 +116,13 @@ impl Inner {
         })
     }
 
-    /// Posts one message; answers its `message_uuid`.
-    async fn post(&self, body: &Value, until: Option<Instant>) -> Result<String, DeliveryError> {
-        let answer = self.vonage.client.post_json(&self.url, body, until).await?;
+    /// Posts one message, its body built again for each attempt; answers its
+    /// `message_uuid`.
+    async fn post(
+        &self,
+        body: impl FnMut() -> Result<Value, DeliveryError>,
+    ) -> Result<String, DeliveryError> {
+        let answer = self.vonage.client.post_json(&self.url, body).await?;
         Ok(accepted_reference(&answer, "message_uuid"))
     }
 
@@ -431,25 +435,29 @@ impl Delivery for MessagesDelivery {
         let Some(psid) = &message.to.messenger else {
             let number = message.to.sms.as_deref().expect("a create names a channel");
             let uuid = inner
-                .post(&inner.sms(number, &message.text()), None)
+                .post(|| Ok(inner.sms(number, &message.text_at(now_ms()))))
                 .await?;
             tracing::info!(token = message.token, message_uuid = uuid, "sent SMS");
             return Ok(Receipt { reference: uuid });
         };
-        let text = message.text();
-        let mut body = json!({
-            "to": psid,
-            "from": inner.vonage.messenger_from()?,
-            "channel": "messenger",
-            "message_type": "text",
-            "text": text,
-            "messenger": inner.vonage.settings.messenger_options,
-        });
-        if let Some(number) = &message.to.sms {
-            // Vonage's own failover, on a rejection, goes out at once.
-            body["failover"] = json!([inner.sms(number, &text)]);
-        }
-        let uuid = inner.post(&body, None).await?;
+        let uuid = inner
+            .post(|| {
+                let text = message.text_at(now_ms());
+                let mut body = json!({
+                    "to": psid,
+                    "from": inner.vonage.messenger_from()?,
+                    "channel": "messenger",
+                    "message_type": "text",
+                    "text": text,
+                    "messenger": inner.vonage.settings.messenger_options,
+                });
+                if let Some(number) = &message.to.sms {
+                    // Vonage's own failover, on a rejection, goes out at once.
+                    body["failover"] = json!([inner.sms(number, &text)]);
+                }
+                Ok(body)
+            })
+            .await?;
         if let Some(number) = &message.to.sms {
             // Waited from now, when the message went out; but after a slow send (the
             // client's retries) no later than leaves the SMS as long as that.

@@ -87,20 +87,26 @@ pub struct Message<'a> {
 }
 
 impl Message<'_> {
-    /// The text to send now. It holds the code: only ever sent to the provider, never
-    /// logged (except by the `log` backend).
-    pub fn text(&self) -> String {
-        render(self.template, self.code, self.ttl_secs)
+    /// Whole seconds the code has left at `now` (unix ms).
+    fn secs_left(&self, now: Millis) -> u64 {
+        self.expires_at.saturating_sub(now) / 1000
     }
 
-    /// The text of an SMS that goes out `after_secs` from now, when the Messenger
+    /// The text to send at `now`, naming the minutes left then: a send the client
+    /// retries goes out later than the create. It holds the code: only ever sent to the
+    /// provider, never logged (except by the `log` backend).
+    pub fn text_at(&self, now: Millis) -> String {
+        render(self.template, self.code, self.secs_left(now))
+    }
+
+    /// The text of an SMS that goes out `after_secs` after `now`, when the Messenger
     /// message was not read: it names the minutes left then, not the full validity, so
     /// that nobody counts on time the code no longer has.
-    pub fn failover_text(&self, after_secs: u64) -> String {
+    pub fn failover_text_at(&self, now: Millis, after_secs: u64) -> String {
         render(
             self.template,
             self.code,
-            self.ttl_secs.saturating_sub(after_secs),
+            self.secs_left(now).saturating_sub(after_secs),
         )
     }
 
@@ -180,9 +186,9 @@ fn accepted_reference(answer: &Value, field: &str) -> String {
     }
 }
 
-/// Fills `{code}` and `{minutes}` into the template.
-fn render(template: &str, code: &Code, ttl_secs: u64) -> String {
-    fill_minutes(&fill_code(template, code), ttl_secs)
+/// Fills `{code}` and `{minutes}` (for `secs_left`) into the template.
+fn render(template: &str, code: &Code, secs_left: u64) -> String {
+    fill_minutes(&fill_code(template, code), secs_left)
 }
 
 fn fill_code(template: &str, code: &Code) -> String {
@@ -274,11 +280,14 @@ mod tests {
             to: &Recipients::default(),
             template: "{code} for {minutes} min",
             ttl_secs: 300,
-            expires_at: 300_000,
+            expires_at: 400_000,
         };
-        assert_eq!(message.text(), "123456 for 5 min");
-        assert_eq!(message.failover_text(120), "123456 for 3 min");
-        assert_eq!(message.failover_text(400), "123456 for 1 min");
+        assert_eq!(message.text_at(100_000), "123456 for 5 min");
+        assert_eq!(message.failover_text_at(100_000, 120), "123456 for 3 min");
+        assert_eq!(message.failover_text_at(100_000, 400), "123456 for 1 min");
+        // A send retried 70 s later names the minutes left then.
+        assert_eq!(message.text_at(170_000), "123456 for 4 min");
+        assert_eq!(message.failover_text_at(170_000, 120), "123456 for 2 min");
         let later = message.text_without_minutes();
         assert_eq!(later, "123456 for {minutes} min");
         assert_eq!(fill_minutes(&later, 179), "123456 for 3 min");
