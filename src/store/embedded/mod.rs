@@ -638,7 +638,10 @@ impl<D: Database> EmbeddedStore<D> {
     /// write; returns what `change` returned. `file` then files or forgets the
     /// references the change calls for, still under the lock, and before the token is
     /// written: a crash in between leaves at most a reference naming a code that does
-    /// not answer to it, which lookups pass over, never a code without its reference.
+    /// not answer to it, which lookups pass over, never a code it keeps without its
+    /// reference. Only a code the change drops can lose its references first (a crash
+    /// then leaves it unreported until it goes, or [`Self::file_references`] brings
+    /// them back), so that none is left naming nothing for good.
     fn update_token<T>(
         &self,
         token: &[u8],
