@@ -729,10 +729,11 @@ fn a_failover_due_while_a_resend_is_on_its_way_waits_for_it(engine: Engine) {
     });
     assert_eq!(failed["status"], 502, "{failed}");
     assert_eq!(confirmed["status"], 201, "{confirmed}");
+    // The confirmed resend; the restored code's SMS may already have followed it.
     let resent = vonage
         .requests()
         .into_iter()
-        .rfind(|s| s.status == 202)
+        .rfind(|s| s.status == 202 && s.body["channel"] == "messenger")
         .unwrap();
 
     wait_for("the restored code's failover", || {
@@ -765,6 +766,47 @@ fn a_failover_due_while_a_resend_is_on_its_way_waits_for_it(engine: Engine) {
     );
 }
 
+/// A report on the message of a code a resend replaced, arriving while the resend is
+/// on its way, is filed on that code: read, it owes no SMS when the resend then fails
+/// and brings the code back.
+fn a_read_while_a_resend_is_on_its_way_counts_when_the_resend_fails(engine: Engine) {
+    let vonage = stand_in();
+    let daemon = start_on(engine, &vonage, "");
+    let created_at = Instant::now();
+    let old = create_both(&daemon, &vonage, "read-old");
+    vonage.script(&[Reply::Problem]);
+    vonage.hold();
+    let failed = std::thread::scope(|scope| {
+        let resend = scope.spawn(|| {
+            daemon.call(json!({"op": "create", "token": "read-old", "to": {"messenger": PSID, "sms": PHONE}}))
+        });
+        wait_for("the resend", || vonage.unanswered().len() == 1);
+        report(&daemon, &old, "read");
+        vonage.release();
+        resend.join().unwrap()
+    });
+    assert_eq!(failed["status"], 502, "{failed}");
+    let uuid = old.uuid.as_deref().unwrap();
+    let log = daemon.stderr();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("delivery status recorded") && line.contains(uuid)),
+        "{log}"
+    );
+    let read = events(&daemon, "read-old");
+    assert!(read.iter().any(|e| e["status"] == "read"), "{read:?}");
+
+    wait_for("the failover to be judged", || {
+        skipped(&daemon.stderr(), "read-old").is_some()
+    });
+    assert!(created_at.elapsed() >= Duration::from_secs(FAILOVER_SECS));
+    assert_no_sms_needed(&daemon.stderr(), &[("read-old", "Read")]);
+    let sms = sms_requests(&vonage);
+    assert!(sms.is_empty(), "no SMS after a read: {sms:?}");
+    assert_eq!(daemon.verify("read-old", &old.code())["status"], 200);
+}
+
 per_engine!([sled, fjall, redis] {
     a_failover_due_while_a_resend_is_on_its_way_waits_for_it,
+    a_read_while_a_resend_is_on_its_way_counts_when_the_resend_fails,
 });

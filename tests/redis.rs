@@ -792,6 +792,71 @@ fn a_failover_due_while_a_resend_is_on_its_way_waits_for_it(engine: Engine) {
     });
 }
 
+/// A report on the code a resend replaced, arriving on another host while the resend
+/// is on its way, is filed on that code: read, it owes no failover, and the code comes
+/// back with it when the resend fails. Once a resend is confirmed, the old id is
+/// unknown.
+fn a_report_on_the_replaced_code_counts_while_the_resend_is_on_its_way(engine: Engine) {
+    use otpd::rules::{DeliveryEvent, FailoverVerdict, PendingFailover, now_ms};
+    use otpd::store::{Filed, Store};
+
+    let direct = DirectStore::new(engine);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (a, b) = (direct.connect().await, direct.connect().await);
+        let now = now_ms();
+        let first = new_code("fo-read", 1, "393331000051", now);
+        a.create(&first, now).await.unwrap().unwrap();
+        let counts = a.confirm_delivery("fo-read", &first.digest, "uuid-fo-read", now);
+        assert!(counts.await.unwrap());
+        let failover = PendingFailover {
+            reference: "uuid-fo-read".into(),
+            due_at: now,
+            token: "fo-read".into(),
+            to: "393331000051".into(),
+            sealed_text: vec![1, 2, 3],
+        };
+        a.put_failover(&failover).await.unwrap();
+        let failing = new_code("fo-read", 2, "393331000051", now);
+        a.create(&failing, now).await.unwrap().unwrap();
+        let read = DeliveryEvent {
+            at: now,
+            status: "read".into(),
+            channel: None,
+            detail: None,
+        };
+        for filed in [Filed::Recorded, Filed::AlreadyRecorded] {
+            let outcome = b.record_delivery_event("uuid-fo-read", read.clone()).await;
+            assert_eq!(outcome.unwrap(), filed, "on the replaced code");
+        }
+        let status = b.status("fo-read").await.unwrap().unwrap();
+        assert_eq!(
+            status.code.unwrap().delivery.events,
+            vec![],
+            "not the new code"
+        );
+        let judged = b.judge_failover(&failover, now).await.unwrap();
+        assert_eq!(judged, FailoverVerdict::Read, "no resend to wait for");
+        a.discard("fo-read", &failing.digest).await.unwrap();
+        let status = b.status("fo-read").await.unwrap().unwrap();
+        let events = status.code.unwrap().delivery.events;
+        assert_eq!(events, vec![read.clone()], "back with it");
+        let due = b.claim_due_failovers(now, now + 20_000, 10).await.unwrap();
+        assert_eq!(due.due, vec![(failover, FailoverVerdict::Read)]);
+
+        let confirmed = new_code("fo-read", 3, "393331000051", now);
+        a.create(&confirmed, now).await.unwrap().unwrap();
+        let counts = a.confirm_delivery("fo-read", &confirmed.digest, "uuid-r", now);
+        assert!(counts.await.unwrap());
+        let later = DeliveryEvent {
+            at: now + 1,
+            ..read
+        };
+        let outcome = b.record_delivery_event("uuid-fo-read", later).await;
+        assert_eq!(outcome.unwrap(), Filed::UnknownReference);
+    });
+}
+
 fn failovers_are_taken_once_across_hosts(engine: Engine) {
     use otpd::rules::{DeliveryEvent, FailoverVerdict, PendingFailover, now_ms};
     use otpd::store::{Filed, Store};
@@ -973,6 +1038,7 @@ per_engine!([redis, redis_cluster] {
     failovers_are_taken_once_across_hosts,
     a_failover_with_an_unreadable_code_waits_behind_the_others,
     a_failover_due_while_a_resend_is_on_its_way_waits_for_it,
+    a_report_on_the_replaced_code_counts_while_the_resend_is_on_its_way,
     delivery_records_and_discard_through_the_store,
     the_replaced_code_stands_in_while_a_resend_is_unsettled,
     overlapping_resends_keep_the_delivered_code,

@@ -157,6 +157,7 @@ pub struct NewCode {
 /// delivered: a resend that never went out must not take away the code the person
 /// already has. [`Store::discard`] puts it back; until then, and for good when a crash
 /// cuts the delivery short, it [stands in](ReplacedCode::stands_in) for the new code.
+/// Its provider reports are filed on it while it [takes them](ReplacedCode::takes_reports).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplacedCode {
     pub digest: Digest,
@@ -177,6 +178,15 @@ impl ReplacedCode {
     pub fn stands_in(&self, live: Option<&CodeRecord>, now: Millis) -> bool {
         self.code.state_at(now) == CodeState::Pending
             && live.is_some_and(|new| new.on_its_way() && new.state_at(now) == CodeState::Pending)
+    }
+
+    /// Whether a provider's report on this code is recorded on it, given the code that
+    /// replaced it (`live`): while both are pending and the new one is on its way, as
+    /// long as it [stands in](Self::stands_in) but by their states alone (a report
+    /// brings the provider's time, not ours). The person may read this one meanwhile,
+    /// and a failed resend brings it back with what was reported.
+    pub fn takes_reports(&self, live: Option<&CodeRecord>) -> bool {
+        self.code.is_pending() && live.is_some_and(CodeRecord::on_its_way)
     }
 }
 
@@ -249,7 +259,9 @@ pub trait Store: Send + Sync {
         now: Millis,
     ) -> Result<bool, StoreError>;
 
-    /// Records a provider status report on the code whose delivery carries `reference`.
+    /// Records a provider status report on the code whose delivery carries `reference`:
+    /// a token's code, or the [`ReplacedCode`] it keeps while that
+    /// [takes reports](ReplacedCode::takes_reports).
     async fn record_delivery_event(
         &self,
         reference: &str,

@@ -12,7 +12,9 @@
 //!   create reads the current bucket and the one before (together they cover the
 //!   window) and writes the current one; a bucket two windows old holds nothing that
 //!   counts, so the janitor deletes it from the front. The tree is its own expiry index.
-//! - `references`: provider delivery id → token, to file status webhooks.
+//! - `references`: provider delivery id → token, to file status webhooks: every id of
+//!   the token's code, and of the code a resend replaced for as long as the token keeps
+//!   it (the person may only have that one; its reports still count).
 //! - `failovers`: big-endian due time, delivery reference → [`PendingFailover`]; the
 //!   `messages` backend's SMS still to send, in deadline order.
 //!
@@ -79,18 +81,22 @@ struct TokenState {
     code: Option<CodeRecord>,
     /// The due time of the token's live entry in the expiry index, if any.
     indexed_at: Option<Millis>,
-    /// The code a resend replaced, until its delivery settles. Stored behind the rest
+    /// The code a resend replaced, until its delivery settles; its references stay
+    /// filed as long, and go with it (a lookup passes over it once it no longer takes
+    /// reports). Stored behind the rest
     /// ([`super::encode_with_extra`]), so records of earlier builds read as they are.
     #[serde(skip)]
     replaced: Option<ReplacedCode>,
 }
 
 impl TokenState {
-    /// The token's code if its delivery carries `reference`.
-    fn code_delivered_as(&self, reference: &str) -> Option<&CodeRecord> {
-        self.code
-            .as_ref()
-            .filter(|code| code.delivered_as(reference))
+    /// The code whose delivery carries `reference`: the token's code, or the code a
+    /// resend replaced while it [takes reports](ReplacedCode::takes_reports).
+    fn code_delivered_as(&mut self, reference: &str) -> Option<&mut CodeRecord> {
+        let live = self.code.as_ref();
+        let takes = (self.replaced.as_ref()).is_some_and(|old| old.takes_reports(live));
+        let replaced = (self.replaced.as_mut().filter(|_| takes)).map(|old| &mut old.code);
+        (self.code.as_mut().into_iter().chain(replaced)).find(|code| code.delivered_as(reference))
     }
 
     /// The code a resend replaced, if `digest` is its digest and it stands in.
@@ -377,7 +383,9 @@ impl<D: Database> EmbeddedStore<D> {
     }
 
     /// Files a code that is `token`'s again (a resend undone) under every id it was
-    /// delivered as, which the resend had dropped.
+    /// delivered as. They stay filed while a resend replaces it, but an earlier build
+    /// dropped them at the resend, and a crash can cut a confirm short after dropping
+    /// them: filing them again costs little and brings those back.
     fn file_references(&self, code: Option<&CodeRecord>, token: &[u8]) -> Result<(), StoreError> {
         for reference in code.iter().flat_map(|code| code.delivery.references()) {
             self.file_reference(reference, token)?;
@@ -452,17 +460,19 @@ impl<D: Database> EmbeddedStore<D> {
             visit.live_delta = -1;
         }
         let mut purged_code = None;
+        let mut purged_replaced = None;
         if state
             .code
             .as_ref()
             .is_some_and(|c| c.due_at(&self.limits) <= now)
         {
             purged_code = state.remove_code();
-            state.replaced = None;
+            purged_replaced = state.replaced.take();
             visit.purged += 1;
         }
         // References first: after a crash in between, none is left naming nothing.
         self.forget_references(purged_code.as_ref())?;
+        self.forget_references(purged_replaced.as_ref().map(|old| &old.code))?;
         if state.code.is_none()
             && state
                 .record
@@ -554,11 +564,16 @@ impl<D: Database> EmbeddedStore<D> {
             .replaced
             .zip(replaced)
             .map(|(digest, code)| ReplacedCode { digest, code });
-        // Its references go whether it stands in or is dropped.
-        self.forget_references(replaced.as_ref().map(|old| &old.code))?;
-        if !ReplacedCode::keeps_standing_in(state.replaced.as_ref(), replaced.as_ref()) {
-            state.replaced = replaced;
-        }
+        // The code kept with the token keeps its references (its reports still count);
+        // the one dropped, a resend on its way or the code kept so far, loses them
+        // first, as update_token orders it.
+        let dropped = if ReplacedCode::keeps_standing_in(state.replaced.as_ref(), replaced.as_ref())
+        {
+            replaced
+        } else {
+            std::mem::replace(&mut state.replaced, replaced)
+        };
+        self.forget_references(dropped.as_ref().map(|old| &old.code))?;
         self.write_token(token, &mut state)?;
         Ok(Ok(1 - i64::from(replaced_live)))
     }
@@ -623,7 +638,10 @@ impl<D: Database> EmbeddedStore<D> {
     /// write; returns what `change` returned. `file` then files or forgets the
     /// references the change calls for, still under the lock, and before the token is
     /// written: a crash in between leaves at most a reference naming a code that does
-    /// not answer to it, which lookups pass over, never a code without its reference.
+    /// not answer to it, which lookups pass over, never a code it keeps without its
+    /// reference. Only a code the change drops can lose its references first (a crash
+    /// then leaves it unreported until it goes, or [`Self::file_references`] brings
+    /// them back), so that none is left naming nothing for good.
     fn update_token<T>(
         &self,
         token: &[u8],
@@ -724,13 +742,18 @@ impl<D: Database> Store for EmbeddedStore<D> {
                     .as_mut()
                     .filter(|_| state.record.current == Some(*digest))?;
                 code.delivery.reference = Some(reference.to_owned());
-                state.replaced = None; // the new code went out: only it counts now
-                Some(super::still_counts(code, now))
+                let counts = super::still_counts(code, now);
+                // The new code went out: only it counts now, and only its reports.
+                let dropped = state.replaced.take();
+                Some((counts, dropped))
             },
-            |_| self.file_reference(reference, token.as_bytes()),
+            |(_, dropped)| {
+                self.forget_references(dropped.as_ref().map(|old| &old.code))?;
+                self.file_reference(reference, token.as_bytes())
+            },
         )?;
         self.wait_durable().await?;
-        Ok(filed.unwrap_or(false))
+        Ok(filed.is_some_and(|(counts, _)| counts))
     }
 
     async fn record_delivery_event(
@@ -744,10 +767,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
         let new_reference = event.new_reference().map(str::to_owned);
         let added = self.update_token(
             &token,
-            |state| {
-                state.code_delivered_as(reference)?;
-                state.code.as_mut().map(|code| code.delivery.push(event))
-            },
+            |state| Some(state.code_delivered_as(reference)?.delivery.push(event)),
             // On a retry too: a first try may have failed between the id and the event.
             |_| match &new_reference {
                 Some(new_reference) => self.file_reference(new_reference, &token),
@@ -1403,6 +1423,110 @@ mod tests {
         assert!(is_empty(&store.failovers));
     }
 
+    /// A report on the code a resend replaced, arriving while the resend is on its way,
+    /// is filed on that code: read, it owes no failover, whether the resend then fails
+    /// (the code comes back with the report) or not.
+    async fn a_report_on_the_replaced_code_counts_while_the_resend_is_on_its_way<D: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open::<D>(&dir, LIMITS);
+        delivered(&store, "a", "uuid-a").await; // pending until 5 s
+        store.put_failover(&failover("a", 1_000)).await.unwrap();
+        let failing = new_code("a", 2, 100, 5_100);
+        store.create(&failing, 100).await.unwrap().unwrap();
+        let read = DeliveryEvent {
+            at: 200,
+            status: "read".into(),
+            channel: None,
+            detail: None,
+        };
+        let filed = store.record_delivery_event("uuid-a", read.clone()).await;
+        assert_eq!(filed.unwrap(), Filed::Recorded, "on the replaced code");
+        let filed = store.record_delivery_event("uuid-a", read.clone()).await;
+        assert_eq!(filed.unwrap(), Filed::AlreadyRecorded, "a provider's retry");
+        let status = store.status("a").await.unwrap().unwrap();
+        assert_eq!(
+            status.code.unwrap().delivery.events,
+            vec![],
+            "not on the new code"
+        );
+        let judged = store.judge_failover(&failover("a", 1_000), 300).await;
+        assert_eq!(
+            judged.unwrap(),
+            FailoverVerdict::Read,
+            "no resend to wait for"
+        );
+        store.discard("a", &failing.digest).await.unwrap();
+        let status = store.status("a").await.unwrap().unwrap();
+        assert_eq!(
+            status.code.unwrap().delivery.events,
+            vec![read],
+            "back with it"
+        );
+        let due = store.claim_due_failovers(1_000, 3_000, 10).await.unwrap();
+        assert_eq!(due.due, vec![(failover("a", 1_000), FailoverVerdict::Read)]);
+    }
+
+    /// The ids of the code a resend replaced go when the token stops keeping it: the
+    /// resend confirmed, a newer create, or the janitor's purge.
+    async fn the_replaced_codes_references_go_with_it<D: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open::<D>(&dir, LIMITS);
+        let read = |at| DeliveryEvent {
+            at,
+            status: "read".into(),
+            channel: None,
+            detail: None,
+        };
+        let references = || -> Vec<String> {
+            let ids = store.references.keys_between(&[], &[0xff], 10).unwrap();
+            ids.iter()
+                .map(|id| String::from_utf8_lossy(id).into())
+                .collect()
+        };
+        // Confirmed: only the resend's reports count.
+        delivered(&store, "a", "uuid-1").await;
+        let resend = new_code("a", 2, 100, 5_100);
+        store.create(&resend, 100).await.unwrap().unwrap();
+        assert_eq!(
+            references(),
+            ["uuid-1"],
+            "kept while the resend is on its way"
+        );
+        let counts = store.confirm_delivery("a", &resend.digest, "uuid-2", 100);
+        assert!(counts.await.unwrap());
+        assert_eq!(references(), ["uuid-2"]);
+        let filed = store.record_delivery_event("uuid-1", read(200)).await;
+        assert_eq!(filed.unwrap(), Filed::UnknownReference);
+
+        // A newer create: the resend verified before its confirm, so the code it
+        // replaced stands in no more, and the next resend drops it.
+        let verified = new_code("a", 3, 300, 5_300);
+        store.create(&verified, 300).await.unwrap().unwrap();
+        let outcome = store.verify("a", &verified.digest, 400).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::Valid);
+        assert_eq!(references(), ["uuid-2"]);
+        let filed = store.record_delivery_event("uuid-2", read(450)).await;
+        assert_eq!(
+            filed.unwrap(),
+            Filed::UnknownReference,
+            "the resend arrived"
+        );
+        store
+            .create(&new_code("a", 4, 500, 5_500), 500)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(references(), Vec::<String>::new());
+
+        // The janitor's purge of the token's code takes the replaced code's ids too.
+        delivered(&store, "b", "uuid-b").await; // expires at 5 s
+        let never_settles = new_code("b", 5, 600, 5_000);
+        store.create(&never_settles, 600).await.unwrap().unwrap();
+        assert_eq!(references(), ["uuid-b"]);
+        purge(&store, 6_000).await;
+        assert_eq!(references(), Vec::<String>::new());
+    }
+
     async fn failovers_are_handed_out_once_in_deadline_order_and_claimed_until_finished<
         D: Database,
     >() {
@@ -1599,5 +1723,7 @@ mod tests {
         failovers_are_handed_out_once_in_deadline_order_and_claimed_until_finished,
         a_failover_with_an_unreadable_code_waits_behind_the_others,
         a_failover_due_while_a_resend_is_on_its_way_waits_for_it,
+        a_report_on_the_replaced_code_counts_while_the_resend_is_on_its_way,
+        the_replaced_codes_references_go_with_it,
     );
 }

@@ -8,6 +8,10 @@
 //!   holds the keyed digest, never the code.
 //! - `P r:<channel>:<address>` (no space) → [`RecipientRecord`], in its own slot.
 //! - `P ref:<reference>` → the code key a provider's status webhook is filed under.
+//!   While a resend replaced that code (its key is gone) and the token keeps it, the
+//!   report goes to it behind the token's record, as long as it
+//!   [takes reports](ReplacedCode::takes_reports); after that, the reference names
+//!   nothing and the report is unknown.
 //! - `P live`: sorted set of pending codes scored by expiry, for the `live` count.
 //! - `P failovers`: sorted set of pending SMS failovers ([`PendingFailover`], encoded),
 //!   scored by due time.
@@ -161,6 +165,14 @@ impl Keys {
 
     fn secret_check(&self) -> String {
         format!("{}secret-check", self.prefix)
+    }
+
+    /// The token and the digest (hex) of a [`Keys::code`] key: the hex digest is last
+    /// and holds no `:`, whatever the token holds.
+    fn token_of_code<'k>(&self, code_key: &'k str) -> Option<(&'k str, &'k str)> {
+        let (slot, digest) = code_key.rsplit_once(":c:")?;
+        let token = slot.strip_prefix(&self.prefix)?.strip_prefix('{')?;
+        Some((token.strip_suffix('}')?, digest))
     }
 
     /// A code's member in the `live` set.
@@ -488,6 +500,72 @@ impl RedisStore {
                 .set(code_key, &encode(&code), expire_at);
             if self.apply(conn, &commit).await? {
                 return Ok(CodeChange::Written { expire_at });
+            }
+        }
+        Err(contention())
+    }
+
+    /// Records `event` on the code at `code_key`, or, when a resend replaced that code
+    /// (deleting its key), on that code behind the token's record while it
+    /// [takes reports](ReplacedCode::takes_reports). The token's key and the code's are
+    /// read at one instant (one slot, one `MGET`), the new code's after: the commit
+    /// checks all three, and an answer that the replaced code takes no report, both
+    /// others again.
+    async fn record_event(
+        &self,
+        conn: &mut Connection,
+        code_key: &str,
+        event: &DeliveryEvent,
+    ) -> Result<CodeChange, StoreError> {
+        let Some((token, digest)) = self.keys.token_of_code(code_key) else {
+            return Ok(CodeChange::Gone);
+        };
+        let token_key = self.keys.token(token);
+        for _ in 0..MAX_ROUNDS {
+            let (token_read, code_read) = self.get_two(conn, &token_key, code_key).await?;
+            let mut commit = Commit::default();
+            commit.expect(code_key, &code_read);
+            let change = if let Some(mut code) = decode_read::<CodeRecord>(&code_read)? {
+                let expire_at = self.code_expire_at(&code);
+                if !code.delivery.push(event.clone()) {
+                    return Ok(CodeChange::Unchanged { expire_at });
+                }
+                commit.set(code_key, &encode(&code), expire_at);
+                CodeChange::Written { expire_at }
+            } else {
+                let (record, replaced) = decode_token(&token_read)?;
+                let kept = replaced.filter(|old| hex(&old.digest) == digest);
+                let (Some(record), Some(mut old)) = (record, kept) else {
+                    return Ok(CodeChange::Gone);
+                };
+                let Some(live) = record.current.filter(|live| *live != old.digest) else {
+                    return Ok(CodeChange::Gone);
+                };
+                let live_key = self.keys.code(token, &live);
+                let live_read = self.get(conn, &live_key).await?;
+                if !old.takes_reports(decode_read(&live_read)?.as_ref()) {
+                    // So the code stays unknown, unless a discard or a verify brought it
+                    // back meanwhile.
+                    let again = self.get_two(conn, &token_key, code_key).await?;
+                    if again == (token_read, code_read) {
+                        return Ok(CodeChange::Gone);
+                    }
+                    continue;
+                }
+                commit.expect(&live_key, &live_read);
+                let expire_at = self.code_expire_at(&old.code);
+                if !old.code.delivery.push(event.clone()) {
+                    return Ok(CodeChange::Unchanged { expire_at });
+                }
+                commit.expect(&token_key, &token_read).set(
+                    &token_key,
+                    &encode_with_extra(&record, Some(&old)),
+                    self.token_expire_at(&record),
+                );
+                CodeChange::Written { expire_at }
+            };
+            if self.apply(conn, &commit).await? {
+                return Ok(change);
             }
         }
         Err(contention())
@@ -847,11 +925,7 @@ impl Store for RedisStore {
         let Some(code_key) = self.code_key_of(&mut conn, reference).await? else {
             return Ok(Filed::UnknownReference);
         };
-        let change = self
-            .change_code(&mut conn, &code_key, |code| {
-                code.delivery.push(event.clone())
-            })
-            .await?;
+        let change = self.record_event(&mut conn, &code_key, &event).await?;
         let (filed, expire_at) = match change {
             CodeChange::Gone => return Ok(Filed::UnknownReference),
             CodeChange::Unchanged { expire_at } => (Filed::AlreadyRecorded, expire_at),
