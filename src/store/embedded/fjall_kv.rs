@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use fjall::{Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode, Slice};
 use nix::fcntl::{Flock, FlockArg};
 
-use super::kv::{Batch, Database, Tree};
+use super::kv::{Batch, Database, Tree, open_error};
 use crate::config::Durability;
 use crate::store::StoreError;
 
@@ -154,8 +154,7 @@ impl Database for FjallDb {
         cache_capacity_mb: u64,
         durability: Durability,
     ) -> Result<Self, StoreError> {
-        let at =
-            |e: &dyn std::fmt::Display| StoreError::Database(format!("{}: {e}", path.display()));
+        let at = |e: &dyn std::fmt::Display| open_error(path, e);
         std::fs::create_dir_all(path).map_err(|e| at(&e))?;
         let dir = File::open(path).map_err(|e| at(&e))?;
         let lock = Flock::lock(dir, FlockArg::LockExclusiveNonblock)

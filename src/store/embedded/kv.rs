@@ -11,6 +11,11 @@ use std::path::Path;
 use crate::config::Durability;
 use crate::store::StoreError;
 
+/// An error opening the database in `path`, naming that directory.
+pub fn open_error(path: &Path, error: &dyn std::fmt::Display) -> StoreError {
+    StoreError::Database(format!("{}: {error}", path.display()))
+}
+
 /// An embedded database: one directory, several [`Tree`]s.
 pub trait Database: Clone + Send + Sync + 'static {
     type Tree: Tree;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use sled::IVec;
 
-use super::kv::{Batch, Database, Tree};
+use super::kv::{Batch, Database, Tree, open_error};
 use crate::config::Durability;
 use crate::store::StoreError;
 
@@ -44,8 +44,7 @@ impl Database for SledDb {
     const ENGINE: &'static str = "sled";
 
     fn open(path: &Path, cache_capacity_mb: u64, _: Durability) -> Result<Self, StoreError> {
-        let at =
-            |e: &dyn std::fmt::Display| StoreError::Database(format!("{}: {e}", path.display()));
+        let at = |e: &dyn std::fmt::Display| open_error(path, e);
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_capacity_mb * 1024 * 1024)
