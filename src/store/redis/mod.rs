@@ -103,6 +103,17 @@ static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM));
 /// round lets at least one contender through, so this bounds a burst of this size.
 const MAX_ROUNDS: usize = 1000;
 
+/// How far this host's clock may be off Redis's before start-up warns: two hosts
+/// each within this of Redis are within the 10 s a failover claim allows them.
+const CLOCK_SKEW_WARNING_MS: Millis = 5_000;
+
+/// How far `here` is ahead of `redis` (negative: behind), both unix ms, when that is
+/// beyond [`CLOCK_SKEW_WARNING_MS`].
+fn clock_skew(here: Millis, redis: Millis) -> Option<i64> {
+    let ahead = here as i64 - redis as i64;
+    (ahead.unsigned_abs() > CLOCK_SKEW_WARNING_MS).then_some(ahead)
+}
+
 fn redis_error(e: RedisError) -> StoreError {
     StoreError::Database(format!("redis: {e}"))
 }
@@ -301,7 +312,33 @@ impl RedisStore {
         let expired = self.refresh_live(rules::now_ms()).await?;
         self.expired_unreported.store(expired, Ordering::Relaxed);
         self.warn_unless_durable().await;
+        self.warn_if_clock_differs().await;
         Ok(())
+    }
+
+    /// Says at start-up when this host's clock is off Redis's by more than
+    /// [`CLOCK_SKEW_WARNING_MS`]: the hosts sharing a Redis judge expiry, send windows
+    /// and SMS failover claims by their own clocks, and a claim allows them 10 s apart.
+    async fn warn_if_clock_differs(&self) {
+        let mut conn = self.conn();
+        let asked = rules::now_ms();
+        let Ok((secs, micros)) = redis::cmd("TIME")
+            .query_async::<(u64, u64)>(&mut conn)
+            .await
+        else {
+            return;
+        };
+        let answered = rules::now_ms();
+        // The middle of the round trip, against the server's time when it answered.
+        let here = asked + (answered - asked) / 2;
+        if let Some(ahead_ms) = clock_skew(here, secs * 1000 + micros / 1000) {
+            tracing::warn!(
+                ahead_ms,
+                "this host's clock differs from Redis's: keep every host sharing this \
+                 Redis synchronised (NTP), as they judge expiry and failover claims by \
+                 their own clocks"
+            );
+        }
     }
 
     /// Says at start-up what a Redis crash would lose, as far as the server tells
@@ -1206,6 +1243,15 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clock_off_redis_by_more_than_five_seconds_is_reported_with_its_sign() {
+        let redis = 1_800_000_000_000;
+        assert_eq!(clock_skew(redis + 5_000, redis), None);
+        assert_eq!(clock_skew(redis - 5_000, redis), None);
+        assert_eq!(clock_skew(redis + 5_001, redis), Some(5_001));
+        assert_eq!(clock_skew(redis - 12_000, redis), Some(-12_000));
+    }
 
     #[test]
     fn a_tokens_keys_share_its_hash_tag_and_hold_no_code() {
