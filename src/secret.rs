@@ -111,11 +111,14 @@ impl ServerSecret {
             path: path.display().to_string(),
             source,
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir {
             crate::create_owned_dir(dir).map_err(io)?;
         }
         // Written under a temporary name and renamed, so a crash never leaves a short
-        // secret behind; create_new refuses to follow a planted file.
+        // secret behind; create_new refuses to follow a planted file. The directory is
+        // synced after the rename, so that a power loss cannot keep the database's
+        // first writes and lose the secret they are keyed with.
         let tmp = path.with_extension("tmp");
         let _ = std::fs::remove_file(&tmp);
         let mut file = OpenOptions::new()
@@ -126,7 +129,11 @@ impl ServerSecret {
             .map_err(io)?;
         file.write_all(&self.0).map_err(io)?;
         file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        std::fs::rename(&tmp, path).map_err(io)?;
+        let dir = dir.unwrap_or(Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)
     }
 }
 
