@@ -128,13 +128,23 @@ impl CodeBook {
             .rposition(|&b| b == b'\n')
             .map_or(0, |at| at + 1);
         for line in partial[..complete].split(|&b| b == b'\n') {
-            if let Ok(logged) = serde_json::from_slice::<LoggedCode>(line) {
+            if let Some(logged) = read_logged(line) {
                 codes.insert(logged.token, logged.code);
             }
         }
         partial.drain(..complete);
         Ok(codes.remove(token))
     }
+}
+
+/// The code a `log_file` line holds. A daemon killed in the middle of writing a line
+/// (a fatal signal can cut a write between pages) leaves it torn, and the next
+/// daemon's first line continues it: that line is then read from where it begins.
+fn read_logged(line: &[u8]) -> Option<LoggedCode> {
+    const LINE_START: &[u8] = b"{\"token\":";
+    (0..line.len())
+        .filter(|&at| line[at..].starts_with(LINE_START))
+        .find_map(|at| serde_json::from_slice(&line[at..]).ok())
 }
 
 /// Latencies (µs) and answer statuses of one op.
@@ -605,6 +615,25 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("10h").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn a_line_torn_by_a_killed_daemon_loses_only_its_own_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("codes.jsonl");
+        std::fs::write(&path, b"").unwrap();
+        let book = CodeBook::open(&path).unwrap();
+        let lines = concat!(
+            r#"{"token":"a","code":"111111","text":"111111 is {\"token\": yours"}"#,
+            "\n",
+            r#"{"token":"b","code":"2222"#, // killed here; the next start goes on
+            r#"{"token":"c","code":"333333","text":"333333"}"#,
+            "\n",
+        );
+        std::fs::write(&path, lines).unwrap();
+        assert_eq!(book.take("a").unwrap().as_deref(), Some("111111"));
+        assert_eq!(book.take("b").unwrap(), None);
+        assert_eq!(book.take("c").unwrap().as_deref(), Some("333333"));
     }
 
     #[test]
