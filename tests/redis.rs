@@ -187,6 +187,35 @@ fn new_code(token: &str, digest: u8, number: &str, now: u64) -> otpd::store::New
     }
 }
 
+/// `new_code(token, digest, number, now)`, created and confirmed delivered as
+/// `uuid-{token}`.
+async fn delivered(
+    store: &otpd::store::redis::RedisStore,
+    token: &str,
+    digest: u8,
+    number: &str,
+    now: u64,
+) -> otpd::store::NewCode {
+    use otpd::store::Store;
+    let new = new_code(token, digest, number, now);
+    store.create(&new, now).await.unwrap().unwrap();
+    let reference = format!("uuid-{token}");
+    let counts = store.confirm_delivery(token, &new.digest, &reference, now);
+    assert!(counts.await.unwrap(), "{token} delivered");
+    new
+}
+
+/// The pending SMS failover to `to` of `token`'s code, delivered as `uuid-{token}`.
+fn pending_failover(token: &str, to: &str, due_at: u64) -> otpd::rules::PendingFailover {
+    otpd::rules::PendingFailover {
+        reference: format!("uuid-{token}"),
+        due_at,
+        token: token.into(),
+        to: to.into(),
+        sealed_text: vec![1, 2, 3],
+    }
+}
+
 fn create_on_one_host_verify_on_another(engine: Engine) {
     let (a, b) = two_hosts(engine, "[janitor]\ninterval_secs = 1\n");
     let code = a.create_code("shared", "393331234567");
@@ -682,7 +711,7 @@ fn the_replaced_code_stands_in_while_a_resend_is_unsettled(engine: Engine) {
 /// A failover whose code record cannot be read (corrupt, or from a newer otpd) waits a
 /// minute behind the others instead of holding them up on every host.
 fn a_failover_with_an_unreadable_code_waits_behind_the_others(engine: Engine) {
-    use otpd::rules::{FailoverVerdict, PendingFailover, now_ms};
+    use otpd::rules::{FailoverVerdict, now_ms};
     use otpd::store::Store;
 
     let direct = DirectStore::new(engine);
@@ -691,24 +720,14 @@ fn a_failover_with_an_unreadable_code_waits_behind_the_others(engine: Engine) {
         let store = direct.connect().await;
         let now = now_ms();
         for (token, digit) in [("fo-bad", 1), ("fo-good", 2)] {
-            let new = new_code(token, digit, &format!("39333100003{digit}"), now);
-            store.create(&new, now).await.unwrap().unwrap();
-            let reference = format!("uuid-{token}");
-            let counts = store.confirm_delivery(token, &new.digest, &reference, now);
-            assert!(counts.await.unwrap());
+            delivered(&store, token, digit, &format!("39333100003{digit}"), now).await;
         }
         let prefix = &direct.config.store.redis.key_prefix;
         let mut set = ::redis::cmd("SET");
         set.arg(format!("{prefix}{{fo-bad}}:c:{}", otpd::hex(&[1; 16])))
             .arg(b"\xff\xff".as_slice());
         behind_otpds_back(&direct.config.store.redis, &set);
-        let failover = |token: &str, due_at| PendingFailover {
-            reference: format!("uuid-{token}"),
-            due_at,
-            token: token.into(),
-            to: "393331000030".into(),
-            sealed_text: vec![1, 2, 3],
-        };
+        let failover = |token: &str, due_at| pending_failover(token, "393331000030", due_at);
         store.put_failover(&failover("fo-bad", now)).await.unwrap();
         store
             .put_failover(&failover("fo-good", now + 10))
@@ -731,7 +750,7 @@ fn a_failover_with_an_unreadable_code_waits_behind_the_others(engine: Engine) {
 /// is back, and its failover with it, when the resend fails; once the resend is
 /// confirmed (it has its own failover), the old one goes.
 fn a_failover_due_while_a_resend_is_on_its_way_waits_for_it(engine: Engine) {
-    use otpd::rules::{FailoverVerdict, PendingFailover, now_ms};
+    use otpd::rules::{FailoverVerdict, now_ms};
     use otpd::store::Store;
 
     let direct = DirectStore::new(engine);
@@ -739,17 +758,8 @@ fn a_failover_due_while_a_resend_is_on_its_way_waits_for_it(engine: Engine) {
     runtime.block_on(async {
         let (a, b) = (direct.connect().await, direct.connect().await);
         let now = now_ms();
-        let first = new_code("fo-resend", 1, "393331000041", now);
-        a.create(&first, now).await.unwrap().unwrap();
-        let counts = a.confirm_delivery("fo-resend", &first.digest, "uuid-fo-resend", now);
-        assert!(counts.await.unwrap());
-        let failover = |due_at| PendingFailover {
-            reference: "uuid-fo-resend".into(),
-            due_at,
-            token: "fo-resend".into(),
-            to: "393331000041".into(),
-            sealed_text: vec![1, 2, 3],
-        };
+        let first = delivered(&a, "fo-resend", 1, "393331000041", now).await;
+        let failover = |due_at| pending_failover("fo-resend", "393331000041", due_at);
         let claim_until = now + 20_000;
         a.put_failover(&failover(now)).await.unwrap();
         let failing = new_code("fo-resend", 2, "393331000041", now);
@@ -801,7 +811,7 @@ fn a_failover_due_while_a_resend_is_on_its_way_waits_for_it(engine: Engine) {
 /// back with it when the resend fails. Once a resend is confirmed, the old id is
 /// unknown.
 fn a_report_on_the_replaced_code_counts_while_the_resend_is_on_its_way(engine: Engine) {
-    use otpd::rules::{DeliveryEvent, FailoverVerdict, PendingFailover, now_ms};
+    use otpd::rules::{DeliveryEvent, FailoverVerdict, now_ms};
     use otpd::store::{Filed, Store};
 
     let direct = DirectStore::new(engine);
@@ -809,17 +819,8 @@ fn a_report_on_the_replaced_code_counts_while_the_resend_is_on_its_way(engine: E
     runtime.block_on(async {
         let (a, b) = (direct.connect().await, direct.connect().await);
         let now = now_ms();
-        let first = new_code("fo-read", 1, "393331000051", now);
-        a.create(&first, now).await.unwrap().unwrap();
-        let counts = a.confirm_delivery("fo-read", &first.digest, "uuid-fo-read", now);
-        assert!(counts.await.unwrap());
-        let failover = PendingFailover {
-            reference: "uuid-fo-read".into(),
-            due_at: now,
-            token: "fo-read".into(),
-            to: "393331000051".into(),
-            sealed_text: vec![1, 2, 3],
-        };
+        delivered(&a, "fo-read", 1, "393331000051", now).await;
+        let failover = pending_failover("fo-read", "393331000051", now);
         a.put_failover(&failover).await.unwrap();
         let failing = new_code("fo-read", 2, "393331000051", now);
         a.create(&failing, now).await.unwrap().unwrap();
@@ -862,7 +863,7 @@ fn a_report_on_the_replaced_code_counts_while_the_resend_is_on_its_way(engine: E
 }
 
 fn failovers_are_taken_once_across_hosts(engine: Engine) {
-    use otpd::rules::{DeliveryEvent, FailoverVerdict, PendingFailover, now_ms};
+    use otpd::rules::{DeliveryEvent, FailoverVerdict, now_ms};
     use otpd::store::{Filed, Store};
 
     let direct = DirectStore::new(engine);
@@ -871,11 +872,7 @@ fn failovers_are_taken_once_across_hosts(engine: Engine) {
         let (a, b) = (direct.connect().await, direct.connect().await);
         let now = now_ms();
         for (token, digit) in [("unread", 1), ("read", 2)] {
-            let new = new_code(token, digit, &format!("39333100000{digit}"), now);
-            assert!(a.create(&new, now).await.unwrap().is_ok());
-            let reference = format!("uuid-{token}");
-            let counts = a.confirm_delivery(token, &new.digest, &reference, now);
-            assert!(counts.await.unwrap());
+            delivered(&a, token, digit, &format!("39333100000{digit}"), now).await;
         }
         let read = DeliveryEvent {
             at: now,
@@ -885,12 +882,12 @@ fn failovers_are_taken_once_across_hosts(engine: Engine) {
         };
         let outcome = b.record_delivery_event("uuid-read", read).await;
         assert_eq!(outcome.unwrap(), Filed::Recorded);
-        let failover = |reference: &str, due_at| PendingFailover {
-            reference: reference.into(),
-            due_at,
-            token: reference.trim_start_matches("uuid-").into(),
-            to: "393331000001".into(),
-            sealed_text: vec![1, 2, 3],
+        let failover = |reference: &str, due_at| {
+            pending_failover(
+                reference.trim_start_matches("uuid-"),
+                "393331000001",
+                due_at,
+            )
         };
         for (reference, due_at) in [
             ("uuid-unread", now + 100),
