@@ -912,6 +912,16 @@ mod tests {
     use crate::config::OtpConfig;
     use crate::rules::DeliveryEvent;
 
+    /// A provider's status report `status` at `at`, naming no channel.
+    fn report(status: &str, at: Millis) -> DeliveryEvent {
+        DeliveryEvent {
+            at,
+            status: status.into(),
+            channel: None,
+            detail: None,
+        }
+    }
+
     fn failover(token: &str, due_at: Millis) -> PendingFailover {
         PendingFailover {
             reference: format!("uuid-{token}"),
@@ -1067,12 +1077,7 @@ mod tests {
             "cancel answered from an unflushed record"
         );
 
-        let event = DeliveryEvent {
-            at: 1,
-            status: "delivered".into(),
-            channel: None,
-            detail: None,
-        };
+        let event = report("delivered", 1);
         store
             .record_delivery_event("uuid-1", event.clone())
             .await
@@ -1115,12 +1120,7 @@ mod tests {
         store.create(&second, 100).await.unwrap().unwrap();
         store.discard("a", &second.digest).await.unwrap();
         assert_eq!(store.live(), 1);
-        let event = DeliveryEvent {
-            at: 150,
-            status: "read".into(),
-            channel: None,
-            detail: None,
-        };
+        let event = report("read", 150);
         let filed = store.record_delivery_event("uuid-1", event).await.unwrap();
         assert_eq!(filed, Filed::Recorded, "its status reports are filed again");
         let outcome = store.verify("a", &second.digest, 200).await.unwrap();
@@ -1169,15 +1169,7 @@ mod tests {
         );
         let status = store.status("a").await.unwrap().unwrap();
         assert_eq!(status.token.current, Some(first.digest));
-        let filed = store.record_delivery_event(
-            "uuid-1",
-            DeliveryEvent {
-                at: 350,
-                status: "read".into(),
-                channel: None,
-                detail: None,
-            },
-        );
+        let filed = store.record_delivery_event("uuid-1", report("read", 350));
         assert_eq!(
             filed.await.unwrap(),
             Filed::Recorded,
@@ -1433,12 +1425,7 @@ mod tests {
         store.put_failover(&failover("a", 1_000)).await.unwrap();
         let failing = new_code("a", 2, 100, 5_100);
         store.create(&failing, 100).await.unwrap().unwrap();
-        let read = DeliveryEvent {
-            at: 200,
-            status: "read".into(),
-            channel: None,
-            detail: None,
-        };
+        let read = report("read", 200);
         let filed = store.record_delivery_event("uuid-a", read.clone()).await;
         assert_eq!(filed.unwrap(), Filed::Recorded, "on the replaced code");
         let filed = store.record_delivery_event("uuid-a", read.clone()).await;
@@ -1471,12 +1458,7 @@ mod tests {
     async fn the_replaced_codes_references_go_with_it<D: Database>() {
         let dir = tempfile::tempdir().unwrap();
         let store = open::<D>(&dir, LIMITS);
-        let read = |at| DeliveryEvent {
-            at,
-            status: "read".into(),
-            channel: None,
-            detail: None,
-        };
+        let read = |at| report("read", at);
         let references = || -> Vec<String> {
             let ids = store.references.keys_between(&[], &[0xff], 10).unwrap();
             ids.iter()
