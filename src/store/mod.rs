@@ -173,18 +173,18 @@ impl ReplacedCode {
     }
 
     /// Whether a verify of this code counts, given the code that replaced it (`live`):
-    /// while this one is pending and the new one is pending without a confirmed
-    /// delivery. Once the new code went out, was verified, or ended, only it counts.
+    /// while it [takes reports](Self::takes_reports) and neither code has expired at
+    /// `now`. Once the new code went out, was verified, or ended, only it counts.
     pub fn stands_in(&self, live: Option<&CodeRecord>, now: Millis) -> bool {
-        self.code.state_at(now) == CodeState::Pending
-            && live.is_some_and(|new| new.on_its_way() && new.state_at(now) == CodeState::Pending)
+        let unexpired = |code: &CodeRecord| code.state_at(now) == CodeState::Pending;
+        self.takes_reports(live) && unexpired(&self.code) && live.is_some_and(unexpired)
     }
 
     /// Whether a provider's report on this code is recorded on it, given the code that
-    /// replaced it (`live`): while both are pending and the new one is on its way, as
-    /// long as it [stands in](Self::stands_in) but by their states alone (a report
-    /// brings the provider's time, not ours). The person may read this one meanwhile,
-    /// and a failed resend brings it back with what was reported.
+    /// replaced it (`live`): while this one is pending and the new one is on its way
+    /// (pending, its delivery not confirmed). By their states alone, without the
+    /// clock: a report brings the provider's time, not ours. The person may read this
+    /// one meanwhile, and a failed resend brings it back with what was reported.
     pub fn takes_reports(&self, live: Option<&CodeRecord>) -> bool {
         self.code.is_pending() && live.is_some_and(CodeRecord::on_its_way)
     }
