@@ -188,7 +188,7 @@ fn main() -> ExitCode {
                 .block_on(serve(config, activation))
                 .map(|()| ExitCode::SUCCESS)
         }),
-        Command::Bench(args) => runtime(0).and_then(|runtime| {
+        Command::Bench(args) => bench_runtime().and_then(|runtime| {
             runtime
                 .block_on(otpd::bench::run(bench_options(args)))
                 .map(|()| ExitCode::SUCCESS)
@@ -230,6 +230,17 @@ fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     if worker_threads > 0 {
         builder.worker_threads(worker_threads);
     }
+    build(builder)
+}
+
+/// The load client runs on one thread, as redis-benchmark does: it shares the machine
+/// with the daemon it measures, and one thread spends less of it (no wake-ups across
+/// threads) than a worker per core (BENCHMARKS.md, "The load client").
+fn bench_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    build(tokio::runtime::Builder::new_current_thread())
+}
+
+fn build(mut builder: tokio::runtime::Builder) -> anyhow::Result<tokio::runtime::Runtime> {
     builder
         .enable_all()
         .build()
