@@ -57,9 +57,14 @@ use crate::store::StoreError;
 pub const MEMTABLE_BYTES: u32 = 8 * 1024 * 1024;
 /// All memtables together, sealed ones waiting for their flush included.
 pub const WRITE_BUFFER_BYTES: u64 = 16 * 1024 * 1024;
-/// Journals on disk before the oldest one's memtables are flushed (fjall's least is 24
-/// MiB; each journal file is preallocated 32 MiB).
-pub const JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+/// Journals on disk before the oldest one's memtables are flushed (fjall's default).
+/// fjall counts a sealed journal at its file's length, at least the 32 MiB it
+/// preallocates however little was written, and its monitor flushes a partition every
+/// 250 ms while the sealed journals pass half this. At 64 MiB that was after the first
+/// sealed journal, so the monitor rotated the journal four times a second, each time
+/// with three fsyncs under the journal lock that every write waits on: the mixed p99
+/// was 4.2–4.7 ms against 2.8–3.3 ms at 512 (BENCHMARKS.md, "Stop 17").
+pub const JOURNAL_BYTES: u64 = 512 * 1024 * 1024;
 /// Sealed memtables one wake-up of fjall's flush thread may write out (its
 /// `flush_workers`: the tasks it takes per wake-up; it starts a thread per partition
 /// among them, six at most here). fjall 2.11.2 wakes it once per partition with
