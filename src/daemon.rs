@@ -17,7 +17,7 @@ use crate::rules::Limits;
 use crate::secret::ServerSecret;
 use crate::server::{self, Listener};
 use crate::store::Store;
-use crate::store::embedded::{FjallStore, SledStore};
+use crate::store::embedded::{self, FjallStore, SledStore};
 use crate::store::redis::RedisStore;
 use crate::systemd;
 
@@ -39,7 +39,9 @@ async fn open_store(
         }
         Ok(())
     };
-    Ok(match config.store.engine {
+    let engine = (config.store.engine).unwrap_or_else(|| embedded::engine_at(&config.store.path));
+    tracing::info!(engine = engine.name(), "opening the store");
+    Ok(match engine {
         Engine::Sled => {
             let store = SledStore::open(&config.store, limits)?;
             keep()?;

@@ -807,6 +807,46 @@ mod embedded {
     });
 }
 
+/// The engine the daemon's last start says it opened.
+fn engine_opened(daemon: &Daemon) -> String {
+    let stderr = daemon.stderr();
+    let line = stderr
+        .lines()
+        .rfind(|line| line.contains("opening the store"))
+        .unwrap_or_else(|| panic!("no store opened:\n{stderr}"));
+    line.split("engine=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// With `store.engine` unset a new database is fjall's, and a sled database from
+/// before (sled was the default) keeps opening with sled, its codes intact.
+#[test]
+fn an_unset_engine_is_fjall_for_a_new_database_and_sled_for_an_old_one() {
+    let fresh = Daemon::start("");
+    assert_eq!(engine_opened(&fresh), "fjall");
+    assert!(
+        fresh.dir.path().join("db/version").is_file(),
+        "fjall's marker file"
+    );
+
+    let mut old = Engine::Sled.start("");
+    assert_eq!(engine_opened(&old), "sled");
+    let code = old.create_code("kept", "+15550001");
+    old.stop();
+    let config = std::fs::read_to_string(&old.config_path).unwrap();
+    let unset = config.replace("engine = \"sled\"\n", "");
+    assert_ne!(config, unset, "the engine was named");
+    std::fs::write(&old.config_path, unset).unwrap();
+    old.spawn();
+    assert_eq!(engine_opened(&old), "sled");
+    assert_eq!(old.verify("kept", &code)["status"], 200);
+}
+
 /// `otpd bench` against a real daemon: it learns codes from the log backend's file,
 /// every request gets its expected answer, and it finds the daemon for its RSS.
 #[test]

@@ -169,24 +169,38 @@ pub enum Durability {
 }
 
 /// Which storage engine keeps the codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Engine {
     /// The embedded sled database: one host.
-    #[default]
     Sled,
     /// The embedded fjall database (an LSM tree with a journal): one host, less CPU
-    /// per write and less memory than sled (BENCHMARKS.md).
+    /// per write and less memory than sled (BENCHMARKS.md). The default for a new
+    /// database.
     Fjall,
     /// A Redis server or cluster shared by several otpd hosts.
     Redis,
+}
+
+impl Engine {
+    /// Its name in `store.engine`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Sled => "sled",
+            Engine::Fjall => "fjall",
+            Engine::Redis => "redis",
+        }
+    }
 }
 
 /// `[store]`: the storage engine and the server secret.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    pub engine: Engine,
+    /// Unset: the embedded engine whose database `path` holds, and fjall for a new one
+    /// (`store::embedded::engine_at`), so that a sled directory from before fjall was
+    /// the default keeps opening.
+    pub engine: Option<Engine>,
     /// sled or fjall database directory; empty means `<data dir>/db`.
     pub path: PathBuf,
     /// Server secret file; empty means the systemd credential or `<data dir>/secret.key`.
@@ -203,7 +217,7 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
-            engine: Engine::Sled,
+            engine: None,
             path: PathBuf::new(),
             secret_file: PathBuf::new(),
             durability: Durability::Flush,
@@ -524,7 +538,7 @@ impl Config {
         )?;
         self.store
             .redis
-            .validate(self.store.engine == Engine::Redis)?;
+            .validate(self.store.engine == Some(Engine::Redis))?;
         let o = &self.otp;
         check_range(
             "otp.code_length",
@@ -665,7 +679,8 @@ impl Config {
                 self.otp.ttl_secs
             ));
         }
-        if self.store.engine != Engine::Redis && self.store.durability == Durability::Relaxed {
+        if self.store.engine != Some(Engine::Redis) && self.store.durability == Durability::Relaxed
+        {
             warnings.push(
                 "store.durability = \"relaxed\": a crash may lose codes created or verified in the last 500 ms"
                     .into(),
@@ -720,7 +735,7 @@ mod tests {
     fn the_fjall_engine_is_chosen_by_name_and_warned_about_when_relaxed() {
         let config =
             Config::parse("[store]\nengine = \"fjall\"\ndurability = \"relaxed\"\n").unwrap();
-        assert_eq!(config.store.engine, Engine::Fjall);
+        assert_eq!(config.store.engine, Some(Engine::Fjall));
         assert!(config.warnings().iter().any(|w| w.contains("relaxed")));
     }
 
@@ -758,6 +773,9 @@ mod tests {
         assert_eq!(config.otp.code_length, 6);
         assert_eq!(config.server.socket_mode_bits().unwrap(), 0o660);
         assert_eq!(config.store.durability, Durability::Flush);
+        assert_eq!(config.store.engine, None, "chosen by what store.path holds");
+        let sled = Config::parse("[store]\nengine = \"sled\"\n").unwrap();
+        assert_eq!(sled.store.engine, Some(Engine::Sled));
     }
 
     #[test]

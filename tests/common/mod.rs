@@ -81,7 +81,7 @@ impl Engine {
     pub fn store_toml(self) -> String {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let address = match self {
-            Engine::Sled => return String::new(),
+            Engine::Sled => return "[store]\nengine = \"sled\"\n".into(),
             Engine::Fjall => return "[store]\nengine = \"fjall\"\n".into(),
             Engine::Redis => format!("url = \"{}\"", RedisServer::shared().url()),
             Engine::RedisCluster => format!("cluster = {:?}", RedisCluster::shared().urls()),
@@ -134,9 +134,13 @@ impl Daemon {
         Self::start_with(extra, "")
     }
 
-    /// Like [`Daemon::start`], with extra keys for the `[delivery]` table.
+    /// Like [`Daemon::start`], with extra keys for the `[delivery]` table. The daemon
+    /// runs on its default engine (fjall, for the new database a test starts with);
+    /// `extra` may hold a `[store]` table.
     pub fn start_with(extra: &str, delivery_extra: &str) -> Daemon {
-        Engine::Sled.start_with(extra, delivery_extra)
+        let mut daemon = Daemon::prepare("", extra, delivery_extra);
+        daemon.spawn();
+        daemon
     }
 
     /// Writes the config of a daemon on `store_toml` in a fresh directory, without
