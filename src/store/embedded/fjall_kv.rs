@@ -41,6 +41,7 @@
 //! fjall 2 does not lock its directory, so [`FjallDb`] holds an exclusive `flock` on
 //! it: a second process opening the same `store.path` is refused, as sled refuses it.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +49,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use fjall::{Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode, Slice};
 use nix::fcntl::{Flock, FlockArg};
+use nix::libc;
 
 use super::kv::{Batch, Database, Tree, open_error};
 use crate::config::Durability;
@@ -76,10 +78,43 @@ pub const JOURNAL_BYTES: u64 = 512 * 1024 * 1024;
 /// flushed partition also wakes the compaction thread this many times, to find nothing
 /// to do but once.)
 const FLUSH_TASKS_PER_WAKEUP: usize = 32;
+/// The nice value of fjall's background threads, which `Config::open` starts (fjall
+/// 2.11: a `flusher` writing memtables out as tables, `compactor`s, the `monitor` that
+/// rotates journals). They write and merge tables in bursts of a few hundred
+/// milliseconds, and at the default priority those bursts took the cores from the
+/// runtime's workers: the mixed p99 was 2.6–3.6 ms at nice 0 and 2.3–2.5 ms at 10,
+/// at the same throughput and the same 1 M-code fill rate (BENCHMARKS.md, "Stop 17").
+/// The threads they start for a flush inherit it.
+const BACKGROUND_NICE: libc::c_int = 10;
 /// How often `relaxed` durability persists the journal in the background.
 const RELAXED_FSYNC_MS: u16 = 500;
 /// The partition holding the layout mark.
 const META: &str = "meta";
+
+/// The ids of this process's threads.
+fn thread_ids() -> BTreeSet<libc::id_t> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return BTreeSet::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| task.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Sets [`BACKGROUND_NICE`] on `threads`. Best effort: a thread left at the default
+/// priority costs latency, not correctness. (By id, not by name: a thread names itself
+/// once it runs, which may be after `Config::open` returns.)
+fn lower_priority<'a>(threads: impl Iterator<Item = &'a libc::id_t>) {
+    for &tid in threads {
+        // SAFETY: a system call on plain integers; raising a thread's nice value needs
+        // no privilege (systemd/otpd.service allows `setpriority` for this).
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE) } != 0 {
+            let error = std::io::Error::last_os_error();
+            tracing::debug!(tid, %error, "could not lower a fjall thread's priority");
+        }
+    }
+}
 
 fn db_error(e: fjall::Error) -> StoreError {
     StoreError::Database(e.to_string())
@@ -171,7 +206,9 @@ impl Database for FjallDb {
             .flush_workers(FLUSH_TASKS_PER_WAKEUP)
             .manual_journal_persist(true)
             .fsync_ms((durability == Durability::Relaxed).then_some(RELAXED_FSYNC_MS));
+        let before = thread_ids();
         let keyspace = config.open().map_err(|e| at(&e))?;
+        lower_priority(thread_ids().difference(&before));
         Ok(FjallDb {
             keyspace,
             sync: Arc::new(JournalSync {
@@ -286,6 +323,23 @@ mod tests {
     fn synced_id(db: &FjallDb) -> Option<u64> {
         let newest = db.sync.newest.lock().unwrap();
         newest.as_ref().map(|(id, _)| *id)
+    }
+
+    #[test]
+    fn fjall_background_threads_run_at_a_lower_priority() {
+        let before = thread_ids();
+        let dir = tempfile::tempdir().unwrap();
+        let _db = FjallDb::open(dir.path(), 4, Durability::Flush).unwrap();
+        // Other tests start threads meanwhile; fjall's own are at least a flusher, a
+        // compactor and the monitor.
+        let lowered = thread_ids()
+            .difference(&before)
+            // SAFETY: a system call on plain integers.
+            .filter(
+                |&&tid| unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) } == BACKGROUND_NICE,
+            )
+            .count();
+        assert!(lowered >= 3, "{lowered} threads at nice {BACKGROUND_NICE}");
     }
 
     #[test]
