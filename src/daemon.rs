@@ -39,7 +39,10 @@ async fn open_store(
         }
         Ok(())
     };
-    let engine = (config.store.engine).unwrap_or_else(|| embedded::engine_at(&config.store.path));
+    let engine = config
+        .store
+        .engine
+        .unwrap_or_else(|| embedded::engine_at(&config.store.path));
     tracing::info!(engine = engine.name(), "opening the store");
     Ok(match engine {
         Engine::Sled => {

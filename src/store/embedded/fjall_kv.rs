@@ -65,7 +65,7 @@ pub const WRITE_BUFFER_BYTES: u64 = 16 * 1024 * 1024;
 /// 250 ms while the sealed journals pass half this. At 64 MiB that was after the first
 /// sealed journal, so the monitor rotated the journal four times a second, each time
 /// with three fsyncs under the journal lock that every write waits on: the mixed p99
-/// was 4.2–4.7 ms against 2.8–3.3 ms at 512 (BENCHMARKS.md, "Stop 17").
+/// was 3.7–4.2 ms against 2.9–3.6 ms at 512 (BENCHMARKS.md, "Stop 17").
 pub const JOURNAL_BYTES: u64 = 512 * 1024 * 1024;
 /// Sealed memtables one wake-up of fjall's flush thread may write out (its
 /// `flush_workers`: the tasks it takes per wake-up; it starts a thread per partition
@@ -82,7 +82,7 @@ const FLUSH_TASKS_PER_WAKEUP: usize = 32;
 /// 2.11: a `flusher` writing memtables out as tables, `compactor`s, the `monitor` that
 /// rotates journals). They write and merge tables in bursts of a few hundred
 /// milliseconds, and at the default priority those bursts took the cores from the
-/// runtime's workers: the mixed p99 was 2.6–3.6 ms at nice 0 and 2.3–2.5 ms at 10,
+/// runtime's workers: the mixed p99 was 2.7–2.8 ms at nice 0 and 1.9–2.2 ms at 10,
 /// at the same throughput and the same 1 M-code fill rate (BENCHMARKS.md, "Stop 17").
 /// The threads they start for a flush inherit it.
 const BACKGROUND_NICE: libc::c_int = 10;
