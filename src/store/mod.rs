@@ -1,9 +1,9 @@
 //! Storage engines behind one small trait of domain operations.
 //!
 //! An engine makes each operation atomic and durable before it returns; the rules it
-//! applies come from [`crate::rules`], so every engine answers alike. `sled` (the
-//! default) and `fjall` are embedded ([`embedded`]: one logic over either database);
-//! `redis` is shared by several otpd hosts.
+//! applies come from [`crate::rules`], so every engine answers alike. `fjall` (the
+//! default for a new database) and `sled` are embedded ([`embedded`]: one logic over
+//! either database); `redis` is shared by several otpd hosts.
 
 pub mod embedded;
 mod encoding;
