@@ -588,9 +588,7 @@ fn start_on_redis(vonage: &VonageStandIn, redis: &OwnedRedis, section_extra: &st
         "[store]\nengine = \"redis\"\n[store.redis]\nurl = \"{}\"\nresponse_timeout_ms = 500\n",
         redis.url()
     );
-    let mut daemon = Daemon::prepare(&store, &backend, &delivery);
-    daemon.spawn();
-    daemon
+    Daemon::start_on(&store, &backend, &delivery)
 }
 
 #[test]

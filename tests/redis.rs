@@ -41,8 +41,7 @@ fn a_sentinel_failover_is_followed() {
         sentinel.url(),
         RedisSentinel::MASTER
     ));
-    let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
-    daemon.spawn();
+    let daemon = Daemon::start_on(&store, NO_COOLDOWN, "");
     let code = daemon.create_code("before", "393331234567");
     sentinel.kill_master();
     let mut attempt = 0;
@@ -84,8 +83,7 @@ fn a_tls_redis_is_reached_with_its_ca() {
     );
 
     let ca = format!("tls_ca_file = \"{}\"\n", RedisTls::ca_file().display());
-    let mut daemon = Daemon::prepare(&store(&ca), NO_COOLDOWN, "");
-    daemon.spawn();
+    let daemon = Daemon::start_on(&store(&ca), NO_COOLDOWN, "");
     let code = daemon.create_code("over-tls", "393331234567");
     assert_eq!(daemon.verify("over-tls", &code)["status"], 200);
 }
@@ -106,8 +104,7 @@ fn a_password_protected_master_is_reached_with_master_password() {
     let error = refused.start_refused();
     assert!(error.contains("cannot reach Redis"), "{error}");
 
-    let mut daemon = Daemon::prepare(&store("master_password = \"s3cret-pw\"\n"), NO_COOLDOWN, "");
-    daemon.spawn();
+    let daemon = Daemon::start_on(&store("master_password = \"s3cret-pw\"\n"), NO_COOLDOWN, "");
     let code = daemon.create_code("behind-a-password", "393331234567");
     assert_eq!(daemon.verify("behind-a-password", &code)["status"], 200);
     assert!(
@@ -125,8 +122,7 @@ fn acknowledged_changes_wait_for_a_replica() {
         "url = \"{}\"\nmin_replicas = 1\nreplica_timeout_ms = 1500\n",
         redis.master_url()
     ));
-    let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
-    daemon.spawn();
+    let daemon = Daemon::start_on(&store, NO_COOLDOWN, "");
     let code = daemon.create_code("replicated", "393331234567");
     assert_eq!(daemon.verify("replicated", &code)["status"], 200);
 
@@ -338,8 +334,7 @@ fn a_redis_crash_fails_requests_until_it_is_back_and_loses_nothing() {
         "url = \"{}\"\nresponse_timeout_ms = 500\n",
         redis.url()
     ));
-    let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
-    daemon.spawn();
+    let daemon = Daemon::start_on(&store, NO_COOLDOWN, "");
     let stderr = daemon.stderr();
     assert!(
         !stderr.contains("appendonly no") && !stderr.contains("before fsync"),
@@ -380,8 +375,7 @@ fn connections_redis_closed_while_idle_cost_no_request() {
     // Redis closes a client idle for more than a second.
     redis.cli(&["CONFIG", "SET", "timeout", "1"]);
     let store = redis_store(&format!("url = \"{}\"\n", redis.url()));
-    let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
-    daemon.spawn();
+    let daemon = Daemon::start_on(&store, NO_COOLDOWN, "");
     let code = daemon.create_code("idle", "393331234567");
     // Only redis-cli itself (this CLIENT LIST) is left once otpd's pool is closed.
     wait_for("Redis to close otpd's idle connections", || {
@@ -406,8 +400,7 @@ fn a_refused_login_is_tried_again_until_redis_takes_it() {
         "url = \"{}?user=otpd&pass=otpd-pw\"\n",
         redis.url()
     ));
-    let mut daemon = Daemon::prepare(&store, NO_COOLDOWN, "");
-    daemon.spawn();
+    let daemon = Daemon::start_on(&store, NO_COOLDOWN, "");
     let code = daemon.create_code("login", "393331234567");
 
     // The user is switched off and its connections dropped: every login is refused.

@@ -106,8 +106,8 @@ pub struct ServerConfig {
     pub max_request_bytes: usize,
     pub idle_timeout_secs: u64,
     /// Runtime worker threads; 0: one per core. The engine's own threads and the
-    /// group-commit flush run beside them, so on a small machine one fewer than the cores serves as
-    /// much for less CPU (BENCHMARKS.md).
+    /// group-commit flush run beside them, so on a small machine one fewer than the
+    /// cores serves as much for less CPU (BENCHMARKS.md).
     pub worker_threads: usize,
 }
 

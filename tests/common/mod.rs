@@ -99,9 +99,7 @@ impl Engine {
 
     /// Starts a daemon on this engine; see [`Daemon::start_with`].
     pub fn start_with(self, extra: &str, delivery_extra: &str) -> Daemon {
-        let mut daemon = Daemon::prepare(&self.store_toml(), extra, delivery_extra);
-        daemon.spawn();
-        daemon
+        Daemon::start_on(&self.store_toml(), extra, delivery_extra)
     }
 }
 
@@ -138,7 +136,12 @@ impl Daemon {
     /// runs on its default engine (fjall, for the new database a test starts with);
     /// `extra` may hold a `[store]` table.
     pub fn start_with(extra: &str, delivery_extra: &str) -> Daemon {
-        let mut daemon = Daemon::prepare("", extra, delivery_extra);
+        Self::start_on("", extra, delivery_extra)
+    }
+
+    /// Starts a daemon on `store_toml` in a fresh directory; see [`Daemon::prepare`].
+    pub fn start_on(store_toml: &str, extra: &str, delivery_extra: &str) -> Daemon {
+        let mut daemon = Daemon::prepare(store_toml, extra, delivery_extra);
         daemon.spawn();
         daemon
     }
