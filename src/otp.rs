@@ -389,7 +389,6 @@ impl Otp {
             code: &code,
             to: &to,
             template: &self.template,
-            ttl_secs,
             expires_at,
         };
         match self.delivery.send(&message).await {

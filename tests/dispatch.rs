@@ -131,6 +131,37 @@ fn a_short_lived_code_fails_over_within_its_life() {
     }
 }
 
+/// A send retried later waits for the read for half the time the code has left then,
+/// so that its SMS still comes in time.
+#[test]
+fn a_retried_send_waits_for_the_read_half_the_time_left_then() {
+    // 40 s: the first attempt waits 20 s for the read; the retry, 4 s later with 36 s
+    // left, waits 18 s.
+    let vonage = VonageStandIn::start_expecting(vonage::Expect {
+        failover_secs: 20,
+        expiry_times: &[20, 18],
+        ..vonage::Expect::default()
+    });
+    let daemon = start(&vonage, "failover_secs = 120");
+    vonage.script(&[Reply::TooMany {
+        retry_after_secs: 4,
+    }]);
+    let created = daemon.call(json!({
+        "op": "create", "token": "late", "ttl_secs": 40,
+        "to": {"messenger": PSID, "sms": PHONE}
+    }));
+    assert_eq!(created["status"], 201, "{created}");
+    let seen = vonage.requests();
+    let waits: Vec<&Value> = (seen.iter())
+        .map(|s| &s.body["workflow"][0]["failover"]["expiry_time"])
+        .collect();
+    assert_eq!(waits, [&json!(20), &json!(18)]);
+    assert_eq!(
+        seen.iter().map(|s| s.status).collect::<Vec<_>>(),
+        [429, 202]
+    );
+}
+
 #[test]
 fn sms_only_is_a_one_step_workflow() {
     let vonage = VonageStandIn::start();

@@ -39,7 +39,7 @@ impl DispatchDelivery {
     /// The request body for a message sent at `now`.
     fn workflow(&self, message: &Message<'_>, now: Millis) -> Result<Value, DeliveryError> {
         let content = |text: String| json!({"type": "text", "text": text});
-        let failover_after = self.vonage.failover_after(message.ttl_secs);
+        let failover_after = self.vonage.failover_after(message, now);
         let mut workflow = Vec::with_capacity(2);
         if let Some(psid) = &message.to.messenger {
             let mut step = json!({

@@ -459,10 +459,11 @@ impl Delivery for MessagesDelivery {
             })
             .await?;
         if let Some(number) = &message.to.sms {
-            // Waited from now, when the message went out; but after a slow send (the
-            // client's retries) no later than leaves the SMS as long as that.
-            let after = inner.vonage.failover_after(message.ttl_secs) * 1000;
+            // Waited from now, when the message went out, for half the time left at
+            // most; where that is under Dispatch's 15 s floor (a slow send of a
+            // short-lived code), no later than leaves the SMS as long as the wait.
             let now = now_ms();
+            let after = inner.vonage.failover_after(message, now) * 1000;
             let due_at = (now + after).min(message.expires_at.saturating_sub(after));
             let failover = PendingFailover {
                 reference: uuid.clone(),

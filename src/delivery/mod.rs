@@ -79,10 +79,8 @@ pub struct Message<'a> {
     pub to: &'a Recipients,
     /// The text with `{code}` and `{minutes}` still to fill in.
     pub template: &'a str,
-    /// How long the code is valid, which bounds when an SMS failover may still help.
-    pub ttl_secs: u64,
-    /// When the code expires (unix ms): a failover deadline taken after a slow send
-    /// stays clear of it.
+    /// When the code expires (unix ms): an SMS failover is timed to arrive well
+    /// before, from the time left when the message goes out.
     pub expires_at: Millis,
 }
 
@@ -279,7 +277,6 @@ mod tests {
             code: &code,
             to: &Recipients::default(),
             template: "{code} for {minutes} min",
-            ttl_secs: 300,
             expires_at: 400_000,
         };
         assert_eq!(message.text_at(100_000), "123456 for 5 min");

@@ -14,10 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::http_client::ApiClient;
 use super::jwt::{self, JwtSigner, SystemClock};
-use super::{DeliveryError, render};
+use super::{DeliveryError, Message, render};
 use crate::code::Code;
 use crate::config::{CODE_LENGTHS, Config, VonageConfig};
 use crate::metrics::Counters;
+use crate::rules::Millis;
 
 /// Facebook's limit for a Messenger text.
 pub const MESSENGER_MAX_CHARS: usize = 640;
@@ -168,15 +169,17 @@ pub struct Vonage {
 }
 
 impl Vonage {
-    /// Seconds to wait for the Messenger message to be read before the SMS goes out:
-    /// `failover_secs`, but at most half the code's validity (at least the 15 s
-    /// Dispatch allows: a create refuses a shorter validity with both channels,
-    /// [`SHORTEST_FAILOVER_TTL_SECS`]), so that the SMS does not bring a code that has
-    /// expired.
-    pub fn failover_after(&self, ttl_secs: u64) -> u64 {
+    /// Seconds to wait for the Messenger message to be read before the SMS goes out,
+    /// for a message sent at `now`: `failover_secs`, but at most half the time the code
+    /// has left then (at least the 15 s Dispatch allows: a create refuses a shorter
+    /// validity with both channels, [`SHORTEST_FAILOVER_TTL_SECS`]), so that the SMS
+    /// does not bring a code that has expired, also after a slow send.
+    pub fn failover_after(&self, message: &Message<'_>, now: Millis) -> u64 {
+        // The second begun counts: a send right after the create sees its whole ttl.
+        let secs_left = message.expires_at.saturating_sub(now).div_ceil(1000);
         self.settings
             .failover_secs
-            .min((ttl_secs / 2).max(*FAILOVER_SECS.start()))
+            .min((secs_left / 2).max(*FAILOVER_SECS.start()))
     }
 
     /// Validates the API's section of `config` and loads the private key. Every error

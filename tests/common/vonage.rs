@@ -87,6 +87,9 @@ impl Seen {
 #[derive(Debug, Clone)]
 pub struct Expect {
     pub failover_secs: u64,
+    /// The `expiry_time` of the Dispatch failover of each request in turn, where a
+    /// retry goes out with less of the code's life left; after these, `failover_secs`.
+    pub expiry_times: &'static [u64],
     pub category: &'static str,
 }
 
@@ -94,6 +97,7 @@ impl Default for Expect {
     fn default() -> Self {
         Self {
             failover_secs: 120,
+            expiry_times: &[],
             category: "response",
         }
     }
@@ -109,6 +113,8 @@ struct State {
     held: bool,
     /// Uuids of requests given their uuid but not yet their answer.
     unanswered: Vec<String>,
+    /// Requests received so far, checked or not.
+    received: usize,
 }
 
 /// The running stand-in; stops with the test.
@@ -288,7 +294,12 @@ async fn answer(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let path = parts.uri.path().to_owned();
-    let checked = check_request(&parts, &body, &path, expect);
+    let nth = {
+        let mut state = state.lock().unwrap();
+        state.received += 1;
+        state.received - 1
+    };
+    let checked = check_request(&parts, &body, &path, expect, nth);
     let (jwt, claims, body) = match checked {
         Ok(ok) => ok,
         Err(violation) => {
@@ -377,12 +388,14 @@ async fn answer(
 
 type Checked = Result<(String, Value, Value), String>;
 
-/// Method, headers, JWT and body; the first broken rule as the error.
+/// Method, headers, JWT and body of the `nth` request received (from 0); the first
+/// broken rule as the error.
 fn check_request(
     parts: &hyper::http::request::Parts,
     body: &[u8],
     path: &str,
     expect: &Expect,
+    nth: usize,
 ) -> Checked {
     if parts.method != hyper::Method::POST {
         return Err(format!("method {} (want POST)", parts.method));
@@ -398,7 +411,10 @@ fn check_request(
     let claims = check_jwt(&jwt)?;
     let body: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
     match path {
-        "/v0.1/dispatch" => check_dispatch(&body, expect)?,
+        "/v0.1/dispatch" => {
+            let expiry_time = (expect.expiry_times.get(nth)).unwrap_or(&expect.failover_secs);
+            check_dispatch(&body, expect, *expiry_time)?
+        }
         "/v1/messages" => check_message(&body, expect, true)?,
         other => return Err(format!("unknown path {other}")),
     }
@@ -517,7 +533,7 @@ fn one_code<'a>(texts: impl IntoIterator<Item = &'a Value>) -> Result<(), String
 
 /// Dispatch `failover` template: Messenger (with `failover` unless last), then SMS
 /// (never with `failover`); one or two steps.
-fn check_dispatch(body: &Value, expect: &Expect) -> Result<(), String> {
+fn check_dispatch(body: &Value, expect: &Expect, expiry_time: u64) -> Result<(), String> {
     keys(body, "body", &["template", "workflow"])?;
     check(body["template"] == "failover", || {
         format!("template {}", body["template"])
@@ -553,7 +569,7 @@ fn check_dispatch(body: &Value, expect: &Expect) -> Result<(), String> {
                 if !last {
                     check(
                         step["failover"]
-                            == json!({"expiry_time": expect.failover_secs, "condition_status": "read"}),
+                            == json!({"expiry_time": expiry_time, "condition_status": "read"}),
                         || format!("{} = {}", at("failover"), step["failover"]),
                     )?;
                 }
