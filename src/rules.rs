@@ -503,6 +503,11 @@ pub fn finish_pending(code: &mut CodeRecord, state: CodeState, now: Millis) -> b
     }
 }
 
+/// What a claim on a due failover adds to the longest send: time to record its
+/// outcome. Hosts sharing a Redis judge claims by their own clocks, so this is also how
+/// far apart their clocks may be.
+pub const FAILOVER_CLAIM_MARGIN_MS: Millis = 10_000;
+
 /// A Messenger message the `messages` backend must follow with an SMS unless it is read
 /// in time. Kept by the store until due, so a restart neither loses nor repeats it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

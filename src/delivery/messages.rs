@@ -45,7 +45,8 @@ use super::{Delivery, DeliveryError, Message, Receipt, accepted_reference, fill_
 use crate::config::Config;
 use crate::metrics::Counters;
 use crate::rules::{
-    DeliveryEvent, FAILOVER_FAILED, FAILOVER_SENT, FailoverVerdict, Millis, PendingFailover, now_ms,
+    DeliveryEvent, FAILOVER_CLAIM_MARGIN_MS, FAILOVER_FAILED, FAILOVER_SENT, FailoverVerdict,
+    Millis, PendingFailover, now_ms,
 };
 use crate::secret::ServerSecret;
 use crate::server::SHUTDOWN_GRACE;
@@ -55,8 +56,6 @@ use crate::store::{Store, StoreError};
 const MAX_SENDING: usize = 64;
 /// Longest sleep of the failover task when nothing is pending.
 const IDLE: Duration = Duration::from_secs(60);
-/// What a claim adds to the longest send: time to record its outcome.
-const CLAIM_MARGIN: Duration = Duration::from_secs(10);
 /// Pause between tries to record a send's outcome through a store error.
 const SETTLE_PAUSE: Duration = Duration::from_secs(1);
 /// A failover SMS Vonage could not take (5xx, 429, no answer, after the client's own
@@ -134,7 +133,7 @@ impl Inner {
 
     /// How long a claimed failover is kept from everyone else: longer than its send.
     fn claim_ms(&self) -> Millis {
-        (self.vonage.client.longest_post() + CLAIM_MARGIN).as_millis() as Millis
+        self.vonage.client.longest_post().as_millis() as Millis + FAILOVER_CLAIM_MARGIN_MS
     }
 
     /// The failover task: claims due failovers and sends their SMS where still needed

@@ -104,8 +104,8 @@ static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM));
 const MAX_ROUNDS: usize = 1000;
 
 /// How far this host's clock may be off Redis's before start-up warns: two hosts
-/// each within this of Redis are within the 10 s a failover claim allows them.
-const CLOCK_SKEW_WARNING_MS: Millis = 5_000;
+/// each within this of Redis are within the margin a failover claim allows them.
+const CLOCK_SKEW_WARNING_MS: Millis = rules::FAILOVER_CLAIM_MARGIN_MS / 2;
 
 /// How far `here` is ahead of `redis` (negative: behind), both unix ms, when that is
 /// beyond [`CLOCK_SKEW_WARNING_MS`].
@@ -318,7 +318,8 @@ impl RedisStore {
 
     /// Says at start-up when this host's clock is off Redis's by more than
     /// [`CLOCK_SKEW_WARNING_MS`]: the hosts sharing a Redis judge expiry, send windows
-    /// and SMS failover claims by their own clocks, and a claim allows them 10 s apart.
+    /// and SMS failover claims by their own clocks, and a claim allows them
+    /// [`rules::FAILOVER_CLAIM_MARGIN_MS`] apart.
     async fn warn_if_clock_differs(&self) {
         let mut conn = self.conn();
         let asked = rules::now_ms();
