@@ -14,7 +14,6 @@ use std::thread::{self, JoinHandle};
 use tokio::sync::watch;
 
 use super::StoreError;
-use super::kv::Database;
 
 /// Flush progress: the highest ticket known durable and the highest whose flush failed.
 #[derive(Debug, Clone, Copy, Default)]
@@ -36,8 +35,10 @@ struct Shared {
 }
 
 impl GroupCommit {
-    /// Starts the flusher thread for `db`; it stops when this value is dropped.
-    pub fn start<D: Database>(db: D) -> Self {
+    /// Starts the flusher thread, which calls `flush` to make every write made before
+    /// the call durable (the database's [`Database::flush`](super::kv::Database::flush));
+    /// it stops when this value is dropped.
+    pub fn start(flush: impl FnMut() -> Result<(), StoreError> + Send + 'static) -> Self {
         let shared = Arc::new(Shared {
             issued: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
@@ -47,7 +48,7 @@ impl GroupCommit {
             .name("otpd-flusher".into())
             .spawn({
                 let shared = shared.clone();
-                move || flush_loop(&db, &shared)
+                move || flush_loop(flush, &shared)
             })
             .expect("spawning the flusher thread");
         Self {
@@ -110,7 +111,7 @@ impl Drop for GroupCommit {
 }
 
 /// Runs flushes back to back while tickets are waiting; parks when none are.
-fn flush_loop<D: Database>(db: &D, shared: &Shared) {
+fn flush_loop(mut flush: impl FnMut() -> Result<(), StoreError>, shared: &Shared) {
     while !shared.stopping.load(Ordering::Acquire) {
         let target = shared.issued.load(Ordering::Acquire);
         let settled = {
@@ -123,7 +124,7 @@ fn flush_loop<D: Database>(db: &D, shared: &Shared) {
             continue;
         }
         // A panic in the engine fails the flush's waiters instead of leaving them waiting.
-        let result = panic::catch_unwind(AssertUnwindSafe(|| db.flush()))
+        let result = panic::catch_unwind(AssertUnwindSafe(&mut flush))
             .unwrap_or_else(|_| Err(StoreError::Database("the flush panicked".into())));
         shared.progress.send_modify(|p| match result {
             Ok(()) => p.durable = target,
@@ -132,5 +133,93 @@ fn flush_loop<D: Database>(db: &D, shared: &Shared) {
                 p.failed = target;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A flush that takes `pause`, counts its calls and answers the next of `results`
+    /// (then Ok): what the group commit is given by the database.
+    fn flush(
+        pause: Duration,
+        results: Vec<Result<(), StoreError>>,
+    ) -> (
+        Arc<AtomicUsize>,
+        impl FnMut() -> Result<(), StoreError> + Send,
+    ) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let results = Mutex::new(results.into_iter());
+        let counted = calls.clone();
+        let flush = move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            thread::sleep(pause);
+            results.lock().unwrap().next().unwrap_or(Ok(()))
+        };
+        (calls, flush)
+    }
+
+    #[tokio::test]
+    async fn concurrent_commits_share_flushes() {
+        let (calls, flush) = flush(Duration::from_millis(20), vec![]);
+        let group = Arc::new(GroupCommit::start(flush));
+        let commits: Vec<_> = (0..32)
+            .map(|_| {
+                let group = group.clone();
+                tokio::spawn(async move { group.commit().await })
+            })
+            .collect();
+        for commit in commits {
+            commit.await.unwrap().unwrap();
+        }
+        let calls = calls.load(Ordering::SeqCst);
+        assert!((1..32).contains(&calls), "{calls} flushes for 32 commits");
+        assert_eq!(group.durable_tickets(), 32);
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_fails_its_commits_and_the_next_one_serves_later_ones() {
+        let failure = Err(StoreError::Database("disk on fire".into()));
+        let (calls, flush) = flush(Duration::ZERO, vec![failure]);
+        let group = GroupCommit::start(flush);
+        let error = group.commit().await.unwrap_err();
+        assert!(error.to_string().contains("flush failed"), "{error}");
+        group.commit().await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_flush_fails_its_commits_instead_of_leaving_them_waiting() {
+        let mut first = true;
+        let group = GroupCommit::start(move || {
+            if std::mem::take(&mut first) {
+                panic!("the engine broke");
+            }
+            Ok(())
+        });
+        // Bounded, to fail rather than hang if the waiter is left waiting.
+        let first = tokio::time::timeout(Duration::from_secs(60), group.commit());
+        assert!(first.await.expect("left waiting").is_err());
+        group.commit().await.unwrap();
+    }
+
+    #[test]
+    fn a_dropped_group_commit_lets_go_of_what_its_flush_holds() {
+        let held = Arc::new(());
+        let group = GroupCommit::start({
+            let held = held.clone();
+            move || {
+                let _ = &held;
+                Ok(())
+            }
+        });
+        group.hasten();
+        drop(group);
+        assert_eq!(Arc::strong_count(&held), 1, "the flusher still holds it");
     }
 }

@@ -278,8 +278,12 @@ impl<D: Database> EmbeddedStore<D> {
             meta,
             locks: KeyLocks::default(),
             limits,
-            commit: (config.durability == Durability::Flush)
-                .then(|| GroupCommit::start(db.clone())),
+            commit: (config.durability == Durability::Flush).then(|| {
+                GroupCommit::start({
+                    let db = db.clone();
+                    move || db.flush()
+                })
+            }),
             live: AtomicU64::new(0),
             resume_expiry: Mutex::default(),
             resume_recipients: Mutex::default(),
