@@ -45,11 +45,13 @@ pub mod fjall_kv;
 mod group_commit;
 mod key_locks;
 pub mod kv;
+mod purge;
 pub mod sled_kv;
+mod timed;
 
 use std::path::Path;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -67,6 +69,7 @@ use crate::rules::{
 };
 use group_commit::GroupCommit;
 use key_locks::KeyLocks;
+use timed::{due_keys, first_due, timed_key};
 
 /// Key in the metadata tree ([`Database::meta`]) naming the layout of the other trees.
 const LAYOUT_KEY: &[u8] = b"layout";
@@ -122,79 +125,6 @@ impl TokenState {
     }
 }
 
-/// A key of a tree ordered by time: big-endian milliseconds, then `rest`.
-fn timed_key(at: Millis, rest: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(8 + rest.len());
-    key.extend_from_slice(&at.to_be_bytes());
-    key.extend_from_slice(rest);
-    key
-}
-
-/// Splits a [`timed_key`].
-fn split_timed_key(key: &[u8]) -> Option<(Millis, &[u8])> {
-    let at = Millis::from_be_bytes(key.get(..8)?.try_into().ok()?);
-    Some((at, &key[8..]))
-}
-
-/// At most `batch` keys of a [`timed_key`] tree due by `now`, from the start of the
-/// tree.
-fn due_keys<T: Tree>(tree: &T, now: Millis, batch: usize) -> Result<Vec<T::Bytes>, StoreError> {
-    tree.keys_between(&[], &(now + 1).to_be_bytes(), batch)
-}
-
-/// The janitor's batch of a [`timed_key`] tree: at most `batch` keys due by `now`, for
-/// the caller to remove, and whether it is full (more may be due).
-///
-/// An LSM tree (fjall) keeps a removed key as a tombstone until a compaction drops it,
-/// and a scan from the head steps over all of them, so purging a backlog batch by batch
-/// from the head would cost each batch more than the one before. While batches come
-/// back full (more are due), the next one therefore starts at `resume`, the last key of
-/// this one; a batch that is not full ends the backlog, and the next scan starts at the
-/// head again. A key filed below `resume` meanwhile (only a clock stepping back files
-/// one in the past) waits for that; reads check expiry themselves.
-fn due_batch<T: Tree>(
-    tree: &T,
-    resume: &Mutex<Vec<u8>>,
-    now: Millis,
-    batch: usize,
-) -> Result<(Vec<T::Bytes>, bool), StoreError> {
-    let mut from = resume.lock().unwrap_or_else(PoisonError::into_inner);
-    let end = (now + 1).to_be_bytes();
-    let due = if from.as_slice() < end.as_slice() {
-        tree.keys_between(&from, &end, batch)?
-    } else {
-        Vec::new()
-    };
-    match due.last() {
-        Some(last) if due.len() == batch => *from = last.to_vec(),
-        _ => from.clear(),
-    }
-    let full = !from.is_empty();
-    Ok((due, full))
-}
-
-/// The time at the head of a [`timed_key`] tree.
-fn first_due(tree: &impl Tree) -> Result<Option<Millis>, StoreError> {
-    Ok(tree
-        .first_key()?
-        .and_then(|key| Some(split_timed_key(&key)?.0)))
-}
-
-/// When the janitor must come back to a [`timed_key`] tree whose entries are due
-/// `wait` after their key's time: at once after a full batch (more may be due), else
-/// when its head is due.
-fn next_visit(
-    tree: &impl Tree,
-    full: bool,
-    now: Millis,
-    wait: Millis,
-) -> Result<Option<Millis>, StoreError> {
-    if full {
-        return Ok(Some(now));
-    }
-    Ok(first_due(tree)?.map(|at| at.saturating_add(wait)))
-}
-
 /// The embedded engine for `path` when `store.engine` is unset: sled for a sled
 /// database (sled was the default until fjall served 1.5 × its durable load in a
 /// quarter of its memory at 1 M codes, README.md "The fjall engine"), fjall for
@@ -228,14 +158,6 @@ fn refuse_other_engines<D: Database>(path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// What one janitor visit did.
-#[derive(Debug, Default)]
-struct Visit {
-    purged: u64,
-    expired: u64,
-    live_delta: i64,
-}
-
 /// The embedded storage engine on database `D`.
 pub struct EmbeddedStore<D: Database> {
     meta: D::Tree,
@@ -249,7 +171,7 @@ pub struct EmbeddedStore<D: Database> {
     commit: Option<GroupCommit>,
     live: AtomicU64,
     /// Where the janitor's next batch of `expiry` and of `recipients` starts
-    /// ([`due_batch`]).
+    /// ([`timed::due_batch`]).
     resume_expiry: Mutex<Vec<u8>>,
     resume_recipients: Mutex<Vec<u8>>,
     db: D,
@@ -441,109 +363,6 @@ impl<D: Database> EmbeddedStore<D> {
         self.references.get(reference.as_bytes())
     }
 
-    /// One due expiry entry: handles its token if the entry is still the live one, then
-    /// removes it. Both under the token's lock: a write in between could file the token
-    /// under this very key again (a discard restoring a code due then), and removing
-    /// that entry would leave the token out of the index for good.
-    fn visit(&self, entry: &[u8], now: Millis) -> Result<Visit, StoreError> {
-        let Some((due, token)) = split_timed_key(entry) else {
-            self.expiry.remove(entry)?;
-            return Ok(Visit::default());
-        };
-        let _held = self.locks.lock(&[token]);
-        let visit = self.visit_token(token, due, now)?;
-        self.expiry.remove(entry)?;
-        Ok(visit)
-    }
-
-    /// Expires a pending code at its expiry, purges a finished one `retain` later, and
-    /// lets the token go once nothing keeps it; otherwise files it for its next visit.
-    fn visit_token(&self, token: &[u8], due: Millis, now: Millis) -> Result<Visit, StoreError> {
-        let mut visit = Visit::default();
-        let Some(mut state) = self.read_token(token)? else {
-            return Ok(visit);
-        };
-        if state.indexed_at != Some(due) {
-            return Ok(visit); // a sooner entry replaced this one
-        }
-        state.indexed_at = None;
-        if let Some(code) = &mut state.code
-            && code.state == CodeState::Pending
-            && code.expires_at <= now
-        {
-            code.state = CodeState::Expired;
-            visit.expired = 1;
-            visit.live_delta = -1;
-        }
-        let mut purged_code = None;
-        let mut purged_replaced = None;
-        if state
-            .code
-            .as_ref()
-            .is_some_and(|c| c.due_at(&self.limits) <= now)
-        {
-            purged_code = state.remove_code();
-            purged_replaced = state.replaced.take();
-            visit.purged += 1;
-        }
-        // References first: after a crash in between, none is left naming nothing.
-        self.forget_references(purged_code.as_ref())?;
-        self.forget_references(purged_replaced.as_ref().map(|old| &old.code))?;
-        if state.code.is_none()
-            && state
-                .record
-                .purge_at(&self.limits)
-                .is_some_and(|at| at <= now)
-        {
-            self.tokens.remove(token)?;
-            visit.purged += 1;
-        } else {
-            self.write_token(token, &mut state)?;
-        }
-        Ok(visit)
-    }
-
-    /// Deletes at most `batch` recipient buckets whose sends all left the window;
-    /// returns how many, and when the next one is due.
-    fn purge_recipients(
-        &self,
-        now: Millis,
-        batch: usize,
-    ) -> Result<(u64, Option<Millis>), StoreError> {
-        // A bucket starting at b holds sends before b + window, out of it by b + 2 windows.
-        let window = 2 * self.limits.send_window;
-        let mut purged = 0;
-        let mut more = false;
-        if let Some(last_due) = now.checked_sub(window) {
-            let due;
-            (due, more) = due_batch(&self.recipients, &self.resume_recipients, last_due, batch)?;
-            for key in &due {
-                self.recipients.remove(key)?;
-            }
-            purged = due.len() as u64;
-        }
-        Ok((purged, next_visit(&self.recipients, more, now, window)?))
-    }
-
-    /// One janitor batch, synchronously: see [`Store::purge_due`].
-    fn purge_batch(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError> {
-        let mut report = PurgeReport::default();
-        let mut live_delta = 0;
-        let (due, more) = due_batch(&self.expiry, &self.resume_expiry, now, batch)?;
-        for entry in due {
-            let visit = self.visit(&entry, now)?;
-            report.purged += visit.purged;
-            report.expired += visit.expired;
-            live_delta += visit.live_delta;
-        }
-        super::adjust_live(&self.live, live_delta);
-        let (purged, next_recipients) = self.purge_recipients(now, batch)?;
-        report.purged += purged;
-        let next_expiry = next_visit(&self.expiry, more, now, 0)?;
-        report.next_due = next_expiry.into_iter().chain(next_recipients).min();
-        Ok(report)
-    }
-
     /// The create itself, under the locks of its token and recipients; returns the
     /// change in live codes.
     fn create_locked(
@@ -674,17 +493,6 @@ impl<D: Database> EmbeddedStore<D> {
         file(&result)?;
         self.write_token(token, &mut state)?;
         Ok(Some(result))
-    }
-}
-
-/// Runs blocking work from async code: through `block_in_place` on a multi-thread
-/// runtime (the daemon's), inline elsewhere (tests and tools on a current-thread one).
-fn off_worker<T>(work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(work)
-        }
-        _ => work(),
     }
 }
 
@@ -845,10 +653,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
     }
 
     async fn purge_due(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError> {
-        // A batch is up to `batch` token visits of a few writes each. Run on a runtime
-        // worker, it would stall the requests queued behind it; block_in_place hands
-        // them to another worker first (BENCHMARKS.md, "Janitor at scale").
-        off_worker(|| self.purge_batch(now, batch))
+        self.purge(now, batch)
     }
 
     async fn put_failover(&self, failover: &PendingFailover) -> Result<(), StoreError> {

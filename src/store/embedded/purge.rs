@@ -1,0 +1,140 @@
+//! The janitor's side of the embedded store: due expiry entries and recipient buckets,
+//! a batch at a time ([`Store::purge_due`](crate::store::Store::purge_due)).
+
+use super::EmbeddedStore;
+use super::kv::{Database, Tree};
+use super::timed::{due_batch, next_visit, split_timed_key};
+use crate::rules::{CodeState, Millis};
+use crate::store::{PurgeReport, StoreError};
+
+/// What one janitor visit did.
+#[derive(Debug, Default)]
+struct Visit {
+    purged: u64,
+    expired: u64,
+    live_delta: i64,
+}
+
+impl<D: Database> EmbeddedStore<D> {
+    /// One janitor batch. A batch is up to `batch` token visits of a few writes each.
+    /// Run on a runtime worker, it would stall the requests queued behind it;
+    /// `block_in_place` hands them to another worker first (BENCHMARKS.md, "Janitor at
+    /// scale").
+    pub(super) fn purge(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError> {
+        off_worker(|| self.purge_batch(now, batch))
+    }
+
+    /// One due expiry entry: handles its token if the entry is still the live one, then
+    /// removes it. Both under the token's lock: a write in between could file the token
+    /// under this very key again (a discard restoring a code due then), and removing
+    /// that entry would leave the token out of the index for good.
+    fn visit(&self, entry: &[u8], now: Millis) -> Result<Visit, StoreError> {
+        let Some((due, token)) = split_timed_key(entry) else {
+            self.expiry.remove(entry)?;
+            return Ok(Visit::default());
+        };
+        let _held = self.locks.lock(&[token]);
+        let visit = self.visit_token(token, due, now)?;
+        self.expiry.remove(entry)?;
+        Ok(visit)
+    }
+
+    /// Expires a pending code at its expiry, purges a finished one `retain` later, and
+    /// lets the token go once nothing keeps it; otherwise files it for its next visit.
+    fn visit_token(&self, token: &[u8], due: Millis, now: Millis) -> Result<Visit, StoreError> {
+        let mut visit = Visit::default();
+        let Some(mut state) = self.read_token(token)? else {
+            return Ok(visit);
+        };
+        if state.indexed_at != Some(due) {
+            return Ok(visit); // a sooner entry replaced this one
+        }
+        state.indexed_at = None;
+        if let Some(code) = &mut state.code
+            && code.state == CodeState::Pending
+            && code.expires_at <= now
+        {
+            code.state = CodeState::Expired;
+            visit.expired = 1;
+            visit.live_delta = -1;
+        }
+        let mut purged_code = None;
+        let mut purged_replaced = None;
+        if state
+            .code
+            .as_ref()
+            .is_some_and(|c| c.due_at(&self.limits) <= now)
+        {
+            purged_code = state.remove_code();
+            purged_replaced = state.replaced.take();
+            visit.purged += 1;
+        }
+        // References first: after a crash in between, none is left naming nothing.
+        self.forget_references(purged_code.as_ref())?;
+        self.forget_references(purged_replaced.as_ref().map(|old| &old.code))?;
+        if state.code.is_none()
+            && state
+                .record
+                .purge_at(&self.limits)
+                .is_some_and(|at| at <= now)
+        {
+            self.tokens.remove(token)?;
+            visit.purged += 1;
+        } else {
+            self.write_token(token, &mut state)?;
+        }
+        Ok(visit)
+    }
+
+    /// Deletes at most `batch` recipient buckets whose sends all left the window;
+    /// returns how many, and when the next one is due.
+    fn purge_recipients(
+        &self,
+        now: Millis,
+        batch: usize,
+    ) -> Result<(u64, Option<Millis>), StoreError> {
+        // A bucket starting at b holds sends before b + window, out of it by b + 2 windows.
+        let window = 2 * self.limits.send_window;
+        let mut purged = 0;
+        let mut more = false;
+        if let Some(last_due) = now.checked_sub(window) {
+            let due;
+            (due, more) = due_batch(&self.recipients, &self.resume_recipients, last_due, batch)?;
+            for key in &due {
+                self.recipients.remove(key)?;
+            }
+            purged = due.len() as u64;
+        }
+        Ok((purged, next_visit(&self.recipients, more, now, window)?))
+    }
+
+    /// One janitor batch, on the calling thread.
+    fn purge_batch(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError> {
+        let mut report = PurgeReport::default();
+        let mut live_delta = 0;
+        let (due, more) = due_batch(&self.expiry, &self.resume_expiry, now, batch)?;
+        for entry in due {
+            let visit = self.visit(&entry, now)?;
+            report.purged += visit.purged;
+            report.expired += visit.expired;
+            live_delta += visit.live_delta;
+        }
+        crate::store::adjust_live(&self.live, live_delta);
+        let (purged, next_recipients) = self.purge_recipients(now, batch)?;
+        report.purged += purged;
+        let next_expiry = next_visit(&self.expiry, more, now, 0)?;
+        report.next_due = next_expiry.into_iter().chain(next_recipients).min();
+        Ok(report)
+    }
+}
+
+/// Runs blocking work from async code: through `block_in_place` on a multi-thread
+/// runtime (the daemon's), inline elsewhere (tests and tools on a current-thread one).
+fn off_worker<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
