@@ -51,6 +51,7 @@ use fjall::{Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode, Slic
 use nix::fcntl::{Flock, FlockArg};
 use nix::libc;
 
+use super::background::lower_priority;
 use super::kv::{Batch, Database, Tree, open_error};
 use crate::config::Durability;
 use crate::store::StoreError;
@@ -78,14 +79,6 @@ pub const JOURNAL_BYTES: u64 = 512 * 1024 * 1024;
 /// flushed partition also wakes the compaction thread this many times, to find nothing
 /// to do but once.)
 const FLUSH_TASKS_PER_WAKEUP: usize = 32;
-/// The nice value of fjall's background threads, which `Config::open` starts (fjall
-/// 2.11: a `flusher` writing memtables out as tables, `compactor`s, the `monitor` that
-/// rotates journals). They write and merge tables in bursts of a few hundred
-/// milliseconds, and at the default priority those bursts took the cores from the
-/// runtime's workers: the mixed p99 was 2.7–2.8 ms at nice 0 and 1.9–2.2 ms at 10,
-/// at the same throughput and the same 1 M-code fill rate (BENCHMARKS.md, "Stop 17").
-/// The threads they start for a flush inherit it.
-const BACKGROUND_NICE: libc::c_int = 10;
 /// How often `relaxed` durability persists the journal in the background.
 const RELAXED_FSYNC_MS: u16 = 500;
 /// The partition holding the layout mark.
@@ -100,20 +93,6 @@ fn thread_ids() -> BTreeSet<libc::id_t> {
         .flatten()
         .filter_map(|task| task.file_name().to_str()?.parse().ok())
         .collect()
-}
-
-/// Sets [`BACKGROUND_NICE`] on `threads`. Best effort: a thread left at the default
-/// priority costs latency, not correctness. (By id, not by name: a thread names itself
-/// once it runs, which may be after `Config::open` returns.)
-fn lower_priority<'a>(threads: impl Iterator<Item = &'a libc::id_t>) {
-    for &tid in threads {
-        // SAFETY: a system call on plain integers; raising a thread's nice value needs
-        // no privilege (systemd/otpd.service allows `setpriority` for this).
-        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE) } != 0 {
-            let error = std::io::Error::last_os_error();
-            tracing::debug!(tid, %error, "could not lower a fjall thread's priority");
-        }
-    }
 }
 
 fn db_error(e: fjall::Error) -> StoreError {
@@ -206,6 +185,10 @@ impl Database for FjallDb {
             .flush_workers(FLUSH_TASKS_PER_WAKEUP)
             .manual_journal_persist(true)
             .fsync_ms((durability == Durability::Relaxed).then_some(RELAXED_FSYNC_MS));
+        // fjall's `flusher`, `compactor`s and `monitor` (which rotates journals) run in
+        // the background; the threads they start for a flush inherit the priority. By
+        // id, not by name: a thread names itself once it runs, which may be after
+        // `Config::open` returns.
         let before = thread_ids();
         let keyspace = config.open().map_err(|e| at(&e))?;
         lower_priority(thread_ids().difference(&before));
@@ -318,6 +301,7 @@ impl Tree for FjallTree {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::embedded::background::{BACKGROUND_NICE, nice_of};
 
     /// The journal each flush syncs, by id.
     fn synced_id(db: &FjallDb) -> Option<u64> {
@@ -335,9 +319,7 @@ mod tests {
         let lowered = thread_ids()
             .difference(&before)
             // SAFETY: a system call on plain integers.
-            .filter(
-                |&&tid| unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) } == BACKGROUND_NICE,
-            )
+            .filter(|&&tid| nice_of(tid) == BACKGROUND_NICE)
             .count();
         assert!(lowered >= 3, "{lowered} threads at nice {BACKGROUND_NICE}");
     }

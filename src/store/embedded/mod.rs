@@ -41,6 +41,7 @@
 //! the old time and files it again, so a verify writes one key. Entries a sooner one
 //! replaced are recognised by their time and dropped.
 
+mod background;
 pub mod fjall_kv;
 mod group_commit;
 mod key_locks;
