@@ -5,6 +5,8 @@
 //! in the requests' p99 (BENCHMARKS.md, "Stop 17" and "Stop 18"). At nice 10 the
 //! kernel gives the workers the cores first, and the background work the rest.
 
+use std::sync::{Mutex, PoisonError};
+
 use nix::libc;
 
 /// The nice value of background threads.
@@ -30,18 +32,31 @@ pub fn nice_of(tid: libc::id_t) -> libc::c_int {
     unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) }
 }
 
-/// Runs `work` on a thread of its own at [`BACKGROUND_NICE`] and waits for it. (A
-/// thread cannot get its priority back without privilege, so the work does not run on
-/// the caller's.)
-pub fn run_in_background<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+/// Runs `work` on a thread of its own named `name`, at [`BACKGROUND_NICE`], and waits
+/// for it. (A thread cannot get its priority back without privilege, so the work does
+/// not run on the caller's.) If no thread can be started, the work runs on the
+/// caller's all the same, at its priority: the janitor must not stop for that.
+pub fn run_in_background<T: Send>(name: &str, work: impl FnOnce() -> T + Send) -> T {
+    let work = Mutex::new(Some(work));
+    let run = || {
+        (work.lock().unwrap_or_else(PoisonError::into_inner).take()).expect("the work runs once")()
+    };
     std::thread::scope(|scope| {
-        let thread = scope.spawn(|| {
-            lower_priority([&0]);
-            work()
-        });
-        thread
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        let started = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn_scoped(scope, || {
+                lower_priority([&0]);
+                run()
+            });
+        match started {
+            Ok(thread) => thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            Err(error) => {
+                tracing::warn!(thread = name, %error, "could not start a background thread; its work runs at the caller's priority");
+                run()
+            }
+        }
     })
 }
 
@@ -52,7 +67,7 @@ mod tests {
     #[test]
     fn background_work_runs_at_a_lower_priority_and_leaves_the_callers_alone() {
         let before = nice_of(0);
-        let (nice, answer) = run_in_background(|| (nice_of(0), 42));
+        let (nice, answer) = run_in_background("test", || (nice_of(0), 42));
         assert_eq!(nice, BACKGROUND_NICE);
         assert_eq!(answer, 42);
         assert_eq!(nice_of(0), before, "the caller's priority changed");

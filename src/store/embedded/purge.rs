@@ -24,7 +24,7 @@ impl<D: Database> EmbeddedStore<D> {
     /// during a purge of 150 k codes the mixed p99 was 6.3–6.6 ms at the same priority
     /// and 5.4–5.6 ms below it, at 20 % more requests (BENCHMARKS.md, "Stop 18").
     pub(super) fn purge(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError> {
-        off_worker(|| run_in_background(|| self.purge_batch(now, batch)))
+        off_worker(|| run_in_background("otpd-janitor", || self.purge_batch(now, batch)))
     }
 
     /// One due expiry entry: handles its token if the entry is still the live one, then
