@@ -2,8 +2,11 @@
 //! HTTP listener together and runs them until the shutdown future resolves.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -99,23 +102,31 @@ pub async fn run(
     ));
 
     let tracker = TaskTracker::new();
-    tracker.spawn(janitor::run(
-        store.clone(),
-        counters,
-        wakeup,
-        config.janitor.clone(),
-        stop.clone(),
-    ));
+    // Tasks that run until shutdown: one that ends before has panicked, and the daemon
+    // stops rather than go on without it.
+    let mut essential = vec![(
+        "janitor",
+        tracker.spawn(janitor::run(
+            store.clone(),
+            counters,
+            wakeup,
+            config.janitor.clone(),
+            stop.clone(),
+        )),
+    )];
     if let Some(task) = delivery.background(stop.clone()) {
-        tracker.spawn(task);
+        essential.push(("delivery task", tracker.spawn(task)));
     }
     http::start(&config, otp.clone(), stop.clone(), &tracker).await?;
     tracker.spawn(systemd::watchdog(store.clone(), stop.clone()));
-    let server = tracker.spawn({
-        let (otp, stop, tracker) = (otp.clone(), stop.clone(), tracker.clone());
-        let server_config = config.server.clone();
-        async move { server::serve(listener, otp, &server_config, stop, tracker).await }
-    });
+    essential.push((
+        "socket server",
+        tracker.spawn({
+            let (otp, stop, tracker) = (otp.clone(), stop.clone(), tracker.clone());
+            let server_config = config.server.clone();
+            async move { server::serve(listener, otp, &server_config, stop, tracker).await }
+        }),
+    ));
     tracing::info!(
         socket = %config.server.socket.display(),
         live = store.live(),
@@ -124,25 +135,59 @@ pub async fn run(
     );
     systemd::ready(&format!("serving on {}", config.server.socket.display()));
 
-    let mut server = server;
-    // The server runs until shutdown; one that ends before has panicked.
     let crashed = tokio::select! {
         () = shutdown => None,
-        ended = &mut server => Some(ended.err().map_or("ended".into(), |e| e.to_string())),
+        ended = first_to_end(&mut essential) => Some(ended),
     };
+    let crashed = crashed.map(|(index, error)| (essential.swap_remove(index).0, error));
+    if let Some((task, error)) = &crashed {
+        tracing::error!(task, error, "a task stopped by itself; shutting down");
+    }
     tracing::info!("shutting down: finishing in-flight requests");
     systemd::stopping("shutting down: finishing in-flight requests");
     stop.cancel();
-    if crashed.is_none() {
-        let _ = server.await;
+    for (_, task) in essential {
+        let _ = task.await;
     }
     tracker.close();
     tracker.wait().await;
     store.flush().await?;
-    if let Some(error) = crashed {
+    if let Some((task, error)) = crashed {
         // Exiting non-zero lets systemd restart the daemon.
-        anyhow::bail!("the socket server stopped by itself: {error}");
+        anyhow::bail!("the {task} stopped by itself: {error}");
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Waits until one of `tasks` ends; answers its index and why (a task that runs until
+/// shutdown ends before only by panicking).
+async fn first_to_end(tasks: &mut [(&'static str, JoinHandle<()>)]) -> (usize, String) {
+    std::future::poll_fn(|cx| {
+        for (index, (_, task)) in tasks.iter_mut().enumerate() {
+            if let Poll::Ready(ended) = Pin::new(task).poll(cx) {
+                let why = ended.err().map_or("ended".into(), |e| e.to_string());
+                return Poll::Ready((index, why));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_first_task_to_end_is_named_with_its_panic() {
+        let mut tasks = vec![
+            ("forever", tokio::spawn(std::future::pending())),
+            ("broken", tokio::spawn(async { panic!("a bug") })),
+        ];
+        let (index, why) = first_to_end(&mut tasks).await;
+        assert_eq!(tasks[index].0, "broken");
+        assert!(why.contains("panicked"), "{why}");
+        assert!(!tasks[0].1.is_finished());
+    }
 }
