@@ -318,7 +318,6 @@ mod tests {
         // compactor and the monitor.
         let lowered = thread_ids()
             .difference(&before)
-            // SAFETY: a system call on plain integers.
             .filter(|&&tid| nice_of(tid) == BACKGROUND_NICE)
             .count();
         assert!(lowered >= 3, "{lowered} threads at nice {BACKGROUND_NICE}");
