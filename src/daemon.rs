@@ -117,7 +117,9 @@ pub async fn run(
     if let Some(task) = delivery.background(stop.clone()) {
         essential.push(("delivery task", tracker.spawn(task)));
     }
-    http::start(&config, otp.clone(), stop.clone(), &tracker).await?;
+    if let Some(task) = http::start(&config, otp.clone(), stop.clone(), &tracker).await? {
+        essential.push(("HTTP listener", task));
+    }
     tracker.spawn(systemd::watchdog(store.clone(), stop.clone()));
     essential.push((
         "socket server",

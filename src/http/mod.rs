@@ -25,6 +25,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -100,16 +101,17 @@ struct App {
     peers: PeerPolicy,
 }
 
-/// Binds `[http] listen` and serves it on `tracker` until `shutdown`; does nothing when
-/// `listen` is empty. Binding errors stop the start-up, naming `http.listen`.
+/// Binds `[http] listen` and serves it on `tracker` until `shutdown`, answering the
+/// accept loop's task (which ends before `shutdown` only by panicking); does nothing
+/// when `listen` is empty. Binding errors stop the start-up, naming `http.listen`.
 pub async fn start(
     config: &Config,
     otp: Arc<Otp>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<JoinHandle<()>>> {
     if config.http.listen.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let secret = webhooks::load_secret(&config.http)?;
     if secret.is_none() {
@@ -129,8 +131,13 @@ pub async fn start(
         peers: PeerPolicy::new(&config.server),
     });
     let slots = Arc::new(Semaphore::new(config.server.max_connections));
-    tracker.spawn(serve(listener, app, slots, shutdown, tracker.clone()));
-    Ok(())
+    Ok(Some(tracker.spawn(serve(
+        listener,
+        app,
+        slots,
+        shutdown,
+        tracker.clone(),
+    ))))
 }
 
 /// Accepts connections until `shutdown`. At `max_connections` it stops accepting until a
