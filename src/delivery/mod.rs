@@ -85,9 +85,10 @@ pub struct Message<'a> {
 }
 
 impl Message<'_> {
-    /// Whole seconds the code has left at `now` (unix ms).
-    fn secs_left(&self, now: Millis) -> u64 {
-        self.expires_at.saturating_sub(now) / 1000
+    /// Seconds the code has left at `now` (unix ms). The second begun counts: a send
+    /// right after the create sees the whole validity.
+    pub fn secs_left(&self, now: Millis) -> u64 {
+        self.expires_at.saturating_sub(now).div_ceil(1000)
     }
 
     /// The text to send at `now`, naming the minutes left then: a send the client

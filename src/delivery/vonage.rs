@@ -175,11 +175,9 @@ impl Vonage {
     /// validity with both channels, [`SHORTEST_FAILOVER_TTL_SECS`]), so that the SMS
     /// does not bring a code that has expired, also after a slow send.
     pub fn failover_after(&self, message: &Message<'_>, now: Millis) -> u64 {
-        // The second begun counts: a send right after the create sees its whole ttl.
-        let secs_left = message.expires_at.saturating_sub(now).div_ceil(1000);
         self.settings
             .failover_secs
-            .min((secs_left / 2).max(*FAILOVER_SECS.start()))
+            .min((message.secs_left(now) / 2).max(*FAILOVER_SECS.start()))
     }
 
     /// Validates the API's section of `config` and loads the private key. Every error
