@@ -105,25 +105,32 @@ async fn serve_connection(
     let mut reader = BufReader::new(read);
     let mut writer = BufWriter::new(write);
     let mut line = Vec::new();
+    // One timer and one shutdown waiter for the connection's life, not one per request:
+    // moving a timer's deadline later touches no shared state, and a child token's
+    // waiters are the connection's own.
+    let idle = tokio::time::sleep(policy.idle_timeout);
+    let stopped = shutdown.child_token().cancelled_owned();
+    tokio::pin!(idle, stopped);
     loop {
+        idle.as_mut()
+            .reset(tokio::time::Instant::now() + policy.idle_timeout);
         let read = tokio::select! {
+            biased;
             // A request already read is always answered; shutdown only stops reading.
-            _ = shutdown.cancelled() => break,
-            read = tokio::time::timeout(
-                policy.idle_timeout,
-                read_line(&mut reader, &mut line, policy.max_request_bytes),
-            ) => read,
+            () = &mut stopped => break,
+            read = read_line(&mut reader, &mut line, policy.max_request_bytes) => read,
+            () = &mut idle => break,
         };
         let response = match read {
-            Err(_) | Ok(Err(_)) | Ok(Ok(LineRead::Eof)) => break,
-            Ok(Ok(LineRead::TooLong)) => {
+            Err(_) | Ok(LineRead::Eof) => break,
+            Ok(LineRead::TooLong) => {
                 let message = format!("request line exceeds {} bytes", policy.max_request_bytes);
                 let response = Response::error(None, 413, "request_too_large", message, None);
                 let write = write_line(&mut writer, &response, true);
                 let _ = wait_for_peer(write, policy.idle_timeout, &shutdown).await;
                 break;
             }
-            Ok(Ok(LineRead::Line)) => {
+            Ok(LineRead::Line) => {
                 let started = Instant::now();
                 let response = handler::respond(otp, &line).await;
                 otp.counters().socket_latency.observe(started.elapsed());
@@ -165,6 +172,9 @@ pub async fn wait_for_peer<T>(
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
+        // I/O first: when it is ready at once, as a write of an answer mostly is, no
+        // timer is set.
+        biased;
         done = io => Some(done),
         _ = tokio::time::sleep(idle) => None,
         _ = shutdown_grace_over => None,
