@@ -472,6 +472,13 @@ fn print_memory(label: &str, memory: Option<Memory>) {
 pub async fn run(options: Options) -> anyhow::Result<()> {
     anyhow::ensure!(options.clients > 0, "--clients must be at least 1");
     anyhow::ensure!(options.pipeline > 0, "--pipeline must be at least 1");
+    let mut clients = Vec::with_capacity(options.clients);
+    for _ in 0..options.clients {
+        clients.push(Client::connect(&options.socket).await?);
+    }
+    // The socket takes connections before the daemon serves them; once it answers, it
+    // has opened (and created) its log_file.
+    clients[0].call(&serde_json::json!({"op": "ping"})).await?;
     let codes = match (&options.codes_file, options.op) {
         (Some(path), _) => Some(CodeBook::open(path)?),
         (None, Op::Create) => None,
@@ -480,10 +487,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         ),
     };
     let pid = options.pid.or_else(|| socket_owner(&options.socket));
-    let mut clients = Vec::with_capacity(options.clients);
-    for _ in 0..options.clients {
-        clients.push(Client::connect(&options.socket).await?);
-    }
     let run = Arc::new(Run {
         names: Names::new(),
         codes,
