@@ -55,6 +55,15 @@ impl GroupCommit {
     /// the call durable (the database's [`Database::flush`](super::kv::Database::flush));
     /// it stops when this value is dropped.
     pub fn start(flush: impl FnMut() -> Result<(), StoreError> + Send + 'static) -> Self {
+        Self::start_gathering(GATHER, flush)
+    }
+
+    /// [`GroupCommit::start`] with `gather` as the wait for more writers (the tests make
+    /// it long enough to tell apart).
+    fn start_gathering(
+        gather: Duration,
+        flush: impl FnMut() -> Result<(), StoreError> + Send + 'static,
+    ) -> Self {
         let shared = Arc::new(Shared {
             issued: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
@@ -64,7 +73,7 @@ impl GroupCommit {
             .name("otpd-flusher".into())
             .spawn({
                 let shared = shared.clone();
-                move || flush_loop(flush, &shared)
+                move || flush_loop(flush, &shared, gather)
             })
             .expect("spawning the flusher thread");
         Self {
@@ -126,9 +135,13 @@ impl Drop for GroupCommit {
     }
 }
 
-/// Runs flushes back to back while tickets are waiting, each after [`GATHER`] when
+/// Runs flushes back to back while tickets are waiting, each after `gather_for` when
 /// the last one was widely shared; parks when no ticket waits.
-fn flush_loop(mut flush: impl FnMut() -> Result<(), StoreError>, shared: &Shared) {
+fn flush_loop(
+    mut flush: impl FnMut() -> Result<(), StoreError>,
+    shared: &Shared,
+    gather_for: Duration,
+) {
     let mut gather = false;
     while !shared.stopping.load(Ordering::Acquire) {
         let settled = {
@@ -141,7 +154,7 @@ fn flush_loop(mut flush: impl FnMut() -> Result<(), StoreError>, shared: &Shared
             continue;
         }
         if gather {
-            thread::sleep(GATHER);
+            thread::sleep(gather_for);
         }
         let target = shared.issued.load(Ordering::Acquire);
         gather = target - settled >= GATHER_AFTER;
@@ -160,9 +173,9 @@ fn flush_loop(mut flush: impl FnMut() -> Result<(), StoreError>, shared: &Shared
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
     use std::sync::atomic::AtomicUsize;
-    use std::time::Duration;
+    use std::sync::{Mutex, mpsc};
+    use std::time::Instant;
 
     use super::*;
 
@@ -228,6 +241,77 @@ mod tests {
         let first = tokio::time::timeout(Duration::from_secs(60), group.commit());
         assert!(first.await.expect("left waiting").is_err());
         group.commit().await.unwrap();
+    }
+
+    /// A group commit whose first flush holds until the answer's sender is used or
+    /// dropped, and the start of each flush, so that a test can line tickets up behind
+    /// the held flush.
+    fn with_held_first_flush(
+        gather: Duration,
+    ) -> (GroupCommit, Arc<Mutex<Vec<Instant>>>, mpsc::Sender<()>) {
+        let (release, released) = mpsc::channel::<()>();
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let mut first = true;
+        let group = GroupCommit::start_gathering(gather, {
+            let starts = starts.clone();
+            move || {
+                starts.lock().unwrap().push(Instant::now());
+                if std::mem::take(&mut first) {
+                    let _ = released.recv();
+                }
+                Ok(())
+            }
+        });
+        (group, starts, release)
+    }
+
+    /// Waits until `done`; bounded, to fail rather than hang.
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "still waiting for {what}");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Takes `tickets` tickets behind the held first flush and releases it: the second
+    /// flush covers them all; answers when a ticket taken after that flush was asked.
+    fn share_one_flush_among(
+        tickets: u64,
+        group: &GroupCommit,
+        starts: &Mutex<Vec<Instant>>,
+        release: mpsc::Sender<()>,
+    ) -> Instant {
+        group.hasten();
+        wait_until("the first flush", || starts.lock().unwrap().len() == 1);
+        for _ in 0..tickets {
+            group.hasten();
+        }
+        drop(release);
+        wait_until("the shared flush", || {
+            group.durable_tickets() == 1 + tickets
+        });
+        let asked = Instant::now();
+        group.hasten();
+        wait_until("the next flush", || starts.lock().unwrap().len() == 3);
+        asked
+    }
+
+    #[test]
+    fn a_flush_shared_by_many_makes_the_next_wait_for_more_writers() {
+        let gather = Duration::from_millis(300);
+        let (group, starts, release) = with_held_first_flush(gather);
+        let asked = share_one_flush_among(GATHER_AFTER, &group, &starts, release);
+        let waited = starts.lock().unwrap()[2] - asked;
+        assert!(waited >= gather, "the next flush began after {waited:?}");
+    }
+
+    #[test]
+    fn a_flush_shared_by_few_keeps_no_one_waiting() {
+        // Beyond the bound of `wait_until`: a wait here fails the test (once it is over).
+        let (group, starts, release) = with_held_first_flush(Duration::from_secs(30));
+        share_one_flush_among(GATHER_AFTER - 1, &group, &starts, release);
+        assert_eq!(starts.lock().unwrap().len(), 3);
     }
 
     #[test]
