@@ -26,9 +26,10 @@ use crate::systemd;
 
 /// The engine the configuration names, opened (or connected to, for Redis, which
 /// checks that every host shares `secret`). A secret `drawn` at this start is saved
-/// once the store is open, or for Redis reached, so that a start that cannot open its
-/// store leaves no secret file; for Redis before the other hosts' secret is compared
-/// with it, so that Redis never records the fingerprint of a secret not kept.
+/// once the store is open, or for Redis reached and found to hold no other host's
+/// secret, so that a start that cannot open its store or was given the wrong setup
+/// leaves no secret file; for Redis before its fingerprint is recorded there, so that
+/// Redis never records the fingerprint of a secret not kept.
 async fn open_store(
     config: &Config,
     secret: &ServerSecret,
@@ -60,6 +61,7 @@ async fn open_store(
         }
         Engine::Redis => {
             let store = RedisStore::reach(&config.store.redis, limits).await?;
+            store.refuse_another_secret(secret).await?;
             keep()?;
             store.check_in(secret).await?;
             Arc::new(store)

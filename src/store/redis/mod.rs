@@ -371,6 +371,23 @@ impl RedisStore {
 
     /// Stores this host's secret fingerprint if none is there yet; refuses to go on
     /// when another host stored a different one.
+    /// Refuses `secret` when the hosts on this Redis have recorded another one; records
+    /// nothing. Asked before a secret drawn at this start is saved, so that a host
+    /// given the wrong setup leaves no secret file behind (the operator then gives it
+    /// the others' secret); [`RedisStore::check_in`] still settles a race of two first
+    /// hosts.
+    pub async fn refuse_another_secret(&self, secret: &ServerSecret) -> Result<(), StoreError> {
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(self.keys.secret_check())
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_error)?;
+        match stored {
+            Some(stored) if stored != secret.fingerprint() => Err(self.another_secret()),
+            _ => Ok(()),
+        }
+    }
+
     async fn check_secret(&self, secret: &ServerSecret) -> Result<(), StoreError> {
         let key = self.keys.secret_check();
         let mine = secret.fingerprint();
@@ -389,11 +406,16 @@ impl RedisStore {
         if stored == mine {
             Ok(())
         } else {
-            Err(StoreError::Database(format!(
-                "the server secret differs from the one the other otpd hosts on this Redis use \
-                 (key {key}); give every host the same secret file or credential"
-            )))
+            Err(self.another_secret())
         }
+    }
+
+    fn another_secret(&self) -> StoreError {
+        StoreError::Database(format!(
+            "the server secret differs from the one the other otpd hosts on this Redis use \
+             (key {}); give every host the same secret file or credential",
+            self.keys.secret_check()
+        ))
     }
 
     /// Drops expired members of the live set; returns how many, and resets the count.
