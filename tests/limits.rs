@@ -75,6 +75,21 @@ fn idle_connections_are_closed() {
 }
 
 #[test]
+fn a_connection_in_use_outlives_the_idle_timeout() {
+    let daemon = Daemon::start(IDLE_1S);
+    let mut conn = served(&daemon);
+    // A request every 200 ms for 2.4 s: never 1 s idle, over twice the timeout in all.
+    for _ in 0..12 {
+        thread::sleep(Duration::from_millis(200));
+        let answer = conn.try_call(&json!({"op": "ping"}));
+        assert!(
+            answer.is_some_and(|answer| answer["status"] == 200),
+            "a connection in use was closed"
+        );
+    }
+}
+
+#[test]
 fn a_slow_writer_is_cut_off_mid_line() {
     let daemon = Daemon::start(IDLE_1S);
     let stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
