@@ -1,7 +1,7 @@
 //! Connection limits through the real socket: `max_request_bytes` bounds a line (its
 //! CRLF aside), `max_connections` answers 503 `busy`, `idle_timeout_secs` closes silent
-//! connections and cuts off a slow writer, and the daemon keeps serving well-behaved
-//! clients throughout.
+//! connections (not busy ones) and cuts off a slow writer, and the daemon keeps serving
+//! well-behaved clients throughout.
 
 mod common;
 
