@@ -142,7 +142,7 @@ fn flush_loop(
     shared: &Shared,
     gather_for: Duration,
 ) {
-    let mut gather = false;
+    let mut wait_for_writers = false;
     while !shared.stopping.load(Ordering::Acquire) {
         let settled = {
             let p = shared.progress.borrow();
@@ -153,11 +153,11 @@ fn flush_loop(
             thread::park();
             continue;
         }
-        if gather {
+        if wait_for_writers {
             thread::sleep(gather_for);
         }
         let target = shared.issued.load(Ordering::Acquire);
-        gather = target - settled >= GATHER_AFTER;
+        wait_for_writers = target - settled >= GATHER_AFTER;
         // A panic in the engine fails the flush's waiters instead of leaving them waiting.
         let result = panic::catch_unwind(AssertUnwindSafe(&mut flush))
             .unwrap_or_else(|_| Err(StoreError::Database("the flush panicked".into())));

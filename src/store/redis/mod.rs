@@ -369,8 +369,6 @@ impl RedisStore {
         }
     }
 
-    /// Stores this host's secret fingerprint if none is there yet; refuses to go on
-    /// when another host stored a different one.
     /// Refuses `secret` when the hosts on this Redis have recorded another one; records
     /// nothing. Asked before a secret drawn at this start is saved, so that a host
     /// given the wrong setup leaves no secret file behind (the operator then gives it
@@ -388,6 +386,8 @@ impl RedisStore {
         }
     }
 
+    /// Stores this host's secret fingerprint if none is there yet; refuses to go on
+    /// when another host stored a different one.
     async fn check_secret(&self, secret: &ServerSecret) -> Result<(), StoreError> {
         let key = self.keys.secret_check();
         let mine = secret.fingerprint();
