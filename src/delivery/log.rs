@@ -13,6 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Mutex, Once};
 
 use async_trait::async_trait;
+use serde::Serialize;
 
 use super::{Delivery, DeliveryError, Message, Receipt};
 use crate::config::DeliveryConfig;
@@ -71,13 +72,13 @@ impl Delivery for LogDelivery {
             "would send"
         );
         if let Some(file) = &self.file {
-            let mut line = serde_json::to_vec(&serde_json::json!({
-                "token": message.token,
-                "code": message.code.expose(),
-                "channels": channels,
-                "text": text,
-                "reference": reference,
-            }))
+            let mut line = serde_json::to_vec(&LoggedLine {
+                token: message.token,
+                code: message.code.expose(),
+                channels: &channels,
+                text: &text,
+                reference: &reference,
+            })
             .expect("JSON of strings");
             line.push(b'\n');
             let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -86,6 +87,17 @@ impl Delivery for LogDelivery {
         }
         Ok(Receipt { reference })
     }
+}
+
+/// One line of `log_file`: serialised straight from the message, with no JSON value
+/// built in between. `otpd bench` finds a line by its opening `{"token":`.
+#[derive(Serialize)]
+struct LoggedLine<'a> {
+    token: &'a str,
+    code: &'a str,
+    channels: &'a [&'a str],
+    text: &'a str,
+    reference: &'a str,
 }
 
 /// A fresh reference in the shape of a provider's id: `log-` and 32 hex digits.
