@@ -12,10 +12,16 @@ use super::StoreError;
 /// The format every record is written in today.
 const FORMAT_V1: u8 = 1;
 
+/// Room for a typical token record and what rides behind it, so that encoding one
+/// does not grow the buffer five times over (the store copies the bytes anyway).
+const TYPICAL_RECORD_BYTES: usize = 256;
+
 /// Encodes a record behind the version byte.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(TYPICAL_RECORD_BYTES);
+    bytes.push(FORMAT_V1);
     // postcard only fails on writers that run out of room; a Vec never does.
-    postcard::to_extend(record, vec![FORMAT_V1]).expect("postcard encodes into a Vec")
+    postcard::to_extend(record, bytes).expect("postcard encodes into a Vec")
 }
 
 /// Encodes a record and, if given, an `extra` one right behind it.
