@@ -4,7 +4,9 @@
 //! the ticket has finished. One flusher thread runs flushes back to back, so under load
 //! each flush covers every write that arrived while the previous one ran. It is a
 //! thread of its own, not a task: the next flush starts the moment the last one ends,
-//! not once a runtime worker busy with requests gets round to it.
+//! not once a runtime worker busy with requests gets round to it. A flush answers the
+//! waiters it covers, each once, and no other: a request waiting for the next flush is
+//! not woken by this one only to wait again.
 //!
 //! Under heavy concurrency the flusher first waits [`GATHER`] for more writers, as
 //! PostgreSQL's `commit_delay` does: a flush costs the same CPU (the fdatasync, the
@@ -12,12 +14,12 @@
 //! covers, and on two cores that CPU is taken from the requests themselves.
 
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 use super::StoreError;
 
@@ -31,12 +33,8 @@ const GATHER: Duration = Duration::from_micros(100);
 /// shared flush cost them up to 15 % of their rate.
 const GATHER_AFTER: u64 = 5;
 
-/// Flush progress: the highest ticket known durable and the highest whose flush failed.
-#[derive(Debug, Clone, Copy, Default)]
-struct Progress {
-    durable: u64,
-    failed: u64,
-}
+/// What a waiter is told when its flush is over: whether it succeeded.
+type Answer = oneshot::Sender<bool>;
 
 /// Shares flushes of one embedded database among concurrent writers.
 pub struct GroupCommit {
@@ -45,9 +43,18 @@ pub struct GroupCommit {
 }
 
 struct Shared {
-    issued: AtomicU64,
+    next: Mutex<NextFlush>,
+    /// The highest ticket a successful flush covered (for the tests).
+    durable: AtomicU64,
     stopping: AtomicBool,
-    progress: watch::Sender<Progress>,
+}
+
+/// The tickets taken so far, and the waiters the next flush answers: each is told
+/// exactly once, by the flush that covers it, so that no waiter is woken in vain.
+#[derive(Default)]
+struct NextFlush {
+    issued: u64,
+    waiters: Vec<Answer>,
 }
 
 impl GroupCommit {
@@ -65,9 +72,9 @@ impl GroupCommit {
         flush: impl FnMut() -> Result<(), StoreError> + Send + 'static,
     ) -> Self {
         let shared = Arc::new(Shared {
-            issued: AtomicU64::new(0),
+            next: Mutex::default(),
+            durable: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
-            progress: watch::Sender::new(Progress::default()),
         });
         let flusher = thread::Builder::new()
             .name("otpd-flusher".into())
@@ -84,30 +91,30 @@ impl GroupCommit {
 
     /// Waits until everything this task wrote before the call is on disk.
     pub async fn commit(&self) -> Result<(), StoreError> {
-        let mut progress = self.shared.progress.subscribe();
-        let ticket = self.take_ticket();
-        let reached = progress
-            .wait_for(|p| p.durable >= ticket || p.failed >= ticket)
-            .await
-            .map_err(|_| StoreError::Database("flusher stopped".into()))?;
-        if reached.durable >= ticket {
-            Ok(())
-        } else {
-            Err(StoreError::Database("flush failed".into()))
+        let (answer, answered) = oneshot::channel();
+        self.take_ticket(Some(answer));
+        match answered.await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(StoreError::Database("flush failed".into())),
+            Err(_) => Err(StoreError::Database("flusher stopped".into())),
         }
     }
 
     /// Has a flush start soon for everything written so far, without waiting for it:
     /// for a write that is waited on later, and had better be on disk before then.
     pub fn hasten(&self) {
-        self.take_ticket();
+        self.take_ticket(None);
     }
 
-    /// A ticket for the writes made so far, and the flusher woken for it.
-    fn take_ticket(&self) -> u64 {
-        let ticket = self.shared.issued.fetch_add(1, Ordering::AcqRel) + 1;
+    /// A ticket for the writes made so far (with the waiter to answer, if any), and
+    /// the flusher woken for it.
+    fn take_ticket(&self, waiter: Option<Answer>) {
+        {
+            let mut next = self.shared.lock_next();
+            next.issued += 1;
+            next.waiters.extend(waiter);
+        }
         self.flusher_thread().unpark();
-        ticket
     }
 
     fn flusher_thread(&self) -> &thread::Thread {
@@ -115,11 +122,18 @@ impl GroupCommit {
     }
 }
 
+impl Shared {
+    fn lock_next(&self) -> std::sync::MutexGuard<'_, NextFlush> {
+        // Nothing panics while holding it; a poisoned lock holds consistent counts.
+        self.next.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 #[cfg(test)]
 impl GroupCommit {
     /// How many tickets are known durable: rises only when a commit was asked for.
     pub fn durable_tickets(&self) -> u64 {
-        self.shared.progress.borrow().durable
+        self.shared.durable.load(Ordering::Acquire)
     }
 }
 
@@ -142,39 +156,44 @@ fn flush_loop(
     shared: &Shared,
     gather_for: Duration,
 ) {
+    let mut settled = 0;
     let mut wait_for_writers = false;
     while !shared.stopping.load(Ordering::Acquire) {
-        let settled = {
-            let p = shared.progress.borrow();
-            p.durable.max(p.failed)
-        };
-        if shared.issued.load(Ordering::Acquire) <= settled {
-            // An unpark since the load makes this return at once: no ticket is missed.
+        if shared.lock_next().issued <= settled {
+            // An unpark since the check makes this return at once: no ticket is missed.
             thread::park();
             continue;
         }
         if wait_for_writers {
             thread::sleep(gather_for);
         }
-        let target = shared.issued.load(Ordering::Acquire);
+        // Every ticket taken so far, and so every write before one, is in this flush.
+        let (target, waiters) = {
+            let mut next = shared.lock_next();
+            (next.issued, std::mem::take(&mut next.waiters))
+        };
         wait_for_writers = target - settled >= GATHER_AFTER;
         // A panic in the engine fails the flush's waiters instead of leaving them waiting.
-        let result = panic::catch_unwind(AssertUnwindSafe(&mut flush))
+        let flushed = panic::catch_unwind(AssertUnwindSafe(&mut flush))
             .unwrap_or_else(|_| Err(StoreError::Database("the flush panicked".into())));
-        shared.progress.send_modify(|p| match result {
-            Ok(()) => p.durable = target,
-            Err(ref error) => {
-                tracing::error!(%error, "database flush failed");
-                p.failed = target;
-            }
-        });
+        settled = target;
+        match &flushed {
+            Ok(()) => shared.durable.store(target, Ordering::Release),
+            Err(error) => tracing::error!(%error, "database flush failed"),
+        }
+        for waiter in waiters {
+            // A waiter that gave up (its request was dropped) needs no answer.
+            let _ = waiter.send(flushed.is_ok());
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::pin::pin;
     use std::sync::atomic::AtomicUsize;
     use std::sync::{Mutex, mpsc};
+    use std::task::{Context, Poll, Waker};
     use std::time::Instant;
 
     use super::*;
@@ -312,6 +331,59 @@ mod tests {
         let (group, starts, release) = with_held_first_flush(Duration::from_secs(30));
         share_one_flush_among(GATHER_AFTER - 1, &group, &starts, release);
         assert_eq!(starts.lock().unwrap().len(), 3);
+    }
+
+    /// A waker that counts its wakes.
+    struct CountingWaker(AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_waiter_is_woken_only_by_the_flush_that_covers_it() {
+        // Each flush holds until it is released (or for 20 s: a failed assertion drops
+        // the group, which waits for the flush under way), and notes its start.
+        let (release, released) = mpsc::channel::<()>();
+        let starts = Arc::new(AtomicUsize::new(0));
+        let group = GroupCommit::start_gathering(Duration::ZERO, {
+            let starts = starts.clone();
+            move || {
+                starts.fetch_add(1, Ordering::SeqCst);
+                let _ = released.recv_timeout(Duration::from_secs(20));
+                Ok(())
+            }
+        });
+        group.hasten();
+        wait_until("the first flush", || starts.load(Ordering::SeqCst) == 1);
+
+        let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut context = Context::from_waker(&waker);
+        let mut commit = pin!(group.commit());
+        assert!(commit.as_mut().poll(&mut context).is_pending());
+
+        // The flush under way did not cover the commit; the next one starts only once
+        // that one has answered its own waiters.
+        release.send(()).unwrap();
+        wait_until("the second flush", || starts.load(Ordering::SeqCst) == 2);
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            0,
+            "woken by the earlier flush"
+        );
+
+        release.send(()).unwrap();
+        wait_until("the commit's answer", || {
+            wakes.0.load(Ordering::SeqCst) == 1
+        });
+        assert!(matches!(
+            commit.as_mut().poll(&mut context),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
     }
 
     #[test]
