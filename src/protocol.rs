@@ -105,7 +105,8 @@ const RECIPIENT_FIELDS: [&str; 4] = ["messenger", "sms", "messengerId", "phoneNu
 fn parse_recipients(object: &Map<String, Value>) -> Result<Recipients, ProtocolError> {
     let mut found: Vec<(String, &'static str, String)> = Vec::new();
     let mut collect = |object: &Map<String, Value>, prefix: &str, fields: &[&'static str]| {
-        // Labelled only when given: most requests carry one of the four fields.
+        // Labelled only when given: of the six places a recipient may be named, a
+        // request uses one or two.
         for &field in fields.iter().filter(|&&field| object.contains_key(field)) {
             let label = format!("{prefix}{field}");
             if let Some(value) = optional_id(object, field, &label)? {
