@@ -389,25 +389,14 @@ impl RedisStore {
     /// Stores this host's secret fingerprint if none is there yet; refuses to go on
     /// when another host stored a different one.
     async fn check_secret(&self, secret: &ServerSecret) -> Result<(), StoreError> {
-        let key = self.keys.secret_check();
-        let mine = secret.fingerprint();
-        let mut conn = self.conn();
-        let (stored,): (String,) = redis::pipe()
-            .cmd("SET")
-            .arg(&key)
-            .arg(&mine)
+        redis::cmd("SET")
+            .arg(self.keys.secret_check())
+            .arg(secret.fingerprint())
             .arg("NX")
-            .ignore()
-            .cmd("GET")
-            .arg(&key)
-            .query_async(&mut conn)
+            .query_async::<()>(&mut self.conn())
             .await
             .map_err(redis_error)?;
-        if stored == mine {
-            Ok(())
-        } else {
-            Err(self.another_secret())
-        }
+        self.refuse_another_secret(secret).await
     }
 
     fn another_secret(&self) -> StoreError {
