@@ -395,14 +395,45 @@ fn memory(pid: u32) -> Option<Memory> {
     })
 }
 
-/// CPU time (user + system) a process has used so far, from /proc/<pid>/stat.
-fn cpu_time(pid: u32) -> Option<Duration> {
+/// CPU time a process has used so far, in user space and in the kernel.
+#[derive(Clone, Copy)]
+struct CpuTime {
+    user: Duration,
+    system: Duration,
+}
+
+/// [`CpuTime`] of `pid`, from /proc/<pid>/stat (all its threads).
+fn cpu_time(pid: u32) -> Option<CpuTime> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
-    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
     // The kernel reports in USER_HZ, 100 on every Linux architecture otpd targets.
-    Some(Duration::from_millis(ticks * 10))
+    let mut next = || {
+        Some(Duration::from_millis(
+            fields.next()?.parse::<u64>().ok()? * 10,
+        ))
+    };
+    Some(CpuTime {
+        user: next()?,
+        system: next()?,
+    })
+}
+
+/// The daemon's CPU over the timed phase: in all, and per request split into user
+/// space and kernel, the figures to hold against Redis's (`.ci/bench throughput`).
+fn print_cpu(before: CpuTime, after: CpuTime, elapsed: Duration, requests: usize) {
+    let user = after.user.saturating_sub(before.user);
+    let system = after.system.saturating_sub(before.system);
+    let total = (user + system).as_secs_f64();
+    let micros_each = |d: Duration| d.as_secs_f64() * 1e6 / requests.max(1) as f64;
+    println!(
+        "daemon CPU: {total:.2} s in {:.2} s ({:.0}% of one core), {:.1} µs a request: {:.1} user, {:.1} kernel",
+        elapsed.as_secs_f64(),
+        100.0 * total / elapsed.as_secs_f64(),
+        micros_each(user + system),
+        micros_each(user),
+        micros_each(system),
+    );
 }
 
 /// The process listening on `socket`: its inode from /proc/net/unix, then the process
@@ -520,14 +551,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     let cut_off = abuse.stop();
-    print_report(&run.options, timed, elapsed, cut_off);
+    let requests = print_report(&run.options, timed, elapsed, cut_off);
     if let (Some(before), Some(after)) = (cpu_before, pid.and_then(cpu_time)) {
-        println!(
-            "daemon CPU: {:.2} s in {:.2} s ({:.0}% of one core)",
-            (after - before).as_secs_f64(),
-            elapsed.as_secs_f64(),
-            100.0 * (after - before).as_secs_f64() / elapsed.as_secs_f64()
-        );
+        print_cpu(before, after, elapsed, requests);
     }
     match pid {
         Some(pid) => print_memory("after", memory(pid)),
@@ -575,7 +601,8 @@ struct Timed {
     ran_dry: usize,
 }
 
-fn print_report(o: &Options, timed: Timed, elapsed: Duration, cut_off: usize) {
+/// Prints the timed phase's latencies and rates; returns how many requests it made.
+fn print_report(o: &Options, timed: Timed, elapsed: Duration, cut_off: usize) -> usize {
     println!(
         "otpd bench: op {:?}, {} clients, pipeline {}, {:.2} s{}",
         o.op,
@@ -604,6 +631,7 @@ fn print_report(o: &Options, timed: Timed, elapsed: Duration, cut_off: usize) {
             timed.ran_dry
         );
     }
+    total
 }
 
 #[cfg(test)]

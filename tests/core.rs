@@ -848,7 +848,7 @@ fn an_unset_engine_is_fjall_for_a_new_database_and_sled_for_an_old_one() {
 }
 
 /// `otpd bench` against a real daemon: it learns codes from the log backend's file,
-/// every request gets its expected answer, and it finds the daemon for its RSS.
+/// every request gets its expected answer, and it finds the daemon for its RSS and CPU.
 #[test]
 fn the_benchmark_runs_against_the_daemon() {
     let daemon = Daemon::start("[otp]\nresend_cooldown_secs = 0\n");
@@ -870,5 +870,9 @@ fn the_benchmark_runs_against_the_daemon() {
         "200 verifies, all 200: {report}"
     );
     assert!(report.contains("daemon RSS after:"), "{report}");
+    assert!(
+        report.contains("µs a request"),
+        "the daemon's CPU: {report}"
+    );
     assert_eq!(daemon.stats()["verified"], 200);
 }
