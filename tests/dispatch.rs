@@ -383,6 +383,21 @@ fn an_acceptance_without_an_id_keeps_the_code_under_a_local_reference() {
     assert_eq!(daemon.stats()["delivery_sent"], 1);
 }
 
+/// The connection fails after Vonage answered 202 but before its body ended: the
+/// message is out, so it is not posted again (a second SMS), and the code stands.
+#[test]
+fn an_acceptance_whose_answer_breaks_off_is_not_sent_again() {
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, "");
+    vonage.script(&[Reply::AcceptCutShort, Reply::Accept]);
+    let answer = create(&daemon, "t7", json!({"sms": PHONE}));
+    assert_eq!(answer["status"], 201, "{answer}");
+    let seen = vonage.requests();
+    assert_eq!(seen.len(), 1, "an acceptance is not retried");
+    assert_eq!(daemon.verify("t7", &seen[0].code())["status"], 200);
+    assert_eq!(daemon.stats()["delivery_sent"], 1);
+}
+
 #[test]
 fn a_provider_echoing_the_request_gets_no_code_or_number_into_answers_or_logs() {
     let vonage = VonageStandIn::start();

@@ -139,17 +139,8 @@ impl ApiClient {
             .header(header::ACCEPT, "application/json")
             .body(Full::new(body))
             .expect("valid request parts");
-        let exchange = async {
-            let response = self.client.request(request).await?;
-            let (parts, body) = response.into_parts();
-            let bytes = Limited::new(body, MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
-                .to_bytes();
-            anyhow::Ok((parts, bytes))
-        };
-        let (parts, bytes) = match tokio::time::timeout(self.timeout, exchange).await {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let response = match tokio::time::timeout_at(deadline, self.client.request(request)).await {
             Err(_) => {
                 return Attempt::Retry {
                     reason: format!("no answer within {} s", self.timeout.as_secs()),
@@ -162,7 +153,26 @@ impl ApiClient {
                     retry_after: None,
                 };
             }
-            Ok(Ok(answer)) => answer,
+            Ok(Ok(response)) => response,
+        };
+        let (parts, body) = response.into_parts();
+        // Once the status has come, it decides. A body lost after a 2xx must not make
+        // a retry: the message is on its way, and a second POST sends it again.
+        let bytes = match tokio::time::timeout_at(
+            deadline,
+            Limited::new(body, MAX_ANSWER_BYTES).collect(),
+        )
+        .await
+        {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(error)) => {
+                tracing::warn!(status = %parts.status, %error, "reading Vonage's answer failed");
+                Bytes::new()
+            }
+            Err(_) => {
+                tracing::warn!(status = %parts.status, "Vonage's answer did not end in time");
+                Bytes::new()
+            }
         };
         let status = parts.status;
         if status.is_success() {

@@ -10,13 +10,16 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
@@ -38,6 +41,9 @@ pub enum Reply {
     Accept,
     /// 202 with a body that is not JSON: accepted, but without an id.
     AcceptUnreadable,
+    /// 202 whose body breaks off: the connection closes before the length it
+    /// announced, as when the network fails after Vonage took the message.
+    AcceptCutShort,
     /// 400 with an RFC 7807 problem body.
     Problem,
     /// 401 problem, as for a wrong application id or key.
@@ -266,7 +272,55 @@ async fn serve(listener: std::net::TcpListener, state: Arc<Mutex<State>>, expect
     }
 }
 
-fn problem(status: StatusCode, title: &str, detail: &str) -> Response<Full<Bytes>> {
+/// The stand-in's answer bodies: whole, or one that breaks off.
+type Body = Either<Full<Bytes>, CutShort>;
+
+fn whole(bytes: Bytes) -> Body {
+    Either::Left(Full::new(bytes))
+}
+
+/// A body that announces 1,000 bytes, sends the start of a JSON object, waits for
+/// hyper to write what it has, and then fails, so that hyper closes the connection
+/// in the middle of it.
+struct CutShort {
+    sent: bool,
+    pause: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl CutShort {
+    fn new() -> Self {
+        Self {
+            sent: false,
+            pause: Box::pin(tokio::time::sleep(Duration::from_millis(100))),
+        }
+    }
+}
+
+impl hyper::body::Body for CutShort {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if !std::mem::replace(&mut self.sent, true) {
+            let start = Bytes::from_static(b"{\"dispatch_uuid\":");
+            return Poll::Ready(Some(Ok(Frame::data(start))));
+        }
+        self.pause.as_mut().poll(context).map(|()| {
+            Some(Err(std::io::Error::other(
+                "the stand-in cuts the answer short",
+            )))
+        })
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(1000)
+    }
+}
+
+fn problem(status: StatusCode, title: &str, detail: &str) -> Response<Body> {
     let body = json!({
         "type": "https://developer.vonage.com/api-errors#invalid-params",
         "title": title,
@@ -277,7 +331,7 @@ fn problem(status: StatusCode, title: &str, detail: &str) -> Response<Full<Bytes
     Response::builder()
         .status(status)
         .header("content-type", "application/problem+json")
-        .body(Full::new(Bytes::from(body.to_string())))
+        .body(whole(Bytes::from(body.to_string())))
         .unwrap()
 }
 
@@ -285,7 +339,7 @@ async fn answer(
     request: Request<Incoming>,
     state: &Mutex<State>,
     expect: &Expect,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     let at = Instant::now();
     let (parts, body) = request.into_parts();
     let body = body
@@ -320,7 +374,7 @@ async fn answer(
     }
     state.lock().unwrap().unanswered.retain(|u| *u != uuid);
     let status = match &reply {
-        Reply::Accept | Reply::AcceptUnreadable => 202,
+        Reply::Accept | Reply::AcceptUnreadable | Reply::AcceptCutShort => 202,
         Reply::Problem => 400,
         Reply::Unauthorized => 401,
         Reply::TooMany { .. } => 429,
@@ -348,12 +402,17 @@ async fn answer(
             Response::builder()
                 .status(202)
                 .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(json!({ field: uuid }).to_string())))
+                .body(whole(Bytes::from(json!({ field: uuid }).to_string())))
                 .unwrap()
         }
         Reply::AcceptUnreadable => Response::builder()
             .status(202)
-            .body(Full::new(Bytes::from_static(b"Accepted")))
+            .body(whole(Bytes::from_static(b"Accepted")))
+            .unwrap(),
+        Reply::AcceptCutShort => Response::builder()
+            .status(202)
+            .header("content-type", "application/json")
+            .body(Either::Right(CutShort::new()))
             .unwrap(),
         Reply::Problem => problem(
             StatusCode::BAD_REQUEST,
@@ -368,11 +427,11 @@ async fn answer(
         Reply::TooMany { retry_after_secs } => Response::builder()
             .status(429)
             .header("retry-after", retry_after_secs.to_string())
-            .body(Full::new(Bytes::new()))
+            .body(whole(Bytes::new()))
             .unwrap(),
         Reply::ServerError => Response::builder()
             .status(500)
-            .body(Full::new(Bytes::from_static(b"oops")))
+            .body(whole(Bytes::from_static(b"oops")))
             .unwrap(),
         Reply::Echo(status) => problem(
             StatusCode::from_u16(status).unwrap(),
