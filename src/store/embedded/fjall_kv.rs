@@ -43,6 +43,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -139,9 +140,13 @@ impl JournalSync {
     fn sync_newest(&self) -> std::io::Result<()> {
         let mut newest = self.newest.lock().unwrap_or_else(PoisonError::into_inner);
         // A rotation names the next journal id + 1 (fjall's `Writer::rotate`), so the
-        // folder is listed only when that file appears, not on every flush.
+        // folder is listed only when that file appears, not on every flush; or when
+        // the file held is gone: fjall deletes a journal once its writes are in
+        // tables, and after two rotations between flushes id + 1 may be gone too.
         let rotated = match newest.as_ref() {
-            Some((id, _)) => self.dir.join((id + 1).to_string()).try_exists()?,
+            Some((id, file)) => {
+                self.dir.join((id + 1).to_string()).try_exists()? || file.metadata()?.nlink() == 0
+            }
             None => true,
         };
         if rotated {
@@ -343,5 +348,37 @@ mod tests {
         db.flush().unwrap();
         assert_eq!(synced_id(&db), Some(db.sync.newest_id().unwrap()));
         assert!(synced_id(&db).unwrap() > first);
+    }
+
+    /// Two rotations between flushes, and fjall deletes both older journals once
+    /// their memtables are tables: id + 1 of the journal held never appears, and the
+    /// next flush must still find the newest.
+    #[test]
+    fn a_flush_after_two_rotations_and_their_deletion_syncs_the_new_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = FjallDb::open(dir.path(), 4, Durability::Flush).unwrap();
+        let tree = db.open_tree("t").unwrap();
+        tree.insert(b"first", b"value").unwrap();
+        db.flush().unwrap();
+        let first = synced_id(&db).unwrap();
+
+        let value = vec![7u8; 64 * 1024];
+        let mut key = 0u32;
+        while db.sync.newest_id().unwrap() < first + 2 {
+            tree.insert(&key.to_be_bytes(), &value).unwrap();
+            key += 1;
+            assert!(key < 20_000, "the journal did not rotate twice");
+        }
+        let journal = |id: u64| db.sync.dir.join(id.to_string());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while journal(first).exists() || journal(first + 1).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fjall kept the flushed journals"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        db.flush().unwrap();
+        assert_eq!(synced_id(&db), Some(db.sync.newest_id().unwrap()));
     }
 }
