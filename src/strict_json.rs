@@ -8,9 +8,12 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
 /// Parses JSON text as `serde_json::from_slice` does, and also returns the dotted paths
-/// (`to.sms`) of the keys given twice in one object, in the order found: serde_json
-/// would keep the last silently, and a request must not mean something other than it
-/// seems to. The value keeps each key's first occurrence.
+/// (`to.sms`) of keys given twice in one object, in the order found: serde_json would
+/// keep the last silently, and a request must not mean something other than it seems
+/// to. Every top-level key given twice is returned (the socket protocol checks `id`),
+/// but of those inside a value only the first: each is rebuilt at every level it is
+/// nested in, and all of them would cost a hostile line quadratic time and memory.
+/// The value keeps each key's first occurrence.
 pub fn parse_json(bytes: &[u8]) -> Result<(Value, Vec<String>), JsonError> {
     let failed_at = RefCell::new(Vec::new());
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
@@ -149,7 +152,9 @@ impl<'de> Visitor<'de> for CheckedSeed<'_> {
                 .next_element_seed(self)
                 .inspect_err(|_| self.failed_at.borrow_mut().push(index.to_string()))?;
             let Some(item) = item else { break };
-            duplicates.extend(item.duplicates.iter().map(|path| format!("{index}.{path}")));
+            if duplicates.is_empty() {
+                duplicates = nested(index, item.duplicates);
+            }
             values.push(item.value);
         }
         Ok(Checked {
@@ -160,11 +165,16 @@ impl<'de> Visitor<'de> for CheckedSeed<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Checked, A::Error> {
         let (mut object, mut duplicates) = (Map::new(), Vec::new());
+        let mut found_nested = false;
         while let Some(key) = entries.next_key::<String>()? {
             let entry = entries
                 .next_value_seed(self)
                 .inspect_err(|_| self.failed_at.borrow_mut().push(key.clone()))?;
-            duplicates.extend(entry.duplicates.iter().map(|path| format!("{key}.{path}")));
+            if !found_nested {
+                let first = nested(&key, entry.duplicates);
+                found_nested = !first.is_empty();
+                duplicates.extend(first);
+            }
             if object.contains_key(&key) {
                 duplicates.push(key);
             } else {
@@ -176,4 +186,15 @@ impl<'de> Visitor<'de> for CheckedSeed<'_> {
             duplicates,
         })
     }
+}
+
+/// The first of the repeated keys found in the value at `at`, as a path from here: the
+/// one a value nested in another passes up.
+fn nested(at: impl std::fmt::Display, duplicates: Vec<String>) -> Vec<String> {
+    duplicates
+        .into_iter()
+        .next()
+        .map(|path| format!("{at}.{path}"))
+        .into_iter()
+        .collect()
 }
