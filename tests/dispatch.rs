@@ -607,6 +607,36 @@ fn creates_wait_for_vonage_in_parallel() {
 }
 
 /// Starts the binary expecting it to refuse to start; returns its stderr.
+/// Requests sent in one write are answered in one write when they are quick; an
+/// answer is not held back behind one that waits on Vonage.
+#[test]
+fn a_pipelined_answer_is_not_held_back_behind_a_create_waiting_on_vonage() {
+    let vonage = VonageStandIn::start();
+    // Vonage's answer is waited for longer than this test reads.
+    let daemon = start(&vonage, "timeout_secs = 60");
+    vonage.hold();
+    let mut conn = daemon.connect();
+    conn.send_raw(
+        format!(
+            "{{\"op\":\"ping\",\"id\":1}}\n{{\"op\":\"create\",\"id\":2,\"token\":\"t1\",\"to\":{{\"sms\":\"{PHONE}\"}}}}\n"
+        )
+        .as_bytes(),
+    );
+    // Before, the ping's answer waited in the write buffer for the create's, and
+    // this read timed out.
+    let ping = conn.receive().expect("the ping's answer");
+    assert_eq!(ping["id"], 1, "{ping}");
+    common::wait_for("the create waiting on Vonage", || {
+        vonage.unanswered().len() == 1
+    });
+    vonage.release();
+    let created = conn.receive().expect("the create's answer");
+    assert_eq!(
+        (created["id"].clone(), created["status"].clone()),
+        (json!(2), json!(201))
+    );
+}
+
 fn start_up_error(vonage: &VonageStandIn, section_extra: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let (backend, delivery) = vonage.config("dispatch", section_extra);

@@ -6,6 +6,7 @@ mod listener;
 mod peer;
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -132,7 +133,12 @@ async fn serve_connection(
             }
             Ok(LineRead::Line) => {
                 let started = Instant::now();
-                let response = handler::respond(otp, &line).await;
+                let respond = handler::respond(otp, &line);
+                let Some(response) =
+                    answer_meanwhile(respond, &mut writer, policy, &shutdown).await
+                else {
+                    return;
+                };
                 otp.counters().socket_latency.observe(started.elapsed());
                 response
             }
@@ -153,6 +159,29 @@ async fn serve_connection(
         writer.shutdown().await
     };
     let _ = wait_for_peer(close, policy.idle_timeout, &shutdown).await;
+}
+
+/// Runs `respond`. Answers held back for one write of a pipelined batch go out first
+/// if it waits (on the disk, on Vonage: a create's delivery can take minutes), instead
+/// of after it. `None` when the peer did not take them ([`wait_for_peer`]); the request
+/// is still carried out.
+async fn answer_meanwhile<W: AsyncWrite + Unpin>(
+    respond: impl Future<Output = Response>,
+    writer: &mut BufWriter<W>,
+    policy: &ConnectionPolicy,
+    shutdown: &CancellationToken,
+) -> Option<Response> {
+    let mut respond = std::pin::pin!(respond);
+    let first_poll = std::future::poll_fn(|cx| Poll::Ready(respond.as_mut().poll(cx))).await;
+    match first_poll {
+        Poll::Ready(response) => Some(response),
+        Poll::Pending if writer.buffer().is_empty() => Some(respond.await),
+        Poll::Pending => {
+            let held = wait_for_peer(writer.flush(), policy.idle_timeout, shutdown);
+            let (response, sent) = tokio::join!(respond, held);
+            matches!(sent, Some(Ok(()))).then_some(response)
+        }
+    }
 }
 
 /// Once shutdown has begun, how long a peer that does not read its answers is waited
