@@ -45,7 +45,6 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use fjall::{Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode, Slice};
@@ -53,7 +52,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::libc;
 
 use super::background::lower_priority;
-use super::kv::{Batch, Database, Tree, open_error};
+use super::kv::{Batch, Database, SyncLatch, Tree, open_error};
 use crate::config::Durability;
 use crate::store::StoreError;
 
@@ -119,22 +118,13 @@ struct JournalSync {
     dir: PathBuf,
     /// The newest journal's id and file, reopened when a rotation makes another.
     newest: Mutex<Option<(u64, File)>>,
-    /// Set when a sync failed: the kernel may have dropped pages it could not write
-    /// and a later sync would not say so, so every later flush fails too (fjall
-    /// poisons its keyspace likewise).
-    failed: AtomicBool,
+    /// Fails every flush after one whose sync failed.
+    latch: SyncLatch,
 }
 
 impl JournalSync {
     fn sync(&self) -> std::io::Result<()> {
-        if self.failed.load(Ordering::Acquire) {
-            return Err(std::io::Error::other("an earlier journal sync failed"));
-        }
-        let result = self.sync_newest();
-        if result.is_err() {
-            self.failed.store(true, Ordering::Release);
-        }
-        result
+        self.latch.sync(|| self.sync_newest())
     }
 
     fn sync_newest(&self) -> std::io::Result<()> {
@@ -202,7 +192,7 @@ impl Database for FjallDb {
             sync: Arc::new(JournalSync {
                 dir: path.join("journals"),
                 newest: Mutex::new(None),
-                failed: AtomicBool::new(false),
+                latch: SyncLatch::default(),
             }),
             _lock: Arc::new(lock),
         })

@@ -7,6 +7,7 @@
 //! that); [`Database::flush`] makes everything written before it durable.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::Durability;
 use crate::store::StoreError;
@@ -14,6 +15,29 @@ use crate::store::StoreError;
 /// An error opening the database in `path`, naming that directory.
 pub fn open_error(path: &Path, error: &dyn std::fmt::Display) -> StoreError {
     StoreError::Database(format!("{}: {error}", path.display()))
+}
+
+/// Remembers a failed fdatasync of a database file and fails every later one: the
+/// kernel may have dropped the pages it could not write, and Linux reports such an
+/// error once, so a later sync of the same file would succeed over the lost writes
+/// (fjall poisons its keyspace likewise).
+#[derive(Default)]
+pub struct SyncLatch {
+    failed: AtomicBool,
+}
+
+impl SyncLatch {
+    /// Runs `sync` unless an earlier one failed.
+    pub fn sync(&self, sync: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(std::io::Error::other("an earlier sync of this file failed"));
+        }
+        let result = sync();
+        if result.is_err() {
+            self.failed.store(true, Ordering::Release);
+        }
+        result
+    }
 }
 
 /// An embedded database: one directory, several [`Tree`]s.
@@ -94,5 +118,25 @@ impl Batch {
 
     pub fn remove(&mut self, key: Vec<u8>) {
         self.changes.push((key, None));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_a_failed_sync_every_sync_fails() {
+        let latch = SyncLatch::default();
+        assert!(latch.sync(|| Ok(())).is_ok());
+        let eio = || Err(std::io::Error::from_raw_os_error(5));
+        assert_eq!(latch.sync(eio).unwrap_err().raw_os_error(), Some(5));
+        let mut called = false;
+        let later = latch.sync(|| {
+            called = true;
+            Ok(())
+        });
+        assert!(later.is_err(), "a sync after the failure succeeded");
+        assert!(!called, "the file was synced again");
     }
 }

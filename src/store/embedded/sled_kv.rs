@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use sled::IVec;
 
-use super::kv::{Batch, Database, Tree, open_error};
+use super::kv::{Batch, Database, SyncLatch, Tree, open_error};
 use crate::config::Durability;
 use crate::store::StoreError;
 
@@ -36,6 +36,8 @@ fn db_error(e: sled::Error) -> StoreError {
 pub struct SledDb {
     db: sled::Db,
     log: Arc<File>,
+    /// Fails every flush after one whose fdatasync failed.
+    latch: Arc<SyncLatch>,
 }
 
 impl Database for SledDb {
@@ -54,6 +56,7 @@ impl Database for SledDb {
         Ok(SledDb {
             db,
             log: Arc::new(log),
+            latch: Arc::default(),
         })
     }
 
@@ -75,8 +78,8 @@ impl Database for SledDb {
 
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(db_error)?;
-        self.log
-            .sync_data()
+        self.latch
+            .sync(|| self.log.sync_data())
             .map_err(|e| StoreError::Database(format!("log sync: {e}")))
     }
 }
