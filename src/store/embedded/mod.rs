@@ -236,13 +236,20 @@ impl<D: Database> EmbeddedStore<D> {
     }
 
     /// Counts pending codes once at start-up; afterwards every operation adjusts it.
+    /// A record that cannot be read is not counted, and does not stop the start: its
+    /// token's requests fail alone (and the janitor names it).
     fn count_live(&self) -> Result<u64, StoreError> {
-        let mut live = 0;
+        let (mut live, mut unreadable) = (0, 0);
         for entry in self.tokens.values() {
-            let state: TokenState = decode(&entry?)?;
-            if state.code.is_some_and(|c| c.state == CodeState::Pending) {
-                live += 1;
+            match decode::<TokenState>(&entry?) {
+                Ok(state) => {
+                    live += u64::from(state.code.is_some_and(|c| c.state == CodeState::Pending));
+                }
+                Err(_) => unreadable += 1,
             }
+        }
+        if unreadable > 0 {
+            tracing::error!(unreadable, "token records this build cannot read");
         }
         Ok(live)
     }
@@ -1406,6 +1413,35 @@ mod tests {
         assert!(code.is_none(), "expired and purged once caught up");
     }
 
+    /// A token record this build cannot read (a newer otpd's, after a rollback) stops
+    /// neither the janitor for other tokens nor the start; once it can be read, its
+    /// token is visited again.
+    async fn an_unreadable_record_is_passed_over_and_visited_later<D: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open::<D>(&dir, LIMITS);
+        for (digest, token) in [(1, "a"), (2, "b")] {
+            let new = new_code(token, digest, 0, 1_000);
+            store.create(&new, 0).await.unwrap().unwrap();
+        }
+        let readable = store.tokens.get(b"a").unwrap().unwrap().to_vec();
+        let mut newer = readable.clone();
+        newer[0] += 1; // the format version
+        store.tokens.insert(b"a", &newer).unwrap();
+
+        let report = store.purge_due(1_500, 100).await.unwrap();
+        assert_eq!(report.expired, 1, "b expires all the same");
+        let later = 1_500 + purge::UNREADABLE_RETRY_MS;
+        let moved = store.expiry.get(&timed_key(later, b"a")).unwrap();
+        assert!(moved.is_some(), "a's entry comes back later");
+        drop(store);
+
+        let store = open::<D>(&dir, LIMITS);
+        assert_eq!(store.live(), 0, "started, counting what it can read");
+        store.tokens.insert(b"a", &readable).unwrap();
+        let report = store.purge_due(later, 100).await.unwrap();
+        assert_eq!(report.expired, 1, "a, read again, expires");
+    }
+
     #[tokio::test]
     async fn a_fjall_database_of_another_layout_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
@@ -1513,6 +1549,7 @@ mod tests {
 
     on_both_engines!(
         a_backlog_is_purged_from_where_the_last_full_batch_ended,
+        an_unreadable_record_is_passed_over_and_visited_later,
         a_verified_code_is_filed_again_and_goes_retain_after_its_expiry,
         answers_drawn_from_a_record_wait_for_a_flush,
         an_undelivered_resend_puts_the_previous_code_back,

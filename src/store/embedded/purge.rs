@@ -1,12 +1,15 @@
 //! The janitor's side of the embedded store: due expiry entries and recipient buckets,
 //! a batch at a time ([`Store::purge_due`](crate::store::Store::purge_due)).
 
-use super::EmbeddedStore;
 use super::background::run_in_background;
 use super::kv::{Database, Tree};
-use super::timed::{due_batch, next_visit, split_timed_key};
+use super::timed::{due_batch, next_visit, split_timed_key, timed_key};
+use super::{EmbeddedStore, TokenState};
 use crate::rules::{CodeState, Millis};
 use crate::store::{PurgeReport, StoreError};
+
+/// How long a token whose record cannot be read waits for the janitor's next visit.
+pub(super) const UNREADABLE_RETRY_MS: Millis = 60 * 60 * 1000;
 
 /// What one janitor visit did.
 #[derive(Debug, Default)]
@@ -37,7 +40,22 @@ impl<D: Database> EmbeddedStore<D> {
             return Ok(Visit::default());
         };
         let _held = self.locks.lock(&[token]);
-        let visit = self.visit_token(token, due, now)?;
+        let visit = match self.visit_token(token, due, now) {
+            // A record this build cannot read (a newer otpd's after a rollback, a bad
+            // sector) must not stop the janitor for every other token: it comes back
+            // later, and is taken up then if it can be read ([`Self::visit_token`]).
+            Err(error @ StoreError::Corrupt(_)) => {
+                tracing::error!(
+                    token = %String::from_utf8_lossy(token),
+                    %error,
+                    "the janitor cannot read a token's record; trying again in an hour"
+                );
+                self.expiry
+                    .insert(&timed_key(now + UNREADABLE_RETRY_MS, token), &[])?;
+                Visit::default()
+            }
+            visited => visited?,
+        };
         self.expiry.remove(entry)?;
         Ok(visit)
     }
@@ -49,7 +67,7 @@ impl<D: Database> EmbeddedStore<D> {
         let Some(mut state) = self.read_token(token)? else {
             return Ok(visit);
         };
-        if state.indexed_at != Some(due) {
+        if state.indexed_at != Some(due) && !self.lost_its_entry(token, &state, due)? {
             return Ok(visit); // a sooner entry replaced this one
         }
         state.indexed_at = None;
@@ -87,6 +105,22 @@ impl<D: Database> EmbeddedStore<D> {
             self.write_token(token, &mut state)?;
         }
         Ok(visit)
+    }
+
+    /// Whether the entry at `due` is the token's only one, though its record names a
+    /// sooner one: the entry at that time is gone, moved here by [`Self::visit`] while
+    /// the record could not be read. (Otherwise an entry the record does not name is
+    /// one a sooner entry replaced, and the record's own is still filed.)
+    fn lost_its_entry(
+        &self,
+        token: &[u8],
+        state: &TokenState,
+        due: Millis,
+    ) -> Result<bool, StoreError> {
+        match state.indexed_at {
+            Some(at) if at < due => Ok(self.expiry.get(&timed_key(at, token))?.is_none()),
+            _ => Ok(false),
+        }
     }
 
     /// Deletes at most `batch` recipient buckets whose sends all left the window;
