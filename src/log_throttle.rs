@@ -1,6 +1,7 @@
 //! At most one log line a second for events that can come in floods (storage failures
-//! in an outage, refused webhooks from an unauthenticated sender), with the count of
-//! those held back, so that the log stays readable and its disk is not filled.
+//! in an outage, refused webhooks from an unauthenticated sender, refused peers on a
+//! socket), with the count of those held back, so that the log stays readable and its
+//! disk is not filled.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -1,9 +1,12 @@
 //! Who may connect: the peer's uid, gid and supplementary groups, as the kernel saw
 //! them when it connected, against `[server] allowed_uids` / `allowed_gids`.
 
+use std::sync::Arc;
+
 use tokio::net::UnixStream;
 
 use crate::config::ServerConfig;
+use crate::log_throttle::OncePerSecond;
 
 /// Who may connect to a Unix socket, from `[server] allowed_uids` / `allowed_gids`:
 /// the protocol socket, and a `unix:` HTTP listener (a TCP peer has no uid to check).
@@ -11,6 +14,8 @@ use crate::config::ServerConfig;
 pub struct PeerPolicy {
     allowed_uids: Vec<u32>,
     allowed_gids: Vec<u32>,
+    /// The listener's refusals in the log: one line a second.
+    refusals: Arc<OncePerSecond>,
 }
 
 impl PeerPolicy {
@@ -18,26 +23,34 @@ impl PeerPolicy {
         Self {
             allowed_uids: config.allowed_uids.clone(),
             allowed_gids: config.allowed_gids.clone(),
+            refusals: Arc::default(),
         }
     }
 
     /// Whether the peer of `stream` may use otpd; a refusal is logged, naming the
-    /// `listener` and the peer's uid, gid and pid.
+    /// `listener` and the peer's uid, gid and pid, at most once a second per listener:
+    /// a local user refused in a loop must not flood the journal (whose rate limit
+    /// would then drop otpd's other lines).
     pub fn admits(&self, stream: &UnixStream, listener: &'static str) -> bool {
         match stream.peer_cred() {
             Ok(cred) if self.allows(stream, cred.uid(), cred.gid()) => true,
             Ok(cred) => {
-                tracing::warn!(
-                    listener,
-                    uid = cred.uid(),
-                    gid = cred.gid(),
-                    pid = cred.pid(),
-                    "refused a peer not in allowed_uids / allowed_gids"
-                );
+                if let Some(held_back) = self.refusals.admit() {
+                    tracing::warn!(
+                        listener,
+                        uid = cred.uid(),
+                        gid = cred.gid(),
+                        pid = cred.pid(),
+                        held_back,
+                        "refused a peer not in allowed_uids / allowed_gids (held_back: refusals since the last such line)"
+                    );
+                }
                 false
             }
             Err(error) => {
-                tracing::warn!(listener, %error, "cannot read peer credentials; refused");
+                if let Some(held_back) = self.refusals.admit() {
+                    tracing::warn!(listener, %error, held_back, "cannot read peer credentials; refused");
+                }
                 false
             }
         }
