@@ -2,7 +2,7 @@
 //! place.
 
 use hmac::Mac;
-use rand::RngExt;
+use rand::distr::{Distribution, Uniform};
 
 use crate::secret::ServerSecret;
 
@@ -37,10 +37,14 @@ impl std::fmt::Debug for Code {
 
 impl Code {
     /// A new code of `length` decimal digits, uniform over all 10^length values: one
-    /// unbiased draw from the OS CSPRNG (rejection sampling, no modulo bias).
+    /// unbiased draw from the OS CSPRNG (rejection sampling, no modulo bias). Through
+    /// `Uniform`, whose sampling is Lemire's unbiased method: `random_range` takes
+    /// Canon's, which rand documents as biased (1 in 2^64 at worst) unless its
+    /// `unbiased` feature is on.
     pub fn generate(length: u32) -> Code {
         let mut rng = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
-        let value: u64 = rng.random_range(0..10u64.pow(length));
+        let digits = Uniform::new(0, 10u64.pow(length)).expect("a code has at least one digit");
+        let value = digits.sample(&mut rng);
         Code(format!("{value:0width$}", width = length as usize))
     }
 
