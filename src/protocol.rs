@@ -13,7 +13,7 @@ use crate::otp::{self, CreateRequest, OtpError};
 use crate::strict_json::parse_json;
 
 /// A parsed request.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Request {
     Create(CreateRequest),
     Verify { token: String, code: String },
@@ -21,6 +21,25 @@ pub enum Request {
     Status { token: String },
     Stats,
     Ping,
+}
+
+/// Written out so that a request in a log line never shows the code typed (as
+/// [`crate::code::Code`]'s own `Debug` does not).
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Create(create) => f.debug_tuple("Create").field(create).finish(),
+            Request::Verify { token, code: _ } => f
+                .debug_struct("Verify")
+                .field("token", token)
+                .field("code", &format_args!("***"))
+                .finish(),
+            Request::Cancel { token } => f.debug_struct("Cancel").field("token", token).finish(),
+            Request::Status { token } => f.debug_struct("Status").field("token", token).finish(),
+            Request::Stats => f.write_str("Stats"),
+            Request::Ping => f.write_str("Ping"),
+        }
+    }
 }
 
 /// A request that could not be parsed: answered with 400.
@@ -557,6 +576,14 @@ mod tests {
         let (_, duplicates) = parse_json(text.as_bytes()).unwrap();
         let path = format!("{}a", "k.".repeat(depth));
         assert_eq!(duplicates, vec![path]);
+    }
+
+    #[test]
+    fn a_verify_request_in_a_log_line_shows_no_code() {
+        let env = parse_str(r#"{"op":"verify","token":"t","code":"424242"}"#);
+        let logged = format!("{:?}", env.request.unwrap());
+        assert!(!logged.contains("424242"), "{logged}");
+        assert_eq!(logged, r#"Verify { token: "t", code: *** }"#);
     }
 
     #[test]
