@@ -1,8 +1,11 @@
 //! Delivery backends: how a code reaches its person.
 //!
 //! Each backend is one module behind [`Delivery`]; [`from_config`] picks one. A backend
-//! gets the rendered text and the recipients, and answers with the provider's id for
-//! the delivery or with an error that says whether retrying later could help.
+//! gets a [`Message`]: the recipients, the code and the template, not a finished text.
+//! It renders the text itself as it sends, again for each retry ([`Message::text_at`]),
+//! because `{minutes}` must name the time left when that attempt goes out, not at the
+//! create. It answers with the provider's id for the delivery or with an error that
+//! says whether retrying later could help.
 
 mod dispatch;
 mod http_client;
