@@ -34,10 +34,11 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 const MAX_PROBLEM_CHARS: usize = 200;
 /// Shortest run of digits withheld from provider errors: the shortest code.
 const MIN_WITHHELD_DIGITS: usize = 4;
-/// First retry delay; doubled per attempt, with jitter.
+/// First retry delay; doubled per attempt up to [`MAX_RETRY_DELAY`], with jitter.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
-/// Longest delay between two attempts, from backoff or `Retry-After`. A create is
-/// waiting on the answer, so a provider asking for longer gets a 503 at once.
+/// Longest delay between two attempts. Backoff stops doubling here, so every retry
+/// `max_retries` allows is made. A create is waiting on the answer, so a provider whose
+/// `Retry-After` asks for longer gets a 503 at once.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// A JSON-over-HTTPS client for one Vonage application.
@@ -261,13 +262,13 @@ impl Tries<'_> {
                 self.attempt + 1
             )));
         }
-        let delay = backoff(self.attempt).max(retry_after.unwrap_or_default());
-        if delay > MAX_RETRY_DELAY {
-            return Err(DeliveryError::Unavailable(format!(
-                "{reason}; the provider asked to retry after {} s",
-                delay.as_secs()
-            )));
-        }
+        let delay = retry_delay(self.attempt, retry_after).map_err(|asked| {
+            DeliveryError::Unavailable(format!(
+                "{reason}; the provider asked to retry after {} s, longer than otpd waits ({} s)",
+                asked.as_secs_f64().ceil(),
+                MAX_RETRY_DELAY.as_secs()
+            ))
+        })?;
         if self
             .until
             .is_some_and(|until| Instant::now() + delay + client.timeout > until)
@@ -295,9 +296,24 @@ impl Tries<'_> {
     }
 }
 
-/// Exponential backoff with jitter: a random delay in [d/2, d], d = base * 2^attempt.
+/// The delay before the retry that follows `attempt`: the backoff, or longer where the
+/// provider's `Retry-After` asks for it. `Err` with what the provider asked when that is
+/// longer than [`MAX_RETRY_DELAY`]: only the provider's own wish ends the retries here,
+/// never otpd's backoff, which stops growing at that limit.
+fn retry_delay(attempt: u32, retry_after: Option<Duration>) -> Result<Duration, Duration> {
+    match retry_after {
+        Some(asked) if asked > MAX_RETRY_DELAY => Err(asked),
+        asked => Ok(backoff(attempt).max(asked.unwrap_or_default())),
+    }
+}
+
+/// Exponential backoff with jitter: a random delay in [d/2, d], d = base * 2^attempt
+/// but at most [`MAX_RETRY_DELAY`]. Uncapped, the 9th retry (`max_retries` allows 10)
+/// would wait 51 to 102 s, longer than any retry may wait, and so never be made.
 fn backoff(attempt: u32) -> Duration {
-    let full = BACKOFF_BASE.saturating_mul(1 << attempt.min(16));
+    let full = BACKOFF_BASE
+        .saturating_mul(1 << attempt.min(16))
+        .min(MAX_RETRY_DELAY);
     let half = full / 2;
     half + half.mul_f64(rand::rng().random::<f64>())
 }
@@ -501,5 +517,30 @@ mod tests {
             let delay = backoff(attempt);
             assert!(delay >= full / 2 && delay <= full, "{attempt}: {delay:?}");
         }
+    }
+
+    /// Every retry the config allows (`max_retries` up to 10) is made: the backoff
+    /// stops at the longest delay, and only a provider asking for longer ends retries.
+    #[test]
+    fn backoff_stops_at_the_longest_delay_and_only_the_provider_ends_retries() {
+        for attempt in 0..=20 {
+            for _ in 0..100 {
+                let delay = retry_delay(attempt, None).expect("otpd's own backoff");
+                assert!(delay <= MAX_RETRY_DELAY, "{attempt}: {delay:?}");
+            }
+        }
+        let late = retry_delay(10, None).unwrap();
+        assert!(late >= MAX_RETRY_DELAY / 2, "still backing off: {late:?}");
+        assert_eq!(
+            retry_delay(0, Some(MAX_RETRY_DELAY)),
+            Ok(MAX_RETRY_DELAY),
+            "the provider's wait, up to the limit"
+        );
+        assert_eq!(
+            retry_delay(0, Some(Duration::from_secs(2))),
+            Ok(Duration::from_secs(2))
+        );
+        let asked = MAX_RETRY_DELAY + Duration::from_millis(1);
+        assert_eq!(retry_delay(0, Some(asked)), Err(asked));
     }
 }
