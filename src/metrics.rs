@@ -21,7 +21,8 @@ pub struct Counters {
     pub locked: AtomicU64,
     pub rate_limited: AtomicU64,
     pub delivery_failed: AtomicU64,
-    /// Requests sent to the delivery provider, retries included.
+    /// Requests sent to the delivery provider, retries included: bumped once the
+    /// request is signed, as it goes out, so one otpd could not sign is not counted.
     pub delivery_attempts: AtomicU64,
     /// Messages the provider accepted.
     pub delivery_sent: AtomicU64,

@@ -128,12 +128,14 @@ impl ApiClient {
     }
 
     /// One request (`body` is `sent`, serialized), bounded by the timeout from connect
-    /// to the last body byte.
+    /// to the last body byte. Counted in `delivery_attempts` once signed, as it goes
+    /// out: a request otpd could not sign never reached the provider.
     async fn attempt(&self, url: &Uri, body: Bytes, sent: &Value) -> Attempt {
         let token = match self.signer.token() {
             Ok(token) => token,
             Err(e) => return Attempt::Refused(format!("cannot sign the Vonage JWT: {e}")),
         };
+        bump(&self.counters.delivery_attempts);
         let request = Request::post(url.clone())
             .header(header::AUTHORIZATION, format!("Bearer {token}"))
             .header(header::CONTENT_TYPE, "application/json")
@@ -229,7 +231,6 @@ impl Tries<'_> {
     ) -> Option<Result<Value, DeliveryError>> {
         let client = self.client;
         let body = Bytes::from(serde_json::to_vec(sent).expect("JSON values serialize"));
-        bump(&client.counters.delivery_attempts);
         let outcome = match client.attempt(url, body, sent).await {
             Attempt::Accepted(answer) => Ok(answer),
             Attempt::Refused(message) => Err(DeliveryError::Refused(message)),
@@ -420,8 +421,12 @@ fn collect_digit_runs(value: &Value, runs: &mut Vec<String>) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use jsonwebtoken::EncodingKey;
     use serde_json::json;
 
+    use super::super::jwt::SystemClock;
     use super::*;
 
     #[test]
@@ -542,5 +547,33 @@ mod tests {
         );
         let asked = MAX_RETRY_DELAY + Duration::from_millis(1);
         assert_eq!(retry_delay(0, Some(asked)), Err(asked));
+    }
+
+    /// A request otpd cannot sign is refused without being sent, and `delivery_attempts`
+    /// (requests sent) does not count it.
+    #[tokio::test]
+    async fn a_request_otpd_cannot_sign_is_refused_and_not_counted_as_sent() {
+        // An HMAC key cannot sign RS256: every signature fails.
+        let key = EncodingKey::from_secret(b"no RSA key");
+        let signer = JwtSigner::new("app".into(), key, Arc::new(SystemClock));
+        let counters = Arc::new(Counters::default());
+        let client = ApiClient::new(
+            signer,
+            Duration::from_secs(1),
+            3,
+            counters.clone(),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        // Nothing listens there; nothing is sent there either.
+        let url: Uri = "http://127.0.0.1:9/v1/messages".parse().unwrap();
+        let outcome = client.post_json(&url, || Ok(json!({"text": "x"}))).await;
+        assert!(
+            matches!(&outcome, Err(DeliveryError::Refused(m)) if m.starts_with("cannot sign the Vonage JWT")),
+            "{outcome:?}"
+        );
+        let count = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        assert_eq!(count(&counters.delivery_attempts), 0, "nothing was sent");
+        assert_eq!(count(&counters.delivery_refused), 1);
     }
 }

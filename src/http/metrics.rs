@@ -49,7 +49,8 @@ pub fn render(otp: &Otp, webhooks: &Webhooks) -> Answer {
         (
             "otpd_delivery_attempts_total",
             "counter",
-            "Requests sent to the delivery provider (Vonage), retries included.",
+            "Requests sent to the delivery provider (Vonage), retries included; one otpd \
+             could not sign is not sent, so not counted.",
             stats.delivery_attempts,
         ),
         (
@@ -85,7 +86,7 @@ pub fn render(otp: &Otp, webhooks: &Webhooks) -> Answer {
     out.counters_by(
         "otpd_deliveries_total",
         "Messages handed to the delivery provider (Vonage), by outcome: accepted, \
-         refused (4xx), or unavailable after retries.",
+         refused (4xx, or a request otpd could not sign), or unavailable after retries.",
         "outcome",
         [
             ("sent", stats.delivery_sent),
