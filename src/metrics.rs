@@ -17,7 +17,8 @@ pub struct Counters {
     pub expired: AtomicU64,
     pub purged: AtomicU64,
     pub cancelled: AtomicU64,
-    /// Tokens locked after too many wrong codes.
+    /// Tokens locked after too many wrong codes: once per lock, when the wrong code
+    /// that locks it comes; the requests a lock refuses are not counted.
     pub locked: AtomicU64,
     pub rate_limited: AtomicU64,
     pub delivery_failed: AtomicU64,

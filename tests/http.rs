@@ -121,6 +121,37 @@ fn too_many_attempts_answers_429_with_retry_after() {
     assert_eq!((answer.status, answer.text()), (429, "Too many attempts"));
 }
 
+/// `otpd_failures_total{reason="locked"}` counts locks, not the requests a lock
+/// refuses, and its help text says so.
+#[test]
+fn a_lock_counts_once_in_the_failures_however_many_requests_it_refuses() {
+    let daemon = start("[otp]\nmax_attempts = 2\nlock_secs = 600\n");
+    let http = daemon.http();
+    let code = http_create(&daemon, "locked-once");
+    let wrong = wrong_code(&code);
+    assert_eq!(http.get(&format!("/otp/locked-once/{wrong}")).status, 404);
+    // The second wrong code locks; the right code and a create are refused by the lock.
+    for attempt in [wrong, code.as_str()] {
+        assert_eq!(http.get(&format!("/otp/locked-once/{attempt}")).status, 429);
+    }
+    assert_eq!(http.post("/otp/locked-once", TUTORIAL_BODY).status, 429);
+
+    let text = http.get("/metrics").text().to_owned();
+    let samples = parse_prometheus(&text);
+    let failures = |reason| sample(&samples, "otpd_failures_total", &[("reason", reason)]);
+    assert_eq!(failures("locked"), 1.0, "one lock");
+    assert_eq!(
+        failures("wrong_code"),
+        1.0,
+        "the 404; the locking guess counts as the lock"
+    );
+    let help = text
+        .lines()
+        .find(|line| line.starts_with("# HELP otpd_failures_total "))
+        .unwrap();
+    assert!(help.contains("once per lock, not per request"), "{help}");
+}
+
 #[test]
 fn rate_limits_are_shared_with_the_socket() {
     let daemon = start("");

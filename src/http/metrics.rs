@@ -71,9 +71,11 @@ pub fn render(otp: &Otp, webhooks: &Webhooks) -> Answer {
     }
     out.counters_by(
         "otpd_failures_total",
-        "Refused requests by reason: wrong code or unknown token, token locked after \
-         too many wrong codes, rate limit, delivery refused or unavailable, store \
-         failure (500).",
+        "Failures by reason: verifies of a wrong code or unknown token (wrong_code), \
+         tokens locked after too many wrong codes, once per lock, not per request \
+         refused while locked (locked), creates refused by a send limit (rate_limited), \
+         creates whose delivery was refused or unavailable (delivery_failed), requests \
+         answered 500 because the store failed (storage_failed).",
         "reason",
         [
             ("wrong_code", stats.failed),
