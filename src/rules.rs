@@ -518,7 +518,8 @@ pub struct PendingFailover {
     pub due_at: Millis,
     /// For the log, and bound into the sealed text.
     pub token: String,
-    /// SMS number, E.164 digits.
+    /// SMS number, E.164 digits; bound into the sealed text, with the token and the
+    /// reference, so that a failover rewritten in the store sends nothing.
     pub to: String,
     /// The SMS text, encrypted with a key derived from the server secret: it holds the
     /// code, and the database never does in the clear.

@@ -39,7 +39,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::seal::Sealer;
+use super::seal::{Bound, Sealer};
 use super::vonage::{Api, Vonage};
 use super::{Delivery, DeliveryError, Message, Receipt, accepted_reference, fill_minutes};
 use crate::config::Config;
@@ -218,13 +218,18 @@ impl Inner {
             set: &self.in_hand,
             reference: &failover.reference,
         };
-        let outcome = match self.sealer.open(&failover.token, &failover.sealed_text) {
+        let opened = self
+            .sealer
+            .open(&Bound::of(&failover), &failover.sealed_text);
+        let outcome = match opened {
             Some(text) => match self.post_failover(&failover, &text, expires_at).await {
                 Ok(outcome) => outcome,
                 Err(verdict) => return self.let_go(&failover, verdict).await,
             },
             None => Err(DeliveryError::Refused(
-                "the stored text does not open with this server secret".into(),
+                "the stored text does not open: sealed under another server secret, or \
+                 the failover's token, number or reference was altered in the store"
+                    .into(),
             )),
         };
         let (status, detail) = match outcome {
@@ -464,14 +469,17 @@ impl Delivery for MessagesDelivery {
             let now = now_ms();
             let after = inner.vonage.failover_after(message, now) * 1000;
             let due_at = (now + after).min(message.expires_at.saturating_sub(after));
+            let bound = Bound {
+                token: message.token,
+                to: number,
+                reference: &uuid,
+            };
             let failover = PendingFailover {
                 reference: uuid.clone(),
                 due_at: due_at.max(now),
                 token: message.token.to_owned(),
                 to: number.clone(),
-                sealed_text: inner
-                    .sealer
-                    .seal(message.token, &message.text_without_minutes()),
+                sealed_text: inner.sealer.seal(&bound, &message.text_without_minutes()),
             };
             // The Messenger message is out, so this is no failed delivery (which would
             // discard a code the person has): the code stands, without its SMS.
