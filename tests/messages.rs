@@ -663,6 +663,45 @@ fn a_store_outage_longer_than_the_claim_does_not_send_the_sms_twice() {
     sms_sent_once_through_a_store_outage("outage", Duration::from_secs(15));
 }
 
+/// The stderr of a `messages` daemon started with `http` as its `[http]` section and
+/// `section_extra` in `[delivery.messages]`, once it is ready.
+fn start_up_log(vonage: &VonageStandIn, http: &str, section_extra: &str) -> String {
+    let (backend, delivery) = vonage.config("messages", section_extra);
+    let mut daemon = Engine::Sled.start_with(&format!("{http}\n{backend}"), &delivery);
+    assert!(daemon.stop().success(), "{}", daemon.stderr());
+    daemon.stderr()
+}
+
+/// Without status webhooks otpd never hears of a read or a rejection, so its own SMS
+/// follows every Messenger message: start-up says so, what it costs and what to set.
+#[test]
+fn start_up_warns_when_no_status_webhook_can_tell_of_a_read_or_a_rejection() {
+    let vonage = stand_in();
+    let warning = "it never hears that a Messenger message was read or rejected";
+    let costs = "a message Messenger rejects costs two SMS";
+    let listen = "[http]\nlisten = \"127.0.0.1:0\"\n";
+
+    let no_listener = start_up_log(&vonage, "", "");
+    for part in [warning, costs, "http.listen is empty", "set http.listen"] {
+        assert!(no_listener.contains(part), "{part}:\n{no_listener}");
+    }
+    let unsigned = start_up_log(&vonage, listen, "");
+    for part in [
+        warning,
+        costs,
+        "http.webhook_signature_secret is not set",
+        "also after one that was read",
+    ] {
+        assert!(unsigned.contains(part), "{part}:\n{unsigned}");
+    }
+
+    let heard = format!("{listen}webhook_signature_secret = \"{SECRET}\"\n");
+    let heard = start_up_log(&vonage, &heard, "");
+    assert!(!heard.contains(warning), "{heard}");
+    let sms_only = start_up_log(&vonage, "", "messenger_from = \"\"\n");
+    assert!(!sms_only.contains(warning), "{sms_only}");
+}
+
 #[test]
 fn single_channels_and_refusals() {
     let vonage = stand_in();

@@ -662,6 +662,46 @@ impl Config {
         replaced
     }
 
+    /// Why the `messages` backend, sending Messenger messages, cannot hear Vonage's
+    /// status webhooks, and what that costs. Its own timer sends the SMS unless a `read`
+    /// or `rejected` status was recorded by the deadline, so without webhooks every
+    /// message read is followed by an SMS, and every rejected one by two (Vonage's own
+    /// failover, then otpd's). A warning, not an error: README documents running without
+    /// webhooks (the SMS always follows), and DESIGN makes the HTTP listener optional.
+    fn unheard_messenger_statuses(&self) -> Option<String> {
+        if self.delivery.backend().ok() != Some(Backend::Messages)
+            || self.delivery.messages.messenger_from.is_empty()
+        {
+            return None;
+        }
+        let mut why = Vec::new();
+        if self.http.listen.is_empty() {
+            why.push("http.listen is empty, so there is no HTTP listener".to_owned());
+        }
+        if self.http.webhook_signature_secret.is_empty()
+            && self.http.webhook_secret_credential.is_none()
+        {
+            why.push(format!(
+                "http.webhook_signature_secret is not set, nor the credential \
+                 {WEBHOOK_SECRET_CREDENTIAL}, so every webhook is refused"
+            ));
+        }
+        if why.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "the messages backend sends Messenger messages (delivery.messages.messenger_from \
+             is set), but otpd cannot take Vonage's status webhooks ({}): it never hears \
+             that a Messenger message was read or rejected, so an SMS follows every \
+             Messenger message at the failover deadline, also after one that was read, and a \
+             message Messenger rejects costs two SMS (Vonage's own failover at once, then \
+             otpd's); set http.listen and http.webhook_signature_secret (or the credential \
+             {WEBHOOK_SECRET_CREDENTIAL}), and the Vonage application's Status URL to \
+             /webhooks/status",
+            why.join("; ")
+        ))
+    }
+
     /// Start-up warnings that do not stop the daemon.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
@@ -709,6 +749,9 @@ impl Config {
                  codes; listen on 127.0.0.1 or a unix: socket behind a reverse proxy",
                 self.http.listen
             ));
+        }
+        if let Some(warning) = self.unheard_messenger_statuses() {
+            warnings.push(warning);
         }
         let vonage = match self.delivery.backend() {
             Ok(Backend::Dispatch) => Some(("dispatch", &self.delivery.dispatch)),
@@ -1007,6 +1050,47 @@ mod tests {
         let sentinels = "[store]\nengine = \"redis\"\n[store.redis]\nsentinels = [\"redis://s:26379\"]\nsentinel_master = \"m\"\nmaster_password = \"pw-123\"\n";
         let config = Config::parse(sentinels).unwrap();
         assert!(!format!("{:?}", config.store.redis).contains("pw-123"));
+    }
+
+    #[test]
+    fn the_messages_backend_without_status_webhooks_is_warned_about() {
+        let warned = |messages: &str, http: &str| {
+            let text = format!(
+                "[delivery]\nbackend = \"messages\"\n[delivery.messages]\n{messages}\n[http]\n{http}\n"
+            );
+            Config::parse(&text).unwrap().warnings().join("\n")
+        };
+        let page = "messenger_from = \"107283945566123\"";
+        let listen = "listen = \"127.0.0.1:3000\"";
+        let secret = "webhook_signature_secret = \"s\"";
+        let unheard = warned(page, "");
+        for part in [
+            "http.listen is empty",
+            "http.webhook_signature_secret is not set",
+            "two SMS",
+            "also after one that was read",
+        ] {
+            assert!(unheard.contains(part), "{part}: {unheard}");
+        }
+        let refused = warned(page, listen);
+        assert!(refused.contains("never hears"), "{refused}");
+        assert!(!refused.contains("http.listen is empty"), "{refused}");
+        let no_listener = warned(page, secret);
+        assert!(
+            no_listener.contains("http.listen is empty"),
+            "{no_listener}"
+        );
+        assert!(!no_listener.contains("is not set"), "{no_listener}");
+
+        assert_eq!(warned(page, &format!("{listen}\n{secret}")), "", "heard");
+        assert_eq!(warned("", ""), "", "SMS only: no read to wait for");
+        let dispatch =
+            "[delivery]\nbackend = \"dispatch\"\n[delivery.dispatch]\nmessenger_from = \"1\"\n";
+        assert_eq!(
+            Config::parse(dispatch).unwrap().warnings().join("\n"),
+            "",
+            "Vonage keeps Dispatch's read timer"
+        );
     }
 
     #[test]
