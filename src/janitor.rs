@@ -1,9 +1,10 @@
 //! The janitor: a background task that expires pending codes and purges finished items
 //! in due order, in bounded batches.
 //!
-//! Each pass has the store handle what is due: the embedded engine reads the first
-//! entries of its expiry index, handles at most `batch` of them and names the next
-//! one's time; Redis expires keys itself, and a pass only counts the codes that
+//! Each pass has the store handle what is due: the embedded engine reads due entries
+//! of its expiry index in time order (from where the last full batch ended, in a
+//! backlog), handles at most `batch` of them and names the next one's time (now,
+//! after a full batch); Redis expires keys itself, and a pass only counts the codes that
 //! expired. The janitor then sleeps until the next entry is due (at most
 //! `interval_secs`). A create whose expiry comes sooner than the planned wake-up wakes
 //! it early ([`Wakeup`]), as mini-redis's purge task does.

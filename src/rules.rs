@@ -154,7 +154,8 @@ impl DeliveryRecord {
     }
 }
 
-/// A code, stored with its token under its digest. Never holds the code itself.
+/// A code's record, kept with its token and known by its digest
+/// ([`TokenRecord::current`]). Never holds the code itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CodeRecord {
     pub created_at: Millis,
@@ -359,7 +360,8 @@ fn last_send_leaves_window(sends: &[Millis], limits: &Limits) -> Millis {
 #[derive(Debug)]
 pub struct CreatePlan {
     pub token: TokenRecord,
-    /// The previous code of the token, to be deleted (it then answers 404).
+    /// The token's previous code: kept, and standing in for the new one while that is
+    /// on its way ([`crate::store::ReplacedCode`]), then dropped.
     pub replaced: Option<Digest>,
 }
 
@@ -421,8 +423,9 @@ pub struct VerifyPlan {
     pub invalidate_live: bool,
 }
 
-/// Decides a verify. `probed` is the record stored under the token and the digest of
-/// the typed code: present only when the code is (or was) the token's code.
+/// Decides a verify. `probed` is the record of the typed code: present only when its
+/// digest is the token's code's, or that of the code a resend replaced while it
+/// stands in.
 pub fn plan_verify(
     token: Option<TokenRecord>,
     probed: Option<CodeRecord>,
@@ -513,7 +516,8 @@ pub const FAILOVER_CLAIM_MARGIN_MS: Millis = 10_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingFailover {
     /// The Messenger message's provider id: the code's delivery reference, by which
-    /// the failover finds its code (a replaced or purged code has none any more).
+    /// the failover finds its code (the token's, or the one a resend replaced while
+    /// the token keeps it; a purged code is found no more).
     pub reference: String,
     pub due_at: Millis,
     /// For the log, and bound into the sealed text.

@@ -189,8 +189,8 @@ async fn answer_meanwhile<W: AsyncWrite + Unpin>(
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs I/O with a peer (a write of answers, a read of a request body); `None` when the
-/// peer has not done its part within `idle`, or within [`SHUTDOWN_GRACE`] of the start
-/// of shutdown.
+/// peer has not done its part within `idle`, or, once shutdown has begun, within
+/// [`SHUTDOWN_GRACE`] (counted from this call, or from the start of shutdown if later).
 pub async fn wait_for_peer<T>(
     io: impl Future<Output = T>,
     idle: Duration,

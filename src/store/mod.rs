@@ -1,7 +1,8 @@
 //! Storage engines behind one small trait of domain operations.
 //!
-//! An engine makes each operation atomic and durable before it returns; the rules it
-//! applies come from [`crate::rules`], so every engine answers alike. `fjall` (the
+//! An engine makes each operation atomic, and durable before it returns as [`Store`]
+//! says; the rules it applies come from [`crate::rules`], so every engine answers
+//! alike. `fjall` (the
 //! default for a new database) and `sled` are embedded ([`embedded`]: one logic over
 //! either database); `redis` is shared by several otpd hosts.
 
@@ -232,7 +233,9 @@ pub struct TokenStatus {
 /// The domain operations every storage engine provides. Each is atomic, and durable
 /// when it returns (unless the operator chose relaxed durability) — except `create`,
 /// which [`Store::confirm_delivery`] or [`Store::discard`] makes durable, so that a
-/// create costs one flush however its delivery goes.
+/// create costs one flush however its delivery goes; and the janitor's and the
+/// failover task's bookkeeping (`purge_due`, the refiles of `claim_due_failovers`,
+/// `finish_failover`), whose loss in a crash only has that work done again.
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Stores a new code for a token, replacing its previous one (kept as a

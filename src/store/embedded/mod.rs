@@ -33,7 +33,8 @@
 //! one lock and in sequence-number order, fsyncs it before any memtable becomes a
 //! table on disk, and replays it in order, cutting it at the first incomplete batch
 //! ([`fjall_kv`]). So an expiry entry goes before its token (an entry without a token
-//! is dropped when due), a token before the reference that points at it.
+//! is dropped when due), and a reference before the token that names it (a reference
+//! whose code does not answer to it is passed over).
 //!
 //! The expiry index is lazy: a token keeps the due time of its one live entry
 //! (`indexed_at`) and gets a new entry only when it becomes due *sooner*. When it
