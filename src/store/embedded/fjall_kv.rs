@@ -318,23 +318,29 @@ mod tests {
         assert!(lowered >= 3, "{lowered} threads at nice {BACKGROUND_NICE}");
     }
 
-    #[test]
-    fn a_flush_after_a_journal_rotation_syncs_the_new_journal() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A database in `dir` whose first journal has a flushed write, filled past its
+    /// memtables (each sealed one rotates the journal) until `rotations` more journals
+    /// came, without a flush; with the first journal's id.
+    fn rotated(dir: &tempfile::TempDir, rotations: u64) -> (FjallDb, u64) {
         let db = FjallDb::open(dir.path(), 4, Durability::Flush).unwrap();
         let tree = db.open_tree("t").unwrap();
         tree.insert(b"first", b"value").unwrap();
         db.flush().unwrap();
         let first = synced_id(&db).unwrap();
-
-        // Fill past a memtable: sealing it rotates the journal to the next id.
         let value = vec![7u8; 64 * 1024];
         let mut key = 0u32;
-        while db.sync.newest_id().unwrap() == first {
+        while db.sync.newest_id().unwrap() < first + rotations {
             tree.insert(&key.to_be_bytes(), &value).unwrap();
             key += 1;
-            assert!(key < 10_000, "the journal never rotated");
+            assert!(key < 20_000, "the journal did not rotate {rotations} times");
         }
+        (db, first)
+    }
+
+    #[test]
+    fn a_flush_after_a_journal_rotation_syncs_the_new_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, first) = rotated(&dir, 1);
         db.flush().unwrap();
         assert_eq!(synced_id(&db), Some(db.sync.newest_id().unwrap()));
         assert!(synced_id(&db).unwrap() > first);
@@ -346,19 +352,7 @@ mod tests {
     #[test]
     fn a_flush_after_two_rotations_and_their_deletion_syncs_the_new_journal() {
         let dir = tempfile::tempdir().unwrap();
-        let db = FjallDb::open(dir.path(), 4, Durability::Flush).unwrap();
-        let tree = db.open_tree("t").unwrap();
-        tree.insert(b"first", b"value").unwrap();
-        db.flush().unwrap();
-        let first = synced_id(&db).unwrap();
-
-        let value = vec![7u8; 64 * 1024];
-        let mut key = 0u32;
-        while db.sync.newest_id().unwrap() < first + 2 {
-            tree.insert(&key.to_be_bytes(), &value).unwrap();
-            key += 1;
-            assert!(key < 20_000, "the journal did not rotate twice");
-        }
+        let (db, first) = rotated(&dir, 2);
         let journal = |id: u64| db.sync.dir.join(id.to_string());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while journal(first).exists() || journal(first + 1).exists() {
