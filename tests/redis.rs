@@ -8,8 +8,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    Daemon, Engine, OwnedRedis, RedisCluster, RedisSentinel, RedisServer, RedisTls, concurrently,
-    count, wait_for,
+    Daemon, Engine, OwnedRedis, ProxiedCluster, RedisCluster, RedisSentinel, RedisServer, RedisTls,
+    concurrently, count, wait_for,
 };
 use serde_json::json;
 
@@ -148,8 +148,13 @@ struct DirectStore {
 
 impl DirectStore {
     fn new(engine: Engine) -> Self {
+        Self::on(&engine.store_toml(), "")
+    }
+
+    /// On the store `store_toml` describes, with `otp` lines added to `[otp]`.
+    fn on(store_toml: &str, otp: &str) -> Self {
         // No resend cooldown: a test resends at once.
-        let toml = format!("[otp]\nresend_cooldown_secs = 0\n{}", engine.store_toml());
+        let toml = format!("[otp]\nresend_cooldown_secs = 0\n{otp}{store_toml}");
         let config = otpd::config::Config::parse(&toml).unwrap();
         Self { config }
     }
@@ -992,6 +997,39 @@ fn behind_otpds_back(config: &otpd::config::RedisConfig, command: &::redis::Cmd)
             .query::<()>(&mut client.get_connection().unwrap())
             .unwrap();
     }
+}
+
+/// A commit whose answer a dropped connection lost is not sent again by the cluster
+/// client: the second run would find the first one's write, and the engine would plan
+/// again on top of it (here a right code answering 409 instead of 200). The request
+/// fails instead, as a 500 that is not a "no".
+#[test]
+fn a_cluster_commit_whose_answer_is_lost_is_not_sent_again() {
+    use otpd::rules::{VerifyOutcome, now_ms};
+    use otpd::store::Store;
+
+    let cluster = ProxiedCluster::start();
+    let store = redis_store(&format!("cluster = [\"{}\"]\n", cluster.url()));
+    let direct = DirectStore::on(&store, "");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = direct.connect().await;
+        let now = now_ms();
+        // Its commits load the script: the next EVALSHA runs it.
+        let new = delivered(&store, "lost", 1, "393331000041", now).await;
+        cluster.lose_next_script_answer();
+        let outcome = store.verify("lost", &new.digest, now).await;
+        assert!(
+            outcome.is_err(),
+            "answered without its commit's answer: {outcome:?}"
+        );
+        let outcome = store.verify("lost", &new.digest, now).await.unwrap();
+        assert_eq!(
+            outcome,
+            VerifyOutcome::AlreadyVerified,
+            "Redis ran the first"
+        );
+    });
 }
 
 /// A create lost with the master it was written to (a Sentinel failover during its

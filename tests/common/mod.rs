@@ -22,8 +22,8 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -935,6 +935,112 @@ impl Drop for RedisSentinel {
             let _ = child.wait();
         }
     }
+}
+
+/// A one-node Redis Cluster (every slot on one node) of one test that clients reach
+/// only through a TCP relay of the test: the node announces the relay's port, so the
+/// cluster client's slot map leads there too. The relay can lose the answer to a
+/// script call after Redis ran it ([`ProxiedCluster::lose_next_script_answer`]), as a
+/// connection that drops in flight does.
+pub struct ProxiedCluster {
+    _dir: TempDir,
+    child: Child,
+    pub relay_port: u16,
+    lose_answer: Arc<AtomicBool>,
+}
+
+impl ProxiedCluster {
+    pub fn start() -> ProxiedCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let relay_port = listener.local_addr().unwrap().port();
+        let (child, port) = tcp_redis("the proxied Redis Cluster node", |port| {
+            let mut command = redis_server(dir.path());
+            command.args(["--bind", "127.0.0.1", "--port", &port.to_string()]);
+            command.args(["--cluster-enabled", "yes", "--cluster-port"]);
+            command.arg(free_port().to_string());
+            command.args([
+                "--cluster-announce-ip",
+                "127.0.0.1",
+                "--cluster-announce-port",
+            ]);
+            command.arg(relay_port.to_string());
+            command
+        });
+        redis_cli(port, &["cluster", "addslotsrange", "0", "16383"]);
+        wait_for("the one-node cluster", || {
+            redis_cli(port, &["cluster", "info"]).contains("cluster_state:ok")
+        });
+        let lose_answer = Arc::new(AtomicBool::new(false));
+        let lose = lose_answer.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                relay(client, port, lose.clone());
+            }
+        });
+        ProxiedCluster {
+            _dir: dir,
+            child,
+            relay_port,
+            lose_answer,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.relay_port)
+    }
+
+    /// The next `EVALSHA` reaches Redis, and its connection is closed when Redis
+    /// answers, instead of the answer being passed on.
+    pub fn lose_next_script_answer(&self) {
+        self.lose_answer.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for ProxiedCluster {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Relays one client connection to the Redis on `port`, in two threads. When `lose` is
+/// set and this client sends an `EVALSHA`, it is cleared and this connection is closed
+/// at the next answer.
+fn relay(client: std::net::TcpStream, port: u16, lose: Arc<AtomicBool>) {
+    use std::net::Shutdown;
+    let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return;
+    };
+    let lose_here = Arc::new(AtomicBool::new(false));
+    let (mut from_client, mut to_server) =
+        (client.try_clone().unwrap(), server.try_clone().unwrap());
+    let lose_this = lose_here.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0; 64 << 10];
+        while let Ok(n @ 1..) = from_client.read(&mut buf) {
+            let request = &buf[..n];
+            if request.windows(7).any(|w| w == b"EVALSHA") && lose.swap(false, Ordering::SeqCst) {
+                lose_this.store(true, Ordering::SeqCst);
+            }
+            if to_server.write_all(request).is_err() {
+                break;
+            }
+        }
+        let _ = to_server.shutdown(Shutdown::Both);
+    });
+    std::thread::spawn(move || {
+        let (mut from_server, mut to_client) = (server, client);
+        let mut buf = vec![0; 64 << 10];
+        while let Ok(n @ 1..) = from_server.read(&mut buf) {
+            if lose_here.load(Ordering::SeqCst) || to_client.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to_client.shutdown(Shutdown::Both);
+        let _ = from_server.shutdown(Shutdown::Both);
+    });
 }
 
 /// Runs `redis-cli -p PORT ARGS…` and returns what it printed.

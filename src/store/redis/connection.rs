@@ -14,6 +14,16 @@
 //! command that then fails cannot be told from one lost in flight, so it could not be
 //! retried. A `PING` can: if it meets a closed connection, a new one is made.
 //!
+//! A cluster connection re-sends nothing (`retries(0)`). redis-rs re-sends a command
+//! whose connection dropped before its answer came, and a commit script that had run
+//! would then find its own write, answer "changed", and have the engine plan again on
+//! top of it: a right code answering 409, a wrong guess counted twice, a create
+//! refused by its own send. redis-rs cannot tell that case from the safe ones, so every
+//! error comes back at once: a `MOVED` or `ASK` during a resharding, a `TRYAGAIN`,
+//! `CLUSTERDOWN` or `READONLY` during a failover, and a dropped connection fail that
+//! request (500). redis-rs still refreshes its slot map or reconnects, so the next
+//! request goes to the right node.
+//!
 //! A store operation holds one [`Pinned`] handle: all its commands go to one
 //! connection, so a `WAIT` counts the writes it follows, and an operation a Sentinel
 //! failover interrupts fails (500) instead of finishing on the new master.
@@ -95,10 +105,11 @@ pub async fn open_pool(config: &RedisConfig) -> Result<Pool, OpenError> {
         }
         return Ok(Pool::Servers(servers));
     }
+    // Nothing re-sent: see the module doc.
     let mut builder = ClusterClient::builder(config.cluster.clone())
         .connection_timeout(connect_timeout)
         .response_timeout(response_timeout)
-        .retries(1);
+        .retries(0);
     if let Some(roots) = tls_roots(config)? {
         builder = builder.certs(roots);
     }

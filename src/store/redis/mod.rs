@@ -23,7 +23,8 @@
 //!
 //! Each change is optimistic: read the records, let [`crate::rules`] decide (the same
 //! code as sled), then commit with [`COMMIT`], a rule-free Lua script that writes only
-//! if every key read still holds what was read, else the request starts over. A
+//! if every key read still holds what was read, else the request starts over (a commit
+//! whose answer is lost is never sent again: [`connection`] says why). A
 //! recipient lives in another slot than the token, so a create reserves the send on
 //! each recipient first (its own atomic commit) and takes it back if the token's
 //! commit then fails.
