@@ -352,6 +352,10 @@ fn a_redis_crash_fails_requests_until_it_is_back_and_loses_nothing() {
         !stderr.contains("clock differs"),
         "Redis on this host shares its clock: {stderr}"
     );
+    assert!(
+        !stderr.contains("evict"),
+        "maxmemory-policy noeviction (Redis's default) draws no warning: {stderr}"
+    );
     let code = daemon.create_code("crash", "393331234567");
     redis.kill();
     let answer = daemon.verify("crash", &code);
@@ -374,6 +378,20 @@ fn a_redis_crash_fails_requests_until_it_is_back_and_loses_nothing() {
         daemon.verify("crash", &code)["status"],
         200,
         "the acknowledged create survived the Redis crash"
+    );
+}
+
+/// A Redis that may evict otpd's keys is named at start-up, with what that costs.
+#[test]
+fn a_redis_that_may_evict_keys_is_warned_of() {
+    let redis = OwnedRedis::start();
+    redis.cli(&["CONFIG", "SET", "maxmemory-policy", "volatile-lru"]);
+    let store = redis_store(&format!("url = \"{}\"\n", redis.url()));
+    let daemon = Daemon::start_on(&store, "", "");
+    let stderr = daemon.stderr();
+    assert!(
+        stderr.contains("Redis may evict otpd's keys") && stderr.contains("volatile-lru"),
+        "{stderr}"
     );
 }
 
@@ -1032,6 +1050,54 @@ fn a_cluster_commit_whose_answer_is_lost_is_not_sent_again() {
     });
 }
 
+/// An evicted token key (Redis under a `maxmemory-policy` other than `noeviction`)
+/// leaves its code's key behind, and the next create, knowing nothing of it, leaves it
+/// there: that code is no longer the token's. It takes no report, is not confirmed
+/// and does not verify, as on the embedded engines, where only the code the token names
+/// answers.
+fn a_code_its_token_no_longer_names_does_not_answer(engine: Engine) {
+    use otpd::rules::{DeliveryEvent, VerifyOutcome, now_ms};
+    use otpd::store::{Filed, Store};
+
+    let direct = DirectStore::new(engine);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = direct.connect().await;
+        let now = now_ms();
+        let old = delivered(&store, "evicted", 1, "393331000051", now).await;
+        let mut evict = ::redis::cmd("DEL");
+        evict.arg(format!(
+            "{}{{evicted}}:t",
+            direct.config.store.redis.key_prefix
+        ));
+        behind_otpds_back(&direct.config.store.redis, &evict);
+        let new = new_code("evicted", 2, "393331000051", now);
+        store.create(&new, now).await.unwrap().unwrap();
+
+        let read = DeliveryEvent {
+            at: now,
+            status: "read".into(),
+            channel: None,
+            detail: None,
+        };
+        let filed = store.record_delivery_event("uuid-evicted", read).await;
+        assert_eq!(filed.unwrap(), Filed::UnknownReference);
+        let counts = store.confirm_delivery("evicted", &old.digest, "uuid-again", now);
+        assert!(
+            !counts.await.unwrap(),
+            "confirmed a code its token does not name"
+        );
+        let outcome = store.verify("evicted", &old.digest, now).await.unwrap();
+        assert_eq!(
+            outcome,
+            VerifyOutcome::NotFound,
+            "the code before the eviction"
+        );
+        let outcome = store.verify("evicted", &new.digest, now).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::Valid);
+    });
+}
+
 /// A create lost with the master it was written to (a Sentinel failover during its
 /// delivery) is not confirmed; one a newer create replaced is.
 fn a_create_lost_before_its_confirm_is_not_acknowledged(engine: Engine) {
@@ -1069,6 +1135,7 @@ fn a_create_lost_before_its_confirm_is_not_acknowledged(engine: Engine) {
 }
 
 per_engine!([redis, redis_cluster] {
+    a_code_its_token_no_longer_names_does_not_answer,
     a_create_lost_before_its_confirm_is_not_acknowledged,
     failovers_are_taken_once_across_hosts,
     a_failover_with_an_unreadable_code_waits_behind_the_others,

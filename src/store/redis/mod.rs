@@ -145,6 +145,17 @@ fn decode_token(read: &Read) -> Result<(Option<TokenRecord>, Option<ReplacedCode
     }
 }
 
+/// Whether the token's record (as read) names `digest` as its code. Only that code
+/// answers, as on the embedded engines. On Redis a code's key may outlive its token's
+/// when Redis evicts keys (`maxmemory-policy` other than `noeviction`: every otpd key
+/// has an expiry, so `volatile-*` policies take them too); a create then begins the
+/// token anew, naming its own code and knowing nothing of the old one, whose key
+/// stays until it expires.
+fn names(token_read: &Read, digest: &Digest) -> Result<bool, StoreError> {
+    let (record, _) = decode_token(token_read)?;
+    Ok(record.is_some_and(|record| record.current == Some(*digest)))
+}
+
 /// The key names of one deployment.
 struct Keys {
     prefix: String,
@@ -343,8 +354,9 @@ impl RedisStore {
         }
     }
 
-    /// Says at start-up what a Redis crash would lose, as far as the server tells
-    /// (`CONFIG` may be disabled; then nothing is said).
+    /// Says at start-up what Redis may lose of otpd's keys, in a crash or by evicting
+    /// them, as far as the server tells (`CONFIG` may be disabled; then nothing is
+    /// said).
     async fn warn_unless_durable(&self) {
         let mut conn = self.conn();
         let mut setting = async |name: &str| {
@@ -367,6 +379,18 @@ impl RedisStore {
                 "Redis acknowledges writes before fsync: a Redis crash may lose the last second of codes"
             ),
             _ => {}
+        }
+        // Every otpd key has an expiry, so the volatile-* policies take them too.
+        if let Some(policy) = setting("maxmemory-policy").await
+            && policy != "noeviction"
+        {
+            tracing::warn!(
+                maxmemory_policy = policy,
+                "Redis may evict otpd's keys once it reaches maxmemory: an evicted code no \
+                 longer verifies, and an evicted token forgets its wrong guesses, its lock \
+                 and its sends, which lifts the guessing and rate limits; set \
+                 maxmemory-policy noeviction"
+            );
         }
     }
 
@@ -525,18 +549,22 @@ impl RedisStore {
         }
     }
 
-    /// Applies `change` to the code at `code_key` (read, changed, committed, and read
-    /// again if another request changed it meanwhile); `change` says whether it
-    /// changed anything to write.
+    /// Applies `change` to the token's code `digest` while the token [`names`] it (both
+    /// keys read at one instant, changed, committed if neither changed meanwhile, else
+    /// read again); `change` says whether it changed anything to write.
     async fn change_code(
         &self,
         conn: &mut Connection,
-        code_key: &str,
+        token: &str,
+        digest: &Digest,
         mut change: impl FnMut(&mut CodeRecord) -> bool,
     ) -> Result<CodeChange, StoreError> {
+        let token_key = self.keys.token(token);
+        let code_key = self.keys.code(token, digest);
         for _ in 0..MAX_ROUNDS {
-            let read = self.get(conn, code_key).await?;
-            let Some(mut code) = decode_read::<CodeRecord>(&read)? else {
+            let (token_read, read) = self.get_two(conn, &token_key, &code_key).await?;
+            let named = names(&token_read, digest)?;
+            let Some(mut code) = decode_read::<CodeRecord>(&read)?.filter(|_| named) else {
                 return Ok(CodeChange::Gone);
             };
             if !change(&mut code) {
@@ -546,8 +574,9 @@ impl RedisStore {
             let expire_at = self.code_expire_at(&code);
             let mut commit = Commit::default();
             commit
-                .expect(code_key, &read)
-                .set(code_key, &encode(&code), expire_at);
+                .expect(&token_key, &token_read)
+                .expect(&code_key, &read)
+                .set(&code_key, &encode(&code), expire_at);
             if self.apply(conn, &commit).await? {
                 return Ok(CodeChange::Written { expire_at });
             }
@@ -555,12 +584,13 @@ impl RedisStore {
         Err(contention())
     }
 
-    /// Records `event` on the code at `code_key`, or, when a resend replaced that code
-    /// (deleting its key), on that code behind the token's record while it
-    /// [takes reports](ReplacedCode::takes_reports). The token's key and the code's are
-    /// read at one instant (one slot, one `MGET`), the new code's after: the commit
-    /// checks all three, and an answer that the replaced code takes no report, both
-    /// others again.
+    /// Records `event` on the code at `code_key` while the token names it, or, when a
+    /// resend replaced that code (deleting its key), on that code behind the token's
+    /// record while it [takes reports](ReplacedCode::takes_reports). The token's key and
+    /// the code's are read at one instant (one slot, one `MGET`), the new code's after:
+    /// the commit checks all three, and an answer that the replaced code takes no
+    /// report, both others again. A code key the token does not name is not its code:
+    /// Redis evicted the token's key (see [`names`]) and a create began it anew.
     async fn record_event(
         &self,
         conn: &mut Connection,
@@ -573,17 +603,24 @@ impl RedisStore {
         let token_key = self.keys.token(token);
         for _ in 0..MAX_ROUNDS {
             let (token_read, code_read) = self.get_two(conn, &token_key, code_key).await?;
+            let (record, replaced) = decode_token(&token_read)?;
+            let named = record
+                .as_ref()
+                .and_then(|record| record.current)
+                .is_some_and(|live| hex(&live) == digest);
             let mut commit = Commit::default();
             commit.expect(code_key, &code_read);
-            let change = if let Some(mut code) = decode_read::<CodeRecord>(&code_read)? {
+            let code = decode_read::<CodeRecord>(&code_read)?.filter(|_| named);
+            let change = if let Some(mut code) = code {
                 let expire_at = self.code_expire_at(&code);
                 if !code.delivery.push(event.clone()) {
                     return Ok(CodeChange::Unchanged { expire_at });
                 }
-                commit.set(code_key, &encode(&code), expire_at);
+                commit
+                    .expect(&token_key, &token_read)
+                    .set(code_key, &encode(&code), expire_at);
                 CodeChange::Written { expire_at }
             } else {
-                let (record, replaced) = decode_token(&token_read)?;
                 let kept = replaced.filter(|old| hex(&old.digest) == digest);
                 let (Some(record), Some(mut old)) = (record, kept) else {
                     return Ok(CodeChange::Gone);
@@ -947,7 +984,7 @@ impl Store for RedisStore {
         let code_key = self.keys.code(token, digest);
         let mut counts = false;
         let change = self
-            .change_code(&mut conn, &code_key, |code| {
+            .change_code(&mut conn, token, digest, |code| {
                 counts = super::still_counts(code, now);
                 code.delivery.reference = Some(reference.to_owned());
                 true
@@ -1010,7 +1047,11 @@ impl Store for RedisStore {
             };
             let probed = match &stand_in {
                 Some(_) => replaced.as_ref().map(|old| old.code.clone()),
-                None => decode_read(&probed_read)?,
+                // Only the code the token [`names`].
+                None if record.as_ref().is_some_and(|r| r.current == Some(*digest)) => {
+                    decode_read(&probed_read)?
+                }
+                None => None,
             };
             let plan = rules::plan_verify(record, probed, now, &self.limits);
             // Nothing to write: MGET read both keys at one instant, so the answer holds.
