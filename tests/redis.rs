@@ -381,6 +381,31 @@ fn a_redis_crash_fails_requests_until_it_is_back_and_loses_nothing() {
     );
 }
 
+/// Start-up checks the Redis version, also for an ACL user without `@dangerous`
+/// commands (the README's), which may not run `INFO`.
+#[test]
+fn an_acl_user_without_dangerous_commands_starts() {
+    let redis = OwnedRedis::start();
+    let acl = [
+        "ACL",
+        "SETUSER",
+        "otpd",
+        "on",
+        ">otpd-pw",
+        "~*",
+        "+@all",
+        "-@dangerous",
+    ];
+    redis.cli(&acl);
+    let store = redis_store(&format!(
+        "url = \"{}?user=otpd&pass=otpd-pw\"\n",
+        redis.url()
+    ));
+    let daemon = Daemon::start_on(&store, NO_COOLDOWN, "");
+    let code = daemon.create_code("acl", "393331234567");
+    assert_eq!(daemon.verify("acl", &code)["status"], 200);
+}
+
 /// A Redis that may evict otpd's keys is named at start-up, with what that costs.
 #[test]
 fn a_redis_that_may_evict_keys_is_warned_of() {

@@ -33,7 +33,7 @@ use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use redis::{RedisError, Script};
+use redis::{ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind, Value};
 
 use super::{
     DueFailovers, Filed, NewCode, PurgeReport, ReplacedCode, Store, StoreError, TokenStatus,
@@ -103,6 +103,27 @@ static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM));
 /// Rounds of read-plan-commit before a request gives up: under fair contention every
 /// round lets at least one contender through, so this bounds a burst of this size.
 const MAX_ROUNDS: usize = 1000;
+
+/// The oldest Redis (major, minor) otpd runs on: [`COMMIT`] calls `PEXPIRETIME`, new
+/// in Redis 7.0. An older server would take the start-up and fail every write.
+const MIN_REDIS_VERSION: (u32, u32) = (7, 0);
+
+/// Whether a server reporting `version` (`7.0.15`) is [`MIN_REDIS_VERSION`] or later;
+/// false for a version that does not read as `major.minor…`.
+fn version_supported(version: &str) -> bool {
+    let mut parts = version.trim().split('.').map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= MIN_REDIS_VERSION,
+        _ => false,
+    }
+}
+
+/// The `redis_version` field of an `INFO server` answer ("" when it has none).
+fn info_version(info: &str) -> &str {
+    info.lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .map_or("", str::trim)
+}
 
 /// How far this host's clock may be off Redis's before start-up warns: two hosts
 /// each within this of Redis are within the margin a failover claim allows them.
@@ -313,7 +334,45 @@ impl RedisStore {
             .query_async::<()>(&mut conn)
             .await
             .map_err(unreachable)?;
+        for version in store.server_versions().await.map_err(redis_error)? {
+            if !version_supported(&version) {
+                let (major, minor) = MIN_REDIS_VERSION;
+                return Err(StoreError::Database(format!(
+                    "Redis at {address} is version {version:?}: otpd needs Redis \
+                     {major}.{minor} or later (its commit script calls PEXPIRETIME)"
+                )));
+            }
+        }
         Ok(store)
+    }
+
+    /// The version of each server otpd writes to: `INFO server` reaches every cluster
+    /// primary. `INFO` is `@dangerous`, which an ACL for otpd may well take away (the
+    /// README's does); then `HELLO` tells the version of the server (or the one
+    /// cluster node) it reaches.
+    async fn server_versions(&self) -> Result<Vec<String>, RedisError> {
+        let mut conn = self.conn();
+        let info = redis::cmd("INFO")
+            .arg("server")
+            .query_async::<Value>(&mut conn)
+            .await
+            .and_then(Value::extract_error);
+        let infos = match info {
+            // A cluster's: each primary's address and answer.
+            Ok(Value::Map(nodes)) => nodes.into_iter().map(|(_, info)| info).collect(),
+            Ok(info) => vec![info],
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) => {
+                let mut hello: std::collections::HashMap<String, Value> =
+                    redis::cmd("HELLO").query_async(&mut conn).await?;
+                let version = hello.remove("version").unwrap_or(Value::Nil);
+                return Ok(vec![String::from_redis_value(version)?]);
+            }
+            Err(e) => return Err(e),
+        };
+        infos
+            .into_iter()
+            .map(|info| Ok(info_version(&String::from_redis_value(info)?).to_owned()))
+            .collect()
     }
 
     /// Checks that the other hosts on this Redis hold the same server secret (the first
@@ -1305,6 +1364,19 @@ mod tests {
         assert_eq!(clock_skew(redis - 5_000, redis), None);
         assert_eq!(clock_skew(redis + 5_001, redis), Some(5_001));
         assert_eq!(clock_skew(redis - 12_000, redis), Some(-12_000));
+    }
+
+    #[test]
+    fn redis_before_7_0_is_refused_by_its_info_version() {
+        let info = "# Server\r\nredis_version:6.2.14\r\nredis_git_sha1:00000000\r\n";
+        assert_eq!(info_version(info), "6.2.14");
+        assert_eq!(info_version("# Server\r\nredis_mode:standalone\r\n"), "");
+        for old in ["6.2.14", "6.0.0", "5.0.7", "", "seven", "7"] {
+            assert!(!version_supported(old), "{old:?}");
+        }
+        for new in ["7.0.0", "7.0.15", "7.2.4", "8.0.2", "10.0.0", "255.255.255"] {
+            assert!(version_supported(new), "{new:?}");
+        }
     }
 
     #[test]
