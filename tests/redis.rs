@@ -1123,6 +1123,42 @@ fn a_code_its_token_no_longer_names_does_not_answer(engine: Engine) {
     });
 }
 
+/// `status` reads a token's record and its code at one instant: creates on another
+/// host, each replacing the token's code, never make it answer without a code.
+fn status_keeps_seeing_a_code_that_another_host_replaces(engine: Engine) {
+    use otpd::rules::now_ms;
+    use otpd::store::Store;
+
+    // No send limit to speak of: the test creates a hundred codes in a second.
+    let no_limit = "max_sends_per_recipient = 1000\nsend_window_secs = 1\n";
+    let direct = DirectStore::on(&engine.store_toml(), no_limit);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (a, b) = (direct.connect().await, direct.connect().await);
+        let first = new_code("busy", 0, "393331000061", now_ms());
+        a.create(&first, now_ms()).await.unwrap().unwrap();
+        let creates = tokio::spawn(async move {
+            for i in 1..=100u16 {
+                let mut new = new_code("busy", 0, "393331000061", now_ms());
+                new.digest.0[..2].copy_from_slice(&i.to_be_bytes());
+                a.create(&new, now_ms()).await.unwrap().unwrap();
+            }
+        });
+        let (mut statuses, mut without_code) = (0, 0);
+        while !creates.is_finished() {
+            let status = b.status("busy").await.unwrap().expect("a known token");
+            statuses += 1;
+            without_code += usize::from(status.code.is_none());
+        }
+        creates.await.unwrap();
+        assert_eq!(without_code, 0, "statuses without a code, of {statuses}");
+    });
+}
+
 /// A create lost with the master it was written to (a Sentinel failover during its
 /// delivery) is not confirmed; one a newer create replaced is.
 fn a_create_lost_before_its_confirm_is_not_acknowledged(engine: Engine) {
@@ -1160,6 +1196,7 @@ fn a_create_lost_before_its_confirm_is_not_acknowledged(engine: Engine) {
 }
 
 per_engine!([redis, redis_cluster] {
+    status_keeps_seeing_a_code_that_another_host_replaces,
     a_code_its_token_no_longer_names_does_not_answer,
     a_create_lost_before_its_confirm_is_not_acknowledged,
     failovers_are_taken_once_across_hosts,

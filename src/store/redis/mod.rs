@@ -225,6 +225,14 @@ impl Keys {
     }
 }
 
+/// A token's records as [`RedisStore::token_codes`] read them at one instant.
+struct TokenCodes {
+    record: TokenRecord,
+    /// The code the record names, unless its key is gone.
+    code: Option<CodeRecord>,
+    replaced: Option<ReplacedCode>,
+}
+
 /// What [`RedisStore::change_code`] did.
 enum CodeChange {
     /// There is no such code (any more).
@@ -745,8 +753,10 @@ impl RedisStore {
         failover: &PendingFailover,
         now: Millis,
     ) -> Result<FailoverVerdict, StoreError> {
-        let (code, replaced) = self.token_codes(conn, &failover.token).await?;
-        let (code, replaced) = (code.as_ref(), replaced.as_ref());
+        let codes = self.token_codes(conn, &failover.token).await?;
+        let (code, replaced) = codes.as_ref().map_or((None, None), |codes| {
+            (codes.code.as_ref(), codes.replaced.as_ref())
+        });
         Ok(super::judge_failover(
             &failover.reference,
             code,
@@ -755,27 +765,39 @@ impl RedisStore {
         ))
     }
 
-    /// The token's current code and the code a resend replaced, as of one instant: the
-    /// token's key is read again with its code's (one slot, one `MGET`) until it held
-    /// still, so a resend settling in between is not missed.
+    /// The token's record, its current code and the code a resend replaced, as of one
+    /// instant (`None`: no record): the token's key is read again with its code's (one
+    /// slot, one `MGET`) until it held still, so a create or a resend settling in
+    /// between is not missed.
     async fn token_codes(
         &self,
         conn: &mut Connection,
         token: &str,
-    ) -> Result<(Option<CodeRecord>, Option<ReplacedCode>), StoreError> {
+    ) -> Result<Option<TokenCodes>, StoreError> {
         let token_key = self.keys.token(token);
         let mut token_read = self.get(conn, &token_key).await?;
         for _ in 0..MAX_ROUNDS {
-            let (record, replaced) = decode_token(&token_read)?;
-            let Some(live) = record.and_then(|record| record.current) else {
-                return Ok((None, replaced));
+            let (Some(record), replaced) = decode_token(&token_read)? else {
+                return Ok(None);
             };
-            let code_key = self.keys.code(token, &live);
-            let (again, code_read) = self.get_two(conn, &token_key, &code_key).await?;
-            if again == token_read {
-                return Ok((decode_read(&code_read)?, replaced));
-            }
-            token_read = again;
+            let code_read = match record.current {
+                Some(live) => {
+                    let code_key = self.keys.code(token, &live);
+                    let (again, code_read) = self.get_two(conn, &token_key, &code_key).await?;
+                    if again != token_read {
+                        token_read = again;
+                        continue;
+                    }
+                    code_read
+                }
+                None => None,
+            };
+            let code = decode_read(&code_read)?;
+            return Ok(Some(TokenCodes {
+                record,
+                code,
+                replaced,
+            }));
         }
         Err(contention())
     }
@@ -1205,21 +1227,10 @@ impl Store for RedisStore {
     }
 
     async fn status(&self, token: &str) -> Result<Option<TokenStatus>, StoreError> {
-        let mut conn = self.conn();
-        let token_read = self.get(&mut conn, &self.keys.token(token)).await?;
-        let Some(record) = decode_read::<TokenRecord>(&token_read)? else {
-            return Ok(None);
-        };
-        let code = match record.current {
-            Some(live) => {
-                let code_read = self.get(&mut conn, &self.keys.code(token, &live)).await?;
-                decode_read::<CodeRecord>(&code_read)?
-            }
-            None => None,
-        };
-        Ok(Some(TokenStatus {
-            code,
-            token: record,
+        let codes = self.token_codes(&mut self.conn(), token).await?;
+        Ok(codes.map(|codes| TokenStatus {
+            code: codes.code,
+            token: codes.record,
         }))
     }
 
