@@ -402,15 +402,17 @@ impl RedisStore {
     async fn warn_if_clock_differs(&self) {
         let mut conn = self.conn();
         let asked = rules::now_ms();
+        // The round trip by the monotonic clock: the wall clock may step meanwhile.
+        let started = std::time::Instant::now();
         let Ok((secs, micros)) = redis::cmd("TIME")
             .query_async::<(u64, u64)>(&mut conn)
             .await
         else {
             return;
         };
-        let answered = rules::now_ms();
+        let round_trip_ms = started.elapsed().as_millis() as Millis;
         // The middle of the round trip, against the server's time when it answered.
-        let here = asked + (answered - asked) / 2;
+        let here = asked + round_trip_ms / 2;
         if let Some(ahead_ms) = clock_skew(here, secs * 1000 + micros / 1000) {
             tracing::warn!(
                 ahead_ms,
