@@ -1159,6 +1159,29 @@ fn status_keeps_seeing_a_code_that_another_host_replaces(engine: Engine) {
     });
 }
 
+/// A code that expires while its delivery is on its way (here with no retain time, so
+/// its key goes at its expiry) no longer counts when the delivery is confirmed, as on
+/// the embedded engines: not an error, which only a code lost with its master is.
+fn a_code_that_expired_on_its_way_no_longer_counts(engine: Engine) {
+    use otpd::rules::now_ms;
+    use otpd::store::Store;
+
+    let direct = DirectStore::on(&engine.store_toml(), "retain_secs = 0\n");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = direct.connect().await;
+        let now = now_ms();
+        let mut brief = new_code("brief", 1, "393331000071", now);
+        brief.expires_at = now + 200;
+        store.create(&brief, now).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let counts = store
+            .confirm_delivery("brief", &brief.digest, "uuid-brief", now_ms())
+            .await;
+        assert!(!counts.expect("expired on schedule, not lost"));
+    });
+}
+
 /// A create lost with the master it was written to (a Sentinel failover during its
 /// delivery) is not confirmed; one a newer create replaced is.
 fn a_create_lost_before_its_confirm_is_not_acknowledged(engine: Engine) {
@@ -1196,6 +1219,7 @@ fn a_create_lost_before_its_confirm_is_not_acknowledged(engine: Engine) {
 }
 
 per_engine!([redis, redis_cluster] {
+    a_code_that_expired_on_its_way_no_longer_counts,
     status_keeps_seeing_a_code_that_another_host_replaces,
     a_code_its_token_no_longer_names_does_not_answer,
     a_create_lost_before_its_confirm_is_not_acknowledged,

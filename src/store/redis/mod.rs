@@ -599,19 +599,20 @@ impl RedisStore {
         Ok(())
     }
 
-    /// A created code is gone before its confirm: fine if a newer create replaced it
-    /// (the token names another code); else it was lost with the master it was written
-    /// to (a Sentinel failover during the delivery), and the create must not be
-    /// acknowledged.
-    async fn confirm_gone(
-        &self,
-        conn: &mut Connection,
-        token: &str,
-        digest: &Digest,
-    ) -> Result<(), StoreError> {
+    /// A created code is gone before its confirm, so it no longer counts. Fine if a
+    /// newer create replaced it (the token names another code), or if it expired on its
+    /// way: while the token still names it, its key went at its purge time (`retain`
+    /// after its expiry; the commit that named it set both keys, the token's to last
+    /// at least as long), as the embedded engine's janitor would have purged it (or
+    /// Redis evicted it, see [`names`]: it is gone all the same). Else
+    /// it was lost with the master it was written to (a Sentinel failover during the
+    /// delivery), and the create must not be acknowledged (500). When the token's own
+    /// key went too (its lock and send window ended before the code's purge time), an
+    /// expiry cannot be told from that loss, and answers as one.
+    async fn confirm_gone(&self, conn: &mut Connection, token: &str) -> Result<(), StoreError> {
         let read = self.get(conn, &self.keys.token(token)).await?;
         match decode_read::<TokenRecord>(&read)? {
-            Some(record) if record.current.is_some_and(|live| live != *digest) => Ok(()),
+            Some(record) if record.current.is_some() => Ok(()),
             _ => Err(StoreError::Database(
                 "the new code is no longer in Redis (lost in a failover?)".into(),
             )),
@@ -1074,8 +1075,9 @@ impl Store for RedisStore {
             })
             .await?;
         match change {
-            // The code it replaced verified (and took its place), or a newer create did.
-            CodeChange::Gone => self.confirm_gone(&mut conn, token, digest).await?,
+            // The code it replaced verified (and took its place), a newer create did, or
+            // it expired.
+            CodeChange::Gone => self.confirm_gone(&mut conn, token).await?,
             CodeChange::Unchanged { .. } => {}
             CodeChange::Written { expire_at } => {
                 self.file_reference(&mut conn, reference, &code_key, expire_at)
