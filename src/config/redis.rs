@@ -14,7 +14,8 @@ pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]`, `rediss://…` (TLS) or
     /// `unix:///path/redis.sock`.
     pub url: String,
-    /// Redis Cluster seed nodes (`redis://host:port`); when set, `url` must be empty.
+    /// Redis Cluster seed nodes (`redis://host:port`); when set, `url` and `sentinels`
+    /// must be empty.
     pub cluster: Vec<String>,
     /// Redis Sentinel nodes (`redis://host:port`) that name the master; when set,
     /// `url` and `cluster` must be empty and `sentinel_master` names the service.
@@ -30,7 +31,9 @@ pub struct RedisConfig {
     pub tls_ca_file: PathBuf,
     /// Prefix of every key otpd writes, so several deployments can share one Redis.
     pub key_prefix: String,
-    /// Multiplexed connections per host; requests are spread over them.
+    /// Multiplexed connections per host; requests are spread over them. With
+    /// `sentinels` there is one whatever this says: the master's, asked for again
+    /// after a loss.
     pub pool_size: usize,
     pub connect_timeout_ms: u64,
     pub response_timeout_ms: u64,

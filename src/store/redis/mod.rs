@@ -1,5 +1,5 @@
-//! The shared storage engine: Redis (one server or a Redis Cluster), so several otpd
-//! hosts behind a load balancer see one set of codes.
+//! The shared storage engine: Redis (one server, a master watched by Redis Sentinel, or
+//! a Redis Cluster), so several otpd hosts behind a load balancer see one set of codes.
 //!
 //! Keys (`P` is `key_prefix`; `{token}` is the hash tag, so a token's keys share one
 //! cluster slot):
@@ -18,8 +18,12 @@
 //! - `P secret-check`: [`ServerSecret::fingerprint`], so a host with another secret
 //!   refuses to start.
 //!
-//! Values are the same versioned postcard records as sled's. Every key expires by
-//! itself (`PXAT` at its purge time), so there is nothing for the janitor to purge.
+//! Values are the same versioned postcard records as sled's. Every key but the last
+//! three expires by itself (`PXAT` at its purge time), so there is nothing for the
+//! janitor to purge. `live` and `failovers` have no expiry, as their members leave one
+//! by one: a code when it stops being pending, or at the janitor's pass after its
+//! expiry; a failover when it is handed out or finished. `secret-check` lasts as long
+//! as the deployment.
 //!
 //! Each change is optimistic: read the records, let [`crate::rules`] decide (the same
 //! code as sled), then commit with [`COMMIT`], a rule-free Lua script that writes only
@@ -233,7 +237,7 @@ struct TokenCodes {
     replaced: Option<ReplacedCode>,
 }
 
-/// What [`RedisStore::change_code`] did.
+/// What [`RedisStore::record_event`] did.
 enum CodeChange {
     /// There is no such code (any more).
     Gone,
@@ -292,8 +296,10 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Connects as a host starting up does: [`RedisStore::reach`], then
-    /// [`RedisStore::check_in`].
+    /// Connects and checks in ([`RedisStore::reach`], then [`RedisStore::check_in`]),
+    /// for a caller that holds its secret already (tests, tools). A host starting up
+    /// also asks [`RedisStore::refuse_another_secret`] in between, before it saves a
+    /// secret it drew.
     pub async fn connect(
         config: &RedisConfig,
         limits: Limits,
@@ -619,36 +625,39 @@ impl RedisStore {
         }
     }
 
-    /// Applies `change` to the token's code `digest` while the token [`names`] it (both
-    /// keys read at one instant, changed, committed if neither changed meanwhile, else
-    /// read again); `change` says whether it changed anything to write.
-    async fn change_code(
+    /// One optimistic change of the record at `key`: read it (with `guard`, a key of
+    /// its slot, at the same instant), let `change` change it, and commit if neither key
+    /// changed meanwhile, else read again. `change` sees what `guard` held and says
+    /// whether there is anything to write. Returns the record as written; `None` when
+    /// there was no record or nothing to write.
+    async fn update<R: serde::Serialize + serde::de::DeserializeOwned>(
         &self,
         conn: &mut Connection,
-        token: &str,
-        digest: &Digest,
-        mut change: impl FnMut(&mut CodeRecord) -> bool,
-    ) -> Result<CodeChange, StoreError> {
-        let token_key = self.keys.token(token);
-        let code_key = self.keys.code(token, digest);
+        key: &str,
+        guard: Option<&str>,
+        mut change: impl FnMut(&mut R, &Read) -> Result<bool, StoreError>,
+        expire_at: impl Fn(&R) -> Millis,
+    ) -> Result<Option<R>, StoreError> {
         for _ in 0..MAX_ROUNDS {
-            let (token_read, read) = self.get_two(conn, &token_key, &code_key).await?;
-            let named = names(&token_read, digest)?;
-            let Some(mut code) = decode_read::<CodeRecord>(&read)?.filter(|_| named) else {
-                return Ok(CodeChange::Gone);
+            let (guard_read, read) = match guard {
+                Some(guard) => self.get_two(conn, guard, key).await?,
+                None => (None, self.get(conn, key).await?),
             };
-            if !change(&mut code) {
-                let expire_at = self.code_expire_at(&code);
-                return Ok(CodeChange::Unchanged { expire_at });
+            let Some(mut record) = decode_read::<R>(&read)? else {
+                return Ok(None);
+            };
+            if !change(&mut record, &guard_read)? {
+                return Ok(None);
             }
-            let expire_at = self.code_expire_at(&code);
             let mut commit = Commit::default();
+            if let Some(guard) = guard {
+                commit.expect(guard, &guard_read);
+            }
             commit
-                .expect(&token_key, &token_read)
-                .expect(&code_key, &read)
-                .set(&code_key, &encode(&code), expire_at);
+                .expect(key, &read)
+                .set(key, &encode(&record), expire_at(&record));
             if self.apply(conn, &commit).await? {
-                return Ok(CodeChange::Written { expire_at });
+                return Ok(Some(record));
             }
         }
         Err(contention())
@@ -870,24 +879,13 @@ impl RedisStore {
         key: &str,
         at: Millis,
     ) -> Result<(), StoreError> {
-        for _ in 0..MAX_ROUNDS {
-            let read = self.get(conn, key).await?;
-            let Some(mut record) = decode_read::<RecipientRecord>(&read)? else {
-                return Ok(());
-            };
-            let Some(pos) = record.sends.iter().rposition(|&t| t == at) else {
-                return Ok(());
-            };
-            record.sends.remove(pos);
-            let mut commit = Commit::default();
-            commit
-                .expect(key, &read)
-                .set(key, &encode(&record), record.purge_at(&self.limits));
-            if self.apply(conn, &commit).await? {
-                return Ok(());
-            }
-        }
-        Err(contention())
+        let take_back = |record: &mut RecipientRecord, _: &Read| {
+            let reserved = record.sends.iter().rposition(|&t| t == at);
+            Ok(reserved.map(|pos| record.sends.remove(pos)).is_some())
+        };
+        let purge_at = |record: &RecipientRecord| record.purge_at(&self.limits);
+        self.update(conn, key, None, take_back, purge_at).await?;
+        Ok(())
     }
 
     /// Reserves the planned sends on each recipient, each in its own commit; false
@@ -1065,27 +1063,30 @@ impl Store for RedisStore {
         now: Millis,
     ) -> Result<bool, StoreError> {
         let mut conn = self.conn();
+        let token_key = self.keys.token(token);
         let code_key = self.keys.code(token, digest);
-        let mut counts = false;
-        let change = self
-            .change_code(&mut conn, token, digest, |code| {
-                counts = super::still_counts(code, now);
+        // Only the code the token names (see `names`).
+        let confirm = |code: &mut CodeRecord, token_read: &Read| {
+            let named = names(token_read, digest)?;
+            if named {
                 code.delivery.reference = Some(reference.to_owned());
-                true
-            })
+            }
+            Ok(named)
+        };
+        let expire_at = |code: &CodeRecord| self.code_expire_at(code);
+        let confirmed = self
+            .update(&mut conn, &code_key, Some(&token_key), confirm, expire_at)
             .await?;
-        match change {
+        let Some(code) = confirmed else {
             // The code it replaced verified (and took its place), a newer create did, or
             // it expired.
-            CodeChange::Gone => self.confirm_gone(&mut conn, token).await?,
-            CodeChange::Unchanged { .. } => {}
-            CodeChange::Written { expire_at } => {
-                self.file_reference(&mut conn, reference, &code_key, expire_at)
-                    .await?;
-                self.replicated(&mut conn).await?;
-            }
-        }
-        Ok(counts)
+            self.confirm_gone(&mut conn, token).await?;
+            return Ok(false);
+        };
+        self.file_reference(&mut conn, reference, &code_key, self.code_expire_at(&code))
+            .await?;
+        self.replicated(&mut conn).await?;
+        Ok(super::still_counts(&code, now))
     }
 
     async fn record_delivery_event(
@@ -1132,7 +1133,7 @@ impl Store for RedisStore {
             };
             let probed = match &stand_in {
                 Some(_) => replaced.as_ref().map(|old| old.code.clone()),
-                // Only the code the token [`names`].
+                // Only the code the token names (see `names`).
                 None if record.as_ref().is_some_and(|r| r.current == Some(*digest)) => {
                     decode_read(&probed_read)?
                 }
