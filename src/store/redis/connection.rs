@@ -21,8 +21,11 @@
 //! refused by its own send. redis-rs cannot tell that case from the safe ones, so every
 //! error comes back at once: a `MOVED` or `ASK` during a resharding, a `TRYAGAIN`,
 //! `CLUSTERDOWN` or `READONLY` during a failover, and a dropped connection fail that
-//! request (500). redis-rs still refreshes its slot map or reconnects, so the next
-//! request goes to the right node.
+//! request (500). redis-rs still refreshes its slot map or reconnects, so after a
+//! `MOVED`, a failover or a reconnect the next request goes to the right node; but it
+//! does not follow an `ASK` unless retrying, so while a slot migrates, the tokens whose
+//! keys moved answer 500 until it ends. (A commit that could tell its own earlier run,
+//! by an id it writes beside the keys, would let redis-rs retry again.)
 //!
 //! A store operation holds one [`Pinned`] handle: all its commands go to one
 //! connection, so a `WAIT` counts the writes it follows, and an operation a Sentinel

@@ -37,7 +37,7 @@ use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use redis::{ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind, Value};
+use redis::{ErrorKind, FromRedisValue, RedisError, Script, Value};
 
 use super::{
     DueFailovers, Filed, NewCode, PurgeReport, ReplacedCode, Store, StoreError, TokenStatus,
@@ -170,15 +170,14 @@ fn decode_token(read: &Read) -> Result<(Option<TokenRecord>, Option<ReplacedCode
     }
 }
 
-/// Whether the token's record (as read) names `digest` as its code. Only that code
+/// Whether the token's record names `digest` as its code. Only that code
 /// answers, as on the embedded engines. On Redis a code's key may outlive its token's
 /// when Redis evicts keys (`maxmemory-policy` other than `noeviction`: every otpd key
 /// has an expiry, so `volatile-*` policies take them too); a create then begins the
 /// token anew, naming its own code and knowing nothing of the old one, whose key
 /// stays until it expires.
-fn names(token_read: &Read, digest: &Digest) -> Result<bool, StoreError> {
-    let (record, _) = decode_token(token_read)?;
-    Ok(record.is_some_and(|record| record.current == Some(*digest)))
+fn names(record: Option<&TokenRecord>, digest: &Digest) -> bool {
+    record.is_some_and(|record| record.current == Some(*digest))
 }
 
 /// The key names of one deployment.
@@ -362,8 +361,8 @@ impl RedisStore {
 
     /// The version of each server otpd writes to: `INFO server` reaches every cluster
     /// primary. `INFO` is `@dangerous`, which an ACL for otpd may well take away (the
-    /// README's does); then `HELLO` tells the version of the server (or the one
-    /// cluster node) it reaches.
+    /// README's does), and a hardened server may rename it away; when it is refused,
+    /// `HELLO` tells the version of the server (or the one cluster node) it reaches.
     async fn server_versions(&self) -> Result<Vec<String>, RedisError> {
         let mut conn = self.conn();
         let info = redis::cmd("INFO")
@@ -375,7 +374,8 @@ impl RedisStore {
             // A cluster's: each primary's address and answer.
             Ok(Value::Map(nodes)) => nodes.into_iter().map(|(_, info)| info).collect(),
             Ok(info) => vec![info],
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) => {
+            // Refused by an ACL (NOPERM), or renamed away (ERR unknown command).
+            Err(e) if matches!(e.kind(), ErrorKind::Server(_)) => {
                 let mut hello: std::collections::HashMap<String, Value> =
                     redis::cmd("HELLO").query_async(&mut conn).await?;
                 let version = hello.remove("version").unwrap_or(Value::Nil);
@@ -683,6 +683,7 @@ impl RedisStore {
         for _ in 0..MAX_ROUNDS {
             let (token_read, code_read) = self.get_two(conn, &token_key, code_key).await?;
             let (record, replaced) = decode_token(&token_read)?;
+            // `names`, with the digest as the code's key holds it (hex).
             let named = record
                 .as_ref()
                 .and_then(|record| record.current)
@@ -1024,7 +1025,7 @@ impl Store for RedisStore {
                 .delete(&code_key);
             let mut restored = None;
             if let (Some(mut record), replaced) = decode_token(&token_read)?
-                && record.current == Some(*digest)
+                && names(Some(&record), digest)
             {
                 record.current = replaced.as_ref().map(|old| old.digest);
                 let mut expire_at = self.token_expire_at(&record);
@@ -1067,7 +1068,7 @@ impl Store for RedisStore {
         let code_key = self.keys.code(token, digest);
         // Only the code the token names (see `names`).
         let confirm = |code: &mut CodeRecord, token_read: &Read| {
-            let named = names(token_read, digest)?;
+            let named = names(decode_token(token_read)?.0.as_ref(), digest);
             if named {
                 code.delivery.reference = Some(reference.to_owned());
             }
@@ -1134,9 +1135,7 @@ impl Store for RedisStore {
             let probed = match &stand_in {
                 Some(_) => replaced.as_ref().map(|old| old.code.clone()),
                 // Only the code the token names (see `names`).
-                None if record.as_ref().is_some_and(|r| r.current == Some(*digest)) => {
-                    decode_read(&probed_read)?
-                }
+                None if names(record.as_ref(), digest) => decode_read(&probed_read)?,
                 None => None,
             };
             let plan = rules::plan_verify(record, probed, now, &self.limits);
