@@ -132,19 +132,24 @@ async fn serve_connection(
                 break;
             }
             Ok(LineRead::Line) => {
-                let started = Instant::now();
-                let respond = handler::respond(otp, &line);
+                // Timed alone: not the write of earlier answers it may wait on.
+                let respond = async {
+                    let started = Instant::now();
+                    let response = handler::respond(otp, &line).await;
+                    otp.counters().socket_latency.observe(started.elapsed());
+                    response
+                };
                 let Some(response) =
                     answer_meanwhile(respond, &mut writer, policy, &shutdown).await
                 else {
                     return;
                 };
-                otp.counters().socket_latency.observe(started.elapsed());
                 response
             }
         };
-        // Pipelined requests are answered in one write once no whole request is left
-        // in the input (the start of one is not enough: its end may be long coming).
+        // Answers to pipelined requests share one write while whole requests are left
+        // in the input (the start of one is not enough: its end may be long coming),
+        // unless one of them waits ([`answer_meanwhile`]).
         let more_buffered = reader.buffer().contains(&b'\n');
         let write = write_line(&mut writer, &response, !more_buffered);
         if !matches!(
