@@ -5,6 +5,7 @@ use super::background::run_in_background;
 use super::kv::{Database, Tree};
 use super::timed::{due_batch, next_visit, split_timed_key, timed_key};
 use super::{EmbeddedStore, TokenState};
+use crate::log_throttle::OncePerSecond;
 use crate::rules::{CodeState, Millis};
 use crate::store::{PurgeReport, StoreError};
 
@@ -45,11 +46,16 @@ impl<D: Database> EmbeddedStore<D> {
             // sector) must not stop the janitor for every other token: it comes back
             // later, and is taken up then if it can be read ([`Self::visit_token`]).
             Err(error @ StoreError::Corrupt(_)) => {
-                tracing::error!(
-                    token = %String::from_utf8_lossy(token),
-                    %error,
-                    "the janitor cannot read a token's record; trying again in an hour"
-                );
+                // After a rollback every record a newer build wrote fails alike.
+                static THROTTLE: OncePerSecond = OncePerSecond::new();
+                if let Some(held_back) = THROTTLE.admit() {
+                    tracing::error!(
+                        token = %String::from_utf8_lossy(token),
+                        %error,
+                        held_back,
+                        "the janitor cannot read a token's record; trying again in an hour (held_back: others since the last such line)"
+                    );
+                }
                 self.expiry
                     .insert(&timed_key(now + UNREADABLE_RETRY_MS, token), &[])?;
                 Visit::default()
