@@ -606,7 +606,6 @@ fn creates_wait_for_vonage_in_parallel() {
     assert_eq!(vonage.requests().len(), 16);
 }
 
-/// Starts the binary expecting it to refuse to start; returns its stderr.
 /// Requests sent in one write are answered in one write when they are quick; an
 /// answer is not held back behind one that waits on Vonage.
 #[test]
@@ -637,6 +636,7 @@ fn a_pipelined_answer_is_not_held_back_behind_a_create_waiting_on_vonage() {
     );
 }
 
+/// Starts the binary expecting it to refuse to start; returns its stderr.
 fn start_up_error(vonage: &VonageStandIn, section_extra: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let (backend, delivery) = vonage.config("dispatch", section_extra);
