@@ -123,6 +123,7 @@ pub async fn run(
         essential.push(("HTTP listener", task));
     }
     tracker.spawn(systemd::watchdog(store.clone(), stop.clone()));
+    let socket = listener.name().to_owned();
     essential.push((
         "socket server",
         tracker.spawn({
@@ -132,12 +133,12 @@ pub async fn run(
         }),
     ));
     tracing::info!(
-        socket = %config.server.socket.display(),
+        %socket,
         live = store.live(),
         "otpd {} ready",
         crate::handler::VERSION
     );
-    systemd::ready(&format!("serving on {}", config.server.socket.display()));
+    systemd::ready(&format!("serving on {socket}"));
 
     let crashed = tokio::select! {
         () = shutdown => None,

@@ -260,14 +260,12 @@ fn serve_config(config_file: Option<PathBuf>, overrides: &Overrides) -> anyhow::
     Ok(config)
 }
 
-async fn serve(mut config: Config, activation: Option<Activation>) -> anyhow::Result<()> {
+async fn serve(config: Config, activation: Option<Activation>) -> anyhow::Result<()> {
     let listener = match activation {
-        Some(Activation { listener, path }) => {
-            if let Some(path) = path {
-                config.server.socket = path;
-            }
-            tracing::info!(socket = %config.server.socket.display(), "using the socket systemd passed");
-            Listener::inherited(listener)?
+        Some(Activation { listener }) => {
+            let listener = Listener::inherited(listener)?;
+            tracing::info!(socket = %listener.name(), "using the socket systemd passed");
+            listener
         }
         None => Listener::bind(&config.server.socket, config.server.socket_mode_bits()?)?,
     };

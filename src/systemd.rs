@@ -8,7 +8,6 @@
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -24,12 +23,10 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::store::Store;
 
-/// The listening socket systemd passed, and the path it is bound to.
+/// The listening socket systemd passed.
 #[derive(Debug)]
 pub struct Activation {
     pub listener: UnixListener,
-    /// `None` for an abstract or unnamed socket.
-    pub path: Option<PathBuf>,
 }
 
 /// Takes the listening socket systemd passed (`LISTEN_FDS` / `LISTEN_PID`), if any.
@@ -60,13 +57,10 @@ pub fn take_activation() -> anyhow::Result<Option<Activation>> {
         "fd 3 from systemd is not a listening stream socket (use ListenStream= without Accept=)"
     );
     let listener = UnixListener::from(fd);
-    let address = listener
+    listener
         .local_addr()
         .context("fd 3 from systemd is not a Unix socket (ListenStream= takes a path)")?;
-    Ok(Some(Activation {
-        path: address.as_pathname().map(PathBuf::from),
-        listener,
-    }))
+    Ok(Some(Activation { listener }))
 }
 
 /// Sends `states` to systemd; a failure is logged, never fatal (systemd then times

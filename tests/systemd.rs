@@ -99,6 +99,41 @@ fn socket_activation_serves_on_fd_3_and_leaves_the_socket_file() {
     assert!(meta.file_type().is_socket());
 }
 
+/// An abstract socket (`ListenStream=@name`) has no path: the logs name it `@name`,
+/// not the path otpd would have bound itself.
+#[test]
+fn an_activated_abstract_socket_is_named_in_the_log() {
+    use std::os::linux::net::SocketAddrExt;
+    let mut daemon = Daemon::prepare("", "", "");
+    // The temp dir's name: unique among the tests running at once.
+    let name = format!(
+        "otpd-{}",
+        daemon.dir.path().file_name().unwrap().to_str().unwrap()
+    );
+    let listen = format!("--listen=@{name}");
+    launch_activated(&mut daemon, &[listen.as_ref()]);
+    let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let mut stream = None;
+    wait_for("the abstract socket", || {
+        stream = UnixStream::connect_addr(&address).ok();
+        stream.is_some()
+    });
+    let mut conn = Conn::new(stream.unwrap());
+    assert_eq!(conn.call(json!({"op": "ping"}))["status"], 200);
+    let log = daemon.stderr();
+    let named: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("socket="))
+        .collect();
+    assert_eq!(named.len(), 2, "taken, then ready: {log}");
+    assert!(named[0].contains(&format!("socket=@{name}")), "{log}");
+    assert!(
+        named[1].contains(&format!("socket=@{name} live=0")),
+        "{log}"
+    );
+    assert!(daemon.stop().success(), "{}", daemon.stderr());
+}
+
 /// Waits for otpd to stop with status 2, having said `why`.
 fn exits_refusing(daemon: &mut Daemon, why: &str) {
     assert_eq!(daemon.wait_exit().code(), Some(2), "{}", daemon.stderr());

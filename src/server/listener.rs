@@ -3,6 +3,7 @@
 //! pause when accept fails).
 
 use std::io::ErrorKind;
+use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,6 +15,9 @@ use tokio::net::{UnixListener, UnixStream};
 pub struct Listener {
     listener: UnixListener,
     owned_path: Option<PathBuf>,
+    /// What the logs and systemd's status call it: its path, or `@name` for an
+    /// abstract socket systemd passed.
+    name: String,
 }
 
 impl Listener {
@@ -56,6 +60,7 @@ impl Listener {
         Ok(Self {
             listener,
             owned_path: Some(path.to_owned()),
+            name: path.display().to_string(),
         })
     }
 
@@ -68,10 +73,22 @@ impl Listener {
     /// never removed by otpd.
     pub fn inherited(listener: std::os::unix::net::UnixListener) -> anyhow::Result<Self> {
         listener.set_nonblocking(true)?;
+        let address = listener.local_addr()?;
+        let name = match (address.as_pathname(), address.as_abstract_name()) {
+            (Some(path), _) => path.display().to_string(),
+            (None, Some(name)) => format!("@{}", String::from_utf8_lossy(name)),
+            (None, None) => "an unnamed socket".to_owned(),
+        };
         Ok(Self {
             listener: UnixListener::from_std(listener)?,
             owned_path: None,
+            name,
         })
+    }
+
+    /// The socket's path, or what it is when it has none.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 }
 
