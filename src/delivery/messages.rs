@@ -469,18 +469,16 @@ impl Delivery for MessagesDelivery {
             let now = now_ms();
             let after = inner.vonage.failover_after(message, now) * 1000;
             let due_at = (now + after).min(message.expires_at.saturating_sub(after));
-            let bound = Bound {
-                token: message.token,
-                to: number,
-                reference: &uuid,
-            };
-            let failover = PendingFailover {
+            let mut failover = PendingFailover {
                 reference: uuid.clone(),
                 due_at: due_at.max(now),
                 token: message.token.to_owned(),
                 to: number.clone(),
-                sealed_text: inner.sealer.seal(&bound, &message.text_without_minutes()),
+                sealed_text: Vec::new(),
             };
+            // Bound to the fields stored beside it, as the failover task opens it.
+            let bound = Bound::of(&failover);
+            failover.sealed_text = inner.sealer.seal(&bound, &message.text_without_minutes());
             // The Messenger message is out, so this is no failed delivery (which would
             // discard a code the person has): the code stands, without its SMS.
             match inner.store.put_failover(&failover).await {
