@@ -153,7 +153,7 @@ impl<'de> Visitor<'de> for CheckedSeed<'_> {
                 .inspect_err(|_| self.failed_at.borrow_mut().push(index.to_string()))?;
             let Some(item) = item else { break };
             if duplicates.is_empty() {
-                duplicates = nested(index, item.duplicates);
+                duplicates.extend(nested(index, item.duplicates));
             }
             values.push(item.value);
         }
@@ -170,10 +170,9 @@ impl<'de> Visitor<'de> for CheckedSeed<'_> {
             let entry = entries
                 .next_value_seed(self)
                 .inspect_err(|_| self.failed_at.borrow_mut().push(key.clone()))?;
-            if !found_nested {
-                let first = nested(&key, entry.duplicates);
-                found_nested = !first.is_empty();
-                duplicates.extend(first);
+            if !found_nested && let Some(path) = nested(&key, entry.duplicates) {
+                found_nested = true;
+                duplicates.push(path);
             }
             if object.contains_key(&key) {
                 duplicates.push(key);
@@ -190,11 +189,7 @@ impl<'de> Visitor<'de> for CheckedSeed<'_> {
 
 /// The first of the repeated keys found in the value at `at`, as a path from here: the
 /// one a value nested in another passes up.
-fn nested(at: impl std::fmt::Display, duplicates: Vec<String>) -> Vec<String> {
-    duplicates
-        .into_iter()
-        .next()
-        .map(|path| format!("{at}.{path}"))
-        .into_iter()
-        .collect()
+fn nested(at: impl std::fmt::Display, duplicates: Vec<String>) -> Option<String> {
+    let first = duplicates.into_iter().next()?;
+    Some(format!("{at}.{first}"))
 }

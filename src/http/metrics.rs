@@ -72,8 +72,9 @@ pub fn render(otp: &Otp, webhooks: &Webhooks) -> Answer {
     out.counters_by(
         "otpd_failures_total",
         "Failures by reason: verifies of a wrong code or unknown token answered 404 \
-         (wrong_code; the guess that locks a token counts as locked instead), tokens locked after too many wrong codes, once per lock, not per request \
-         refused while locked (locked), creates refused by a send limit (rate_limited), \
+         (wrong_code; the guess that locks a token counts as locked instead), tokens \
+         locked after too many wrong codes, once per lock, not per request refused \
+         while locked (locked), creates refused by a send limit (rate_limited), \
          creates whose delivery was refused or unavailable (delivery_failed), requests \
          answered 500 because the store failed (storage_failed).",
         "reason",
