@@ -6,9 +6,9 @@ use anyhow::Context;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::config::{DEFAULT_DATA_DIR, SOCKET_NAME};
+use crate::unix_stream::{ReadHalf, WriteHalf};
 
 /// The socket of the packaged service, used when it exists and nothing else is said.
 pub const SYSTEM_SOCKET: &str = "/run/otpd/otpd.sock";
@@ -26,8 +26,8 @@ pub fn default_socket() -> PathBuf {
 
 /// One connection to the daemon; requests are answered in order.
 pub struct Client {
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: BufReader<ReadHalf>,
+    writer: WriteHalf,
     line: String,
 }
 
@@ -36,7 +36,7 @@ impl Client {
         let stream = UnixStream::connect(path)
             .await
             .with_context(|| format!("cannot connect to otpd at {}", path.display()))?;
-        let (read, writer) = stream.into_split();
+        let (read, writer) = crate::unix_stream::split(stream.into_std()?)?;
         Ok(Self {
             reader: BufReader::new(read),
             writer,

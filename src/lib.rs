@@ -31,6 +31,7 @@ pub mod server;
 pub mod store;
 pub mod strict_json;
 pub mod systemd;
+pub mod unix_stream;
 
 /// Lower-case hex of `bytes`: digests in Redis keys, the secret's fingerprint, payload
 /// hashes.

@@ -177,6 +177,40 @@ fn a_client_that_never_reads_does_not_hold_up_shutdown() {
 }
 
 #[test]
+fn answers_that_fill_the_socket_buffer_all_arrive_once_the_client_reads() {
+    let daemon = Daemon::start("");
+    let mut conn = daemon.connect();
+    let mut writer = conn.try_clone_writer();
+    let requests = 30_000;
+    // The daemon stops reading once its answers fill the socket, so the requests are
+    // written from a thread of their own, which then blocks too.
+    let written = Arc::new(AtomicUsize::new(0));
+    let progress = written.clone();
+    let sender = thread::spawn(move || {
+        for id in 0..requests {
+            let line = format!("{{\"op\":\"ping\",\"id\":{id}}}\n");
+            writer.write_all(line.as_bytes()).unwrap();
+            progress.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let mut last = 0;
+    common::wait_for("the daemon to stop taking requests", || {
+        thread::sleep(Duration::from_millis(300));
+        let now = written.load(Ordering::Relaxed);
+        std::mem::replace(&mut last, now) == now && now > 0
+    });
+    assert!(last < requests, "the socket never filled");
+    for id in 0..requests {
+        let answer = conn.receive().expect("an answer");
+        assert_eq!(
+            (answer["id"].as_u64(), answer["status"].as_u64()),
+            (Some(id as u64), Some(200))
+        );
+    }
+    sender.join().unwrap();
+}
+
+#[test]
 fn the_client_tools_show_the_busy_answer() {
     let daemon = Daemon::start("[server]\nmax_connections = 1\n");
     let _held = served(&daemon);

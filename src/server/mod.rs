@@ -102,7 +102,10 @@ async fn serve_connection(
         )
         .await;
     }
-    let (read, write) = stream.into_split();
+    let (read, write) = match stream.into_std().and_then(crate::unix_stream::split) {
+        Ok(halves) => halves,
+        Err(error) => return tracing::warn!(%error, "could not serve a connection"),
+    };
     let mut reader = BufReader::new(read);
     let mut writer = BufWriter::new(write);
     let mut line = Vec::new();

@@ -472,6 +472,11 @@ impl Conn {
     }
 
     /// Writes raw bytes.
+    /// The connection's writing side, for a thread of its own.
+    pub fn try_clone_writer(&self) -> UnixStream {
+        self.writer.try_clone().unwrap()
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).unwrap();
     }
