@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{
     Daemon, Engine, OwnedRedis, ProxiedCluster, RedisCluster, RedisSentinel, RedisServer, RedisTls,
-    concurrently, count, wait_for,
+    TwoNodeCluster, concurrently, count, wait_for,
 };
 use serde_json::json;
 
@@ -1072,6 +1072,35 @@ fn a_cluster_commit_whose_answer_is_lost_is_not_sent_again() {
             VerifyOutcome::AlreadyVerified,
             "Redis ran the first"
         );
+    });
+}
+
+/// While a token's slot moves to another node, the old node answers `ASK` for its keys
+/// moved already, and `MOVED` once the move is over. The cluster ran nothing then, so
+/// otpd sends the command where it is told, and the token is served throughout.
+#[test]
+fn a_token_is_served_while_its_slot_moves_to_another_node() {
+    use otpd::rules::{VerifyOutcome, now_ms};
+    use otpd::store::Store;
+
+    let cluster = TwoNodeCluster::start();
+    let store = redis_store(&format!("cluster = [\"{}\"]\n", cluster.url()));
+    let direct = DirectStore::on(&store, "");
+    let prefix = direct.config.store.redis.key_prefix.clone();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = direct.connect().await;
+        let now = now_ms();
+        let new = delivered(&store, "moving", 1, "393331000061", now).await;
+        let slot = cluster.slot_of(&format!("{prefix}{{moving}}:t"));
+
+        cluster.move_keys(&slot);
+        let outcome = store.verify("moving", &new.digest, now).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::Valid, "verified during the move");
+
+        cluster.finish_move(&slot);
+        let outcome = store.verify("moving", &new.digest, now).await.unwrap();
+        assert_eq!(outcome, VerifyOutcome::AlreadyVerified, "after the move");
     });
 }
 

@@ -1010,6 +1010,94 @@ impl Drop for ProxiedCluster {
     }
 }
 
+/// A two-node Redis Cluster of one test, every slot on the first node, whose slots the
+/// test moves to the second by hand, in the steps `redis-cli --cluster reshard` takes.
+pub struct TwoNodeCluster {
+    _dir: TempDir,
+    children: Vec<Child>,
+    ports: [u16; 2],
+    ids: [String; 2],
+}
+
+impl TwoNodeCluster {
+    pub fn start() -> TwoNodeCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (first, first_port) = cluster_node(dir.path(), 0);
+        let (second, second_port) = cluster_node(dir.path(), 1);
+        let ports = [first_port, second_port];
+        redis_cli(first_port, &["cluster", "addslotsrange", "0", "16383"]);
+        let (first_node, second_node) = (
+            format!("127.0.0.1:{first_port}"),
+            format!("127.0.0.1:{second_port}"),
+        );
+        let add = Command::new("redis-cli")
+            .args(["--cluster", "add-node", &second_node, &first_node])
+            .output()
+            .expect("run redis-cli --cluster add-node");
+        assert!(add.status.success(), "add-node: {add:?}");
+        for port in ports {
+            wait_for("both nodes to agree", || {
+                let nodes = redis_cli(port, &["cluster", "nodes"]);
+                nodes.lines().count() == 2
+                    && redis_cli(port, &["cluster", "info"]).contains("cluster_state:ok")
+            });
+        }
+        let ids = ports.map(|port| redis_cli(port, &["cluster", "myid"]).trim().to_owned());
+        TwoNodeCluster {
+            _dir: dir,
+            children: vec![first, second],
+            ports,
+            ids,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.ports[0])
+    }
+
+    /// The slot of `key`.
+    pub fn slot_of(&self, key: &str) -> String {
+        redis_cli(self.ports[0], &["cluster", "keyslot", key])
+            .trim()
+            .to_owned()
+    }
+
+    /// Starts moving `slot` to the second node and moves its keys there: the first node
+    /// now answers `ASK` for them.
+    pub fn move_keys(&self, slot: &str) {
+        let [first, second] = self.ports;
+        let importing = ["cluster", "setslot", slot, "importing", &self.ids[0]];
+        assert_eq!(redis_cli(second, &importing).trim(), "OK");
+        let migrating = ["cluster", "setslot", slot, "migrating", &self.ids[1]];
+        assert_eq!(redis_cli(first, &migrating).trim(), "OK");
+        let keys = redis_cli(first, &["cluster", "getkeysinslot", slot, "1000"]);
+        let keys: Vec<&str> = keys.lines().filter(|key| !key.is_empty()).collect();
+        assert!(!keys.is_empty(), "no keys in slot {slot}");
+        let mut migrate = vec!["migrate", "127.0.0.1"];
+        let second_port = second.to_string();
+        migrate.extend([second_port.as_str(), "", "0", "5000", "keys"]);
+        migrate.extend(&keys);
+        assert_eq!(redis_cli(first, &migrate).trim(), "OK", "{migrate:?}");
+    }
+
+    /// Ends the move of `slot`: it is the second node's, and the first answers `MOVED`.
+    pub fn finish_move(&self, slot: &str) {
+        for port in self.ports {
+            let owner = ["cluster", "setslot", slot, "node", &self.ids[1]];
+            assert_eq!(redis_cli(port, &owner).trim(), "OK");
+        }
+    }
+}
+
+impl Drop for TwoNodeCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Relays one client connection to the Redis on `port`, in two threads. When `lose` is
 /// set and this client sends an `EVALSHA`, it is cleared and this connection is closed
 /// at the next answer.

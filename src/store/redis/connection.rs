@@ -14,23 +14,29 @@
 //! command that then fails cannot be told from one lost in flight, so it could not be
 //! retried. A `PING` can: if it meets a closed connection, a new one is made.
 //!
-//! A cluster connection re-sends nothing (`retries(0)`). redis-rs re-sends a command
-//! whose connection dropped before its answer came, and a commit script that had run
-//! would then find its own write, answer "changed", and have the engine plan again on
-//! top of it: a right code answering 409, a wrong guess counted twice, a create
-//! refused by its own send. redis-rs cannot tell that case from the safe ones, so every
-//! error comes back at once: a `MOVED` or `ASK` during a resharding, a `TRYAGAIN`,
-//! `CLUSTERDOWN` or `READONLY` during a failover, and a dropped connection fail that
-//! request (500). redis-rs still refreshes its slot map or reconnects, so after a
-//! `MOVED`, a failover or a reconnect the next request goes to the right node; but it
-//! does not follow an `ASK` unless retrying, so while a slot migrates, the tokens whose
-//! keys moved answer 500 until it ends. (A commit that could tell its own earlier run,
-//! by an id it writes beside the keys, would let redis-rs retry again.)
+//! A cluster connection re-sends nothing on its own (`retries(0)`). redis-rs re-sends
+//! a command whose connection dropped before its answer came, and a commit script that
+//! had run would then find its own write, answer "changed", and have the engine plan
+//! again on top of it: a right code answering 409, a wrong guess counted twice, a
+//! create refused by its own send. redis-rs cannot tell that case from the safe ones.
+//! otpd can: [`on_cluster`] sends a command again only after an answer that says the
+//! cluster did not run it: `MOVED` or `ASK` (its slot moved, or is moving, to another
+//! node: sent there, after `ASKING` for an `ASK`), `TRYAGAIN` (a slot whose keys are
+//! split between two nodes mid-migration) or `CLUSTERDOWN`. So a resharding costs a
+//! request a few round trips, not a 500. (The node importing a slot answers `TRYAGAIN`
+//! to a read of several keys one of which it lacks, as it may still be on the other
+//! node, until the slot's move ends: a wrong code typed meanwhile waits for that, for
+//! [`CLUSTER_RESENDS`] × [`CLUSTER_RESEND_WAIT`] at most.) A dropped connection, a
+//! timeout or `READONLY`
+//! (a failover) still fail the request (500); redis-rs reconnects or refreshes its slot
+//! map, so the next request goes to the right node. (Pipelines, used only for the
+//! `live` set's counts, are not followed: a failure there only skews `stats`.)
 //!
 //! A store operation holds one [`Pinned`] handle: all its commands go to one
 //! connection, so a `WAIT` counts the writes it follows, and an operation a Sentinel
 //! failover interrupts fails (500) instead of finishing on the new master.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -41,8 +47,9 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
-    AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisConnectionInfo, RedisError, RedisFuture,
-    RedisResult, ServerErrorKind, TlsCertificates, Value,
+    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo,
+    Pipeline, RedisConnectionInfo, RedisError, RedisFuture, RedisResult, ServerErrorKind,
+    TlsCertificates, Value,
 };
 
 use crate::config::RedisConfig;
@@ -57,14 +64,14 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub enum Connection {
     Server(Pinned),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConnection, Arc<NamedNodes>),
 }
 
 /// The pool: `Reconnecting` connections to a server or the Sentinels' master, or
 /// cluster connections.
 pub enum Pool {
     Servers(Vec<Arc<Reconnecting>>),
-    Cluster(Vec<ClusterConnection>),
+    Cluster(Vec<ClusterConnection>, Arc<NamedNodes>),
 }
 
 impl Pool {
@@ -75,14 +82,20 @@ impl Pool {
                 pool: servers[i % servers.len()].clone(),
                 pinned: None,
             }),
-            Pool::Cluster(nodes) => Connection::Cluster(nodes[i % nodes.len()].clone()),
+            Pool::Cluster(nodes, named) => {
+                Connection::Cluster(nodes[i % nodes.len()].clone(), named.clone())
+            }
         }
     }
 }
 
 /// The pool `config` asks for: `pool_size` connections to one server or a cluster, or
 /// one to the Sentinels' master (it is multiplexed, and asked for again after a loss).
-pub async fn open_pool(config: &RedisConfig) -> Result<Pool, OpenError> {
+/// `scripts`: the Lua scripts otpd calls, for the cluster nodes it reaches by itself.
+pub async fn open_pool(
+    config: &RedisConfig,
+    scripts: &'static [&'static str],
+) -> Result<Pool, OpenError> {
     let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
     let response_timeout = Duration::from_millis(config.response_timeout_ms);
     let connection_config = AsyncConnectionConfig::new()
@@ -113,15 +126,23 @@ pub async fn open_pool(config: &RedisConfig) -> Result<Pool, OpenError> {
         .connection_timeout(connect_timeout)
         .response_timeout(response_timeout)
         .retries(0);
-    if let Some(roots) = tls_roots(config)? {
-        builder = builder.certs(roots);
+    let roots = tls_roots(config)?;
+    if let Some(roots) = &roots {
+        builder = builder.certs(roots.clone());
     }
     let client = builder.build()?;
+    let named = Arc::new(NamedNodes {
+        like: config.cluster[0].as_str().into_connection_info()?,
+        roots,
+        config: connection_config,
+        scripts,
+        open: tokio::sync::Mutex::default(),
+    });
     let mut nodes = Vec::with_capacity(config.pool_size);
     for _ in 0..config.pool_size {
         nodes.push(client.get_async_connection().await?);
     }
-    Ok(Pool::Cluster(nodes))
+    Ok(Pool::Cluster(nodes, named))
 }
 
 /// Why the pool could not be opened: a setting, or Redis itself.
@@ -367,6 +388,122 @@ impl Pinned {
     }
 }
 
+/// How many times [`on_cluster`] sends a command again: one command meets a moving
+/// slot's `ASK`, or a moved one's `MOVED`, once or twice at most.
+const CLUSTER_RESENDS: usize = 8;
+/// How long [`on_cluster`] waits before sending again after `TRYAGAIN` or
+/// `CLUSTERDOWN`: keys are moved a batch at a time, in milliseconds.
+const CLUSTER_RESEND_WAIT: Duration = Duration::from_millis(20);
+
+/// Runs `cmd` on the cluster, and again when the cluster answers that it did not run
+/// it (see the module doc): after `MOVED` or `ASK` on the node named (after `ASKING`
+/// for an `ASK`), not where redis-rs's slot map, refreshed meanwhile, may still point;
+/// after `TRYAGAIN` or `CLUSTERDOWN` once [`CLUSTER_RESEND_WAIT`] is over.
+async fn on_cluster(
+    cluster: &mut ClusterConnection,
+    named: &NamedNodes,
+    cmd: &Cmd,
+) -> RedisResult<Value> {
+    // The node the last answer named, and whether it asked for an `ASKING` first.
+    let mut sent_to: Option<(String, u16, bool)> = None;
+    let mut resends = 0;
+    loop {
+        let answer = match sent_to.take() {
+            None => cluster.req_packed_command(cmd).await,
+            Some((host, port, asking)) => named.send(&host, port, asking, cmd).await,
+        };
+        let Err(error) = &answer else { return answer };
+        if resends == CLUSTER_RESENDS {
+            return answer;
+        }
+        resends += 1;
+        match error.kind() {
+            ErrorKind::Server(kind @ (ServerErrorKind::Ask | ServerErrorKind::Moved)) => {
+                // `redirect_node` gives the node's "host:port" and the slot.
+                let node = error.redirect_node().and_then(|(node, _slot)| {
+                    let (host, port) = node.rsplit_once(':')?;
+                    Some((host.to_owned(), port.parse().ok()?))
+                });
+                let asking = kind == ServerErrorKind::Ask;
+                sent_to = node.map(|(host, port)| (host, port, asking));
+            }
+            ErrorKind::Server(ServerErrorKind::TryAgain | ServerErrorKind::ClusterDown) => {
+                tokio::time::sleep(CLUSTER_RESEND_WAIT).await;
+            }
+            _ => return answer,
+        }
+    }
+}
+
+/// Connections of otpd's own to the nodes a cluster's `ASK` or `MOVED` names. redis-rs
+/// connects to a node outside its slot map (an empty node that a slot is moving to)
+/// only when it retries a command itself, which otpd does not let it do.
+pub struct NamedNodes {
+    /// The first seed's address, credentials and TLS, for the others.
+    like: ConnectionInfo,
+    roots: Option<TlsCertificates>,
+    config: AsyncConnectionConfig,
+    /// Loaded on each node when connected: redis-rs loads a script on the nodes of its
+    /// slot map alone, so a command's `EVALSHA` would meet `NOSCRIPT` there.
+    scripts: &'static [&'static str],
+    open: tokio::sync::Mutex<HashMap<(String, u16), MultiplexedConnection>>,
+}
+
+impl NamedNodes {
+    /// Sends `cmd` to the node at `host`:`port`, right after an `ASKING` when `asking`.
+    async fn send(&self, host: &str, port: u16, asking: bool, cmd: &Cmd) -> RedisResult<Value> {
+        let mut connection = self.connection(host, port).await?;
+        let mut pipe = redis::pipe();
+        if asking {
+            pipe.cmd("ASKING");
+        }
+        pipe.add_command(cmd.clone());
+        let sent = connection
+            .req_packed_commands(&pipe, usize::from(asking), 1)
+            .await;
+        if let Err(error) = &sent
+            && connection_lost(error)
+        {
+            self.open.lock().await.remove(&(host.to_owned(), port));
+        }
+        match sent?.pop() {
+            Some(answer) => answer.extract_error(),
+            None => Err((ErrorKind::Client, "no answer from the node named").into()),
+        }
+    }
+
+    /// The open connection to `host`:`port`, or a new one.
+    async fn connection(&self, host: &str, port: u16) -> RedisResult<MultiplexedConnection> {
+        let mut open = self.open.lock().await;
+        let node = (host.to_owned(), port);
+        if let Some(connection) = open.get(&node) {
+            return Ok(connection.clone());
+        }
+        let address = match self.like.addr() {
+            ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: None,
+            },
+            _ => ConnectionAddr::Tcp(host.to_owned(), port),
+        };
+        let info = self.like.clone().set_addr(address);
+        let client = match &self.roots {
+            Some(roots) => redis::Client::build_with_tls(info, roots.clone()),
+            None => redis::Client::open(info),
+        }?;
+        let mut connection =
+            (client.get_multiplexed_async_connection_with_config(&self.config)).await?;
+        for script in self.scripts {
+            let load = redis::cmd("SCRIPT").arg("LOAD").arg(*script).to_owned();
+            load.query_async::<String>(&mut connection).await?;
+        }
+        open.insert(node, connection.clone());
+        Ok(connection)
+    }
+}
+
 /// Errors after which the connection may be gone, or (for a Sentinel master, demoted
 /// by a failover) talking to the wrong server.
 fn connection_lost(error: &RedisError) -> bool {
@@ -380,7 +517,7 @@ fn connection_lost(error: &RedisError) -> bool {
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Connection::Cluster(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c, named) => Box::pin(on_cluster(c, named, cmd)),
             Connection::Server(c) => Box::pin(c.run(move |mut connection| async move {
                 connection.req_packed_command(cmd).await
             })),
@@ -394,7 +531,7 @@ impl ConnectionLike for Connection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c, _) => c.req_packed_commands(pipeline, offset, count),
             Connection::Server(c) => Box::pin(c.run(move |mut connection| async move {
                 connection
                     .req_packed_commands(pipeline, offset, count)
@@ -405,7 +542,7 @@ impl ConnectionLike for Connection {
 
     fn get_db(&self) -> i64 {
         match self {
-            Connection::Cluster(c) => c.get_db(),
+            Connection::Cluster(c, _) => c.get_db(),
             Connection::Server(c) => c
                 .pinned
                 .as_ref()

@@ -326,10 +326,12 @@ impl RedisStore {
         };
         let unreachable =
             |e: RedisError| StoreError::Database(format!("cannot reach Redis at {address}: {e}"));
-        let connections = connection::open_pool(config).await.map_err(|e| match e {
-            OpenError::Config(e) => e,
-            OpenError::Redis(e) => unreachable(e),
-        })?;
+        let connections = connection::open_pool(config, &[COMMIT, CLAIM])
+            .await
+            .map_err(|e| match e {
+                OpenError::Config(e) => e,
+                OpenError::Redis(e) => unreachable(e),
+            })?;
         let store = Self {
             connections,
             next: AtomicUsize::new(0),
