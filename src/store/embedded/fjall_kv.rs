@@ -269,14 +269,6 @@ impl Tree for FjallTree {
             .collect()
     }
 
-    fn first_key(&self) -> Result<Option<Slice>, StoreError> {
-        Ok(self
-            .partition
-            .first_key_value()
-            .map_err(db_error)?
-            .map(|(key, _)| key))
-    }
-
     fn values(&self) -> impl Iterator<Item = Result<Slice, StoreError>> + '_ {
         self.partition.values().map(|value| value.map_err(db_error))
     }

@@ -1,7 +1,7 @@
 //! The ordered key-value interface the embedded engine is written against.
 //!
 //! Just what [`super::EmbeddedStore`] uses: named trees of byte keys in byte order,
-//! single-key reads and writes, the keys of a range and the first key of a tree, an
+//! single-key reads and writes, the keys of a range, every value, an
 //! atomic batch on one tree, and a durable flush of the whole database. Every write is visible to reads at
 //! once and reaches disk in the order it was made ([`super`]'s module doc relies on
 //! that); [`Database::flush`] makes everything written before it durable.
@@ -93,9 +93,6 @@ pub trait Tree: Send + Sync + 'static {
         end: &[u8],
         limit: usize,
     ) -> Result<Vec<Self::Bytes>, StoreError>;
-
-    /// The smallest key, if any.
-    fn first_key(&self) -> Result<Option<Self::Bytes>, StoreError>;
 
     /// Every value, in key order.
     fn values(&self) -> impl Iterator<Item = Result<Self::Bytes, StoreError>> + '_;

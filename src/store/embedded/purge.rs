@@ -3,7 +3,7 @@
 
 use super::background::run_in_background;
 use super::kv::{Database, Tree};
-use super::timed::{due_batch, next_visit, split_timed_key, timed_key};
+use super::timed::{split_timed_key, timed_key};
 use super::{EmbeddedStore, TokenState};
 use crate::log_throttle::OncePerSecond;
 use crate::rules::{CodeState, Millis};
@@ -56,8 +56,9 @@ impl<D: Database> EmbeddedStore<D> {
                         "the janitor cannot read a token's record; trying again in an hour (held_back: others since the last such line)"
                     );
                 }
-                self.expiry
-                    .insert(&timed_key(now + UNREADABLE_RETRY_MS, token), &[])?;
+                let retry_at = now + UNREADABLE_RETRY_MS;
+                self.expiry.insert(&timed_key(retry_at, token), &[])?;
+                self.expiry_floor.lower(retry_at);
                 Visit::default()
             }
             visited => visited?,
@@ -141,31 +142,36 @@ impl<D: Database> EmbeddedStore<D> {
         let mut purged = 0;
         let mut more = false;
         if let Some(last_due) = now.checked_sub(window) {
-            let due;
-            (due, more) = due_batch(&self.recipients, &self.resume_recipients, last_due, batch)?;
-            for key in &due {
+            let due = self
+                .recipients_floor
+                .due(&self.recipients, last_due, batch)?;
+            for key in &due.keys {
                 self.recipients.remove(key)?;
             }
-            purged = due.len() as u64;
+            (purged, more) = (due.keys.len() as u64, due.full);
+            self.recipients_floor.raise(due);
         }
-        Ok((purged, next_visit(&self.recipients, more, now, window)?))
+        let next = (self.recipients_floor).next_visit(&self.recipients, more, now, window)?;
+        Ok((purged, next))
     }
 
     /// One janitor batch, on the calling thread.
     fn purge_batch(&self, now: Millis, batch: usize) -> Result<PurgeReport, StoreError> {
         let mut report = PurgeReport::default();
         let mut live_delta = 0;
-        let (due, more) = due_batch(&self.expiry, &self.resume_expiry, now, batch)?;
-        for entry in due {
-            let visit = self.visit(&entry, now)?;
+        let due = self.expiry_floor.due(&self.expiry, now, batch)?;
+        for entry in &due.keys {
+            let visit = self.visit(entry, now)?;
             report.purged += visit.purged;
             report.expired += visit.expired;
             live_delta += visit.live_delta;
         }
+        let more = due.full;
+        self.expiry_floor.raise(due);
         crate::store::adjust_live(&self.live, live_delta);
         let (purged, next_recipients) = self.purge_recipients(now, batch)?;
         report.purged += purged;
-        let next_expiry = next_visit(&self.expiry, more, now, 0)?;
+        let next_expiry = self.expiry_floor.next_visit(&self.expiry, more, now, 0)?;
         report.next_due = next_expiry.into_iter().chain(next_recipients).min();
         Ok(report)
     }

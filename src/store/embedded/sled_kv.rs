@@ -114,12 +114,6 @@ impl Tree for sled::Tree {
             .map_err(db_error)
     }
 
-    fn first_key(&self) -> Result<Option<IVec>, StoreError> {
-        Ok(sled::Tree::first(self)
-            .map_err(db_error)?
-            .map(|(key, _)| key))
-    }
-
     fn values(&self) -> impl Iterator<Item = Result<IVec, StoreError>> + '_ {
         self.iter().values().map(|value| value.map_err(db_error))
     }
