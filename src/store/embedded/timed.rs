@@ -1,5 +1,6 @@
 //! Trees ordered by time (`expiry`, `recipients`, `failovers`): keys that start with a
-//! big-endian time, read from the head for what is due.
+//! big-endian time, read in time order for what is due, from past what was removed
+//! ([`Floor`]).
 
 use std::sync::{Mutex, PoisonError};
 
@@ -27,7 +28,7 @@ pub(super) fn split_timed_key(key: &[u8]) -> Option<(Millis, &[u8])> {
 /// An LSM tree (fjall) keeps a removed key as a tombstone until a compaction into its
 /// last level drops it, which for trees of otpd's size can be never, and a scan steps
 /// over every tombstone in its range (0.4 µs each). Scanning from the head, a janitor
-/// pass took 300–600 ms after 90 s of 2,800 creates a second (`retain_secs = 0`;
+/// pass took 300–1,000 ms after 90 s of 2,800 creates a second (`retain_secs = 0`;
 /// BENCHMARKS.md, "Stop 22"), and more the longer the daemon ran. So scans start at
 /// the floor, which rises past the keys its caller handled ([`Floor::raise`]); a key
 /// filed below the floor, or below the end of a scan under way (only a clock stepping
