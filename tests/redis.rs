@@ -1247,7 +1247,52 @@ fn a_create_lost_before_its_confirm_is_not_acknowledged(engine: Engine) {
     });
 }
 
+/// A pending code a create replaced after its expiry, before a janitor pass counted it,
+/// is counted once: also when the resend's delivery fails and puts it back, it is put
+/// back expired, not into the live set for the next pass to count again.
+fn a_code_replaced_after_its_expiry_counts_as_expired_once(engine: Engine) {
+    use otpd::rules::{CodeState, now_ms};
+    use otpd::store::Store;
+
+    let direct = DirectStore::new(engine);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = direct.connect().await;
+        let now = now_ms();
+        let resent_at = now + 2_000;
+        for (token, number, sent) in [
+            ("sent", "393331000071", true),
+            ("back", "393331000072", false),
+        ] {
+            let mut first = new_code(token, 1, number, now);
+            first.expires_at = now + 1_000;
+            store.create(&first, now).await.unwrap().unwrap();
+            let reference = format!("uuid-{token}");
+            let counts = store.confirm_delivery(token, &first.digest, &reference, now);
+            assert!(counts.await.unwrap());
+            let resend = new_code(token, 2, number, resent_at);
+            store.create(&resend, resent_at).await.unwrap().unwrap();
+            if sent {
+                let reference = format!("uuid-{token}-2");
+                let counts = store.confirm_delivery(token, &resend.digest, &reference, resent_at);
+                assert!(counts.await.unwrap());
+            } else {
+                store.discard(token, &resend.digest).await.unwrap();
+            }
+        }
+        let report = store.purge_due(resent_at + 100, 100).await.unwrap();
+        assert_eq!(report.expired, 2, "each replaced code once");
+        let back = store.status("back").await.unwrap().unwrap().code.unwrap();
+        assert_eq!(
+            back.state,
+            CodeState::Expired,
+            "put back as it was: expired"
+        );
+    });
+}
+
 per_engine!([redis, redis_cluster] {
+    a_code_replaced_after_its_expiry_counts_as_expired_once,
     a_code_that_expired_on_its_way_no_longer_counts,
     status_keeps_seeing_a_code_that_another_host_replaces,
     a_code_its_token_no_longer_names_does_not_answer,

@@ -171,6 +171,9 @@ pub struct EmbeddedStore<D: Database> {
     limits: Limits,
     commit: Option<GroupCommit>,
     live: AtomicU64,
+    /// Codes a create replaced after their expiry, before a janitor pass marked them
+    /// expired: the next pass counts them ([`EmbeddedStore::purge`]).
+    expired_unreported: AtomicU64,
     /// Where the scans for what is due in `expiry`, `recipients` and `failovers` start.
     expiry_floor: Floor,
     recipients_floor: Floor,
@@ -208,6 +211,7 @@ impl<D: Database> EmbeddedStore<D> {
                 })
             }),
             live: AtomicU64::new(0),
+            expired_unreported: AtomicU64::new(0),
             expiry_floor: Floor::default(),
             recipients_floor: Floor::default(),
             failovers_floor: Floor::default(),
@@ -405,8 +409,17 @@ impl<D: Database> EmbeddedStore<D> {
         }
         state.record = plan.token;
         let code = CodeRecord::new(new.created_at, new.expires_at, new.channels.clone());
-        let replaced = state.code.replace(code);
+        let mut replaced = state.code.replace(code);
         let replaced_live = replaced.as_ref().is_some_and(CodeRecord::is_pending);
+        // A pending code replaced after its expiry, before a janitor pass came by, has
+        // expired all the same: it is kept (while the resend is on its way) as expired,
+        // so that neither a failed resend, which puts it back, nor a pass counts it again.
+        let expired_unseen = replaced
+            .as_mut()
+            .filter(|old| old.is_pending() && old.expires_at <= now);
+        let expired_unseen = expired_unseen
+            .map(|old| old.state = CodeState::Expired)
+            .is_some();
         let replaced = plan
             .replaced
             .zip(replaced)
@@ -422,6 +435,9 @@ impl<D: Database> EmbeddedStore<D> {
         };
         self.forget_references(dropped.as_ref().map(|old| &old.code))?;
         self.write_token(token, &mut state)?;
+        if expired_unseen {
+            self.expired_unreported.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(Ok(1 - i64::from(replaced_live)))
     }
 
@@ -830,6 +846,44 @@ mod tests {
                 .unwrap()
         );
         new
+    }
+
+    /// A pending code a create replaced after its expiry, before a janitor pass came by,
+    /// expired all the same: the next pass counts it, once, also when the resend's
+    /// delivery fails and puts it back.
+    async fn a_code_replaced_after_its_expiry_counts_as_expired_once<D: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open::<D>(&dir, LIMITS);
+        let mut expired = 0;
+        for (token, delivered_again) in [("sent", true), ("put back", false)] {
+            delivered(&store, token, &format!("uuid-{token}")).await; // expires at 5 s
+            let resend = new_code(token, 9, 5_100, 50_000);
+            store.create(&resend, 5_100).await.unwrap().unwrap();
+            if delivered_again {
+                let reference = format!("uuid-{token}-2");
+                let confirm = store.confirm_delivery(token, &resend.digest, &reference, 5_100);
+                assert!(confirm.await.unwrap());
+            } else {
+                store.discard(token, &resend.digest).await.unwrap();
+            }
+            expired += store.purge_due(5_200, 100).await.unwrap().expired;
+        }
+        assert_eq!(expired, 2, "each replaced code once");
+        assert_eq!(store.live(), 1, "the resend that was sent");
+        let code = store
+            .status("put back")
+            .await
+            .unwrap()
+            .unwrap()
+            .code
+            .unwrap();
+        assert_eq!(
+            code.state,
+            CodeState::Expired,
+            "put back as it was: expired"
+        );
+        expired += store.purge_due(60_000, 100).await.unwrap().expired;
+        assert_eq!(expired, 3, "and the resend, at its own expiry");
     }
 
     async fn a_verified_code_is_filed_again_and_goes_retain_after_its_expiry<D: Database>() {
@@ -1552,6 +1606,7 @@ mod tests {
     }
 
     on_both_engines!(
+        a_code_replaced_after_its_expiry_counts_as_expired_once,
         a_backlog_is_purged_from_where_the_last_full_batch_ended,
         an_unreadable_record_is_passed_over_and_visited_later,
         a_verified_code_is_filed_again_and_goes_retain_after_its_expiry,

@@ -1,6 +1,8 @@
 //! The janitor's side of the embedded store: due expiry entries and recipient buckets,
 //! a batch at a time ([`Store::purge_due`](crate::store::Store::purge_due)).
 
+use std::sync::atomic::Ordering;
+
 use super::background::run_in_background;
 use super::kv::{Database, Tree};
 use super::timed::{split_timed_key, timed_key};
@@ -171,6 +173,7 @@ impl<D: Database> EmbeddedStore<D> {
         crate::store::adjust_live(&self.live, live_delta);
         let (purged, next_recipients) = self.purge_recipients(now, batch)?;
         report.purged += purged;
+        report.expired += self.expired_unreported.swap(0, Ordering::Relaxed);
         let next_expiry = self.expiry_floor.next_visit(&self.expiry, more, now, 0)?;
         report.next_due = next_expiry.into_iter().chain(next_recipients).min();
         Ok(report)

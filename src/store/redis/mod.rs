@@ -969,6 +969,14 @@ impl Store for RedisStore {
                     .map(|code| ReplacedCode { digest: old, code });
                 commit.expect(&old_key, &old_read).delete(&old_key);
             }
+            // A pending code replaced after its expiry, before a janitor pass counted
+            // it, has expired all the same: it is kept as expired, so that a failed
+            // resend puts it back expired, not into the live set to be counted again.
+            let expired_unseen = replaced
+                .as_mut()
+                .filter(|old| old.code.is_pending() && old.code.expires_at <= now)
+                .map(|old| old.code.state = CodeState::Expired)
+                .is_some();
             let stand_in =
                 if ReplacedCode::keeps_standing_in(standing_in.as_ref(), replaced.as_ref()) {
                     standing_in.as_ref()
@@ -991,11 +999,6 @@ impl Store for RedisStore {
                 let removed = self
                     .track_live(&mut conn, Some((&member, new.expires_at)), &gone)
                     .await;
-                // A pending code replaced after its expiry, before a janitor pass
-                // counted it: it expired all the same.
-                let expired_unseen = replaced
-                    .as_ref()
-                    .is_some_and(|old| old.code.is_pending() && old.code.expires_at <= now);
                 if expired_unseen && removed > 0 {
                     self.expired_unreported.fetch_add(1, Ordering::Relaxed);
                 }
