@@ -1104,6 +1104,46 @@ fn a_token_is_served_while_its_slot_moves_to_another_node() {
     });
 }
 
+/// A `WAIT` counts only the writes of its own connection. A write that went, during a
+/// slot's move, to the node importing it went over a connection of otpd's own, so the
+/// `WAIT` for `min_replicas` goes there too. (These nodes have no replicas: the verify
+/// fails for want of one, after waiting on both nodes.)
+#[test]
+fn a_wait_also_goes_to_the_node_a_moving_slots_write_went_to() {
+    use otpd::store::Store;
+
+    let cluster = TwoNodeCluster::start();
+    let store = redis_store(&format!(
+        "cluster = [\"{}\"]\nmin_replicas = 1\nreplica_timeout_ms = 50\n",
+        cluster.url()
+    ));
+    let direct = DirectStore::on(&store, "");
+    let prefix = direct.config.store.redis.key_prefix.clone();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = direct.connect().await;
+        let now = otpd::rules::now_ms();
+        let new = new_code("waited", 1, "393331000081", now);
+        let created = store.create(&new, now).await;
+        assert!(
+            created.is_err(),
+            "no replica, yet acknowledged: {created:?}"
+        );
+        let slot = cluster.slot_of(&format!("{prefix}{{waited}}:t"));
+        cluster.move_keys(&slot);
+        let outcome = store.verify("waited", &new.digest, now).await;
+        assert!(
+            outcome.is_err(),
+            "no replica, yet acknowledged: {outcome:?}"
+        );
+        let clients = cluster.on_second(&["client", "list"]);
+        assert!(
+            clients.contains("cmd=wait"),
+            "no WAIT reached the node: {clients}"
+        );
+    });
+}
+
 /// An evicted token key (Redis under a `maxmemory-policy` other than `noeviction`)
 /// leaves its code's key behind, and the next create, knowing nothing of it, leaves it
 /// there: that code is no longer the token's. It takes no report, is not confirmed

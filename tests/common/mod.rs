@@ -1080,6 +1080,11 @@ impl TwoNodeCluster {
         assert_eq!(redis_cli(first, &migrate).trim(), "OK", "{migrate:?}");
     }
 
+    /// Runs `redis-cli ARGS…` on the second node and returns what it printed.
+    pub fn on_second(&self, args: &[&str]) -> String {
+        redis_cli(self.ports[1], args)
+    }
+
     /// Ends the move of `slot`: it is the second node's, and the first answers `MOVED`.
     pub fn finish_move(&self, slot: &str) {
         for port in self.ports {

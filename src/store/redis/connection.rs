@@ -19,7 +19,7 @@
 //! had run would then find its own write, answer "changed", and have the engine plan
 //! again on top of it: a right code answering 409, a wrong guess counted twice, a
 //! create refused by its own send. redis-rs cannot tell that case from the safe ones.
-//! otpd can: [`on_cluster`] sends a command again only after an answer that says the
+//! otpd can: [`OnCluster`] sends a command again only after an answer that says the
 //! cluster did not run it: `MOVED` or `ASK` (its slot moved, or is moving, to another
 //! node: sent there, after `ASKING` for an `ASK`), `TRYAGAIN` (a slot whose keys are
 //! split between two nodes mid-migration) or `CLUSTERDOWN`. So a resharding costs a
@@ -47,9 +47,9 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
-    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo,
-    Pipeline, RedisConnectionInfo, RedisError, RedisFuture, RedisResult, ServerErrorKind,
-    TlsCertificates, Value,
+    Arg, AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue,
+    IntoConnectionInfo, Pipeline, RedisConnectionInfo, RedisError, RedisFuture, RedisResult,
+    ServerErrorKind, TlsCertificates, Value,
 };
 
 use crate::config::RedisConfig;
@@ -64,7 +64,7 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub enum Connection {
     Server(Pinned),
-    Cluster(ClusterConnection, Arc<NamedNodes>),
+    Cluster(OnCluster),
 }
 
 /// The pool: `Reconnecting` connections to a server or the Sentinels' master, or
@@ -82,9 +82,11 @@ impl Pool {
                 pool: servers[i % servers.len()].clone(),
                 pinned: None,
             }),
-            Pool::Cluster(nodes, named) => {
-                Connection::Cluster(nodes[i % nodes.len()].clone(), named.clone())
-            }
+            Pool::Cluster(nodes, named) => Connection::Cluster(OnCluster {
+                cluster: nodes[i % nodes.len()].clone(),
+                named: named.clone(),
+                named_used: Vec::new(),
+            }),
         }
     }
 }
@@ -388,49 +390,81 @@ impl Pinned {
     }
 }
 
-/// How many times [`on_cluster`] sends a command again: one command meets a moving
+/// How many times [`OnCluster::follow`] sends a command again: one command meets a moving
 /// slot's `ASK`, or a moved one's `MOVED`, once or twice at most.
 const CLUSTER_RESENDS: usize = 8;
-/// How long [`on_cluster`] waits before sending again after `TRYAGAIN` or
+/// How long [`OnCluster::follow`] waits before sending again after `TRYAGAIN` or
 /// `CLUSTERDOWN`: keys are moved a batch at a time, in milliseconds.
 const CLUSTER_RESEND_WAIT: Duration = Duration::from_millis(20);
 
-/// Runs `cmd` on the cluster, and again when the cluster answers that it did not run
-/// it (see the module doc): after `MOVED` or `ASK` on the node named (after `ASKING`
-/// for an `ASK`), not where redis-rs's slot map, refreshed meanwhile, may still point;
-/// after `TRYAGAIN` or `CLUSTERDOWN` once [`CLUSTER_RESEND_WAIT`] is over.
-async fn on_cluster(
-    cluster: &mut ClusterConnection,
-    named: &NamedNodes,
-    cmd: &Cmd,
-) -> RedisResult<Value> {
-    // The node the last answer named, and whether it asked for an `ASKING` first.
-    let mut sent_to: Option<(String, u16, bool)> = None;
-    let mut resends = 0;
-    loop {
-        let answer = match sent_to.take() {
-            None => cluster.req_packed_command(cmd).await,
-            Some((host, port, asking)) => named.send(&host, port, asking, cmd).await,
-        };
-        let Err(error) = &answer else { return answer };
-        if resends == CLUSTER_RESENDS {
-            return answer;
+/// One store operation's hold on a cluster connection of the pool, and on the nodes
+/// it reached over connections of otpd's own ([`NamedNodes`]).
+#[derive(Clone)]
+pub struct OnCluster {
+    cluster: ClusterConnection,
+    named: Arc<NamedNodes>,
+    /// The nodes this operation sent a command to through `named`: a `WAIT` counts
+    /// only its own connection's writes, so it is sent there too.
+    named_used: Vec<(String, u16)>,
+}
+
+impl OnCluster {
+    /// Runs `cmd` ([`OnCluster::follow`]); a `WAIT` also on each node this operation
+    /// reached through [`NamedNodes`], answering the fewest replicas of all.
+    async fn send(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        let answer = self.follow(cmd).await?;
+        let name = cmd.args_iter().next();
+        if !matches!(name, Some(Arg::Simple(name)) if name.eq_ignore_ascii_case(b"WAIT")) {
+            return Ok(answer);
         }
-        resends += 1;
-        match error.kind() {
-            ErrorKind::Server(kind @ (ServerErrorKind::Ask | ServerErrorKind::Moved)) => {
-                // `redirect_node` gives the node's "host:port" and the slot.
-                let node = error.redirect_node().and_then(|(node, _slot)| {
-                    let (host, port) = node.rsplit_once(':')?;
-                    Some((host.to_owned(), port.parse().ok()?))
-                });
-                let asking = kind == ServerErrorKind::Ask;
-                sent_to = node.map(|(host, port)| (host, port, asking));
+        let mut fewest = i64::from_redis_value(answer)?;
+        for (host, port) in &self.named_used {
+            let there = self.named.send(host, *port, false, cmd).await?;
+            fewest = fewest.min(i64::from_redis_value(there)?);
+        }
+        Ok(Value::Int(fewest))
+    }
+
+    /// Runs `cmd` on the cluster, and again when the cluster answers that it did not
+    /// run it (see the module doc): after `MOVED` or `ASK` on the node named (after
+    /// `ASKING` for an `ASK`), not where redis-rs's slot map, refreshed meanwhile, may
+    /// still point; after `TRYAGAIN` or `CLUSTERDOWN` once [`CLUSTER_RESEND_WAIT`] is
+    /// over.
+    async fn follow(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        // The node the last answer named, and whether it asked for an `ASKING` first.
+        let mut sent_to: Option<(String, u16, bool)> = None;
+        let mut resends = 0;
+        loop {
+            let answer = match sent_to.take() {
+                None => self.cluster.req_packed_command(cmd).await,
+                Some((host, port, asking)) => {
+                    let node = (host, port);
+                    if !self.named_used.contains(&node) {
+                        self.named_used.push(node.clone());
+                    }
+                    self.named.send(&node.0, node.1, asking, cmd).await
+                }
+            };
+            let Err(error) = &answer else { return answer };
+            if resends == CLUSTER_RESENDS {
+                return answer;
             }
-            ErrorKind::Server(ServerErrorKind::TryAgain | ServerErrorKind::ClusterDown) => {
-                tokio::time::sleep(CLUSTER_RESEND_WAIT).await;
+            resends += 1;
+            match error.kind() {
+                ErrorKind::Server(kind @ (ServerErrorKind::Ask | ServerErrorKind::Moved)) => {
+                    // `redirect_node` gives the node's "host:port" and the slot.
+                    let node = error.redirect_node().and_then(|(node, _slot)| {
+                        let (host, port) = node.rsplit_once(':')?;
+                        Some((host.to_owned(), port.parse().ok()?))
+                    });
+                    let asking = kind == ServerErrorKind::Ask;
+                    sent_to = node.map(|(host, port)| (host, port, asking));
+                }
+                ErrorKind::Server(ServerErrorKind::TryAgain | ServerErrorKind::ClusterDown) => {
+                    tokio::time::sleep(CLUSTER_RESEND_WAIT).await;
+                }
+                _ => return answer,
             }
-            _ => return answer,
         }
     }
 }
@@ -517,7 +551,7 @@ fn connection_lost(error: &RedisError) -> bool {
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Connection::Cluster(c, named) => Box::pin(on_cluster(c, named, cmd)),
+            Connection::Cluster(c) => Box::pin(c.send(cmd)),
             Connection::Server(c) => Box::pin(c.run(move |mut connection| async move {
                 connection.req_packed_command(cmd).await
             })),
@@ -531,7 +565,7 @@ impl ConnectionLike for Connection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Connection::Cluster(c, _) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.cluster.req_packed_commands(pipeline, offset, count),
             Connection::Server(c) => Box::pin(c.run(move |mut connection| async move {
                 connection
                     .req_packed_commands(pipeline, offset, count)
@@ -542,7 +576,7 @@ impl ConnectionLike for Connection {
 
     fn get_db(&self) -> i64 {
         match self {
-            Connection::Cluster(c, _) => c.get_db(),
+            Connection::Cluster(c) => c.cluster.get_db(),
             Connection::Server(c) => c
                 .pinned
                 .as_ref()
