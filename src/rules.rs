@@ -202,6 +202,16 @@ impl CodeRecord {
         }
     }
 
+    /// Marks a pending code past its expiry as expired, as [`CodeRecord::state_at`]
+    /// already answers for it; whether it did.
+    pub fn mark_expired(&mut self, now: Millis) -> bool {
+        let expired = self.state == CodeState::Pending && self.state_at(now) == CodeState::Expired;
+        if expired {
+            self.state = CodeState::Expired;
+        }
+        expired
+    }
+
     /// When the janitor must look at this record again: at expiry while pending, then
     /// `retain` later to purge it.
     pub fn due_at(&self, limits: &Limits) -> Millis {

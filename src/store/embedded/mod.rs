@@ -414,12 +414,7 @@ impl<D: Database> EmbeddedStore<D> {
         // A pending code replaced after its expiry, before a janitor pass came by, has
         // expired all the same: it is kept (while the resend is on its way) as expired,
         // so that neither a failed resend, which puts it back, nor a pass counts it again.
-        let expired_unseen = replaced
-            .as_mut()
-            .filter(|old| old.is_pending() && old.expires_at <= now);
-        let expired_unseen = expired_unseen
-            .map(|old| old.state = CodeState::Expired)
-            .is_some();
+        let expired_unseen = replaced.as_mut().is_some_and(|old| old.mark_expired(now));
         let replaced = plan
             .replaced
             .zip(replaced)

@@ -8,7 +8,7 @@ use super::kv::{Database, Tree};
 use super::timed::{split_timed_key, timed_key};
 use super::{EmbeddedStore, TokenState};
 use crate::log_throttle::OncePerSecond;
-use crate::rules::{CodeState, Millis};
+use crate::rules::Millis;
 use crate::store::{PurgeReport, StoreError};
 
 /// How long a token whose record cannot be read waits for the janitor's next visit.
@@ -80,11 +80,11 @@ impl<D: Database> EmbeddedStore<D> {
             return Ok(visit); // a sooner entry replaced this one
         }
         state.indexed_at = None;
-        if let Some(code) = &mut state.code
-            && code.state == CodeState::Pending
-            && code.expires_at <= now
+        if state
+            .code
+            .as_mut()
+            .is_some_and(|code| code.mark_expired(now))
         {
-            code.state = CodeState::Expired;
             visit.expired = 1;
             visit.live_delta = -1;
         }

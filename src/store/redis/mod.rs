@@ -974,9 +974,7 @@ impl Store for RedisStore {
             // resend puts it back expired, not into the live set to be counted again.
             let expired_unseen = replaced
                 .as_mut()
-                .filter(|old| old.code.is_pending() && old.code.expires_at <= now)
-                .map(|old| old.code.state = CodeState::Expired)
-                .is_some();
+                .is_some_and(|old| old.code.mark_expired(now));
             let stand_in =
                 if ReplacedCode::keeps_standing_in(standing_in.as_ref(), replaced.as_ref()) {
                     standing_in.as_ref()
