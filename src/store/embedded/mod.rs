@@ -283,8 +283,7 @@ impl<D: Database> EmbeddedStore<D> {
         if let Some(due) = state.due(&self.limits)
             && state.indexed_at.is_none_or(|at| due < at)
         {
-            self.expiry.insert(&timed_key(due, token), &[])?;
-            self.expiry_floor.lower(due);
+            self.expiry_floor.insert(&self.expiry, due, token, &[])?;
             state.indexed_at = Some(due);
         }
         let bytes = encode_with_extra(state, state.replaced.as_ref());
@@ -320,12 +319,9 @@ impl<D: Database> EmbeddedStore<D> {
     ) -> Result<(), StoreError> {
         let current = self.bucket(now);
         let sends = record.sends.into_iter().filter(|&t| t >= current).collect();
-        self.recipients.insert(
-            &timed_key(current, address),
-            &encode(&RecipientRecord { sends }),
-        )?;
-        self.recipients_floor.lower(current);
-        Ok(())
+        let record = encode(&RecipientRecord { sends });
+        self.recipients_floor
+            .insert(&self.recipients, current, address, &record)
     }
 
     /// Drops the lookup entries of a code that is gone (every id it was delivered as).
@@ -680,9 +676,9 @@ impl<D: Database> Store for EmbeddedStore<D> {
     }
 
     async fn put_failover(&self, failover: &PendingFailover) -> Result<(), StoreError> {
-        let key = timed_key(failover.due_at, failover.reference.as_bytes());
-        self.failovers.insert(&key, &encode(failover))?;
-        self.failovers_floor.lower(failover.due_at);
+        let (due_at, reference) = (failover.due_at, failover.reference.as_bytes());
+        self.failovers_floor
+            .insert(&self.failovers, due_at, reference, &encode(failover))?;
         self.wait_durable().await
     }
 

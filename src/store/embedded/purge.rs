@@ -59,8 +59,8 @@ impl<D: Database> EmbeddedStore<D> {
                     );
                 }
                 let retry_at = now + UNREADABLE_RETRY_MS;
-                self.expiry.insert(&timed_key(retry_at, token), &[])?;
-                self.expiry_floor.lower(retry_at);
+                self.expiry_floor
+                    .insert(&self.expiry, retry_at, token, &[])?;
                 Visit::default()
             }
             visited => visited?,
@@ -153,7 +153,9 @@ impl<D: Database> EmbeddedStore<D> {
             (purged, more) = (due.keys.len() as u64, due.full);
             self.recipients_floor.raise(due);
         }
-        let next = (self.recipients_floor).next_visit(&self.recipients, more, now, window)?;
+        let next = self
+            .recipients_floor
+            .next_visit(&self.recipients, more, now, window)?;
         Ok((purged, next))
     }
 

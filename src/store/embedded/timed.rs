@@ -63,6 +63,20 @@ impl Floor {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Files `rest` at `at` in `tree`, the floor's tree, with `value`, and lowers the
+    /// floor to it if need be ([`Floor::lower`]).
+    pub fn insert(
+        &self,
+        tree: &impl Tree,
+        at: Millis,
+        rest: &[u8],
+        value: &[u8],
+    ) -> Result<(), StoreError> {
+        tree.insert(&timed_key(at, rest), value)?;
+        self.lower(at);
+        Ok(())
+    }
+
     /// Called once a key at `at` is filed (after: a scan that began before then, and
     /// did not see it, then raises nothing).
     pub fn lower(&self, at: Millis) {
@@ -212,8 +226,7 @@ mod tests {
     }
 
     fn file(tree: &Recording, floor: &Floor, at: Millis, name: &str) {
-        tree.insert(&timed_key(at, name.as_bytes()), b"").unwrap();
-        floor.lower(at);
+        floor.insert(tree, at, name.as_bytes(), b"").unwrap();
     }
 
     /// One scan due by `now`, its keys removed: their times.
