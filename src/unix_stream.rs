@@ -32,7 +32,7 @@ pub fn split(stream: UnixStream) -> io::Result<(ReadHalf, WriteHalf)> {
 }
 
 /// Registers a descriptor the `AsyncFd` will own with the current runtime.
-fn register<T: AsFd + AsRawFd>(owned: T, interest: Interest) -> io::Result<AsyncFd<T>> {
+fn register<T: AsRawFd>(owned: T, interest: Interest) -> io::Result<AsyncFd<T>> {
     // SAFETY: `owned` owns its descriptor (a `UnixStream` or an `OwnedFd`), which stays
     // open and the same for as long as the `AsyncFd` holds it.
     Ok(unsafe { AsyncFd::register_with_interest(owned, interest) }?)

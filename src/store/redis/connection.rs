@@ -27,10 +27,10 @@
 //! to a read of several keys one of which it lacks, as it may still be on the other
 //! node, until the slot's move ends: a wrong code typed meanwhile waits for that, for
 //! [`CLUSTER_RESENDS`] × [`CLUSTER_RESEND_WAIT`] at most.) A dropped connection, a
-//! timeout or `READONLY`
-//! (a failover) still fail the request (500); redis-rs reconnects or refreshes its slot
-//! map, so the next request goes to the right node. (Pipelines, used only for the
-//! `live` set's counts, are not followed: a failure there only skews `stats`.)
+//! timeout or `READONLY` (a failover) still fail the request (500); redis-rs reconnects
+//! or refreshes its slot map, so the next request goes to the right node. (Pipelines,
+//! used only for the `live` set's counts, are not followed: a failure there only skews
+//! `stats`.)
 //!
 //! A store operation holds one [`Pinned`] handle: all its commands go to one
 //! connection, so a `WAIT` counts the writes it follows, and an operation a Sentinel
