@@ -11,6 +11,8 @@ use common::{
     Daemon, Engine, OwnedRedis, ProxiedCluster, RedisCluster, RedisSentinel, RedisServer, RedisTls,
     TwoNodeCluster, concurrently, count, wait_for,
 };
+use otpd::rules::{CodeState, DeliveryEvent, FailoverVerdict, VerifyOutcome, now_ms};
+use otpd::store::{Filed, Store};
 use serde_json::json;
 
 const NO_COOLDOWN: &str = "[otp]\nresend_cooldown_secs = 0\n";
@@ -174,6 +176,11 @@ impl DirectStore {
     async fn connect(&self) -> otpd::store::redis::RedisStore {
         self.connect_with([7; 32]).await.unwrap()
     }
+
+    /// Runs `test` on this store, on a runtime of its own.
+    fn run(&self, test: impl AsyncFnOnce(&Self)) {
+        tokio::runtime::Runtime::new().unwrap().block_on(test(self));
+    }
 }
 
 /// A new code for `token` by SMS to `number`, valid for five minutes from `now`.
@@ -197,7 +204,6 @@ async fn delivered(
     number: &str,
     now: u64,
 ) -> otpd::store::NewCode {
-    use otpd::store::Store;
     let new = new_code(token, digest, number, now);
     store.create(&new, now).await.unwrap().unwrap();
     let reference = format!("uuid-{token}");
@@ -572,12 +578,7 @@ fn keys_expire_by_themselves(engine: Engine) {
 /// The operations the socket cannot reach without a provider (delivery references and
 /// status events, discarding an undelivered code), through the store itself.
 fn delivery_records_and_discard_through_the_store(engine: Engine) {
-    use otpd::rules::{DeliveryEvent, VerifyOutcome, now_ms};
-    use otpd::store::{Filed, Store};
-
-    let direct = DirectStore::new(engine);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    DirectStore::new(engine).run(async |direct| {
         let store = direct.connect().await;
         let now = now_ms();
         let new = new_code("deliv", 9, "393331234567", now);
@@ -661,12 +662,7 @@ fn delivery_records_and_discard_through_the_store(engine: Engine) {
 /// Two resends on their way at once: the code delivered before them stands in for
 /// both, and is back when both fail.
 fn overlapping_resends_keep_the_delivered_code(engine: Engine) {
-    use otpd::rules::{VerifyOutcome, now_ms};
-    use otpd::store::Store;
-
-    let direct = DirectStore::new(engine);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    DirectStore::new(engine).run(async |direct| {
         let store = direct.connect().await;
         let now = now_ms();
         let first = new_code("overlap", 1, "393331000021", now);
@@ -688,12 +684,7 @@ fn overlapping_resends_keep_the_delivered_code(engine: Engine) {
 /// A resend whose delivery never settles (its host died) leaves the code it replaced
 /// standing in, on every host, until one of the two verifies; a confirmed one does not.
 fn the_replaced_code_stands_in_while_a_resend_is_unsettled(engine: Engine) {
-    use otpd::rules::{DeliveryEvent, VerifyOutcome, now_ms};
-    use otpd::store::{Filed, Store};
-
-    let direct = DirectStore::new(engine);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    DirectStore::new(engine).run(async |direct| {
         let (a, b) = (direct.connect().await, direct.connect().await);
         let now = now_ms();
         let first = new_code("stand", 1, "393331234567", now);
@@ -755,12 +746,7 @@ fn the_replaced_code_stands_in_while_a_resend_is_unsettled(engine: Engine) {
 /// A failover whose code record cannot be read (corrupt, or from a newer otpd) waits a
 /// minute behind the others instead of holding them up on every host.
 fn a_failover_with_an_unreadable_code_waits_behind_the_others(engine: Engine) {
-    use otpd::rules::{FailoverVerdict, now_ms};
-    use otpd::store::Store;
-
-    let direct = DirectStore::new(engine);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    DirectStore::new(engine).run(async |direct| {
         let store = direct.connect().await;
         let now = now_ms();
         for (token, digit) in [("fo-bad", 1), ("fo-good", 2)] {
@@ -794,12 +780,7 @@ fn a_failover_with_an_unreadable_code_waits_behind_the_others(engine: Engine) {
 /// is back, and its failover with it, when the resend fails; once the resend is
 /// confirmed (it has its own failover), the old one goes.
 fn a_failover_due_while_a_resend_is_on_its_way_waits_for_it(engine: Engine) {
-    use otpd::rules::{FailoverVerdict, now_ms};
-    use otpd::store::Store;
-
-    let direct = DirectStore::new(engine);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    DirectStore::new(engine).run(async |direct| {
         let (a, b) = (direct.connect().await, direct.connect().await);
         let now = now_ms();
         let first = delivered(&a, "fo-resend", 1, "393331000041", now).await;
@@ -855,12 +836,7 @@ fn a_failover_due_while_a_resend_is_on_its_way_waits_for_it(engine: Engine) {
 /// back with it when the resend fails. Once a resend is confirmed, the old id is
 /// unknown.
 fn a_report_on_the_replaced_code_counts_while_the_resend_is_on_its_way(engine: Engine) {
-    use otpd::rules::{DeliveryEvent, FailoverVerdict, now_ms};
-    use otpd::store::{Filed, Store};
-
-    let direct = DirectStore::new(engine);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    DirectStore::new(engine).run(async |direct| {
         let (a, b) = (direct.connect().await, direct.connect().await);
         let now = now_ms();
         delivered(&a, "fo-read", 1, "393331000051", now).await;
@@ -907,12 +883,7 @@ fn a_report_on_the_replaced_code_counts_while_the_resend_is_on_its_way(engine: E
 }
 
 fn failovers_are_taken_once_across_hosts(engine: Engine) {
-    use otpd::rules::{DeliveryEvent, FailoverVerdict, now_ms};
-    use otpd::store::{Filed, Store};
-
-    let direct = DirectStore::new(engine);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    DirectStore::new(engine).run(async |direct| {
         let (a, b) = (direct.connect().await, direct.connect().await);
         let now = now_ms();
         for (token, digit) in [("unread", 1), ("read", 2)] {
@@ -1048,14 +1019,9 @@ fn behind_otpds_back(config: &otpd::config::RedisConfig, command: &::redis::Cmd)
 /// fails instead, as a 500 that is not a "no".
 #[test]
 fn a_cluster_commit_whose_answer_is_lost_is_not_sent_again() {
-    use otpd::rules::{VerifyOutcome, now_ms};
-    use otpd::store::Store;
-
     let cluster = ProxiedCluster::start();
     let store = redis_store(&format!("cluster = [\"{}\"]\n", cluster.url()));
-    let direct = DirectStore::on(&store, "");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    DirectStore::on(&store, "").run(async |direct| {
         let store = direct.connect().await;
         let now = now_ms();
         // Its commits load the script: the next EVALSHA runs it.
@@ -1080,15 +1046,11 @@ fn a_cluster_commit_whose_answer_is_lost_is_not_sent_again() {
 /// otpd sends the command where it is told, and the token is served throughout.
 #[test]
 fn a_token_is_served_while_its_slot_moves_to_another_node() {
-    use otpd::rules::{VerifyOutcome, now_ms};
-    use otpd::store::Store;
-
     let cluster = TwoNodeCluster::start();
     let store = redis_store(&format!("cluster = [\"{}\"]\n", cluster.url()));
     let direct = DirectStore::on(&store, "");
     let prefix = direct.config.store.redis.key_prefix.clone();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    direct.run(async |direct| {
         let store = direct.connect().await;
         let now = now_ms();
         let new = delivered(&store, "moving", 1, "393331000061", now).await;
@@ -1110,8 +1072,6 @@ fn a_token_is_served_while_its_slot_moves_to_another_node() {
 /// fails for want of one, after waiting on both nodes.)
 #[test]
 fn a_wait_also_goes_to_the_node_a_moving_slots_write_went_to() {
-    use otpd::store::Store;
-
     let cluster = TwoNodeCluster::start();
     let store = redis_store(&format!(
         "cluster = [\"{}\"]\nmin_replicas = 1\nreplica_timeout_ms = 50\n",
@@ -1119,8 +1079,7 @@ fn a_wait_also_goes_to_the_node_a_moving_slots_write_went_to() {
     ));
     let direct = DirectStore::on(&store, "");
     let prefix = direct.config.store.redis.key_prefix.clone();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    direct.run(async |direct| {
         let store = direct.connect().await;
         let now = otpd::rules::now_ms();
         let new = new_code("waited", 1, "393331000081", now);
@@ -1150,12 +1109,7 @@ fn a_wait_also_goes_to_the_node_a_moving_slots_write_went_to() {
 /// and does not verify, as on the embedded engines, where only the code the token names
 /// answers.
 fn a_code_its_token_no_longer_names_does_not_answer(engine: Engine) {
-    use otpd::rules::{DeliveryEvent, VerifyOutcome, now_ms};
-    use otpd::store::{Filed, Store};
-
-    let direct = DirectStore::new(engine);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    DirectStore::new(engine).run(async |direct| {
         let store = direct.connect().await;
         let now = now_ms();
         let old = delivered(&store, "evicted", 1, "393331000051", now).await;
@@ -1195,9 +1149,6 @@ fn a_code_its_token_no_longer_names_does_not_answer(engine: Engine) {
 /// `status` reads a token's record and its code at one instant: creates on another
 /// host, each replacing the token's code, never make it answer without a code.
 fn status_keeps_seeing_a_code_that_another_host_replaces(engine: Engine) {
-    use otpd::rules::now_ms;
-    use otpd::store::Store;
-
     // No send limit to speak of: the test creates a hundred codes in a second.
     let no_limit = "max_sends_per_recipient = 1000\nsend_window_secs = 1\n";
     let direct = DirectStore::on(&engine.store_toml(), no_limit);
@@ -1232,12 +1183,7 @@ fn status_keeps_seeing_a_code_that_another_host_replaces(engine: Engine) {
 /// its key goes at its expiry) no longer counts when the delivery is confirmed, as on
 /// the embedded engines: not an error, which only a code lost with its master is.
 fn a_code_that_expired_on_its_way_no_longer_counts(engine: Engine) {
-    use otpd::rules::now_ms;
-    use otpd::store::Store;
-
-    let direct = DirectStore::on(&engine.store_toml(), "retain_secs = 0\n");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    DirectStore::on(&engine.store_toml(), "retain_secs = 0\n").run(async |direct| {
         let store = direct.connect().await;
         let now = now_ms();
         let mut brief = new_code("brief", 1, "393331000071", now);
@@ -1254,12 +1200,7 @@ fn a_code_that_expired_on_its_way_no_longer_counts(engine: Engine) {
 /// A create lost with the master it was written to (a Sentinel failover during its
 /// delivery) is not confirmed; one a newer create replaced is.
 fn a_create_lost_before_its_confirm_is_not_acknowledged(engine: Engine) {
-    use otpd::rules::now_ms;
-    use otpd::store::Store;
-
-    let direct = DirectStore::new(engine);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    DirectStore::new(engine).run(async |direct| {
         let store = direct.connect().await;
         let now = now_ms();
         let first = new_code("gone", 1, "393331000011", now);
@@ -1291,12 +1232,7 @@ fn a_create_lost_before_its_confirm_is_not_acknowledged(engine: Engine) {
 /// is counted once: also when the resend's delivery fails and puts it back, it is put
 /// back expired, not into the live set for the next pass to count again.
 fn a_code_replaced_after_its_expiry_counts_as_expired_once(engine: Engine) {
-    use otpd::rules::{CodeState, now_ms};
-    use otpd::store::Store;
-
-    let direct = DirectStore::new(engine);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    DirectStore::new(engine).run(async |direct| {
         let store = direct.connect().await;
         let now = now_ms();
         let resent_at = now + 2_000;
