@@ -394,16 +394,35 @@ struct Memory {
 
 fn memory(pid: u32) -> Option<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-    };
     Some(Memory {
-        rss_kib: field("VmRSS:")?,
-        hwm_kib: field("VmHWM:")?,
+        rss_kib: proc_field(&status, "VmRSS:")?,
+        hwm_kib: proc_field(&status, "VmHWM:")?,
     })
+}
+
+/// The number after `name` on its line of a /proc file (`VmRSS:   1234 kB`).
+fn proc_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+/// Bytes a process has had written to storage so far (`write_bytes` of /proc/<pid>/io):
+/// for otpd its journal, its tables and their compactions, and the `log` backend's
+/// file. On a disk that throttles, these decide the p99 (BENCHMARKS.md, "Stop 23").
+fn bytes_written(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    proc_field(&io, "write_bytes:")
+}
+
+/// The daemon's writes to storage over the timed phase, in all and per request.
+fn print_written(before: u64, after: u64, requests: usize) {
+    let written = after.saturating_sub(before);
+    println!(
+        "daemon disk writes: {:.1} MB, {} bytes a request",
+        written as f64 / 1e6,
+        written / requests.max(1) as u64
+    );
 }
 
 /// CPU time a process has used so far, in user space and in the kernel.
@@ -541,6 +560,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let abuse = Abuse::start(&run.options).await?;
     print_memory("before", pid.and_then(memory));
     let cpu_before = pid.and_then(cpu_time);
+    let written_before = pid.and_then(bytes_written);
 
     let started = Instant::now();
     run.deadline
@@ -565,6 +585,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let requests = print_report(&run.options, timed, elapsed, cut_off);
     if let (Some(before), Some(after)) = (cpu_before, pid.and_then(cpu_time)) {
         print_cpu(before, after, elapsed, requests);
+    }
+    if let (Some(before), Some(after)) = (written_before, pid.and_then(bytes_written)) {
+        print_written(before, after, requests);
     }
     match pid {
         Some(pid) => print_memory("after", memory(pid)),
@@ -684,6 +707,20 @@ mod tests {
         assert_eq!(percentile(&sorted, 50.0), 50.0);
         assert_eq!(percentile(&sorted, 99.0), 99.0);
         assert_eq!(percentile(&sorted, 100.0), 100.0);
+    }
+
+    #[test]
+    fn proc_fields_are_read_by_name() {
+        let io = "rchar: 10\ncancelled_write_bytes: 7\nwrite_bytes: 4096\n";
+        assert_eq!(proc_field(io, "write_bytes:"), Some(4096));
+        let status = "Name:\totpd\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n";
+        assert_eq!(proc_field(status, "VmRSS:"), Some(1024));
+        assert_eq!(proc_field(status, "VmSwap:"), None);
+    }
+
+    #[test]
+    fn this_process_has_a_write_count() {
+        assert!(bytes_written(std::process::id()).is_some());
     }
 
     #[test]
