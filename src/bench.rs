@@ -210,7 +210,8 @@ impl Names {
 }
 
 /// The `index`th of a run's names, `0..10⁹`: the same for no two indexes below 10⁹
-/// (3¹⁸ is prime to 10⁹), and no two consecutive ones near each other.
+/// (the factor, 3¹⁸, shares no prime with 10⁹), and no two consecutive ones near each
+/// other.
 fn scatter(index: u64) -> u64 {
     const SPAN: u64 = 1_000_000_000;
     (index % SPAN) * 387_420_489 % SPAN
