@@ -1081,7 +1081,7 @@ fn a_wait_also_goes_to_the_node_a_moving_slots_write_went_to() {
     let prefix = direct.config.store.redis.key_prefix.clone();
     direct.run(async |direct| {
         let store = direct.connect().await;
-        let now = otpd::rules::now_ms();
+        let now = now_ms();
         let new = new_code("waited", 1, "393331000081", now);
         let created = store.create(&new, now).await;
         assert!(
