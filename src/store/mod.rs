@@ -326,7 +326,8 @@ pub trait Store: Send + Sync {
     /// janitor's last pass).
     fn live(&self) -> u64;
 
-    /// Makes everything written so far durable (at shutdown).
+    /// At shutdown: makes everything written so far durable, and leaves the engine
+    /// nothing to replay at the next start.
     async fn flush(&self) -> Result<(), StoreError>;
 
     /// A round trip through the engine for the watchdog: a read, and (embedded) a shared

@@ -71,6 +71,12 @@ pub trait Database: Clone + Send + Sync + 'static {
 
     /// Makes every write made before the call durable; blocks while the disk works.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// At shutdown, after [`Database::flush`]: writes out what the engine holds only in
+    /// memory and its journal, so that the next open has nothing to replay (replaying
+    /// costs that open time and memory). Gives up after `within`, as a stop must end;
+    /// the journal still has it all.
+    fn write_out(&self, within: std::time::Duration) -> Result<(), StoreError>;
 }
 
 /// One ordered tree of a [`Database`].
