@@ -46,6 +46,7 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use fjall::{Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode, Slice};
 use nix::fcntl::{Flock, FlockArg};
@@ -237,11 +238,11 @@ impl Database for FjallDb {
     /// Seals every partition's memtable (each seal rotates the journal) and waits for
     /// fjall's flush thread to make them tables and delete the journals they came
     /// from, until only the new, empty journal is left. After a fill of 1 M codes, a
-    /// start that replayed the journals peaked at 111 MiB for seconds, against 65 MiB
-    /// with nothing to replay (BENCHMARKS.md, "Stop 24"). `rotate_memtable` is
+    /// start that replayed the journals peaked at 119 MiB, against 61 MiB with nothing
+    /// to replay (BENCHMARKS.md, "Stop 24"). `rotate_memtable` is
     /// doc(hidden) in fjall 2.11 (its tests use it), hence the exact version.
-    fn write_out(&self, within: std::time::Duration) -> Result<(), StoreError> {
-        let deadline = std::time::Instant::now() + within;
+    fn write_out(&self, within: Duration) -> Result<(), StoreError> {
+        let deadline = Instant::now() + within;
         for name in self.keyspace.list_partitions() {
             self.open_tree(&name)?
                 .partition
@@ -249,14 +250,14 @@ impl Database for FjallDb {
                 .map_err(db_error)?;
         }
         while self.keyspace.journal_count() > 1 {
-            if std::time::Instant::now() > deadline {
+            if Instant::now() > deadline {
                 return Err(StoreError::Database(format!(
                     "{} journals still to replay at the next start: their tables were \
                      not written within {within:?}",
                     self.keyspace.journal_count() - 1
                 )));
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(10));
         }
         Ok(())
     }
@@ -371,7 +372,7 @@ mod tests {
             }
             tokens.remove(&7u32.to_be_bytes()).unwrap();
             db.flush().unwrap();
-            db.write_out(std::time::Duration::from_secs(30)).unwrap();
+            db.write_out(Duration::from_secs(30)).unwrap();
             assert_eq!(db.keyspace.journal_count(), 1);
         }
         let db = FjallDb::open(dir.path(), 4, Durability::Flush).unwrap();
@@ -410,13 +411,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (db, first) = rotated(&dir, 2);
         let journal = |id: u64| db.sync.dir.join(id.to_string());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while journal(first).exists() || journal(first + 1).exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "fjall kept the flushed journals"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert!(Instant::now() < deadline, "fjall kept the flushed journals");
+            std::thread::sleep(Duration::from_millis(20));
         }
         db.flush().unwrap();
         assert_eq!(synced_id(&db), Some(db.sync.newest_id().unwrap()));

@@ -8,6 +8,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use crate::config::Durability;
 use crate::store::StoreError;
@@ -76,7 +77,7 @@ pub trait Database: Clone + Send + Sync + 'static {
     /// memory and its journal, so that the next open has nothing to replay (replaying
     /// costs that open time and memory). Gives up after `within`, as a stop must end;
     /// the journal still has it all.
-    fn write_out(&self, within: std::time::Duration) -> Result<(), StoreError>;
+    fn write_out(&self, within: Duration) -> Result<(), StoreError>;
 }
 
 /// One ordered tree of a [`Database`].

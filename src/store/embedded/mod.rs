@@ -53,6 +53,7 @@ mod timed;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -79,7 +80,7 @@ const LAYOUT: &[u8] = b"1";
 /// How long a stop waits for the engine to write out what its journal holds
 /// ([`Database::write_out`]): 16 MiB of memtables take a second or two here, and
 /// systemd allows the whole stop 60 s (`systemd/otpd.service`).
-const WRITE_OUT_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+const WRITE_OUT_WITHIN: Duration = Duration::from_secs(30);
 
 /// What the `tokens` tree keeps for a token.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -1080,10 +1081,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while flushed() == 0 {
             assert!(std::time::Instant::now() < deadline, "never flushed");
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

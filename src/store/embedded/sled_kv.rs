@@ -17,6 +17,7 @@
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sled::IVec;
 
@@ -84,7 +85,7 @@ impl Database for SledDb {
     }
 
     /// sled's flush writes out every dirty page: its log is its data.
-    fn write_out(&self, _within: std::time::Duration) -> Result<(), StoreError> {
+    fn write_out(&self, _within: Duration) -> Result<(), StoreError> {
         Ok(())
     }
 }
