@@ -408,7 +408,7 @@ fn proc_field(text: &str, name: &str) -> Option<u64> {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
-/// Bytes a process has had written to storage so far (`write_bytes` of /proc/<pid>/io):
+/// Bytes a process has had written to storage so far (`write_bytes` of `/proc/<pid>/io`):
 /// for otpd its journal, its tables and their compactions, and the `log` backend's
 /// file. On a disk that throttles, these decide the p99 (BENCHMARKS.md, "Stop 23").
 fn bytes_written(pid: u32) -> Option<u64> {
@@ -433,7 +433,7 @@ struct CpuTime {
     system: Duration,
 }
 
-/// [`CpuTime`] of `pid`, from /proc/<pid>/stat (all its threads).
+/// [`CpuTime`] of `pid`, from `/proc/<pid>/stat` (all its threads).
 fn cpu_time(pid: u32) -> Option<CpuTime> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.

@@ -7,7 +7,7 @@
 //! Codes reach people through a delivery backend ([`delivery`]); the [`janitor`]
 //! expires and purges finished items in the background. [`daemon`] wires it together
 //! from the [`config`] and tells systemd how it is doing ([`systemd`]); [`client`] speaks
-//! the protocol for the command-line tools, and [`bench`] measures a running daemon with
+//! the protocol for the command-line tools, and [`bench`](mod@bench) measures a running daemon with
 //! it. The optional [`http`] listener serves the tutorial's REST API, Vonage's status
 //! webhooks and Prometheus metrics through the same service. Log lines that can come in
 //! floods (storage failures, refused webhooks) go through [`log_throttle`].

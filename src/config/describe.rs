@@ -54,7 +54,7 @@ const INTEGER_TYPES: [&str; 12] = [
     "u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize",
 ];
 
-/// serde's "invalid type: <kind> <value>, expected <what>" (or "invalid value: …")
+/// serde's `invalid type: <kind> <value>, expected <what>` (or `invalid value: …`)
 /// with the kind of value only, and with Rust's type names in words: a whole number,
 /// or, for an integer outside its type, which way it is wrong (told by its sign, as
 /// the value itself is not shown). "unknown variant `<value>`, expected …" (a word

@@ -37,7 +37,7 @@ use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use redis::{ErrorKind, FromRedisValue, RedisError, Script, Value};
+use redis::{RedisError, Script};
 
 use super::{
     DueFailovers, Filed, NewCode, PurgeReport, ReplacedCode, Store, StoreError, TokenStatus,
@@ -51,38 +51,14 @@ use crate::rules::{
 };
 use crate::secret::ServerSecret;
 
+mod commit;
 mod connection;
+mod keys;
+mod startup;
 
+use commit::{COMMIT, Commit};
 use connection::{Connection, OpenError, Pool};
-
-/// Writes a planned change only if every checked key still holds the value it was
-/// planned from. Per key, three arguments: the expected value (`''` absent, `'*'` not
-/// checked), the new value (`''` delete, `'='` unchanged) and the expiry in unix ms,
-/// which only ever moves later. Checks all keys before writing any: all or nothing.
-const COMMIT: &str = r"
-for i, key in ipairs(KEYS) do
-  local expected = ARGV[3 * i - 2]
-  if expected ~= '*' and (redis.call('GET', key) or '') ~= expected then
-    return 0
-  end
-end
-for i, key in ipairs(KEYS) do
-  local new = ARGV[3 * i - 1]
-  if new == '' then
-    redis.call('DEL', key)
-  elseif new ~= '=' then
-    local at = ARGV[3 * i]
-    local old = redis.call('PEXPIRETIME', key)
-    if old > tonumber(at) then
-      at = string.format('%d', old)
-    end
-    redis.call('SET', key, new, 'PXAT', at)
-  end
-end
-return 1
-";
-
-static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(COMMIT));
+use keys::{Keys, hex};
 
 /// Hands out failovers from the sorted set `KEYS[1]`: `ARGV` holds triples of a
 /// member, what replaces it (its claim, or itself postponed; empty: nothing) and when
@@ -108,38 +84,6 @@ static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM));
 /// round lets at least one contender through, so this bounds a burst of this size.
 const MAX_ROUNDS: usize = 1000;
 
-/// The oldest Redis (major, minor) otpd runs on: [`COMMIT`] calls `PEXPIRETIME`, new
-/// in Redis 7.0. An older server would take the start-up and fail every write.
-const MIN_REDIS_VERSION: (u32, u32) = (7, 0);
-
-/// Whether a server reporting `version` (`7.0.15`) is [`MIN_REDIS_VERSION`] or later;
-/// false for a version that does not read as `major.minor…`.
-fn version_supported(version: &str) -> bool {
-    let mut parts = version.trim().split('.').map(str::parse::<u32>);
-    match (parts.next(), parts.next()) {
-        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= MIN_REDIS_VERSION,
-        _ => false,
-    }
-}
-
-/// The `redis_version` field of an `INFO server` answer ("" when it has none).
-fn info_version(info: &str) -> &str {
-    info.lines()
-        .find_map(|line| line.strip_prefix("redis_version:"))
-        .map_or("", str::trim)
-}
-
-/// How far this host's clock may be off Redis's before start-up warns: two hosts
-/// each within this of Redis are within the margin a failover claim allows them.
-const CLOCK_SKEW_WARNING_MS: Millis = rules::FAILOVER_CLAIM_MARGIN_MS / 2;
-
-/// How far `here` is ahead of `redis` (negative: behind), both unix ms, when that is
-/// beyond [`CLOCK_SKEW_WARNING_MS`].
-fn clock_skew(here: Millis, redis: Millis) -> Option<i64> {
-    let ahead = here as i64 - redis as i64;
-    (ahead.unsigned_abs() > CLOCK_SKEW_WARNING_MS).then_some(ahead)
-}
-
 fn redis_error(e: RedisError) -> StoreError {
     StoreError::Database(format!("redis: {e}"))
 }
@@ -148,10 +92,6 @@ fn contention() -> StoreError {
     StoreError::Database(format!(
         "redis: gave up after {MAX_ROUNDS} conflicting attempts"
     ))
-}
-
-fn hex(digest: &Digest) -> String {
-    crate::hex(&digest.0)
 }
 
 /// A value as read: `None` when the key does not exist.
@@ -180,54 +120,6 @@ fn names(record: Option<&TokenRecord>, digest: &Digest) -> bool {
     record.is_some_and(|record| record.current == Some(*digest))
 }
 
-/// The key names of one deployment.
-struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    fn token(&self, token: &str) -> String {
-        format!("{}{{{token}}}:t", self.prefix)
-    }
-
-    fn code(&self, token: &str, digest: &Digest) -> String {
-        format!("{}{{{token}}}:c:{}", self.prefix, hex(digest))
-    }
-
-    fn recipient(&self, address: &str) -> String {
-        format!("{}r:{address}", self.prefix)
-    }
-
-    fn reference(&self, reference: &str) -> String {
-        format!("{}ref:{reference}", self.prefix)
-    }
-
-    fn live(&self) -> String {
-        format!("{}live", self.prefix)
-    }
-
-    fn failovers(&self) -> String {
-        format!("{}failovers", self.prefix)
-    }
-
-    fn secret_check(&self) -> String {
-        format!("{}secret-check", self.prefix)
-    }
-
-    /// The token and the digest (hex) of a [`Keys::code`] key: the hex digest is last
-    /// and holds no `:`, whatever the token holds.
-    fn token_of_code<'k>(&self, code_key: &'k str) -> Option<(&'k str, &'k str)> {
-        let (slot, digest) = code_key.rsplit_once(":c:")?;
-        let token = slot.strip_prefix(&self.prefix)?.strip_prefix('{')?;
-        Some((token.strip_suffix('}')?, digest))
-    }
-
-    /// A code's member in the `live` set.
-    fn live_member(token: &str, digest: &Digest) -> String {
-        format!("{token}:{}", hex(digest))
-    }
-}
-
 /// A token's records as [`RedisStore::token_codes`] read them at one instant.
 struct TokenCodes {
     record: TokenRecord,
@@ -244,37 +136,6 @@ enum CodeChange {
     Unchanged { expire_at: Millis },
     /// Written, with the key's expiry.
     Written { expire_at: Millis },
-}
-
-/// One optimistic commit for [`COMMIT`]: keys checked against what was read, and writes.
-#[derive(Default)]
-struct Commit {
-    keys: Vec<String>,
-    args: Vec<Vec<u8>>,
-}
-
-impl Commit {
-    fn push(&mut self, key: &str, expected: &[u8], new: &[u8], expire_at: Millis) -> &mut Self {
-        self.keys.push(key.to_owned());
-        self.args.push(expected.to_vec());
-        self.args.push(new.to_vec());
-        self.args.push(expire_at.max(1).to_string().into_bytes());
-        self
-    }
-
-    /// The commit goes through only if `key` still holds `read`.
-    fn expect(&mut self, key: &str, read: &Read) -> &mut Self {
-        self.push(key, read.as_deref().unwrap_or(b""), b"=", 0)
-    }
-
-    /// Writes `value`, expiring at `expire_at` (or later, if it already did).
-    fn set(&mut self, key: &str, value: &[u8], expire_at: Millis) -> &mut Self {
-        self.push(key, b"*", value, expire_at)
-    }
-
-    fn delete(&mut self, key: &str) -> &mut Self {
-        self.push(key, b"*", b"", 0)
-    }
 }
 
 /// The Redis storage engine.
@@ -349,164 +210,8 @@ impl RedisStore {
             .query_async::<()>(&mut conn)
             .await
             .map_err(unreachable)?;
-        for version in store.server_versions().await.map_err(redis_error)? {
-            if !version_supported(&version) {
-                let (major, minor) = MIN_REDIS_VERSION;
-                return Err(StoreError::Database(format!(
-                    "Redis at {address} is version {version:?}: otpd needs Redis \
-                     {major}.{minor} or later (its commit script calls PEXPIRETIME)"
-                )));
-            }
-        }
+        store.refuse_old_servers(&address).await?;
         Ok(store)
-    }
-
-    /// The version of each server otpd writes to: `INFO server` reaches every cluster
-    /// primary. `INFO` is `@dangerous`, which an ACL for otpd may well take away (the
-    /// README's does), and a hardened server may rename it away; when it is refused,
-    /// `HELLO` tells the version of the server (or the one cluster node) it reaches.
-    async fn server_versions(&self) -> Result<Vec<String>, RedisError> {
-        let mut conn = self.conn();
-        let info = redis::cmd("INFO")
-            .arg("server")
-            .query_async::<Value>(&mut conn)
-            .await
-            .and_then(Value::extract_error);
-        let infos = match info {
-            // A cluster's: each primary's address and answer.
-            Ok(Value::Map(nodes)) => nodes.into_iter().map(|(_, info)| info).collect(),
-            Ok(info) => vec![info],
-            // Refused by an ACL (NOPERM), or renamed away (ERR unknown command).
-            Err(e) if matches!(e.kind(), ErrorKind::Server(_)) => {
-                let mut hello: std::collections::HashMap<String, Value> =
-                    redis::cmd("HELLO").query_async(&mut conn).await?;
-                let version = hello.remove("version").unwrap_or(Value::Nil);
-                return Ok(vec![String::from_redis_value(version)?]);
-            }
-            Err(e) => return Err(e),
-        };
-        infos
-            .into_iter()
-            .map(|info| Ok(info_version(&String::from_redis_value(info)?).to_owned()))
-            .collect()
-    }
-
-    /// Checks that the other hosts on this Redis hold the same server secret (the first
-    /// host records its fingerprint), and counts the live codes.
-    pub async fn check_in(&self, secret: &ServerSecret) -> Result<(), StoreError> {
-        self.check_secret(secret).await?;
-        // Codes that expired while no host was running count at the first pass.
-        let expired = self.refresh_live(rules::now_ms()).await?;
-        self.expired_unreported.store(expired, Ordering::Relaxed);
-        self.warn_unless_durable().await;
-        self.warn_if_clock_differs().await;
-        Ok(())
-    }
-
-    /// Says at start-up when this host's clock is off Redis's by more than
-    /// [`CLOCK_SKEW_WARNING_MS`]: the hosts sharing a Redis judge expiry, send windows
-    /// and SMS failover claims by their own clocks, and a claim allows them
-    /// [`rules::FAILOVER_CLAIM_MARGIN_MS`] apart.
-    async fn warn_if_clock_differs(&self) {
-        let mut conn = self.conn();
-        let asked = rules::now_ms();
-        // The round trip by the monotonic clock: the wall clock may step meanwhile.
-        let started = std::time::Instant::now();
-        let Ok((secs, micros)) = redis::cmd("TIME")
-            .query_async::<(u64, u64)>(&mut conn)
-            .await
-        else {
-            return;
-        };
-        let round_trip_ms = started.elapsed().as_millis() as Millis;
-        // The middle of the round trip, against the server's time when it answered.
-        let here = asked + round_trip_ms / 2;
-        if let Some(ahead_ms) = clock_skew(here, secs * 1000 + micros / 1000) {
-            tracing::warn!(
-                ahead_ms,
-                "this host's clock differs from Redis's: keep every host sharing this \
-                 Redis synchronised (NTP), as they judge expiry and failover claims by \
-                 their own clocks"
-            );
-        }
-    }
-
-    /// Says at start-up what Redis may lose of otpd's keys, in a crash or by evicting
-    /// them, as far as the server tells (`CONFIG` may be disabled; then nothing is
-    /// said).
-    async fn warn_unless_durable(&self) {
-        let mut conn = self.conn();
-        let mut setting = async |name: &str| {
-            redis::cmd("CONFIG")
-                .arg("GET")
-                .arg(name)
-                .query_async::<Vec<String>>(&mut conn)
-                .await
-                .ok()
-                .and_then(|pair| pair.into_iter().nth(1))
-        };
-        let appendonly = setting("appendonly").await;
-        let appendfsync = setting("appendfsync").await;
-        match (appendonly.as_deref(), appendfsync.as_deref()) {
-            (Some("no"), _) => tracing::warn!(
-                "Redis runs with appendonly no: a Redis restart loses every code and counter"
-            ),
-            (Some("yes"), Some(fsync)) if fsync != "always" => tracing::warn!(
-                appendfsync = fsync,
-                "Redis acknowledges writes before fsync: a Redis crash may lose the last second of codes"
-            ),
-            _ => {}
-        }
-        // Every otpd key has an expiry, so the volatile-* policies take them too.
-        if let Some(policy) = setting("maxmemory-policy").await
-            && policy != "noeviction"
-        {
-            tracing::warn!(
-                maxmemory_policy = policy,
-                "Redis may evict otpd's keys once it reaches maxmemory: an evicted code no \
-                 longer verifies, and an evicted token forgets its wrong guesses, its lock \
-                 and its sends, which lifts the guessing and rate limits; set \
-                 maxmemory-policy noeviction"
-            );
-        }
-    }
-
-    /// Refuses `secret` when the hosts on this Redis have recorded another one; records
-    /// nothing. Asked before a secret drawn at this start is saved, so that a host
-    /// given the wrong setup leaves no secret file behind (the operator then gives it
-    /// the others' secret); [`RedisStore::check_in`] still settles a race of two first
-    /// hosts.
-    pub async fn refuse_another_secret(&self, secret: &ServerSecret) -> Result<(), StoreError> {
-        let stored: Option<String> = redis::cmd("GET")
-            .arg(self.keys.secret_check())
-            .query_async(&mut self.conn())
-            .await
-            .map_err(redis_error)?;
-        match stored {
-            Some(stored) if stored != secret.fingerprint() => Err(self.another_secret()),
-            _ => Ok(()),
-        }
-    }
-
-    /// Stores this host's secret fingerprint if none is there yet; refuses to go on
-    /// when another host stored a different one.
-    async fn check_secret(&self, secret: &ServerSecret) -> Result<(), StoreError> {
-        redis::cmd("SET")
-            .arg(self.keys.secret_check())
-            .arg(secret.fingerprint())
-            .arg("NX")
-            .query_async::<()>(&mut self.conn())
-            .await
-            .map_err(redis_error)?;
-        self.refuse_another_secret(secret).await
-    }
-
-    fn another_secret(&self) -> StoreError {
-        StoreError::Database(format!(
-            "the server secret differs from the one the other otpd hosts on this Redis use \
-             (key {}); give every host the same secret file or credential",
-            self.keys.secret_check()
-        ))
     }
 
     /// Drops expired members of the live set; returns how many, and resets the count.
@@ -815,19 +520,6 @@ impl RedisStore {
             }));
         }
         Err(contention())
-    }
-
-    /// Runs a commit; false when a key changed since it was read.
-    async fn apply(&self, conn: &mut Connection, commit: &Commit) -> Result<bool, StoreError> {
-        let mut invocation = COMMIT_SCRIPT.prepare_invoke();
-        for key in &commit.keys {
-            invocation.key(key.as_str());
-        }
-        for arg in &commit.args {
-            invocation.arg(arg.as_slice());
-        }
-        let applied: i64 = invocation.invoke_async(conn).await.map_err(redis_error)?;
-        Ok(applied == 1)
     }
 
     /// When a code's key goes, as the embedded engine's janitor would purge it.
@@ -1368,79 +1060,5 @@ impl Store for RedisStore {
             .query_async::<()>(&mut self.conn())
             .await
             .map_err(redis_error)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_clock_off_redis_by_more_than_five_seconds_is_reported_with_its_sign() {
-        let redis = 1_800_000_000_000;
-        assert_eq!(clock_skew(redis + 5_000, redis), None);
-        assert_eq!(clock_skew(redis - 5_000, redis), None);
-        assert_eq!(clock_skew(redis + 5_001, redis), Some(5_001));
-        assert_eq!(clock_skew(redis - 12_000, redis), Some(-12_000));
-    }
-
-    #[test]
-    fn redis_before_7_0_is_refused_by_its_info_version() {
-        let info = "# Server\r\nredis_version:6.2.14\r\nredis_git_sha1:00000000\r\n";
-        assert_eq!(info_version(info), "6.2.14");
-        assert_eq!(info_version("# Server\r\nredis_mode:standalone\r\n"), "");
-        for old in ["6.2.14", "6.0.0", "5.0.7", "", "seven", "7"] {
-            assert!(!version_supported(old), "{old:?}");
-        }
-        for new in ["7.0.0", "7.0.15", "7.2.4", "8.0.2", "10.0.0", "255.255.255"] {
-            assert!(version_supported(new), "{new:?}");
-        }
-    }
-
-    #[test]
-    fn a_tokens_keys_share_its_hash_tag_and_hold_no_code() {
-        let keys = Keys {
-            prefix: "otpd:".into(),
-        };
-        let digest = Digest([0xab; 16]);
-        assert_eq!(keys.token("t.1"), "otpd:{t.1}:t");
-        assert_eq!(
-            keys.code("t.1", &digest),
-            format!("otpd:{{t.1}}:c:{}", "ab".repeat(16))
-        );
-        // Recipients hash on the whole key: any slot, never a token's tag.
-        assert_eq!(
-            keys.recipient("sms:393331234567"),
-            "otpd:r:sms:393331234567"
-        );
-    }
-
-    #[test]
-    fn a_commit_lists_three_arguments_per_key() {
-        let mut commit = Commit::default();
-        commit
-            .expect("a", &None)
-            .expect("b", &Some(vec![1, 2]))
-            .set("b", &[3], 5)
-            .delete("c");
-        assert_eq!(commit.keys, ["a", "b", "b", "c"]);
-        let args: Vec<&[u8]> = commit.args.iter().map(Vec::as_slice).collect();
-        assert_eq!(
-            args,
-            [
-                &b""[..],
-                b"=",
-                b"1",
-                &[1, 2],
-                b"=",
-                b"1",
-                b"*",
-                &[3],
-                b"5",
-                b"*",
-                b"",
-                b"1",
-            ]
-        );
     }
 }
