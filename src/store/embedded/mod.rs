@@ -78,7 +78,7 @@ const LAYOUT_KEY: &[u8] = b"layout";
 /// The layout this module reads and writes.
 const LAYOUT: &[u8] = b"1";
 /// How long a stop waits for the engine to write out what its journal holds
-/// ([`Database::write_out`]): 16 MiB of memtables take a second or two here, and
+/// ([`Database::write_out`]): 8 MiB of memtables take about a second here, and
 /// systemd allows the whole stop 60 s (`systemd/otpd.service`).
 const WRITE_OUT_WITHIN: Duration = Duration::from_secs(30);
 
