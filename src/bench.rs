@@ -470,11 +470,16 @@ fn print_cpu(before: CpuTime, after: CpuTime, elapsed: Duration, requests: usize
 /// The process listening on `socket`: its inode from /proc/net/unix, then the process
 /// holding a descriptor for that inode.
 fn socket_owner(socket: &Path) -> Option<u32> {
+    /// The Flags column of a listening socket (`__SO_ACCEPTCON`). The connections
+    /// made to it are listed under its path too, and one still in the backlog is held
+    /// by no process.
+    const LISTENING: &str = "00010000";
     let path = std::fs::canonicalize(socket).ok()?;
     let table = std::fs::read_to_string("/proc/net/unix").ok()?;
     let inode = table.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        (fields.len() >= 8 && Path::new(fields[7]) == path).then(|| fields[6].to_owned())
+        (fields.len() >= 8 && fields[3] == LISTENING && Path::new(fields[7]) == path)
+            .then(|| fields[6].to_owned())
     })?;
     let target = format!("socket:[{inode}]");
     std::fs::read_dir("/proc")
@@ -681,6 +686,19 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("10h").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn the_socket_owner_is_the_listener_not_a_connection_waiting_to_be_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("otpd.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // Connections in the backlog are listed under the socket's path too, by no
+        // process until one accepts them.
+        let _waiting: Vec<_> = (0..16)
+            .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+            .collect();
+        assert_eq!(socket_owner(&path), Some(std::process::id()));
     }
 
     #[test]
