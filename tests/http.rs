@@ -1093,6 +1093,36 @@ fn requests_whose_clients_hung_up_still_count_toward_max_connections() {
 }
 
 #[test]
+fn clients_that_never_read_their_answers_do_not_keep_others_out() {
+    use std::io::{ErrorKind, Write};
+    let daemon = start("[server]\nmax_connections = 2\nidle_timeout_secs = 1\n");
+    // Each sends requests until its socket takes no more: the daemon's answers then
+    // fill the buffers on their way back, and its writes wait for a reader.
+    let requests = b"GET / HTTP/1.1\r\nHost: otpd\r\n\r\n".repeat(1000);
+    let stalled: Vec<_> = (0..2)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(daemon.http_address()).unwrap();
+            stream.set_nonblocking(true).unwrap();
+            let mut refused_in_a_row = 0;
+            while refused_in_a_row < 3 {
+                match stream.write(&requests) {
+                    Ok(_) => refused_in_a_row = 0,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        refused_in_a_row += 1;
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => panic!("writing requests: {e}"),
+                }
+            }
+            stream
+        })
+        .collect();
+    // Both slots are taken by writes nobody reads, until the idle timeout ends them.
+    assert_eq!(daemon.http().get("/").status, 200);
+    drop(stalled);
+}
+
+#[test]
 fn a_request_that_never_comes_whole_does_not_hold_the_stop() {
     use std::io::Write;
     // An hour of idle timeout: only the shutdown grace can end these connections.

@@ -12,6 +12,7 @@
 mod metrics;
 mod rest;
 mod webhooks;
+mod write_deadline;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, WEBHOOK_SECRET_CREDENTIAL};
 use crate::otp::Otp;
 use crate::server::{self, AcceptBackoff, PeerPolicy, SHUTDOWN_GRACE, wait_for_peer};
+use write_deadline::WriteDeadline;
 
 /// A response: always a small, fully built body.
 type Answer = Response<Full<Bytes>>;
@@ -245,7 +247,10 @@ async fn serve_connection<S>(
         .timer(TokioTimer::new())
         .header_read_timeout(read_timeout)
         .max_buf_size(max_head)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(
+            TokioIo::new(WriteDeadline::new(stream, read_timeout)),
+            service,
+        );
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
