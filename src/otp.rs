@@ -160,6 +160,9 @@ pub fn validate_messenger_id(id: &str) -> Result<String, &'static str> {
 pub struct CreateRequest {
     pub token: String,
     pub to: Recipients,
+    /// The field the Messenger id came in (`to.messenger`, `messengerId`, …), which an
+    /// error about it names.
+    pub messenger_field: &'static str,
     pub ttl_secs: Option<u64>,
     pub code_length: Option<u32>,
 }
@@ -340,6 +343,7 @@ impl Otp {
         let CreateRequest {
             token,
             to,
+            messenger_field,
             ttl_secs,
             code_length,
         } = request;
@@ -350,7 +354,7 @@ impl Otp {
         if to.messenger.is_some()
             && let Some(reason) = self.delivery.no_messenger()
         {
-            return Err(bad("to.messenger", reason));
+            return Err(bad(messenger_field, reason));
         }
         let ttl_secs = self.checked_ttl(ttl_secs)?;
         if to.messenger.is_some() && to.sms.is_some() && ttl_secs < SHORTEST_FAILOVER_TTL_SECS {

@@ -119,27 +119,45 @@ fn optional_u64(object: &Map<String, Value>, field: &str) -> Result<Option<u64>,
 /// Fields of a create that name recipients, top level or inside `to`.
 const RECIPIENT_FIELDS: [&str; 4] = ["messenger", "sms", "messengerId", "phoneNumber"];
 
+/// The recipient fields allowed at top level and inside `to`, each with the name an
+/// error gives it.
+const TOP_LEVEL_RECIPIENTS: [(&str, &str); 2] = [
+    ("messengerId", "messengerId"),
+    ("phoneNumber", "phoneNumber"),
+];
+const TO_RECIPIENTS: [(&str, &str); 4] = [
+    ("messenger", "to.messenger"),
+    ("sms", "to.sms"),
+    ("messengerId", "to.messengerId"),
+    ("phoneNumber", "to.phoneNumber"),
+];
+
 /// Reads the recipients of a create: `to.messenger` / `to.sms`, or the tutorial's
-/// `messengerId` / `phoneNumber` at top level or inside `to`.
-fn parse_recipients(object: &Map<String, Value>) -> Result<Recipients, ProtocolError> {
-    let mut found: Vec<(String, &'static str, String)> = Vec::new();
-    let mut collect = |object: &Map<String, Value>, prefix: &str, fields: &[&'static str]| {
+/// `messengerId` / `phoneNumber` at top level or inside `to`. Also returns the name of
+/// the field the Messenger id came in, for an error about it.
+fn parse_recipients(
+    object: &Map<String, Value>,
+) -> Result<(Recipients, Option<&'static str>), ProtocolError> {
+    let mut found: Vec<(&'static str, &'static str, String)> = Vec::new();
+    let mut collect = |object: &Map<String, Value>, fields: &[(&'static str, &'static str)]| {
         // Labelled only when given: of the six places a recipient may be named, a
         // request uses one or two.
-        for &field in fields.iter().filter(|&&field| object.contains_key(field)) {
-            let label = format!("{prefix}{field}");
-            if let Some(value) = optional_id(object, field, &label)? {
+        for &(field, label) in fields
+            .iter()
+            .filter(|(field, _)| object.contains_key(*field))
+        {
+            if let Some(value) = optional_id(object, field, label)? {
                 found.push((label, field, value));
             }
         }
         Ok::<(), ProtocolError>(())
     };
-    collect(object, "", &["messengerId", "phoneNumber"])?;
+    collect(object, &TOP_LEVEL_RECIPIENTS)?;
     match object.get("to") {
         None | Some(Value::Null) => {}
         Some(Value::Object(to)) => {
             check_fields(to, &RECIPIENT_FIELDS, "to.")?;
-            collect(to, "to.", &RECIPIENT_FIELDS)?;
+            collect(to, &TO_RECIPIENTS)?;
         }
         Some(_) => return Err(bad_request("to", "must be an object")),
     }
@@ -159,16 +177,16 @@ fn parse_recipients(object: &Map<String, Value>) -> Result<Recipients, ProtocolE
                 otp::normalize_phone(&value),
             ),
         };
-        let normalized = normalized.map_err(|reason| bad_request(&label, reason))?;
-        if let Some(earlier) = given_as.replace(label.clone()) {
+        let normalized = normalized.map_err(|reason| bad_request(label, reason))?;
+        if let Some(earlier) = given_as.replace(label) {
             return Err(bad_request(
-                &label,
+                label,
                 &format!("given twice (also as {earlier})"),
             ));
         }
         *slot = Some(normalized);
     }
-    Ok(recipients)
+    Ok((recipients, messenger_from))
 }
 
 /// The fields of a create besides the token (and the socket's `op` and `id`).
@@ -197,12 +215,14 @@ pub fn parse_create(
     let code_length = optional_u64(object, "code_length")?
         .map(|len| u32::try_from(len).map_err(|_| bad_request("code_length", "is too large")))
         .transpose()?;
+    let (to, messenger_field) = parse_recipients(object)?;
     Ok(CreateRequest {
         token: match path_token {
             Some(token) => token.to_owned(),
             None => required_str(object, "token")?,
         },
-        to: parse_recipients(object)?,
+        to,
+        messenger_field: messenger_field.unwrap_or("to.messenger"),
         ttl_secs: optional_u64(object, "ttl_secs")?,
         code_length,
     })

@@ -322,6 +322,11 @@ fn a_messenger_id_without_messenger_from_is_a_bad_request_that_counts_no_send() 
         message.contains("delivery.dispatch.messenger_from"),
         "{answer}"
     );
+    // Named as the client named it.
+    let tutorial = daemon.call(json!({"op": "create", "token": "m2", "messengerId": PSID}));
+    assert_eq!(tutorial["status"], 400, "{tutorial}");
+    let message = tutorial["message"].as_str().unwrap();
+    assert!(message.starts_with("messengerId: "), "{tutorial}");
     assert!(vonage.requests().is_empty(), "nothing sent");
     let sms_only = create(&daemon, "m1", json!({"sms": PHONE}));
     assert_eq!(sms_only["status"], 201, "SMS still works: {sms_only}");
