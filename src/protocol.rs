@@ -102,6 +102,13 @@ fn optional_id(
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(Value::Number(n)) if n.is_u64() => Ok(Some(n.to_string())),
+        // A JSON number above 2^64 - 1 is read as a double, whose digits are lost.
+        Some(Value::Number(n)) if n.as_f64().is_some_and(|f| f >= u64::MAX as f64) => {
+            Err(bad_request(
+                label,
+                "is too large for a JSON number: send it as a string of digits",
+            ))
+        }
         Some(_) => Err(bad_request(label, "must be a string of digits")),
     }
 }
@@ -577,6 +584,14 @@ mod tests {
                 "{text}: {got}"
             );
         }
+        // Bytes that are not UTF-8 are named as such, in the field they are in.
+        let mut not_utf8 = br#"{"op":"ping","id":"x"}"#.to_vec();
+        not_utf8[19] = 0xff;
+        assert_eq!(
+            parse(&not_utf8).request.unwrap_err().message,
+            "request is not valid JSON: id: bytes that are not UTF-8 text, which JSON text \
+             must be, at line 1 column 20"
+        );
         // Outside any value there is no field to name: the position only.
         assert_eq!(
             message(r#"{"op":"ping"} x"#),
@@ -642,6 +657,29 @@ mod tests {
         let env = parse_str(r#"{"op":"ping","id":[1]}"#);
         assert_eq!(env.id, None);
         assert!(env.request.unwrap_err().message.starts_with("id:"));
+    }
+
+    #[test]
+    fn a_recipient_number_too_large_for_json_is_asked_for_as_a_string() {
+        let create = |id: &str| {
+            parse_str(&format!(
+                r#"{{"op":"create","token":"t","messengerId":{id}}}"#
+            ))
+            .request
+            .map(|_| ())
+            .map_err(|error| error.message)
+        };
+        assert_eq!(
+            create("12345678901234567890123456789012"),
+            Err(
+                "messengerId: is too large for a JSON number: send it as a string of digits".into()
+            )
+        );
+        assert_eq!(
+            create("1.5"),
+            Err("messengerId: must be a string of digits".into())
+        );
+        assert_eq!(create("18446744073709551615"), Ok(()));
     }
 
     #[test]

@@ -53,6 +53,14 @@ impl JsonError {
         message.starts_with("lone leading surrogate in hex escape")
             || message.starts_with("unexpected end of hex escape")
     }
+
+    /// Whether a string held bytes that are not UTF-8, which serde_json words as "invalid
+    /// unicode code point", as if an escape were at fault.
+    fn is_not_utf8(&self) -> bool {
+        self.error
+            .to_string()
+            .starts_with("invalid unicode code point")
+    }
 }
 
 impl std::fmt::Display for JsonError {
@@ -66,6 +74,13 @@ impl std::fmt::Display for JsonError {
                 "a \\u escape of a lone UTF-16 surrogate (\\ud800 to \\udfff), which is no \
                  character; expected a high-low pair (\\ud83d\\ude00) or UTF-8 text, at line {} \
                  column {}",
+                self.error.line(),
+                self.error.column()
+            )
+        } else if self.is_not_utf8() {
+            write!(
+                f,
+                "bytes that are not UTF-8 text, which JSON text must be, at line {} column {}",
                 self.error.line(),
                 self.error.column()
             )
