@@ -345,7 +345,17 @@ fn describe_problem_raw(status: StatusCode, body: &[u8], sent: &SentNumbers) -> 
     };
     let mut message = status.to_string();
     for field in ["title", "detail"] {
-        if let Some(text) = problem[field].as_str().filter(|t| !t.is_empty()) {
+        // A title that only repeats the status's reason ("Bad Request") adds nothing.
+        let repeats_status = |text: &str| {
+            field == "title"
+                && status
+                    .canonical_reason()
+                    .is_some_and(|r| r.eq_ignore_ascii_case(text))
+        };
+        if let Some(text) = problem[field]
+            .as_str()
+            .filter(|t| !t.is_empty() && !repeats_status(t))
+        {
             message.push_str(": ");
             // Withheld before it is cut short: a number cut in half is no longer found.
             message.extend(sent.withhold(text).chars().take(MAX_PROBLEM_CHARS));
@@ -434,7 +444,12 @@ mod tests {
         let body = br#"{"type":"https://x/errors#invalid","title":"Bad Request","detail":"The request failed due to validation errors","instance":"1","invalid_parameters":[{"name":"workflow[0].to.id","reason":"Invalid"}]}"#;
         assert_eq!(
             describe_problem(StatusCode::BAD_REQUEST, body, &SentNumbers(Vec::new())),
-            "400 Bad Request: Bad Request: The request failed due to validation errors (invalid: workflow[0].to.id)"
+            "400 Bad Request: The request failed due to validation errors (invalid: workflow[0].to.id)"
+        );
+        let titled = br#"{"title":"Invalid sender","detail":"The from field is not allowed"}"#;
+        assert_eq!(
+            describe_problem(StatusCode::BAD_REQUEST, titled, &SentNumbers(Vec::new())),
+            "400 Bad Request: Invalid sender: The from field is not allowed"
         );
         assert_eq!(
             describe_problem(StatusCode::BAD_GATEWAY, b"<html>", &SentNumbers(Vec::new())),
@@ -464,10 +479,7 @@ mod tests {
         for number in ["393331234567", "081234", "8192836451"] {
             assert!(!message.contains(number), "{number} in {message}");
         }
-        assert!(
-            message.starts_with("400 Bad Request: Bad Request: "),
-            "{message}"
-        );
+        assert!(message.starts_with("400 Bad Request: {"), "{message}");
         assert!(
             message.contains("valid 5 minutes"),
             "short numbers stay: {message}"
