@@ -201,11 +201,16 @@ fn main() -> ExitCode {
     })
 }
 
+/// What is logged without `OTPD_LOG`: otpd's own lines from `info` up, the storage
+/// engines' from `warn` (fjall logs a line per table it opens at every start, and its
+/// write stalls at `info`).
+const DEFAULT_LOG_FILTER: &str = "info,fjall=warn,lsm_tree=warn,sled=warn";
+
 /// Logs go to stderr; into the journal without colours or a second timestamp, and
 /// with each line's priority.
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OTPD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
