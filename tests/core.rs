@@ -726,7 +726,7 @@ fn cli_client_commands(engine: Engine) {
         "cli",
         "--sms",
         "+393331234567",
-        "--ttl",
+        "--ttl-secs",
         "120",
         "--code-length",
         "8",
@@ -736,6 +736,26 @@ fn cli_client_commands(engine: Engine) {
     assert_eq!(created["status"], 201);
     let code = daemon.code_for("cli");
     assert_eq!(code.len(), 8, "--code-length reaches the daemon");
+    let out = otpd(&[
+        "create",
+        "cli-ttl",
+        "--sms",
+        "+393331234567",
+        "--ttl",
+        "86401",
+    ]);
+    let refused: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        refused["status"], 400,
+        "--ttl reaches the daemon: {refused}"
+    );
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("ttl_secs: "),
+        "named as the flag --ttl-secs is: {refused}"
+    );
     let out = otpd(&["verify", "cli", "000"]);
     assert!(!out.status.success(), "bad code exits non-zero");
     let out = otpd(&["verify", "cli", &code]);
