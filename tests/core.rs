@@ -37,6 +37,20 @@ fn create_verify_and_the_answers_that_follow(engine: Engine) {
         !created.to_string().contains(&code),
         "code leaked into the response"
     );
+    // The log backend's line: what would have been sent, and where.
+    let logged: Value = serde_json::from_str(
+        std::fs::read_to_string(&daemon.log_file)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(logged["channels"], json!(["messenger", "sms"]), "{logged}");
+    assert!(
+        logged["text"].as_str().unwrap().contains(&code),
+        "the message text holds the code: {logged}"
+    );
 
     let wrong = if code == "000000" { "111111" } else { "000000" };
     let answer = daemon.verify("123456789", wrong);
@@ -58,6 +72,12 @@ fn create_verify_and_the_answers_that_follow(engine: Engine) {
     assert_eq!(status["status"], 200, "{status}");
     assert_eq!(status["state"], "verified");
     assert_eq!(status["attempts"], 0, "a valid verify clears the count");
+    assert_eq!(status["expires_at"], created["expires_at"], "{status}");
+    let created_at = status["created_at"].as_str().unwrap();
+    assert!(
+        created_at.ends_with('Z') && created_at < created["expires_at"].as_str().unwrap(),
+        "{status}"
+    );
     assert!(
         !status.to_string().contains(&code),
         "code leaked into status"
@@ -342,6 +362,18 @@ fn codes_survive_sigterm_and_sigkill(engine: Engine) {
         409,
         "acknowledged verify survives"
     );
+}
+
+#[test]
+fn sigint_stops_the_daemon_as_sigterm_does() {
+    use nix::sys::signal::{Signal, kill};
+    let mut daemon = Daemon::start(NO_COOLDOWN);
+    let code = daemon.create_code("int", "393331234567");
+    kill(daemon.pid(), Signal::SIGINT).unwrap();
+    assert!(daemon.wait_exit().success(), "SIGINT exits 0");
+    assert!(!daemon.socket.exists(), "socket removed on clean exit");
+    daemon.spawn();
+    assert_eq!(daemon.verify("int", &code)["status"], 200);
 }
 
 #[test]

@@ -333,6 +333,34 @@ fn a_messenger_id_without_messenger_from_is_a_bad_request_that_counts_no_send() 
 }
 
 #[test]
+fn a_refused_connection_is_retried_then_answered_503() {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, getsockname};
+    use std::os::fd::AsRawFd;
+    // A port bound but not listening: connections to it are refused, and no other
+    // test can take it meanwhile.
+    let closed = nix::sys::socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    bind(closed.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
+    let port = getsockname::<SockaddrIn>(closed.as_raw_fd())
+        .unwrap()
+        .port();
+    let vonage = VonageStandIn::start();
+    let daemon = start(&vonage, &format!("api_url = \"http://127.0.0.1:{port}\""));
+    let answer = create(&daemon, "refused", json!({"sms": PHONE}));
+    assert_eq!(answer["status"], 503, "{answer}");
+    assert_eq!(answer["error"], "delivery_unavailable");
+    let stats = daemon.stats();
+    assert_eq!(stats["delivery_attempts"], 3, "max_retries = 2: {stats}");
+    assert_eq!(stats["delivery_unavailable"], 1, "{stats}");
+    assert_eq!(stats["live"], 0, "{stats}");
+}
+
+#[test]
 fn retries_exhausted_answer_503_and_nothing_stays_live() {
     let vonage = VonageStandIn::start();
     let daemon = start(&vonage, "");

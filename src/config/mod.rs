@@ -783,6 +783,18 @@ mod tests {
     }
 
     #[test]
+    fn a_validity_beyond_nists_ten_minutes_is_warned_about() {
+        let long = Config::parse("[otp]\nttl_secs = 601\n").unwrap().warnings();
+        assert!(
+            long.iter()
+                .any(|w| w.starts_with("otp.ttl_secs = 601 exceeds NIST SP 800-63B")),
+            "{long:?}"
+        );
+        let ten_minutes = Config::parse("[otp]\nttl_secs = 600\n").unwrap().warnings();
+        assert!(ten_minutes.is_empty(), "{ten_minutes:?}");
+    }
+
+    #[test]
     fn a_validity_too_short_for_a_failover_is_warned_about() {
         let short = Config::parse("[otp]\nttl_secs = 29\n").unwrap().warnings();
         assert!(
@@ -1396,6 +1408,32 @@ mod tests {
         config.resolve_paths(&Overrides::default(), &SystemdDirs::default());
         assert_eq!(config.server.socket, PathBuf::from("./otpd-data/otpd.sock"));
         assert_eq!(config.store.path, PathBuf::from("./otpd-data/db"));
+    }
+
+    #[test]
+    fn the_server_secret_comes_from_its_systemd_credential_unless_a_flag_names_the_data_dir() {
+        let credentials = tempfile::tempdir().unwrap();
+        std::fs::write(credentials.path().join(SECRET_CREDENTIAL), "secret").unwrap();
+        let dirs = SystemdDirs {
+            credentials: Some(credentials.path().to_owned()),
+            ..SystemdDirs::default()
+        };
+        let mut config = Config::default();
+        config.resolve_paths(&Overrides::default(), &dirs);
+        assert_eq!(
+            config.store.secret_file,
+            credentials.path().join(SECRET_CREDENTIAL)
+        );
+        let mut config = Config::default();
+        let data_dir = Overrides {
+            data_dir: Some(PathBuf::from("/tmp/otpd-here")),
+            ..Overrides::default()
+        };
+        config.resolve_paths(&data_dir, &dirs);
+        assert_eq!(
+            config.store.secret_file,
+            PathBuf::from("/tmp/otpd-here/secret.key")
+        );
     }
 
     #[test]
