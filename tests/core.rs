@@ -860,12 +860,28 @@ per_engine!([sled, fjall, redis, redis_cluster] {
     codes_do_not_reach_the_log_outside_the_delivery_line,
 });
 
-/// Tests of the embedded engines' files in the daemon's directory.
+/// `relaxed` acknowledges a write before it is on disk and persists it within 500 ms
+/// in the background: once that is past, a killed daemon (the kernel's page cache
+/// intact) has lost nothing.
+fn relaxed_durability_persists_in_the_background(engine: Engine) {
+    let store = engine.store_toml() + "durability = \"relaxed\"\n";
+    let mut daemon = Daemon::start_on(&store, NO_COOLDOWN, "");
+    let code = daemon.create_code("relaxed", "393331234567");
+    thread::sleep(Duration::from_secs(2));
+    daemon.kill();
+    daemon.spawn();
+    assert_eq!(daemon.verify("relaxed", &code)["status"], 200);
+}
+
+/// Tests of the embedded engines alone: their files, and relaxed durability.
 mod embedded {
-    use super::database_holds_neither_codes_nor_the_secret;
+    use super::{
+        database_holds_neither_codes_nor_the_secret, relaxed_durability_persists_in_the_background,
+    };
 
     crate::per_engine!([sled, fjall] {
         database_holds_neither_codes_nor_the_secret,
+        relaxed_durability_persists_in_the_background,
     });
 }
 
