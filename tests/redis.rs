@@ -556,7 +556,6 @@ fn keys_expire_by_themselves(engine: Engine) {
         "[otp]\nresend_cooldown_secs = 0\nretain_secs = 3\nsend_window_secs = 1\n[janitor]\ninterval_secs = 1\n",
     );
     let code = daemon.create_short_code("short", "393331000001");
-    assert_eq!(daemon.stats()["live"], 1);
     thread::sleep(Duration::from_millis(1100));
     // Between its expiry (1 s) and its purge (3 s later): 410, with time to spare.
     assert_eq!(
@@ -1175,6 +1174,7 @@ fn status_keeps_seeing_a_code_that_another_host_replaces(engine: Engine) {
             without_code += usize::from(status.code.is_none());
         }
         creates.await.unwrap();
+        assert!(statuses >= 5, "only {statuses} statuses ran among the creates");
         assert_eq!(without_code, 0, "statuses without a code, of {statuses}");
     });
 }

@@ -120,6 +120,8 @@ fn an_activated_abstract_socket_is_named_in_the_log() {
     });
     let mut conn = Conn::new(stream.unwrap());
     assert_eq!(conn.call(json!({"op": "ping"}))["status"], 200);
+    // The socket answers before the ready line is written.
+    wait_for("the ready line", || daemon.stderr().contains("live=0"));
     let log = daemon.stderr();
     let named: Vec<&str> = log
         .lines()

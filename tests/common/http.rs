@@ -146,6 +146,22 @@ where
 }
 
 impl Connection<'_> {
+    /// Waits until the server has closed this connection; false if it is still open
+    /// after [`PATIENCE`].
+    pub fn closed_by_the_server(&mut self) -> bool {
+        let sender = &self.sender;
+        self.client.runtime.block_on(async {
+            tokio::time::timeout(PATIENCE, async {
+                // The connection's task, on this runtime, notices the close as it runs.
+                while !sender.is_closed() {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .is_ok()
+        })
+    }
+
     pub fn send(
         &mut self,
         method: &str,

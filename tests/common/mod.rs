@@ -233,19 +233,8 @@ impl Daemon {
             .open(&self.stderr_path)
             .unwrap();
         let mut command = Command::new(program);
-        command
+        without_outside_settings(&mut command)
             .env("OTPD_LOG", "info")
-            .env_remove("STATE_DIRECTORY")
-            .env_remove("RUNTIME_DIRECTORY")
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("OTPD_CONFIG")
-            .env_remove("OTPD_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
@@ -1199,13 +1188,34 @@ fn redis_ping<S: Read + Write>(mut stream: S) -> bool {
         && [b"+PONG\r\n", b"-NOAUTH"].contains(&&answer)
 }
 
+/// `command` without the environment through which systemd or the user running the
+/// tests would configure otpd, so that a test daemon runs on its test's settings alone.
+fn without_outside_settings(command: &mut Command) -> &mut Command {
+    for name in [
+        "STATE_DIRECTORY",
+        "RUNTIME_DIRECTORY",
+        "CREDENTIALS_DIRECTORY",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "JOURNAL_STREAM",
+        "OTPD_CONFIG",
+        "OTPD_SOCKET",
+        "OTPD_LOG",
+    ] {
+        command.env_remove(name);
+    }
+    command
+}
+
 /// Runs `otpd serve ARGS` expecting it to refuse to start, and returns its stderr. One
 /// that starts after all fails the test after [`PATIENCE`] instead of hanging it.
 pub fn refused_start(args: &[&OsStr]) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_otpd"))
+    let mut child = without_outside_settings(&mut Command::new(env!("CARGO_BIN_EXE_otpd")))
         .arg("serve")
         .args(args)
-        .env_remove("CREDENTIALS_DIRECTORY")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
