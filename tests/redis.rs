@@ -1174,7 +1174,10 @@ fn status_keeps_seeing_a_code_that_another_host_replaces(engine: Engine) {
             without_code += usize::from(status.code.is_none());
         }
         creates.await.unwrap();
-        assert!(statuses >= 5, "only {statuses} statuses ran among the creates");
+        assert!(
+            statuses >= 5,
+            "only {statuses} statuses ran among the creates"
+        );
         assert_eq!(without_code, 0, "statuses without a code, of {statuses}");
     });
 }
