@@ -147,8 +147,7 @@ fn parse_recipients(
 ) -> Result<(Recipients, Option<&'static str>), ProtocolError> {
     let mut found: Vec<(&'static str, &'static str, String)> = Vec::new();
     let mut collect = |object: &Map<String, Value>, fields: &[(&'static str, &'static str)]| {
-        // Labelled only when given: of the six places a recipient may be named, a
-        // request uses one or two.
+        // Of the six places a recipient may be named, a request uses one or two.
         for &(field, label) in fields
             .iter()
             .filter(|(field, _)| object.contains_key(*field))
