@@ -49,9 +49,9 @@ enum Command {
         /// Messenger goes first and SMS is the failover.
         #[arg(long, group = "to")]
         messenger: Option<String>,
-        /// Validity in seconds (at most the configured ttl_secs). Named as the
-        /// request's field, which the daemon's refusals name.
-        #[arg(long = "ttl-secs", visible_alias = "ttl")]
+        /// Validity in seconds (at most the configured ttl_secs).
+        // Named as the request's field, which the daemon's refusals name.
+        #[arg(long = "ttl-secs", visible_alias = "ttl", value_name = "SECS")]
         ttl: Option<u64>,
         /// Digits in the code (at least the configured code_length, at most 10).
         #[arg(long)]
