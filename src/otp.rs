@@ -156,7 +156,7 @@ pub fn validate_messenger_id(id: &str) -> Result<String, &'static str> {
 /// A create as the front ends hand it over: the recipients normalised by
 /// [`normalize_phone`] and [`validate_messenger_id`] (under the field names the client
 /// used), the rest still to check.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CreateRequest {
     pub token: String,
     pub to: Recipients,

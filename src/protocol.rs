@@ -123,9 +123,6 @@ fn optional_u64(object: &Map<String, Value>, field: &str) -> Result<Option<u64>,
     }
 }
 
-/// Fields of a create that name recipients, top level or inside `to`.
-const RECIPIENT_FIELDS: [&str; 4] = ["messenger", "sms", "messengerId", "phoneNumber"];
-
 /// The recipient fields allowed at top level and inside `to`, each with the name an
 /// error gives it.
 const TOP_LEVEL_RECIPIENTS: [(&str, &str); 2] = [
@@ -162,7 +159,7 @@ fn parse_recipients(
     match object.get("to") {
         None | Some(Value::Null) => {}
         Some(Value::Object(to)) => {
-            check_fields(to, &RECIPIENT_FIELDS, "to.")?;
+            check_fields(to, &TO_RECIPIENTS.map(|(field, _)| field), "to.")?;
             collect(to, &TO_RECIPIENTS)?;
         }
         Some(_) => return Err(bad_request("to", "must be an object")),

@@ -44,22 +44,27 @@ pub struct JsonError {
 }
 
 impl JsonError {
-    /// Whether a string held a `\u` escape of half a UTF-16 surrogate pair: JSON's
-    /// grammar allows it, but it is no character (RFC 8259 §8.2), and serde_json's
-    /// wording for it ("lone leading surrogate", "unexpected end of hex escape") is
-    /// about its own parsing, not the request.
-    fn is_lone_surrogate(&self) -> bool {
+    /// otpd's words for a fault serde_json describes in terms of its own parsing, not
+    /// the request:
+    /// - a `\u` escape of half a UTF-16 surrogate pair ("lone leading surrogate",
+    ///   "unexpected end of hex escape"): JSON's grammar allows it, but it is no
+    ///   character (RFC 8259 §8.2);
+    /// - bytes in a string that are not UTF-8 ("invalid unicode code point", as if an
+    ///   escape were at fault).
+    fn own_wording(&self) -> Option<&'static str> {
         let message = self.error.to_string();
-        message.starts_with("lone leading surrogate in hex escape")
+        if message.starts_with("lone leading surrogate in hex escape")
             || message.starts_with("unexpected end of hex escape")
-    }
-
-    /// Whether a string held bytes that are not UTF-8, which serde_json words as "invalid
-    /// unicode code point", as if an escape were at fault.
-    fn is_not_utf8(&self) -> bool {
-        self.error
-            .to_string()
-            .starts_with("invalid unicode code point")
+        {
+            Some(
+                "a \\u escape of a lone UTF-16 surrogate (\\ud800 to \\udfff), which is no \
+                 character; expected a high-low pair (\\ud83d\\ude00) or UTF-8 text",
+            )
+        } else if message.starts_with("invalid unicode code point") {
+            Some("bytes that are not UTF-8 text, which JSON text must be")
+        } else {
+            None
+        }
     }
 }
 
@@ -68,24 +73,14 @@ impl std::fmt::Display for JsonError {
         if let Some(path) = &self.at {
             write!(f, "{path}: ")?;
         }
-        if self.is_lone_surrogate() {
-            write!(
+        match self.own_wording() {
+            Some(wording) => write!(
                 f,
-                "a \\u escape of a lone UTF-16 surrogate (\\ud800 to \\udfff), which is no \
-                 character; expected a high-low pair (\\ud83d\\ude00) or UTF-8 text, at line {} \
-                 column {}",
+                "{wording}, at line {} column {}",
                 self.error.line(),
                 self.error.column()
-            )
-        } else if self.is_not_utf8() {
-            write!(
-                f,
-                "bytes that are not UTF-8 text, which JSON text must be, at line {} column {}",
-                self.error.line(),
-                self.error.column()
-            )
-        } else {
-            self.error.fmt(f)
+            ),
+            None => self.error.fmt(f),
         }
     }
 }
