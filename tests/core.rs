@@ -38,14 +38,7 @@ fn create_verify_and_the_answers_that_follow(engine: Engine) {
         "code leaked into the response"
     );
     // The log backend's line: what would have been sent, and where.
-    let logged: Value = serde_json::from_str(
-        std::fs::read_to_string(&daemon.log_file)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
+    let logged = daemon.logged_line("123456789").unwrap();
     assert_eq!(logged["channels"], json!(["messenger", "sms"]), "{logged}");
     assert!(
         logged["text"].as_str().unwrap().contains(&code),

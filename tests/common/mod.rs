@@ -368,12 +368,17 @@ impl Daemon {
     }
 
     fn logged_for(&self, token: &str, field: &str) -> String {
+        self.logged_line(token)
+            .and_then(|entry| entry[field].as_str().map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {field} logged for {token}"))
+    }
+
+    /// The log backend's last line for `token`.
+    pub fn logged_line(&self, token: &str) -> Option<Value> {
         let text = std::fs::read_to_string(&self.log_file).unwrap_or_default();
         text.lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
             .rfind(|entry| entry["token"] == token)
-            .and_then(|entry| entry[field].as_str().map(str::to_owned))
-            .unwrap_or_else(|| panic!("no {field} logged for {token}"))
     }
 
     /// Where the HTTP listener listens (`127.0.0.1:PORT` or `unix:/path`), from the
