@@ -140,14 +140,22 @@ pub async fn run(
     );
     systemd::ready(&format!("serving on {socket}"));
 
-    let crashed = tokio::select! {
-        () = shutdown => None,
-        ended = first_to_end(&mut essential) => Some(ended),
+    let stopped = tokio::select! {
+        () = shutdown => Stopped::Asked,
+        (index, error) = first_to_end(&mut essential) => {
+            let task = essential.swap_remove(index).0;
+            tracing::error!(task, error, "a task stopped by itself; shutting down");
+            Stopped::TaskEnded(format!("the {task} stopped by itself: {error}"))
+        }
+        error = store.failed_for_good() => {
+            tracing::error!(
+                error,
+                "the store can no longer write; shutting down, so that a restart recovers \
+                 it from its journal"
+            );
+            Stopped::StoreFailed(format!("the store can no longer write: {error}"))
+        }
     };
-    let crashed = crashed.map(|(index, error)| (essential.swap_remove(index).0, error));
-    if let Some((task, error)) = &crashed {
-        tracing::error!(task, error, "a task stopped by itself; shutting down");
-    }
     tracing::info!("shutting down: finishing in-flight requests");
     systemd::stopping("shutting down: finishing in-flight requests");
     stop.cancel();
@@ -156,13 +164,28 @@ pub async fn run(
     }
     tracker.close();
     tracker.wait().await;
-    store.flush().await?;
-    if let Some((task, error)) = crashed {
-        // Exiting non-zero lets systemd restart the daemon.
-        anyhow::bail!("the {task} stopped by itself: {error}");
+    // Exiting non-zero lets systemd restart the daemon. A store that failed for good
+    // is not flushed: that would fail too.
+    match stopped {
+        Stopped::Asked => store.flush().await?,
+        Stopped::TaskEnded(why) => {
+            store.flush().await?;
+            anyhow::bail!(why);
+        }
+        Stopped::StoreFailed(why) => anyhow::bail!(why),
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Why [`run`] stops.
+enum Stopped {
+    /// The shutdown future resolved (SIGTERM, SIGINT).
+    Asked,
+    /// A task that should run until shutdown ended: it panicked.
+    TaskEnded(String),
+    /// The store can no longer write ([`Store::failed_for_good`]).
+    StoreFailed(String),
 }
 
 /// Waits until one of `tasks` ends; answers its index and why (a task that runs until

@@ -159,6 +159,115 @@ fn acknowledged_work_survives_sigkill(engine: Engine) {
     );
 }
 
+/// A tmpfs of [`SMALL_DISK`] mounted on `path` until dropped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+const SMALL_DISK: &str = "size=16m";
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path) -> SmallDisk {
+        std::fs::create_dir_all(path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", SMALL_DISK, "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("mount (util-linux)");
+        assert!(mounted.success(), "mount a tmpfs on {}", path.display());
+        SmallDisk {
+            path: path.to_owned(),
+        }
+    }
+
+    /// Takes all but `spare` bytes of what is free, in a file of its own.
+    fn fill(&self, spare: u64) -> std::path::PathBuf {
+        let stat = nix::sys::statvfs::statvfs(&self.path).unwrap();
+        let free = stat.blocks_available() * stat.fragment_size();
+        let filler = self.path.join("filler");
+        let file = std::fs::File::create(&filler).unwrap();
+        // Written, not just sized: tmpfs takes the space of a sparse file only as it
+        // is written.
+        std::io::Write::write_all(
+            &mut std::io::BufWriter::new(file),
+            &vec![0; free.saturating_sub(spare) as usize],
+        )
+        .unwrap();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// A full disk: the daemon stops by itself, saying why, rather than answer 500 for
+/// good; once there is room again, a restart verifies every code it acknowledged and
+/// answers 409 for every verify it acknowledged. Mounting the small disk takes root
+/// (CI runs as root); elsewhere this says so and checks nothing.
+fn a_full_disk_stops_the_daemon_and_loses_nothing_acknowledged(engine: Engine) {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: mounting a small disk needs root");
+        return;
+    }
+    let mut daemon = common::Daemon::prepare(&engine.store_toml(), "", "");
+    // The store lives in `db` under the daemon's directory.
+    let disk = SmallDisk::mount(&daemon.dir.path().join("db"));
+    daemon.spawn();
+    let filler = disk.fill(256 * 1024);
+    let mut conn = daemon.connect();
+    let mut acknowledged = Vec::new();
+    let mut last = serde_json::Value::Null;
+    // Bounded, to fail rather than loop for good if the disk never fills.
+    for i in 0..100_000 {
+        let token = format!("full-{i}");
+        let create = json!({"op": "create", "token": token, "to": {"sms": format!("+1555{i:07}")}});
+        let Some(answer) = conn.try_call(&create) else {
+            break; // the daemon closed the connection: it is stopping
+        };
+        last = answer.clone();
+        if answer["status"] != 201 {
+            continue;
+        }
+        let code = daemon.code_for(&token);
+        // Every other code is verified, and must answer 409 after the restart.
+        let verified = i % 2 == 0
+            && conn
+                .try_call(&json!({"op": "verify", "token": token, "code": code}))
+                .is_some_and(|answer| answer["status"] == 200);
+        acknowledged.push((token, code, verified));
+    }
+    let status = daemon.wait_exit();
+    let log = daemon.stderr();
+    assert!(!status.success(), "{status}; last answer {last}\n{log}");
+    assert!(log.contains("the store can no longer write"), "{log}");
+    assert!(
+        acknowledged.len() > 10,
+        "only {} creates",
+        acknowledged.len()
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    daemon.spawn();
+    let mut conn = daemon.connect();
+    for (token, code, verified) in &acknowledged {
+        let answer = conn.call(json!({"op": "verify", "token": token, "code": code}));
+        let expected = if *verified { 409 } else { 200 };
+        assert_eq!(answer["status"], expected, "{token}: {answer}");
+    }
+    daemon.stop();
+    eprintln!(
+        "{engine:?}: {} creates acknowledged before the disk filled, all there after",
+        acknowledged.len()
+    );
+}
+
 per_engine!([sled, fjall] {
     acknowledged_work_survives_sigkill,
+    a_full_disk_stops_the_daemon_and_loses_nothing_acknowledged,
 });

@@ -334,4 +334,14 @@ pub trait Store: Send + Sync {
     /// flush. It returns, with an error if the database fails, unless the engine is
     /// stuck.
     async fn probe(&self) -> Result<(), StoreError>;
+
+    /// Resolves, with why, once the store can no longer make a write durable in this
+    /// process, so that the daemon stops and a restart recovers it. An embedded engine
+    /// whose flush failed (a full disk, an I/O error) refuses every later write, as
+    /// the kernel may have dropped the pages it could not write; its journal still
+    /// holds every acknowledged change. Never for Redis, whose outages pass by
+    /// themselves.
+    async fn failed_for_good(&self) -> String {
+        std::future::pending().await
+    }
 }

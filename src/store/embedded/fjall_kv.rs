@@ -101,7 +101,13 @@ fn thread_ids() -> BTreeSet<libc::id_t> {
 }
 
 fn db_error(e: fjall::Error) -> StoreError {
-    StoreError::Database(e.to_string())
+    match e {
+        // fjall logs the I/O error itself, and answers every later write with this.
+        fjall::Error::Poisoned => StoreError::Database(
+            "fjall refuses writes since writing its journal failed (its log line says why)".into(),
+        ),
+        e => StoreError::Database(e.to_string()),
+    }
 }
 
 /// A fjall keyspace, the lock on its directory, and its journal's fdatasync.

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::StoreError;
 
@@ -47,6 +47,9 @@ struct Shared {
     /// The highest ticket a successful flush covered (for the tests).
     durable: AtomicU64,
     stopping: AtomicBool,
+    /// Why the first failed flush failed: both engines refuse every flush after one
+    /// ([`super::kv::SyncLatch`], fjall's poisoned keyspace, sled's global error).
+    failed: watch::Sender<Option<String>>,
 }
 
 /// The tickets taken so far, and the waiters the next flush answers: each is told
@@ -75,6 +78,7 @@ impl GroupCommit {
             next: Mutex::default(),
             durable: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            failed: watch::Sender::new(None),
         });
         let flusher = thread::Builder::new()
             .name("otpd-flusher".into())
@@ -97,6 +101,17 @@ impl GroupCommit {
             Ok(true) => Ok(()),
             Ok(false) => Err(StoreError::Database("flush failed".into())),
             Err(_) => Err(StoreError::Database("flusher stopped".into())),
+        }
+    }
+
+    /// Resolves, with why, once a flush has failed: no later one can succeed.
+    pub async fn failed_for_good(&self) -> String {
+        let mut failed = self.shared.failed.subscribe();
+        // An error only once the sender is gone, which `shared` holds as long as `self`.
+        let why = (failed.wait_for(Option::is_some).await).map(|why| why.clone());
+        match why {
+            Ok(Some(why)) => why,
+            _ => std::future::pending().await,
         }
     }
 
@@ -179,7 +194,14 @@ fn flush_loop(
         settled = target;
         match &flushed {
             Ok(()) => shared.durable.store(target, Ordering::Release),
-            Err(error) => tracing::error!(%error, "database flush failed"),
+            Err(error) => {
+                tracing::error!(%error, "database flush failed");
+                shared.failed.send_if_modified(|failed| {
+                    let first = failed.is_none();
+                    failed.get_or_insert_with(|| error.to_string());
+                    first
+                });
+            }
         }
         for waiter in waiters {
             // A waiter that gave up (its request was dropped) needs no answer.
@@ -245,6 +267,23 @@ mod tests {
         assert!(error.to_string().contains("flush failed"), "{error}");
         group.commit().await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_first_failed_flush_is_reported_as_the_end_of_the_store() {
+        let first = Err(StoreError::Database("disk full".into()));
+        let second = Err(StoreError::Database("poisoned".into()));
+        let (_, flush) = flush(Duration::ZERO, vec![Ok(()), first, second]);
+        let group = GroupCommit::start(flush);
+        group.commit().await.unwrap();
+        let mut failed = pin!(group.failed_for_good());
+        let mut context = Context::from_waker(Waker::noop());
+        assert!(failed.as_mut().poll(&mut context).is_pending());
+        group.commit().await.unwrap_err();
+        group.commit().await.unwrap_err();
+        // Bounded, to fail rather than hang if the failure is not reported.
+        let reported = tokio::time::timeout(Duration::from_secs(60), failed);
+        assert_eq!(reported.await.expect("not reported"), "database: disk full");
     }
 
     #[tokio::test]

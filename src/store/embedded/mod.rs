@@ -760,6 +760,15 @@ impl<D: Database> Store for EmbeddedStore<D> {
         self.meta.get(LAYOUT_KEY)?;
         self.wait_durable().await
     }
+
+    /// Only a shared flush can tell: with `relaxed` durability the engine syncs in the
+    /// background, and its failure shows as failed writes (README.md, "How it works").
+    async fn failed_for_good(&self) -> String {
+        match &self.commit {
+            Some(commit) => commit.failed_for_good().await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 #[cfg(test)]
