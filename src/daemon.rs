@@ -20,7 +20,8 @@ use crate::rules::Limits;
 use crate::secret::ServerSecret;
 use crate::server::{self, Listener};
 use crate::store::Store;
-use crate::store::embedded::{self, FjallStore, SledStore};
+use crate::store::embedded::kv::Database;
+use crate::store::embedded::{self, EmbeddedStore, FjallStore, SledStore};
 use crate::store::redis::RedisStore;
 use crate::systemd;
 
@@ -50,12 +51,12 @@ async fn open_store(
     tracing::info!(engine = engine.name(), "opening the store");
     Ok(match engine {
         Engine::Sled => {
-            let store = SledStore::open(&config.store, limits)?;
+            let store: SledStore = open_embedded(config, limits, secret, drawn)?;
             keep()?;
             Arc::new(store)
         }
         Engine::Fjall => {
-            let store = FjallStore::open(&config.store, limits)?;
+            let store: FjallStore = open_embedded(config, limits, secret, drawn)?;
             keep()?;
             Arc::new(store)
         }
@@ -67,6 +68,18 @@ async fn open_store(
             Arc::new(store)
         }
     })
+}
+
+/// The embedded store on `D`, refused if its codes were made with another secret.
+fn open_embedded<D: Database>(
+    config: &Config,
+    limits: Limits,
+    secret: &ServerSecret,
+    drawn: bool,
+) -> anyhow::Result<EmbeddedStore<D>> {
+    let store = EmbeddedStore::<D>::open(&config.store, limits)?;
+    store.check_secret(secret, drawn, &config.store.path, &config.store.secret_file)?;
+    Ok(store)
 }
 
 /// Runs the daemon on `listener` until `shutdown` resolves, then stops accepting,

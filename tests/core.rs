@@ -389,6 +389,43 @@ fn a_log_file_open_to_others_is_named_at_start() {
     );
 }
 
+/// A database whose secret file went missing (a restore without it) or was replaced
+/// is refused at start, naming both: with another secret every right code would be
+/// answered 404 and count as a wrong guess. Once the file is back, the codes verify.
+#[test]
+fn a_lost_or_replaced_secret_file_is_refused_and_its_codes_verify_once_it_is_back() {
+    let mut daemon = Daemon::start("");
+    let code = daemon.create_code("kept", "393331230001");
+    assert!(daemon.stop().success());
+    let secret_file = daemon.dir.path().join("secret.key");
+    let secret = std::fs::read(&secret_file).unwrap();
+
+    std::fs::remove_file(&secret_file).unwrap();
+    let refused = daemon.start_refused();
+    assert!(
+        refused.contains("holds codes made with another server secret")
+            && refused.contains("which was missing"),
+        "{refused}"
+    );
+    assert!(!secret_file.exists(), "the drawn secret was kept");
+
+    std::fs::write(&secret_file, [7; 32]).unwrap();
+    let refused = daemon.start_refused();
+    let db = daemon.dir.path().join("db");
+    assert!(
+        refused.contains(&format!(
+            "{}: holds codes made with another server secret than {}",
+            db.display(),
+            secret_file.display()
+        )),
+        "{refused}"
+    );
+
+    std::fs::write(&secret_file, secret).unwrap();
+    daemon.spawn();
+    assert_eq!(daemon.verify("kept", &code)["status"], 200);
+}
+
 fn database_holds_neither_codes_nor_the_secret(engine: Engine) {
     let mut daemon = engine.start(NO_COOLDOWN);
     let mut issued = Vec::new();

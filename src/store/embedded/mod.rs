@@ -69,12 +69,15 @@ use crate::rules::{
     self, CodeRecord, CodeState, DeliveryEvent, FailoverVerdict, Limits, Millis, PendingFailover,
     RecipientRecord, Refusal, TokenRecord, VerifyOutcome,
 };
+use crate::secret::ServerSecret;
 use group_commit::GroupCommit;
 use key_locks::KeyLocks;
 use timed::{Floor, timed_key};
 
 /// Key in the metadata tree ([`Database::meta`]) naming the layout of the other trees.
 const LAYOUT_KEY: &[u8] = b"layout";
+/// Key in the metadata tree holding the server secret's [fingerprint](ServerSecret::fingerprint).
+const SECRET_CHECK_KEY: &[u8] = b"secret-check";
 /// The layout this module reads and writes.
 const LAYOUT: &[u8] = b"1";
 /// How long a stop waits for the engine to write out what its journal holds
@@ -224,6 +227,42 @@ impl<D: Database> EmbeddedStore<D> {
         };
         store.live.store(store.count_live()?, Ordering::Relaxed);
         Ok(store)
+    }
+
+    /// Refuses a server secret other than the one the stored codes were made with: no
+    /// code would match its digest, and each right code typed would count as a wrong
+    /// guess until its token locked. Records the secret's fingerprint in a database
+    /// without codes, and in one of a build before this check (no fingerprint yet)
+    /// whose secret was read (not `drawn` at this start): that is taken as its own.
+    /// `path` and `secret_file` name the database and the secret in the refusal.
+    pub fn check_secret(
+        &self,
+        secret: &ServerSecret,
+        drawn: bool,
+        path: &Path,
+        secret_file: &Path,
+    ) -> Result<(), StoreError> {
+        let fingerprint = secret.fingerprint();
+        let holds_codes = || -> Result<bool, StoreError> {
+            Ok(self.tokens.values().next().transpose()?.is_some()
+                || self.failovers.values().next().transpose()?.is_some())
+        };
+        let refuse = |why: &str| {
+            Err(StoreError::Database(format!(
+                "{}: holds codes made with another server secret than {}{why}; restore \
+                 the secret file this database was used with, or move the database away \
+                 to start afresh (its codes are then lost)",
+                path.display(),
+                secret_file.display()
+            )))
+        };
+        let missing = ", which was missing (a new one was drawn, and is not kept)";
+        match self.meta.get(SECRET_CHECK_KEY)? {
+            Some(stored) if *stored == *fingerprint.as_bytes() => Ok(()),
+            Some(_) if holds_codes()? => refuse(if drawn { missing } else { "" }),
+            None if drawn && holds_codes()? => refuse(missing),
+            _ => self.meta.insert(SECRET_CHECK_KEY, fingerprint.as_bytes()),
+        }
     }
 
     /// Marks a new database with today's layout; refuses one written in another.
@@ -1600,6 +1639,48 @@ mod tests {
 
     /// Runs each test written once over `D: Database` on both engines, as
     /// `sled::name` and `fjall::name`.
+    async fn a_secret_other_than_the_one_its_codes_were_made_with_is_refused<D: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, file) = (dir.path().join("db"), dir.path().join("secret.key"));
+        let [first, other] = [1, 2].map(|byte| ServerSecret::from_bytes([byte; 32]));
+        let store = open::<D>(&dir, LIMITS);
+        // As a build before the check left it: codes, and no fingerprint.
+        store
+            .create(&new_code("t", 1, 0, 60_000), 0)
+            .await
+            .unwrap()
+            .unwrap();
+
+        let drawn = store.check_secret(&first, true, &path, &file).unwrap_err();
+        assert!(drawn.to_string().contains("which was missing"), "{drawn}");
+        // A secret read from its file is taken as the codes', and recorded.
+        store.check_secret(&first, false, &path, &file).unwrap();
+        store.check_secret(&first, true, &path, &file).unwrap();
+        let refused = store.check_secret(&other, false, &path, &file).unwrap_err();
+        let refused = refused.to_string();
+        assert!(refused.contains("another server secret than"), "{refused}");
+        assert!(refused.contains(&file.display().to_string()), "{refused}");
+        assert!(refused.contains(&path.display().to_string()), "{refused}");
+    }
+
+    async fn a_database_without_codes_takes_a_new_secret<D: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, file) = (dir.path().join("db"), dir.path().join("secret.key"));
+        let [first, other] = [1, 2].map(|byte| ServerSecret::from_bytes([byte; 32]));
+        let store = open::<D>(&dir, LIMITS);
+        store.check_secret(&first, true, &path, &file).unwrap();
+        // A database whose codes are all gone takes another secret too.
+        store.check_secret(&other, true, &path, &file).unwrap();
+        store
+            .create(&new_code("t", 1, 0, 60_000), 0)
+            .await
+            .unwrap()
+            .unwrap();
+        let drawn = store.check_secret(&first, true, &path, &file).unwrap_err();
+        assert!(drawn.to_string().contains("which was missing"), "{drawn}");
+        store.check_secret(&other, false, &path, &file).unwrap();
+    }
+
     macro_rules! on_both_engines {
         ($($name:ident),* $(,)?) => {
             mod sled {
@@ -1635,5 +1716,7 @@ mod tests {
         a_failover_due_while_a_resend_is_on_its_way_waits_for_it,
         a_report_on_the_replaced_code_counts_while_the_resend_is_on_its_way,
         the_replaced_codes_references_go_with_it,
+        a_secret_other_than_the_one_its_codes_were_made_with_is_refused,
+        a_database_without_codes_takes_a_new_secret,
     );
 }
