@@ -282,15 +282,32 @@ async fn serve(config: Config, activation: Option<Activation>) -> anyhow::Result
     otpd::daemon::run(config, listener, shutdown_signal()?).await
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
+/// Resolves on the first SIGTERM or SIGINT. SIGHUP, SIGUSR1 and SIGUSR2 are logged
+/// and otherwise ignored: by default each would end the process on the spot, with
+/// nothing logged, no request finished and no flush, and systemd counts a death by
+/// SIGHUP as a clean exit, which `Restart=on-failure` does not restart. (logrotate's
+/// `postrotate` and many habits send SIGHUP; otpd has no reload.)
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let handler = |kind: SignalKind, name: &str| signal(kind).context(format!("{name} handler"));
+    let mut term = handler(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = handler(SignalKind::interrupt(), "SIGINT")?;
+    let mut hup = handler(SignalKind::hangup(), "SIGHUP")?;
+    let mut usr1 = handler(SignalKind::user_defined1(), "SIGUSR1")?;
+    let mut usr2 = handler(SignalKind::user_defined2(), "SIGUSR2")?;
     Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        loop {
+            let ignored = tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => "SIGHUP",
+                _ = usr1.recv() => "SIGUSR1",
+                _ = usr2.recv() => "SIGUSR2",
+            };
+            tracing::warn!(
+                signal = ignored,
+                "signal ignored: otpd has no reload; restart it to apply a new configuration"
+            );
         }
     })
 }

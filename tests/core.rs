@@ -369,6 +369,32 @@ fn sigint_stops_the_daemon_as_sigterm_does() {
     assert_eq!(daemon.verify("int", &code)["status"], 200);
 }
 
+/// SIGHUP (logrotate's habit) and SIGUSR1/2 would otherwise end the daemon on the spot,
+/// silently, and to systemd cleanly, so that it would not be restarted.
+#[test]
+fn sighup_and_sigusr_are_logged_and_ignored() {
+    use nix::sys::signal::{Signal, kill};
+    let mut daemon = Daemon::start(NO_COOLDOWN);
+    let code = daemon.create_code("hup", "393331234567");
+    for signal in [Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2] {
+        kill(daemon.pid(), signal).unwrap();
+        let logged = format!(
+            "signal ignored: otpd has no reload; restart it to apply a new configuration signal=\"{signal}\""
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !daemon.stderr().contains(&logged) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not logged: {logged}\n{}",
+                daemon.stderr()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    assert_eq!(daemon.verify("hup", &code)["status"], 200);
+    assert!(daemon.stop().success());
+}
+
 #[test]
 fn a_log_file_open_to_others_is_named_at_start() {
     use std::os::unix::fs::PermissionsExt;

@@ -353,15 +353,17 @@ fn a_failover_sms_no_longer_owed_is_not_retried() {
         .map(|(token, _)| create_both(&daemon, &vonage, token))
         .collect();
     // Long enough for the ten calls below to come before the retries on a busy
-    // machine (they take well under a second).
+    // machine (they take well under a second), and short enough that the retries are
+    // judged, and a second later counted, before the replacing code's own failover is
+    // due (FAILOVER_SECS after its create).
     let busy = Reply::TooMany {
-        retry_after_secs: 15,
+        retry_after_secs: 10,
     };
     vonage.script(&vec![busy; cases.len()]);
     wait_for("the first SMS attempts", || {
         sms_requests(&vonage).len() == cases.len()
     });
-    // Within the 15 s before the retries.
+    // Within the 10 s before the retries.
     assert_eq!(
         daemon.verify("verified", &messages[0].code())["status"],
         200
