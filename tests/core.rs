@@ -369,6 +369,28 @@ fn sigint_stops_the_daemon_as_sigterm_does() {
     assert_eq!(daemon.verify("int", &code)["status"], 200);
 }
 
+/// A daemon whose socket file was deleted, and another started on the same path
+/// meanwhile: the first one's stop leaves the second one's socket alone.
+#[test]
+fn a_stop_removes_only_the_socket_file_its_daemon_made() {
+    let mut first = Daemon::start("");
+    std::fs::remove_file(&first.socket).unwrap();
+    let mut second = Daemon::prepare("", "", "");
+    second.socket = first.socket.clone();
+    second.spawn();
+    assert!(first.stop().success());
+    assert!(
+        second.socket.exists(),
+        "the second daemon's socket was removed"
+    );
+    assert_eq!(second.call(json!({"op": "ping"}))["status"], 200);
+    assert!(second.stop().success());
+    assert!(
+        !second.socket.exists(),
+        "a daemon removes its own socket file"
+    );
+}
+
 /// SIGHUP (logrotate's habit) and SIGUSR1/2 would otherwise end the daemon on the spot,
 /// silently, and to systemd cleanly, so that it would not be restarted.
 #[test]

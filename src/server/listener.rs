@@ -4,7 +4,7 @@
 
 use std::io::ErrorKind;
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,9 @@ use tokio::net::{UnixListener, UnixStream};
 #[derive(Debug)]
 pub struct Listener {
     listener: UnixListener,
-    owned_path: Option<PathBuf>,
+    /// The path this process bound, with the device and inode of the socket file it
+    /// made there: removed at the end only while it is still that file.
+    owned_path: Option<(PathBuf, FileId)>,
     /// What the logs and systemd's status call it: its path, or `@name` for an
     /// abstract socket systemd passed.
     name: String,
@@ -57,9 +59,10 @@ impl Listener {
         nix::sys::stat::umask(umask);
         let listener = bound.map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        let made = FileId::of(path)?;
         Ok(Self {
             listener,
-            owned_path: Some(path.to_owned()),
+            owned_path: Some((path.to_owned(), made)),
             name: path.display().to_string(),
         })
     }
@@ -92,9 +95,24 @@ impl Listener {
     }
 }
 
+/// A file's device and inode: which file a path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId(u64, u64);
+
+impl FileId {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(Self(meta.dev(), meta.ino()))
+    }
+}
+
 impl Drop for Listener {
+    /// Removes the socket file, unless it was deleted and the path now names another
+    /// (a second daemon's, started on the same path meanwhile), which stays.
     fn drop(&mut self) {
-        if let Some(path) = &self.owned_path {
+        if let Some((path, made)) = &self.owned_path
+            && FileId::of(path).is_ok_and(|now| now == *made)
+        {
             let _ = std::fs::remove_file(path);
         }
     }
