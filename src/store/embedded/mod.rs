@@ -1637,50 +1637,68 @@ mod tests {
         open::<FjallDb>(&dir, LIMITS);
     }
 
-    /// Runs each test written once over `D: Database` on both engines, as
-    /// `sled::name` and `fjall::name`.
-    async fn a_secret_other_than_the_one_its_codes_were_made_with_is_refused<D: Database>() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, file) = (dir.path().join("db"), dir.path().join("secret.key"));
-        let [first, other] = [1, 2].map(|byte| ServerSecret::from_bytes([byte; 32]));
-        let store = open::<D>(&dir, LIMITS);
-        // As a build before the check left it: codes, and no fingerprint.
-        store
-            .create(&new_code("t", 1, 0, 60_000), 0)
-            .await
-            .unwrap()
-            .unwrap();
+    /// A new store, and [`EmbeddedStore::check_secret`] of secrets made of one byte.
+    struct SecretCheck<D: Database> {
+        store: EmbeddedStore<D>,
+        path: std::path::PathBuf,
+        file: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
 
-        let drawn = store.check_secret(&first, true, &path, &file).unwrap_err();
-        assert!(drawn.to_string().contains("which was missing"), "{drawn}");
+    impl<D: Database> SecretCheck<D> {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            Self {
+                store: open::<D>(&dir, LIMITS),
+                path: dir.path().join("db"),
+                file: dir.path().join("secret.key"),
+                _dir: dir,
+            }
+        }
+
+        /// The check of the secret `[byte; 32]`, read from its file or `drawn`.
+        fn check(&self, byte: u8, drawn: bool) -> Result<(), String> {
+            let secret = ServerSecret::from_bytes([byte; 32]);
+            (self
+                .store
+                .check_secret(&secret, drawn, &self.path, &self.file))
+            .map_err(|e| e.to_string())
+        }
+
+        async fn add_a_code(&self) {
+            let created = self.store.create(&new_code("t", 1, 0, 60_000), 0).await;
+            created.unwrap().unwrap();
+        }
+    }
+
+    async fn a_secret_other_than_the_one_its_codes_were_made_with_is_refused<D: Database>() {
+        let secrets = SecretCheck::<D>::new();
+        // As a build before the check left it: codes, and no fingerprint.
+        secrets.add_a_code().await;
+        let drawn = secrets.check(1, true).unwrap_err();
+        assert!(drawn.contains("which was missing"), "{drawn}");
         // A secret read from its file is taken as the codes', and recorded.
-        store.check_secret(&first, false, &path, &file).unwrap();
-        store.check_secret(&first, true, &path, &file).unwrap();
-        let refused = store.check_secret(&other, false, &path, &file).unwrap_err();
-        let refused = refused.to_string();
+        secrets.check(1, false).unwrap();
+        secrets.check(1, true).unwrap();
+        let refused = secrets.check(2, false).unwrap_err();
+        let names = [&secrets.path, &secrets.file].map(|p| p.display().to_string());
         assert!(refused.contains("another server secret than"), "{refused}");
-        assert!(refused.contains(&file.display().to_string()), "{refused}");
-        assert!(refused.contains(&path.display().to_string()), "{refused}");
+        assert!(names.iter().all(|name| refused.contains(name)), "{refused}");
     }
 
     async fn a_database_without_codes_takes_a_new_secret<D: Database>() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, file) = (dir.path().join("db"), dir.path().join("secret.key"));
-        let [first, other] = [1, 2].map(|byte| ServerSecret::from_bytes([byte; 32]));
-        let store = open::<D>(&dir, LIMITS);
-        store.check_secret(&first, true, &path, &file).unwrap();
-        // A database whose codes are all gone takes another secret too.
-        store.check_secret(&other, true, &path, &file).unwrap();
-        store
-            .create(&new_code("t", 1, 0, 60_000), 0)
-            .await
-            .unwrap()
-            .unwrap();
-        let drawn = store.check_secret(&first, true, &path, &file).unwrap_err();
-        assert!(drawn.to_string().contains("which was missing"), "{drawn}");
-        store.check_secret(&other, false, &path, &file).unwrap();
+        let secrets = SecretCheck::<D>::new();
+        secrets.check(1, true).unwrap();
+        // Without codes, another secret is taken too.
+        secrets.check(2, true).unwrap();
+        secrets.add_a_code().await;
+        let drawn = secrets.check(1, true).unwrap_err();
+        assert!(drawn.contains("which was missing"), "{drawn}");
+        secrets.check(2, false).unwrap();
     }
 
+    /// Runs each test written once over `D: Database` on both engines, as
+    /// `sled::name` and `fjall::name`.
     macro_rules! on_both_engines {
         ($($name:ident),* $(,)?) => {
             mod sled {
