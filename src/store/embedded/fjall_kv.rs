@@ -1,5 +1,5 @@
 //! [`Database`] on fjall 2: one keyspace at `store.path`, a partition per tree, and a
-//! `meta` partition for the layout mark.
+//! `meta` partition for the layout mark and the secret's fingerprint.
 //!
 //! Write order. fjall has one journal per keyspace, shared by every partition: a write
 //! (or a batch) takes the journal's lock, gets the next sequence number, is appended to
@@ -86,7 +86,7 @@ pub const JOURNAL_BYTES: u64 = 512 * 1024 * 1024;
 const FLUSH_TASKS_PER_WAKEUP: usize = 32;
 /// How often `relaxed` durability persists the journal in the background.
 const RELAXED_FSYNC_MS: u16 = 500;
-/// The partition holding the layout mark.
+/// The partition holding the layout mark and the secret's fingerprint.
 const META: &str = "meta";
 
 /// The ids of this process's threads.

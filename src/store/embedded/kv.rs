@@ -61,7 +61,7 @@ pub trait Database: Clone + Send + Sync + 'static {
     /// one of another engine there).
     fn owns(path: &Path) -> bool;
 
-    /// The tree for the database's own metadata (the layout mark).
+    /// The tree for the database's own metadata (the layout mark, the secret's fingerprint).
     fn meta(&self) -> Result<Self::Tree, StoreError>;
 
     /// Whether the database holds nothing yet: no tree but [`Database::meta`], empty.
