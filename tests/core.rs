@@ -403,15 +403,7 @@ fn sighup_and_sigusr_are_logged_and_ignored() {
         let logged = format!(
             "signal ignored: otpd has no reload; restart it to apply a new configuration signal=\"{signal}\""
         );
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !daemon.stderr().contains(&logged) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not logged: {logged}\n{}",
-                daemon.stderr()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        wait_for(&logged, || daemon.stderr().contains(&logged));
     }
     assert_eq!(daemon.verify("hup", &code)["status"], 200);
     assert!(daemon.stop().success());
