@@ -414,7 +414,8 @@ impl Otp {
                 tracing::warn!(token, %error, "delivery failed; the code was discarded (any previous one stands)");
                 return Err(match error {
                     DeliveryError::Refused(detail) => OtpError::DeliveryFailed(detail),
-                    DeliveryError::Unavailable(detail) => OtpError::DeliveryUnavailable(detail),
+                    DeliveryError::Unavailable { reason: detail, .. }
+                    | DeliveryError::Unanswered(detail) => OtpError::DeliveryUnavailable(detail),
                 });
             }
         }

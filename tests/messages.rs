@@ -425,13 +425,17 @@ fn a_retried_failover_sms_names_the_minutes_left_then() {
 }
 
 /// A failover SMS whose retries would run past its code's expiry stops retrying, so
-/// no SMS carries a code that has expired.
+/// no SMS carries a code that has expired: due at 15 s, 15 s left, and a retry after
+/// the 12 s Vonage asks for could end 5 s later, past the expiry; so could one put
+/// back in line.
 #[test]
 fn a_failover_sms_is_not_retried_past_its_codes_expiry() {
     let vonage = stand_in();
     let daemon = start_configured(&vonage, "timeout_secs = 5\nmax_retries = 3\n");
     create_both_with(&daemon, &vonage, json!({"token": "f3", "ttl_secs": 30}));
-    vonage.script(&[Reply::Hang, Reply::Hang, Reply::Hang]);
+    vonage.script(&[Reply::TooMany {
+        retry_after_secs: 12,
+    }]);
     wait_for("the failover to be given up", || {
         events(&daemon, "f3")
             .iter()
@@ -445,7 +449,56 @@ fn a_failover_sms_is_not_retried_past_its_codes_expiry() {
         "{detail}"
     );
     let statuses: Vec<u16> = sms_requests(&vonage).iter().map(|s| s.status).collect();
-    assert!(!statuses.contains(&202), "an SMS went out: {statuses:?}");
+    assert_eq!(statuses, [429], "an SMS went out");
+}
+
+/// An SMS attempt that got no answer may have gone out: it is neither retried nor put
+/// back in line, so one failover never sends a pile of SMS to one number. The outcome
+/// recorded says so.
+#[test]
+fn an_unanswered_failover_sms_is_not_sent_again() {
+    let vonage = stand_in();
+    let daemon = start_configured(&vonage, "timeout_secs = 2\nmax_retries = 3\n");
+    vonage.script(&[Reply::Accept, Reply::Hang]);
+    create_both(&daemon, &vonage, "u1");
+    wait_for("the failover to be recorded failed", || {
+        events(&daemon, "u1")
+            .iter()
+            .any(|e| e["status"] == "failover_failed")
+    });
+    let events = events(&daemon, "u1");
+    let failed = events.iter().find(|e| e["status"] == "failover_failed");
+    let detail = failed.unwrap()["detail"].as_str().unwrap();
+    assert!(detail.contains("no answer within 2 s"), "{detail}");
+    assert!(
+        detail.contains("Vonage may have taken the message"),
+        "{detail}"
+    );
+    assert_eq!(sms_requests(&vonage).len(), 1, "sent again");
+}
+
+/// A failover SMS put back in line after a 429 waits as long as Vonage's `Retry-After`
+/// asks, when that is longer than the usual 10 s.
+#[test]
+fn a_failover_sms_put_back_in_line_waits_as_long_as_vonage_asks() {
+    let vonage = stand_in();
+    let daemon = start_configured(&vonage, "max_retries = 0\n");
+    vonage.script(&[
+        Reply::Accept,
+        Reply::TooMany {
+            retry_after_secs: 20,
+        },
+    ]);
+    create_both(&daemon, &vonage, "u2");
+    wait_for("the first SMS attempt", || sms_requests(&vonage).len() == 1);
+    wait_for_failover_sent(&daemon, "u2");
+    let sms = sms_requests(&vonage);
+    assert_eq!(sms.iter().map(|s| s.status).collect::<Vec<_>>(), [429, 202]);
+    let waited = sms[1].at - sms[0].at;
+    assert!(
+        waited >= Duration::from_secs(20),
+        "retried after {waited:?}"
+    );
 }
 
 /// A Messenger message that took long to go out (the client's retries) still gets its
@@ -453,8 +506,11 @@ fn a_failover_sms_is_not_retried_past_its_codes_expiry() {
 #[test]
 fn a_slow_messenger_send_still_leaves_its_sms_time() {
     let vonage = stand_in();
-    let daemon = start_configured(&vonage, "timeout_secs = 8\nmax_retries = 2\n");
-    vonage.script(&[Reply::Hang, Reply::Hang]);
+    let daemon = start_configured(&vonage, "max_retries = 2\n");
+    let busy = Reply::TooMany {
+        retry_after_secs: 8,
+    };
+    vonage.script(&[busy.clone(), busy]);
     let created_at = Instant::now();
     let created = daemon.call(json!({
         "op": "create", "token": "f4", "ttl_secs": 30,

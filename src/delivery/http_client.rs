@@ -1,14 +1,16 @@
 //! The HTTPS client both Vonage backends use: JSON POSTs with the bearer JWT, a
 //! timeout per request, and bounded retries.
 //!
-//! It sorts every answer into the three outcomes a create cares about: accepted (2xx,
-//! with the JSON body), refused (a 4xx other than 429: retrying the same request will
-//! not help, so the create fails with 502), or unavailable (429, 5xx, connection
-//! errors, timeouts: retried with exponential backoff and jitter, honouring
-//! `Retry-After`, then 503). It never logs a request body: bodies hold codes. Nor does
-//! it pass on what a provider's error says about the body: the numbers it sent (the
-//! code, phone numbers, Messenger ids) are withheld from every error, in case the
-//! provider echoes its request.
+//! It sorts every answer into the outcomes a create cares about: accepted (2xx, with
+//! the JSON body), refused (a 4xx other than 429: retrying the same request will not
+//! help, so the create fails with 502), unavailable (429, 5xx, a failed connect:
+//! nothing was taken, so it is retried with exponential backoff and jitter, honouring
+//! `Retry-After`, then 503), or unanswered (no answer within the timeout, or the
+//! connection lost after the request went out: the provider may have taken it, so it
+//! is not retried, as a retry could send the message again; 503). It never logs a
+//! request body: bodies hold codes. Nor does it pass on what a provider's error says
+//! about the body: the numbers it sent (the code, phone numbers, Messenger ids) are
+//! withheld from every error, in case the provider echoes its request.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,11 +59,13 @@ pub struct ApiClient {
 enum Attempt {
     Accepted(Value),
     Refused(String),
-    /// Worth retrying; with the delay the provider asked for, if any.
+    /// Not taken, worth retrying; with the delay the provider asked for, if any.
     Retry {
         reason: String,
         retry_after: Option<Duration>,
     },
+    /// No answer to a request that may have gone out: not to be retried.
+    Unanswered(String),
 }
 
 impl ApiClient {
@@ -144,18 +148,21 @@ impl ApiClient {
             .expect("valid request parts");
         let deadline = tokio::time::Instant::now() + self.timeout;
         let response = match tokio::time::timeout_at(deadline, self.client.request(request)).await {
+            // The timeout may have struck before the request went out, but only a
+            // connect that failed says so for sure.
             Err(_) => {
-                return Attempt::Retry {
-                    reason: format!("no answer within {} s", self.timeout.as_secs()),
-                    retry_after: None,
-                };
+                return Attempt::Unanswered(format!(
+                    "no answer within {} s",
+                    self.timeout.as_secs()
+                ));
             }
-            Ok(Err(e)) => {
+            Ok(Err(e)) if e.is_connect() => {
                 return Attempt::Retry {
                     reason: format!("connection: {e}"),
                     retry_after: None,
                 };
             }
+            Ok(Err(e)) => return Attempt::Unanswered(format!("connection lost: {e}")),
             Ok(Ok(response)) => response,
         };
         let (parts, body) = response.into_parts();
@@ -234,6 +241,9 @@ impl Tries<'_> {
         let outcome = match client.attempt(url, body, sent).await {
             Attempt::Accepted(answer) => Ok(answer),
             Attempt::Refused(message) => Err(DeliveryError::Refused(message)),
+            Attempt::Unanswered(reason) => Err(DeliveryError::Unanswered(format!(
+                "{reason}; not retried: Vonage may have taken the message"
+            ))),
             Attempt::Retry {
                 reason,
                 retry_after,
@@ -245,7 +255,9 @@ impl Tries<'_> {
         bump(match &outcome {
             Ok(_) => &client.counters.delivery_sent,
             Err(DeliveryError::Refused(_)) => &client.counters.delivery_refused,
-            Err(DeliveryError::Unavailable(_)) => &client.counters.delivery_unavailable,
+            Err(DeliveryError::Unavailable { .. } | DeliveryError::Unanswered(_)) => {
+                &client.counters.delivery_unavailable
+            }
         });
         Some(outcome)
     }
@@ -257,15 +269,20 @@ impl Tries<'_> {
         retry_after: Option<Duration>,
     ) -> Result<(), DeliveryError> {
         let client = self.client;
+        // Each carries the provider's wish, for a sender that tries again later.
+        let unavailable = |why: String| DeliveryError::Unavailable {
+            reason: format!("{reason}{why}"),
+            retry_after,
+        };
         if self.attempt >= client.max_retries {
-            return Err(DeliveryError::Unavailable(format!(
-                "{reason} (after {} attempts)",
+            return Err(unavailable(format!(
+                " (after {} attempts)",
                 self.attempt + 1
             )));
         }
         let delay = retry_delay(self.attempt, retry_after).map_err(|asked| {
-            DeliveryError::Unavailable(format!(
-                "{reason}; the provider asked to retry after {} s, longer than otpd waits ({} s)",
+            unavailable(format!(
+                "; the provider asked to retry after {} s, longer than otpd waits ({} s)",
                 asked.as_secs_f64().ceil(),
                 MAX_RETRY_DELAY.as_secs()
             ))
@@ -274,12 +291,11 @@ impl Tries<'_> {
             .until
             .is_some_and(|until| Instant::now() + delay + client.timeout > until)
         {
-            return Err(DeliveryError::Unavailable(format!(
-                "{reason}; not retried: no time left before the code expires"
-            )));
+            return Err(unavailable(
+                "; not retried: no time left before the code expires".into(),
+            ));
         }
-        let stopped =
-            || DeliveryError::Unavailable(format!("{reason}; not retried: otpd is stopping"));
+        let stopped = || unavailable("; not retried: otpd is stopping".into());
         if client.stopping.is_cancelled() {
             return Err(stopped());
         }

@@ -83,7 +83,7 @@ impl Delivery for LogDelivery {
             line.push(b'\n');
             let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             file.write_all(&line)
-                .map_err(|e| DeliveryError::Unavailable(format!("log_file: {e}")))?;
+                .map_err(|e| DeliveryError::unavailable(format!("log_file: {e}")))?;
         }
         Ok(Receipt { reference })
     }

@@ -58,9 +58,11 @@ const MAX_SENDING: usize = 64;
 const IDLE: Duration = Duration::from_secs(60);
 /// Pause between tries to record a send's outcome through a store error.
 const SETTLE_PAUSE: Duration = Duration::from_secs(1);
-/// A failover SMS Vonage could not take (5xx, 429, no answer, after the client's own
-/// retries) goes back in line this much later, as long as its code then still has as
-/// long left: nobody waits on this send, and a brief outage must not cost the SMS.
+/// A failover SMS Vonage did not take (5xx, 429, a failed connect, after the client's
+/// own retries) goes back in line this much later (or when Vonage's `Retry-After` asks),
+/// as long as an attempt then could end before its code expires: nobody waits on this
+/// send, and a brief outage must not cost the SMS. One that went unanswered may have
+/// gone out, and is not sent again.
 const OUTAGE_RETRY_MS: Millis = 10_000;
 
 /// Sends codes through `POST {api_url}/v1/messages`.
@@ -242,13 +244,14 @@ impl Inner {
                 );
                 (FAILOVER_SENT, uuid)
             }
-            Err(DeliveryError::Unavailable(_)) if stop.is_cancelled() => {
+            Err(DeliveryError::Unavailable { .. }) if stop.is_cancelled() => {
                 return self.set_aside(&failover).await;
             }
-            Err(DeliveryError::Unavailable(error))
-                if now_ms() + 2 * OUTAGE_RETRY_MS <= expires_at =>
-            {
-                return self.retry_later(&failover, &error).await;
+            Err(DeliveryError::Unavailable {
+                reason,
+                retry_after,
+            }) if let Some(due_at) = self.retry_at(retry_after, expires_at) => {
+                return self.retry_later(&failover, due_at, &reason).await;
             }
             Err(e) => {
                 tracing::error!(token = failover.token, error = %e, "failover SMS not sent");
@@ -370,13 +373,23 @@ impl Inner {
         }
     }
 
-    /// Files a failover Vonage could not take [`OUTAGE_RETRY_MS`] later.
-    async fn retry_later(&self, claimed: &PendingFailover, error: &str) {
-        match self.refile(claimed, now_ms() + OUTAGE_RETRY_MS).await {
+    /// When to try again a failover SMS Vonage did not take: [`OUTAGE_RETRY_MS`] from
+    /// now, or later if Vonage asked for longer (`retry_after`). `None` when an attempt
+    /// then could end after the code expires, as no retry starts that could.
+    fn retry_at(&self, retry_after: Option<Duration>, expires_at: Millis) -> Option<Millis> {
+        let asked = retry_after.map_or(0, |wait| wait.as_millis() as Millis);
+        let due_at = now_ms() + asked.max(OUTAGE_RETRY_MS);
+        let attempt = self.vonage.client.attempt_timeout().as_millis() as Millis;
+        (due_at + attempt <= expires_at).then_some(due_at)
+    }
+
+    /// Files a failover Vonage could not take again, due at `due_at`.
+    async fn retry_later(&self, claimed: &PendingFailover, due_at: Millis, error: &str) {
+        match self.refile(claimed, due_at).await {
             Ok(()) => tracing::warn!(
                 token = claimed.token,
                 error,
-                retry_in_ms = OUTAGE_RETRY_MS,
+                retry_in_ms = due_at.saturating_sub(now_ms()),
                 "failover SMS not taken by Vonage: it goes back in line"
             ),
             Err(store_error) => tracing::error!(

@@ -18,6 +18,7 @@ mod vonage;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rand::RngExt;
@@ -134,9 +135,30 @@ pub enum DeliveryError {
     /// The provider refused the message; retrying the same request will not help (502).
     #[error("{0}")]
     Refused(String),
-    /// The provider could not be reached or was overloaded, after retries (503).
+    /// The provider could not take the message: unreachable or overloaded, after
+    /// retries (503). Nothing went out, so a sender nobody waits on may try later.
+    #[error("{reason}")]
+    Unavailable {
+        reason: String,
+        /// How long the provider last asked to be left alone (`Retry-After`).
+        retry_after: Option<Duration>,
+    },
+    /// No answer came to a request that may have reached the provider (503): it may
+    /// have taken the message, so none is sent again, neither at once nor later. A
+    /// code's person gets it once or not at all, never a pile of copies that each cost
+    /// an SMS.
     #[error("{0}")]
-    Unavailable(String),
+    Unanswered(String),
+}
+
+impl DeliveryError {
+    /// Unavailable, with no wish of the provider's as to when to come back.
+    pub fn unavailable(reason: String) -> Self {
+        DeliveryError::Unavailable {
+            reason,
+            retry_after: None,
+        }
+    }
 }
 
 /// A delivery backend.

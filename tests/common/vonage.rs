@@ -55,7 +55,7 @@ pub enum Reply {
     /// A problem with this status whose `detail` echoes the request body, as a careless
     /// provider might: what otpd passes on of it must not carry the code.
     Echo(u16),
-    /// Never answers.
+    /// Takes the request and never answers: what it asked for may have been done.
     Hang,
 }
 
