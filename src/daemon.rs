@@ -62,7 +62,7 @@ async fn open_store(
         }
         Engine::Redis => {
             let store = RedisStore::reach(&config.store.redis, limits).await?;
-            store.refuse_another_secret(secret).await?;
+            store.refuse_another_secret(secret, drawn).await?;
             keep()?;
             store.check_in(secret).await?;
             Arc::new(store)

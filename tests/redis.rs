@@ -321,6 +321,41 @@ fn a_host_with_another_secret_refuses_to_start(engine: Engine) {
     assert_eq!(a.call(json!({"op": "ping"}))["status"], 200);
 }
 
+/// Redis can lose the secret's fingerprint (a restart without persistence, a failover
+/// to a replica without it, a `FLUSHALL`) while hosts run and make codes. A host whose
+/// secret file is missing is then refused while codes are there, and a running host
+/// records the fingerprint again at its next janitor pass, so that a host with another
+/// secret file is refused again too.
+#[test]
+fn a_lost_secret_fingerprint_is_recorded_again_and_lets_no_other_secret_in() {
+    let redis = OwnedRedis::start();
+    let store = redis_store(&format!("url = \"{}\"\n", redis.url()));
+    let mut a = Daemon::start_on(&store, "[janitor]\ninterval_secs = 1\n", "");
+    let code = a.create_code("lost", "393331234567");
+    let lose_fingerprint = || assert_eq!(redis.cli(&["DEL", "otpd:secret-check"]).trim(), "1");
+
+    a.stop();
+    lose_fingerprint();
+    let mut drawn = Daemon::prepare(&store, "", "");
+    let stderr = drawn.start_refused();
+    assert!(
+        stderr.contains("no server secret fingerprint") && stderr.contains("was missing"),
+        "{stderr}"
+    );
+    assert!(!drawn.dir.path().join("secret.key").exists());
+
+    a.spawn();
+    lose_fingerprint();
+    wait_for("a janitor pass to record the fingerprint again", || {
+        !redis.cli(&["GET", "otpd:secret-check"]).trim().is_empty()
+    });
+    let mut other = Daemon::prepare(&store, "", "");
+    std::fs::write(other.dir.path().join("secret.key"), [7u8; 32]).unwrap();
+    let stderr = other.start_refused();
+    assert!(stderr.contains("server secret differs"), "{stderr}");
+    assert_eq!(a.verify("lost", &code)["status"], 200);
+}
+
 #[test]
 fn unreachable_redis_stops_start_up_naming_it_and_leaves_no_secret() {
     let dir = tempfile::tempdir().unwrap();

@@ -33,8 +33,8 @@
 //! each recipient first (its own atomic commit) and takes it back if the token's
 //! commit then fails.
 
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{LazyLock, OnceLock};
 
 use async_trait::async_trait;
 use redis::{RedisError, Script};
@@ -153,6 +153,11 @@ pub struct RedisStore {
     /// `WAIT` for this many replicas (0: not at all) for up to `replica_timeout_ms`.
     min_replicas: u32,
     replica_timeout_ms: u64,
+    /// This host's server secret fingerprint, as recorded at check-in. Recorded again
+    /// at every janitor pass: Redis can lose the key (a restart without persistence, a
+    /// failover to a replica that lacked it, a `FLUSHALL`), and the first host to
+    /// start after that would otherwise record its own, whatever secret it holds.
+    fingerprint: OnceLock<String>,
 }
 
 impl RedisStore {
@@ -204,6 +209,7 @@ impl RedisStore {
             expired_unreported: AtomicU64::new(0),
             min_replicas: config.min_replicas,
             replica_timeout_ms: config.replica_timeout_ms,
+            fingerprint: OnceLock::new(),
         };
         let mut conn = store.conn();
         redis::cmd("PING")
@@ -934,8 +940,12 @@ impl Store for RedisStore {
     }
 
     /// Redis expires keys itself; a pass only counts the codes that expired unverified
-    /// (leaving the live set) and refreshes the live count.
+    /// (leaving the live set) and refreshes the live count. It also records this
+    /// host's secret fingerprint again, should Redis have lost it.
     async fn purge_due(&self, now: Millis, _batch: usize) -> Result<PurgeReport, StoreError> {
+        if let Err(error) = self.record_fingerprint_again().await {
+            tracing::error!(%error, "checking the server secret's fingerprint on Redis");
+        }
         let expired =
             self.refresh_live(now).await? + self.expired_unreported.swap(0, Ordering::Relaxed);
         Ok(PurgeReport {

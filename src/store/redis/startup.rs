@@ -172,30 +172,72 @@ impl RedisStore {
     /// nothing. Asked before a secret drawn at this start is saved, so that a host
     /// given the wrong setup leaves no secret file behind (the operator then gives it
     /// the others' secret); [`RedisStore::check_in`] still settles a race of two first
-    /// hosts.
-    pub async fn refuse_another_secret(&self, secret: &ServerSecret) -> Result<(), StoreError> {
-        let stored: Option<String> = redis::cmd("GET")
-            .arg(self.keys.secret_check())
-            .query_async(&mut self.conn())
-            .await
-            .map_err(redis_error)?;
-        match stored {
+    /// hosts. A `drawn` secret (the file was missing) is refused too where Redis holds
+    /// codes but no fingerprint: the key was lost (see [`RedisStore::fingerprint`]),
+    /// and the codes were made with a secret this host has not got.
+    pub async fn refuse_another_secret(
+        &self,
+        secret: &ServerSecret,
+        drawn: bool,
+    ) -> Result<(), StoreError> {
+        match self.recorded_fingerprint().await? {
             Some(stored) if stored != secret.fingerprint() => Err(self.another_secret()),
+            None if drawn && self.live_codes().await? > 0 => Err(StoreError::Database(format!(
+                "Redis holds codes but no server secret fingerprint (key {}, lost since), \
+                 and this host's secret file was missing (a new one was drawn, and is not \
+                 kept); give it the other hosts' secret file or credential",
+                self.keys.secret_check()
+            ))),
             _ => Ok(()),
         }
     }
 
-    /// Stores this host's secret fingerprint if none is there yet; refuses to go on
-    /// when another host stored a different one.
+    /// Records this host's secret fingerprint if none is there yet; refuses to go on
+    /// when another host recorded a different one. Remembers it for
+    /// [`RedisStore::record_fingerprint_again`].
     async fn check_secret(&self, secret: &ServerSecret) -> Result<(), StoreError> {
+        let fingerprint = self.fingerprint.get_or_init(|| secret.fingerprint());
+        self.check_fingerprint(fingerprint).await
+    }
+
+    /// Records this host's fingerprint again should Redis have lost it, at each janitor
+    /// pass; an error if another host's is there.
+    pub(super) async fn record_fingerprint_again(&self) -> Result<(), StoreError> {
+        match self.fingerprint.get() {
+            Some(fingerprint) => self.check_fingerprint(fingerprint).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn check_fingerprint(&self, fingerprint: &str) -> Result<(), StoreError> {
         redis::cmd("SET")
             .arg(self.keys.secret_check())
-            .arg(secret.fingerprint())
+            .arg(fingerprint)
             .arg("NX")
             .query_async::<()>(&mut self.conn())
             .await
             .map_err(redis_error)?;
-        self.refuse_another_secret(secret).await
+        match self.recorded_fingerprint().await? {
+            Some(stored) if stored != fingerprint => Err(self.another_secret()),
+            _ => Ok(()),
+        }
+    }
+
+    async fn recorded_fingerprint(&self) -> Result<Option<String>, StoreError> {
+        redis::cmd("GET")
+            .arg(self.keys.secret_check())
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Members of the live set, expired ones not yet dropped included.
+    async fn live_codes(&self) -> Result<u64, StoreError> {
+        redis::cmd("ZCARD")
+            .arg(self.keys.live())
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_error)
     }
 
     fn another_secret(&self) -> StoreError {
