@@ -447,6 +447,40 @@ fn an_acl_user_without_dangerous_commands_starts() {
     assert_eq!(daemon.verify("acl", &code)["status"], 200);
 }
 
+/// A create whose token commit fails after its recipient's send was reserved sends
+/// nothing, so it takes the send back: the next create for that number is not refused
+/// by the cooldown. The failure: an ACL user that may write every key but that token's.
+#[test]
+fn a_create_that_fails_takes_back_the_send_it_reserved() {
+    let redis = OwnedRedis::start();
+    let acl = [
+        "ACL",
+        "SETUSER",
+        "otpd",
+        "on",
+        ">otpd-pw",
+        "+@all",
+        "-@dangerous",
+        "%R~*",
+        "~otpd:r:*",
+        "~otpd:live",
+        "~otpd:secret-check",
+        "~otpd:ref:*",
+        "~otpd:{ok}*",
+    ];
+    redis.cli(&acl);
+    let store = redis_store(&format!(
+        "url = \"{}?user=otpd&pass=otpd-pw\"\n",
+        redis.url()
+    ));
+    let daemon = Daemon::start_on(&store, "", "");
+    let to = json!({"sms": "393331234567"});
+    let failed = daemon.call(json!({"op": "create", "token": "blocked", "to": to}));
+    assert_eq!(failed["status"], 500, "{failed}");
+    let created = daemon.call(json!({"op": "create", "token": "ok", "to": to}));
+    assert_eq!(created["status"], 201, "{created}");
+}
+
 /// A Redis that may evict otpd's keys is named at start-up, with what that costs.
 #[test]
 fn a_redis_that_may_evict_keys_is_warned_of() {

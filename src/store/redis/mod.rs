@@ -589,8 +589,31 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Takes back the send reserved at `at` on each of `keys` that has it.
+    async fn unreserve_all(
+        &self,
+        conn: &mut Connection,
+        keys: &[String],
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        for key in keys {
+            self.unreserve(conn, key, at).await?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::unreserve_all`] for a create that failed, which answers its own error:
+    /// this one is only logged. A reservation Redis applies after otpd gave up on it
+    /// (a stalled Redis) is not seen here, and still counts.
+    async fn take_back_after_failure(&self, conn: &mut Connection, keys: &[String], at: Millis) {
+        if let Err(error) = self.unreserve_all(conn, keys, at).await {
+            tracing::warn!(%error, "cannot take back the sends a failed create reserved");
+        }
+    }
+
     /// Reserves the planned sends on each recipient, each in its own commit; false
-    /// (after taking back those reserved) when one had changed since it was read.
+    /// (after taking back those reserved) when one had changed since it was read, an
+    /// error (after trying to take them back) when a commit failed.
     async fn reserve(
         &self,
         conn: &mut Connection,
@@ -604,11 +627,17 @@ impl RedisStore {
             commit
                 .expect(key, read)
                 .set(key, &encode(record), record.purge_at(&self.limits));
-            if !self.apply(conn, &commit).await? {
-                for key in &keys[..i] {
-                    self.unreserve(conn, key, now).await?;
+            match self.apply(conn, &commit).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.unreserve_all(conn, &keys[..i], now).await?;
+                    return Ok(false);
                 }
-                return Ok(false);
+                // This one may have been applied all the same.
+                Err(error) => {
+                    self.take_back_after_failure(conn, &keys[..=i], now).await;
+                    return Err(error);
+                }
             }
         }
         Ok(true)
@@ -654,57 +683,69 @@ impl Store for RedisStore {
             {
                 continue;
             }
-            let code = CodeRecord::new(new.created_at, new.expires_at, new.channels.clone());
-            let code_expire_at = self.code_expire_at(&code);
-            let mut commit = Commit::default();
-            commit.expect(&token_key, &token_read);
-            // The replaced code as it is when deleted, kept with the token for a discard.
-            let mut replaced = None;
-            if let Some(old) = plan.replaced {
-                let old_key = self.keys.code(&new.token, &old);
-                let old_read = self.get(&mut conn, &old_key).await?;
-                replaced = decode_read::<CodeRecord>(&old_read)?
-                    .map(|code| ReplacedCode { digest: old, code });
-                commit.expect(&old_key, &old_read).delete(&old_key);
-            }
-            // A pending code replaced after its expiry, before a janitor pass counted
-            // it, has expired all the same: it is kept as expired, so that a failed
-            // resend puts it back expired, not into the live set to be counted again.
-            let expired_unseen = replaced
-                .as_mut()
-                .is_some_and(|old| old.code.mark_expired(now));
-            let stand_in =
-                if ReplacedCode::keeps_standing_in(standing_in.as_ref(), replaced.as_ref()) {
-                    standing_in.as_ref()
-                } else {
-                    replaced.as_ref()
-                };
-            commit.set(&code_key, &encode(&code), code_expire_at).set(
-                &token_key,
-                &encode_with_extra(&plan.token, stand_in),
-                self.token_expire_at(&plan.token).max(code_expire_at),
-            );
-            if self.apply(&mut conn, &commit).await? {
-                let member = Keys::live_member(&new.token, &new.digest);
-                let gone: Vec<String> = plan
-                    .replaced
-                    .filter(|old| *old != new.digest)
-                    .map(|old| Keys::live_member(&new.token, &old))
-                    .into_iter()
-                    .collect();
-                let removed = self
-                    .track_live(&mut conn, Some((&member, new.expires_at)), &gone)
-                    .await;
-                if expired_unseen && removed > 0 {
-                    self.expired_unreported.fetch_add(1, Ordering::Relaxed);
+            // No delivery follows a create that failed, so its reserved sends are
+            // taken back then too, not only on a conflict.
+            let committed: Result<bool, StoreError> = async {
+                let code = CodeRecord::new(new.created_at, new.expires_at, new.channels.clone());
+                let code_expire_at = self.code_expire_at(&code);
+                let mut commit = Commit::default();
+                commit.expect(&token_key, &token_read);
+                // The replaced code as it is when deleted, kept with the token for a discard.
+                let mut replaced = None;
+                if let Some(old) = plan.replaced {
+                    let old_key = self.keys.code(&new.token, &old);
+                    let old_read = self.get(&mut conn, &old_key).await?;
+                    replaced = decode_read::<CodeRecord>(&old_read)?
+                        .map(|code| ReplacedCode { digest: old, code });
+                    commit.expect(&old_key, &old_read).delete(&old_key);
                 }
-                // On a replica before it is sent: a code a failover then loses would
-                // reach the person and never verify.
-                self.replicated(&mut conn).await?;
-                return Ok(Ok(()));
+                // A pending code replaced after its expiry, before a janitor pass counted
+                // it, has expired all the same: it is kept as expired, so that a failed
+                // resend puts it back expired, not into the live set to be counted again.
+                let expired_unseen = replaced
+                    .as_mut()
+                    .is_some_and(|old| old.code.mark_expired(now));
+                let stand_in =
+                    if ReplacedCode::keeps_standing_in(standing_in.as_ref(), replaced.as_ref()) {
+                        standing_in.as_ref()
+                    } else {
+                        replaced.as_ref()
+                    };
+                commit.set(&code_key, &encode(&code), code_expire_at).set(
+                    &token_key,
+                    &encode_with_extra(&plan.token, stand_in),
+                    self.token_expire_at(&plan.token).max(code_expire_at),
+                );
+                if self.apply(&mut conn, &commit).await? {
+                    let member = Keys::live_member(&new.token, &new.digest);
+                    let gone: Vec<String> = plan
+                        .replaced
+                        .filter(|old| *old != new.digest)
+                        .map(|old| Keys::live_member(&new.token, &old))
+                        .into_iter()
+                        .collect();
+                    let removed = self
+                        .track_live(&mut conn, Some((&member, new.expires_at)), &gone)
+                        .await;
+                    if expired_unseen && removed > 0 {
+                        self.expired_unreported.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // On a replica before it is sent: a code a failover then loses
+                    // would reach the person and never verify.
+                    self.replicated(&mut conn).await?;
+                    return Ok(true);
+                }
+                Ok(false)
             }
-            for key in &recipient_keys {
-                self.unreserve(&mut conn, key, now).await?;
+            .await;
+            match committed {
+                Ok(true) => return Ok(Ok(())),
+                Ok(false) => self.unreserve_all(&mut conn, &recipient_keys, now).await?,
+                Err(error) => {
+                    self.take_back_after_failure(&mut conn, &recipient_keys, now)
+                        .await;
+                    return Err(error);
+                }
             }
         }
         Err(contention())
