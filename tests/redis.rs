@@ -447,6 +447,34 @@ fn an_acl_user_without_dangerous_commands_starts() {
     assert_eq!(daemon.verify("acl", &code)["status"], 200);
 }
 
+/// Every write is a script: a login that may not run them is refused at start-up,
+/// naming what it lacks, instead of starting and failing every create.
+#[test]
+fn a_login_that_may_not_run_scripts_is_refused_at_start_up() {
+    let redis = OwnedRedis::start();
+    let acl = [
+        "ACL",
+        "SETUSER",
+        "otpd",
+        "on",
+        ">otpd-pw",
+        "~*",
+        "+@all",
+        "-@dangerous",
+        "-@scripting",
+    ];
+    redis.cli(&acl);
+    let store = redis_store(&format!(
+        "url = \"{}?user=otpd&pass=otpd-pw\"\n",
+        redis.url()
+    ));
+    let stderr = Daemon::prepare(&store, "", "").start_refused();
+    assert!(
+        stderr.contains("may not run otpd's scripts") && stderr.contains("+@scripting"),
+        "{stderr}"
+    );
+}
+
 /// A create whose token commit fails after its recipient's send was reserved sends
 /// nothing, so it takes the send back: the next create for that number is not refused
 /// by the cooldown. The failure: an ACL user that may write every key but that token's.

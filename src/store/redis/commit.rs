@@ -3,7 +3,7 @@
 
 use std::sync::LazyLock;
 
-use redis::Script;
+use redis::{RedisError, Script};
 
 use super::connection::Connection;
 use super::{Read, RedisStore, redis_error};
@@ -77,6 +77,15 @@ impl RedisStore {
         conn: &mut Connection,
         commit: &Commit,
     ) -> Result<bool, StoreError> {
+        self.run_commit(conn, commit).await.map_err(redis_error)
+    }
+
+    /// [`Self::apply`] with Redis's own error.
+    pub(super) async fn run_commit(
+        &self,
+        conn: &mut Connection,
+        commit: &Commit,
+    ) -> Result<bool, RedisError> {
         let mut invocation = COMMIT_SCRIPT.prepare_invoke();
         for key in &commit.keys {
             invocation.key(key.as_str());
@@ -84,7 +93,7 @@ impl RedisStore {
         for arg in &commit.args {
             invocation.arg(arg.as_slice());
         }
-        let applied: i64 = invocation.invoke_async(conn).await.map_err(redis_error)?;
+        let applied: i64 = invocation.invoke_async(conn).await?;
         Ok(applied == 1)
     }
 }

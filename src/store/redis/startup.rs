@@ -4,8 +4,9 @@
 
 use std::sync::atomic::Ordering;
 
-use redis::{ErrorKind, FromRedisValue, RedisError, Value};
+use redis::{ErrorKind, FromRedisValue, RedisError, ServerErrorKind, Value};
 
+use super::commit::Commit;
 use super::{RedisStore, redis_error};
 use crate::rules::{self, Millis};
 use crate::secret::ServerSecret;
@@ -91,6 +92,7 @@ impl RedisStore {
     /// Checks that the other hosts on this Redis hold the same server secret (the first
     /// host records its fingerprint), and counts the live codes.
     pub async fn check_in(&self, secret: &ServerSecret) -> Result<(), StoreError> {
+        self.refuse_a_login_without_scripts().await?;
         self.check_secret(secret).await?;
         // Codes that expired while no host was running count at the first pass.
         let expired = self.refresh_live(rules::now_ms()).await?;
@@ -98,6 +100,22 @@ impl RedisStore {
         self.warn_unless_durable().await;
         self.warn_if_clock_differs().await;
         Ok(())
+    }
+
+    /// Runs an empty commit, which changes nothing: every write goes through that
+    /// script, so a login that may not run scripts would start and then fail every
+    /// create and verify.
+    async fn refuse_a_login_without_scripts(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        match self.run_commit(&mut conn, &Commit::default()).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) => {
+                Err(StoreError::Database(format!(
+                    "redis: the login may not run otpd's scripts ({e}): grant it EVALSHA, \
+                     EVAL and SCRIPT LOAD (+@scripting)"
+                )))
+            }
+            applied => applied.map(|_| ()).map_err(redis_error),
+        }
     }
 
     /// Says at start-up when this host's clock is off Redis's by more than
