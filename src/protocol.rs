@@ -116,6 +116,9 @@ fn optional_id(
 fn optional_u64(object: &Map<String, Value>, field: &str) -> Result<Option<u64>, ProtocolError> {
     match object.get(field) {
         None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) if n.as_f64().is_some_and(|f| f >= u64::MAX as f64) => {
+            Err(bad_request(field, "is too large"))
+        }
         Some(value) => value
             .as_u64()
             .map(Some)
@@ -676,6 +679,28 @@ mod tests {
             Err("messengerId: must be a string of digits".into())
         );
         assert_eq!(create("18446744073709551615"), Ok(()));
+    }
+
+    #[test]
+    fn a_number_beyond_64_bits_is_called_too_large_not_fractional() {
+        let create = |ttl: &str| {
+            parse_str(&format!(
+                r#"{{"op":"create","token":"t","phoneNumber":"393331234567","ttl_secs":{ttl}}}"#
+            ))
+            .request
+            .map(|_| ())
+            .map_err(|error| error.message)
+        };
+        assert_eq!(
+            create("18446744073709551616"),
+            Err("ttl_secs: is too large".into())
+        );
+        assert_eq!(
+            create("1.5"),
+            Err("ttl_secs: must be a whole number".into())
+        );
+        assert_eq!(create("-1"), Err("ttl_secs: must be a whole number".into()));
+        assert_eq!(create("60"), Ok(()));
     }
 
     #[test]
