@@ -227,6 +227,7 @@ impl RedisStore {
         }
     }
 
+    /// Records `fingerprint` unless one is there (`SET NX`), then refuses another.
     async fn check_fingerprint(&self, fingerprint: &str) -> Result<(), StoreError> {
         redis::cmd("SET")
             .arg(self.keys.secret_check())
@@ -241,6 +242,7 @@ impl RedisStore {
         }
     }
 
+    /// The fingerprint the hosts on this Redis recorded, if any.
     async fn recorded_fingerprint(&self) -> Result<Option<String>, StoreError> {
         redis::cmd("GET")
             .arg(self.keys.secret_check())
