@@ -136,18 +136,28 @@ impl DeliveryRecord {
         self.reference.as_deref().into_iter().chain(added)
     }
 
-    /// Appends an event, dropping the oldest beyond [`MAX_DELIVERY_EVENTS`]; false when
-    /// the event is already held: Vonage retries a callback whose answer it did not
-    /// see, with the same timestamp. An event that adds a reference is never the one
-    /// dropped: the failover SMS's id would be forgotten while its reports, the purge
-    /// of its reference and the failover's own record still need it.
+    /// Appends an event; false when it is already held: Vonage retries a callback whose
+    /// answer it did not see, with the same timestamp. Beyond [`MAX_DELIVERY_EVENTS`]
+    /// the oldest by its own time goes, so that a late `read` outlives earlier reports
+    /// however they arrive; an event older than every one it could replace is not kept
+    /// (false: a retry of one dropped before would otherwise come back as new). An
+    /// event that adds a reference is never the one dropped: the failover SMS's id
+    /// would be forgotten while its reports, the purge of its reference and the
+    /// failover's own record still need it.
     pub fn push(&mut self, event: DeliveryEvent) -> bool {
         if self.events.contains(&event) {
             return false;
         }
         if self.events.len() >= MAX_DELIVERY_EVENTS {
-            let oldest = self.events.iter().position(|e| e.new_reference().is_none());
-            self.events.remove(oldest.unwrap_or(0));
+            let oldest = (self.events.iter().enumerate())
+                .filter(|(_, held)| held.new_reference().is_none())
+                .min_by_key(|(_, held)| held.at);
+            let dropped = match oldest {
+                Some((_, held)) if held.at > event.at => return false,
+                Some((index, _)) => index,
+                None => 0,
+            };
+            self.events.remove(dropped);
         }
         self.events.push(event);
         true
@@ -850,6 +860,30 @@ mod tests {
         }
         assert_eq!(delivery.events.len(), MAX_DELIVERY_EVENTS);
         assert_eq!(delivery.events[0], event(2), "the oldest went");
+        assert!(
+            !delivery.push(event(1)),
+            "the retry of one dropped came back"
+        );
+        assert_eq!(delivery.events[0], event(2));
+    }
+
+    #[test]
+    fn a_full_record_drops_the_oldest_report_by_its_time_not_by_its_arrival() {
+        let report = |at, status: &str| DeliveryEvent {
+            at,
+            status: status.into(),
+            channel: Some("messenger".into()),
+            detail: None,
+        };
+        let mut delivery = DeliveryRecord::default();
+        // The read, stamped last, arrives first; then earlier reports fill the record.
+        delivery.push(report(100, "read"));
+        for at in 1..=(MAX_DELIVERY_EVENTS as Millis) {
+            assert!(delivery.push(report(at, "submitted")));
+        }
+        assert_eq!(delivery.events.len(), MAX_DELIVERY_EVENTS);
+        assert!(delivery.events.contains(&report(100, "read")));
+        assert!(!delivery.events.contains(&report(1, "submitted")));
     }
 
     #[test]
