@@ -1069,7 +1069,9 @@ fn a_client_that_hangs_up_does_not_cut_its_create_short() {
 #[test]
 fn requests_whose_clients_hung_up_still_count_toward_max_connections() {
     let vonage = common::vonage::VonageStandIn::start();
-    let (backend, delivery) = vonage.config("dispatch", "");
+    // Held longer than the 1 s the stand-in's config gives an attempt, a create would
+    // end unanswered (503) and free its slot.
+    let (backend, delivery) = vonage.config("dispatch", "timeout_secs = 30\n");
     let daemon = Daemon::start_with(
         &http_config(&format!(
             "[server]\nmax_connections = 2\n[otp]\nresend_cooldown_secs = 0\n{backend}"
