@@ -108,6 +108,16 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Waits for the token's `failover_failed` event and returns it.
+fn wait_for_failover_failed(daemon: &Daemon, token: &str) -> Value {
+    let mut failed = None;
+    wait_for("the failover to be recorded failed", || {
+        failed = (events(daemon, token).into_iter()).find(|e| e["status"] == "failover_failed");
+        failed.is_some()
+    });
+    failed.expect("found")
+}
+
 fn wait_for_failover_sent(daemon: &Daemon, token: &str) {
     wait_for("the failover SMS", || {
         events(daemon, token)
@@ -295,16 +305,7 @@ fn a_refused_failover_sms_is_recorded_and_the_code_stands() {
     let daemon = start(&vonage);
     let messenger = create_both(&daemon, &vonage, "f1");
     vonage.script(&[Reply::Echo(400)]);
-    wait_for("the failover to be refused", || {
-        events(&daemon, "f1")
-            .iter()
-            .any(|e| e["status"] == "failover_failed")
-    });
-    let recorded = events(&daemon, "f1");
-    let failed = recorded
-        .iter()
-        .find(|e| e["status"] == "failover_failed")
-        .unwrap();
+    let failed = wait_for_failover_failed(&daemon, "f1");
     assert_eq!(failed["channel"], "sms");
     let detail = failed["detail"].as_str().unwrap();
     assert!(detail.starts_with("400"), "{detail}");
@@ -436,14 +437,8 @@ fn a_failover_sms_is_not_retried_past_its_codes_expiry() {
     vonage.script(&[Reply::TooMany {
         retry_after_secs: 12,
     }]);
-    wait_for("the failover to be given up", || {
-        events(&daemon, "f3")
-            .iter()
-            .any(|e| e["status"] == "failover_failed")
-    });
-    let events = events(&daemon, "f3");
-    let failed = events.iter().find(|e| e["status"] == "failover_failed");
-    let detail = failed.unwrap()["detail"].as_str().unwrap();
+    let failed = wait_for_failover_failed(&daemon, "f3");
+    let detail = failed["detail"].as_str().unwrap();
     assert!(
         detail.contains("no time left before the code expires"),
         "{detail}"
@@ -461,14 +456,8 @@ fn an_unanswered_failover_sms_is_not_sent_again() {
     let daemon = start_configured(&vonage, "timeout_secs = 2\nmax_retries = 3\n");
     vonage.script(&[Reply::Accept, Reply::Hang]);
     create_both(&daemon, &vonage, "u1");
-    wait_for("the failover to be recorded failed", || {
-        events(&daemon, "u1")
-            .iter()
-            .any(|e| e["status"] == "failover_failed")
-    });
-    let events = events(&daemon, "u1");
-    let failed = events.iter().find(|e| e["status"] == "failover_failed");
-    let detail = failed.unwrap()["detail"].as_str().unwrap();
+    let failed = wait_for_failover_failed(&daemon, "u1");
+    let detail = failed["detail"].as_str().unwrap();
     assert!(detail.contains("no answer within 2 s"), "{detail}");
     assert!(
         detail.contains("Vonage may have taken the message"),

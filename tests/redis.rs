@@ -422,26 +422,25 @@ fn a_redis_crash_fails_requests_until_it_is_back_and_loses_nothing() {
     );
 }
 
-/// Start-up checks the Redis version, also for an ACL user without `@dangerous`
-/// commands (the README's), which may not run `INFO`.
-#[test]
-fn an_acl_user_without_dangerous_commands_starts() {
+/// A Redis of the test's own with an ACL user `otpd` held to `rules`, and the
+/// `[store]` TOML that logs in as that user.
+fn redis_with_login(rules: &[&str]) -> (OwnedRedis, String) {
     let redis = OwnedRedis::start();
-    let acl = [
-        "ACL",
-        "SETUSER",
-        "otpd",
-        "on",
-        ">otpd-pw",
-        "~*",
-        "+@all",
-        "-@dangerous",
-    ];
+    let mut acl = vec!["ACL", "SETUSER", "otpd", "on", ">otpd-pw"];
+    acl.extend(rules);
     redis.cli(&acl);
     let store = redis_store(&format!(
         "url = \"{}?user=otpd&pass=otpd-pw\"\n",
         redis.url()
     ));
+    (redis, store)
+}
+
+/// Start-up checks the Redis version, also for an ACL user without `@dangerous`
+/// commands (the README's), which may not run `INFO`.
+#[test]
+fn an_acl_user_without_dangerous_commands_starts() {
+    let (_redis, store) = redis_with_login(&["~*", "+@all", "-@dangerous"]);
     let daemon = Daemon::start_on(&store, NO_COOLDOWN, "");
     let code = daemon.create_code("acl", "393331234567");
     assert_eq!(daemon.verify("acl", &code)["status"], 200);
@@ -451,23 +450,7 @@ fn an_acl_user_without_dangerous_commands_starts() {
 /// naming what it lacks, instead of starting and failing every create.
 #[test]
 fn a_login_that_may_not_run_scripts_is_refused_at_start_up() {
-    let redis = OwnedRedis::start();
-    let acl = [
-        "ACL",
-        "SETUSER",
-        "otpd",
-        "on",
-        ">otpd-pw",
-        "~*",
-        "+@all",
-        "-@dangerous",
-        "-@scripting",
-    ];
-    redis.cli(&acl);
-    let store = redis_store(&format!(
-        "url = \"{}?user=otpd&pass=otpd-pw\"\n",
-        redis.url()
-    ));
+    let (_redis, store) = redis_with_login(&["~*", "+@all", "-@dangerous", "-@scripting"]);
     let stderr = Daemon::prepare(&store, "", "").start_refused();
     assert!(
         stderr.contains("may not run otpd's scripts") && stderr.contains("+@scripting"),
@@ -480,13 +463,7 @@ fn a_login_that_may_not_run_scripts_is_refused_at_start_up() {
 /// by the cooldown. The failure: an ACL user that may write every key but that token's.
 #[test]
 fn a_create_that_fails_takes_back_the_send_it_reserved() {
-    let redis = OwnedRedis::start();
-    let acl = [
-        "ACL",
-        "SETUSER",
-        "otpd",
-        "on",
-        ">otpd-pw",
+    let (_redis, store) = redis_with_login(&[
         "+@all",
         "-@dangerous",
         "%R~*",
@@ -495,12 +472,7 @@ fn a_create_that_fails_takes_back_the_send_it_reserved() {
         "~otpd:secret-check",
         "~otpd:ref:*",
         "~otpd:{ok}*",
-    ];
-    redis.cli(&acl);
-    let store = redis_store(&format!(
-        "url = \"{}?user=otpd&pass=otpd-pw\"\n",
-        redis.url()
-    ));
+    ]);
     let daemon = Daemon::start_on(&store, "", "");
     let to = json!({"sms": "393331234567"});
     let failed = daemon.call(json!({"op": "create", "token": "blocked", "to": to}));
