@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::code::Code;
+use crate::code::{Code, Digest};
 use crate::config::{CODE_LENGTHS, OtpConfig};
 use crate::delivery::{
     Delivery, DeliveryError, FAILOVER_SECS, Message, Recipients, SHORTEST_FAILOVER_TTL_SECS,
@@ -408,15 +408,7 @@ impl Otp {
             }
             Err(error) => {
                 bump(&self.counters.delivery_failed);
-                if let Err(e) = self.store.discard(&token, &digest).await {
-                    tracing::error!(token, error = %e, "could not discard an undelivered code");
-                }
-                tracing::warn!(token, %error, "delivery failed; the code was discarded (any previous one stands)");
-                return Err(match error {
-                    DeliveryError::Refused(detail) => OtpError::DeliveryFailed(detail),
-                    DeliveryError::Unavailable { reason: detail, .. }
-                    | DeliveryError::Unanswered(detail) => OtpError::DeliveryUnavailable(detail),
-                });
+                return Err(self.undelivered(&token, &digest, error).await);
             }
         }
         bump(&self.counters.created);
@@ -425,6 +417,32 @@ impl Otp {
             expires_at,
             channels: new.channels,
         })
+    }
+
+    /// The answer to a create whose delivery failed. Its code is discarded (any
+    /// previous one stands), unless the provider may have taken the message
+    /// ([`DeliveryError::Unanswered`]): then it stays, unconfirmed, as after a crash
+    /// during the delivery (the previous code stands in beside it until one of them
+    /// verifies), so that a message arriving after all carries a code that works.
+    async fn undelivered(&self, token: &str, digest: &Digest, error: DeliveryError) -> OtpError {
+        if let DeliveryError::Unanswered(detail) = error {
+            tracing::warn!(
+                token,
+                error = detail,
+                "no answer to the delivery; the code stands, should the message arrive"
+            );
+            return OtpError::DeliveryUnavailable(detail);
+        }
+        if let Err(e) = self.store.discard(token, digest).await {
+            tracing::error!(token, error = %e, "could not discard an undelivered code");
+        }
+        tracing::warn!(token, %error, "delivery failed; the code was discarded (any previous one stands)");
+        match error {
+            DeliveryError::Refused(detail) => OtpError::DeliveryFailed(detail),
+            DeliveryError::Unavailable { reason, .. } | DeliveryError::Unanswered(reason) => {
+                OtpError::DeliveryUnavailable(reason)
+            }
+        }
     }
 
     /// Why a code that went out no longer counts, as the token's state says: the code
