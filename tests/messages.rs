@@ -17,6 +17,11 @@ const PSID: &str = "8192836451";
 const PHONE: &str = "393331234567";
 /// The shortest deadline the config allows, so the tests wait as little as possible.
 const FAILOVER_SECS: u64 = 15;
+/// Longer than a failover's claim lasts with `max_retries = 0`: one attempt (the
+/// stand-in's config gives it 1 s) and the claim's margin. A failover sent but left
+/// claimed, instead of finished, would come back within this.
+const PAST_A_CLAIM: Duration =
+    Duration::from_millis(1_000 + otpd::rules::FAILOVER_CLAIM_MARGIN_MS + 1_000);
 
 fn stand_in() -> VonageStandIn {
     VonageStandIn::start_expecting(Expect {
@@ -129,7 +134,7 @@ fn wait_for_failover_sent(daemon: &Daemon, token: &str) {
 #[test]
 fn messenger_carries_vonage_failover_and_the_sms_follows_once_at_the_deadline() {
     let vonage = stand_in();
-    let daemon = start(&vonage);
+    let daemon = start_configured(&vonage, "max_retries = 0\n");
     let created_at = Instant::now();
     let messenger = create_both_with(&daemon, &vonage, json!({"token": "m1", "ttl_secs": 75}));
     let code = messenger.code();
@@ -186,7 +191,7 @@ fn messenger_carries_vonage_failover_and_the_sms_follows_once_at_the_deadline() 
         events(&daemon, "m1")
     );
 
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(PAST_A_CLAIM);
     assert_eq!(sms_requests(&vonage).len(), 1, "no second SMS");
     assert_eq!(
         daemon.verify("m1", &code)["status"],
@@ -522,7 +527,7 @@ fn a_slow_messenger_send_still_leaves_its_sms_time() {
 #[test]
 fn a_restart_while_waiting_neither_loses_nor_repeats_the_sms() {
     let vonage = stand_in();
-    let mut daemon = start(&vonage);
+    let mut daemon = start_configured(&vonage, "max_retries = 0\n");
     create_both(&daemon, &vonage, "r1");
     daemon.kill();
     daemon.spawn();
@@ -532,7 +537,7 @@ fn a_restart_while_waiting_neither_loses_nor_repeats_the_sms() {
     // Once sent, a further restart does not send it again.
     daemon.stop();
     daemon.spawn();
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(PAST_A_CLAIM);
     assert_eq!(sms_requests(&vonage).len(), 1, "repeated after restart");
 }
 

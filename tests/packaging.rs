@@ -126,7 +126,7 @@ fn the_service_never_deletes_the_activation_socket() {
 /// otherwise, and a create waits for its delivery), and the `otpd.log` a session reads
 /// is the one the quick start writes.
 #[test]
-fn readme_sessions_work_as_written() {
+fn readme_sessions_wait_for_answers_and_read_the_log_the_quick_start_writes() {
     let piped_creates: Vec<&str> = README
         .lines()
         .filter(|line| line.contains(r#""op":"create""#) && line.contains("| socat"))

@@ -593,13 +593,17 @@ mod tests {
             CancellationToken::new(),
         )
         .unwrap();
-        // Nothing listens there; nothing is sent there either.
-        let url: Uri = "http://127.0.0.1:9/v1/messages".parse().unwrap();
+        // A listener that would see the request, were one sent.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let url: Uri = format!("http://{address}/v1/messages").parse().unwrap();
         let outcome = client.post_json(&url, || Ok(json!({"text": "x"}))).await;
         assert!(
             matches!(&outcome, Err(DeliveryError::Refused(m)) if m.starts_with("cannot sign the Vonage JWT")),
             "{outcome:?}"
         );
+        let connected = tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
+        assert!(connected.is_err(), "a connection was made");
         let count = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         assert_eq!(count(&counters.delivery_attempts), 0, "nothing was sent");
         assert_eq!(count(&counters.delivery_refused), 1);

@@ -459,6 +459,9 @@ fn check_request(
     if parts.method != hyper::Method::POST {
         return Err(format!("method {} (want POST)", parts.method));
     }
+    if let Some(query) = parts.uri.query() {
+        return Err(format!("query string {query:?} (the endpoints take none)"));
+    }
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     if header("content-type") != Some("application/json") {
         return Err(format!("content-type {:?}", header("content-type")));
