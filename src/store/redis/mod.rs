@@ -589,6 +589,72 @@ impl RedisStore {
         Ok(())
     }
 
+    /// The token's side of a create whose sends are reserved: the new code and the
+    /// token's record in one commit, checked against `token_read` (and the replaced
+    /// code as read), then the live set and the replicas. False when a key changed
+    /// since it was read.
+    async fn commit_create(
+        &self,
+        conn: &mut Connection,
+        new: &NewCode,
+        now: Millis,
+        token_read: &Read,
+        standing_in: Option<ReplacedCode>,
+        plan: rules::CreatePlan,
+    ) -> Result<bool, StoreError> {
+        let token_key = self.keys.token(&new.token);
+        let code_key = self.keys.code(&new.token, &new.digest);
+        let code = CodeRecord::new(new.created_at, new.expires_at, new.channels.clone());
+        let code_expire_at = self.code_expire_at(&code);
+        let mut commit = Commit::default();
+        commit.expect(&token_key, token_read);
+        // The replaced code as it is when deleted, kept with the token for a discard.
+        let mut replaced = None;
+        if let Some(old) = plan.replaced {
+            let old_key = self.keys.code(&new.token, &old);
+            let old_read = self.get(conn, &old_key).await?;
+            replaced = decode_read::<CodeRecord>(&old_read)?
+                .map(|code| ReplacedCode { digest: old, code });
+            commit.expect(&old_key, &old_read).delete(&old_key);
+        }
+        // A pending code replaced after its expiry, before a janitor pass counted it,
+        // has expired all the same: it is kept as expired, so that a failed resend
+        // puts it back expired, not into the live set to be counted again.
+        let expired_unseen = replaced
+            .as_mut()
+            .is_some_and(|old| old.code.mark_expired(now));
+        let stand_in = if ReplacedCode::keeps_standing_in(standing_in.as_ref(), replaced.as_ref()) {
+            standing_in.as_ref()
+        } else {
+            replaced.as_ref()
+        };
+        commit.set(&code_key, &encode(&code), code_expire_at).set(
+            &token_key,
+            &encode_with_extra(&plan.token, stand_in),
+            self.token_expire_at(&plan.token).max(code_expire_at),
+        );
+        if !self.apply(conn, &commit).await? {
+            return Ok(false);
+        }
+        let member = Keys::live_member(&new.token, &new.digest);
+        let gone: Vec<String> = plan
+            .replaced
+            .filter(|old| *old != new.digest)
+            .map(|old| Keys::live_member(&new.token, &old))
+            .into_iter()
+            .collect();
+        let removed = self
+            .track_live(conn, Some((&member, new.expires_at)), &gone)
+            .await;
+        if expired_unseen && removed > 0 {
+            self.expired_unreported.fetch_add(1, Ordering::Relaxed);
+        }
+        // On a replica before it is sent: a code a failover then loses would reach
+        // the person and never verify.
+        self.replicated(conn).await?;
+        Ok(true)
+    }
+
     /// Takes back the send reserved at `at` on each of `keys` that has it.
     async fn unreserve_all(
         &self,
@@ -649,7 +715,6 @@ impl Store for RedisStore {
     async fn create(&self, new: &NewCode, now: Millis) -> Result<Result<(), Refusal>, StoreError> {
         let mut conn = self.conn();
         let token_key = self.keys.token(&new.token);
-        let code_key = self.keys.code(&new.token, &new.digest);
         let recipient_keys: Vec<String> = new
             .recipients
             .iter()
@@ -685,59 +750,9 @@ impl Store for RedisStore {
             }
             // No delivery follows a create that failed, so its reserved sends are
             // taken back then too, not only on a conflict.
-            let committed: Result<bool, StoreError> = async {
-                let code = CodeRecord::new(new.created_at, new.expires_at, new.channels.clone());
-                let code_expire_at = self.code_expire_at(&code);
-                let mut commit = Commit::default();
-                commit.expect(&token_key, &token_read);
-                // The replaced code as it is when deleted, kept with the token for a discard.
-                let mut replaced = None;
-                if let Some(old) = plan.replaced {
-                    let old_key = self.keys.code(&new.token, &old);
-                    let old_read = self.get(&mut conn, &old_key).await?;
-                    replaced = decode_read::<CodeRecord>(&old_read)?
-                        .map(|code| ReplacedCode { digest: old, code });
-                    commit.expect(&old_key, &old_read).delete(&old_key);
-                }
-                // A pending code replaced after its expiry, before a janitor pass counted
-                // it, has expired all the same: it is kept as expired, so that a failed
-                // resend puts it back expired, not into the live set to be counted again.
-                let expired_unseen = replaced
-                    .as_mut()
-                    .is_some_and(|old| old.code.mark_expired(now));
-                let stand_in =
-                    if ReplacedCode::keeps_standing_in(standing_in.as_ref(), replaced.as_ref()) {
-                        standing_in.as_ref()
-                    } else {
-                        replaced.as_ref()
-                    };
-                commit.set(&code_key, &encode(&code), code_expire_at).set(
-                    &token_key,
-                    &encode_with_extra(&plan.token, stand_in),
-                    self.token_expire_at(&plan.token).max(code_expire_at),
-                );
-                if self.apply(&mut conn, &commit).await? {
-                    let member = Keys::live_member(&new.token, &new.digest);
-                    let gone: Vec<String> = plan
-                        .replaced
-                        .filter(|old| *old != new.digest)
-                        .map(|old| Keys::live_member(&new.token, &old))
-                        .into_iter()
-                        .collect();
-                    let removed = self
-                        .track_live(&mut conn, Some((&member, new.expires_at)), &gone)
-                        .await;
-                    if expired_unseen && removed > 0 {
-                        self.expired_unreported.fetch_add(1, Ordering::Relaxed);
-                    }
-                    // On a replica before it is sent: a code a failover then loses
-                    // would reach the person and never verify.
-                    self.replicated(&mut conn).await?;
-                    return Ok(true);
-                }
-                Ok(false)
-            }
-            .await;
+            let committed = self
+                .commit_create(&mut conn, new, now, &token_read, standing_in, plan)
+                .await;
             match committed {
                 Ok(true) => return Ok(Ok(())),
                 Ok(false) => self.unreserve_all(&mut conn, &recipient_keys, now).await?,
