@@ -76,6 +76,18 @@ pub fn status(status: &str) {
     notify(&[NotifyState::Status(status)]);
 }
 
+/// `EXTEND_TIMEOUT_USEC`: a start that is making progress (moving a database to a new
+/// layout) asks for `more` time, shown as `status`, so that `TimeoutStartSec=` does not
+/// kill it halfway (a move killed halfway starts over, and would never end); a start
+/// that stops making progress still times out.
+pub fn still_starting(status: &str, more: Duration) {
+    let usec = u32::try_from(more.as_micros()).unwrap_or(u32::MAX);
+    notify(&[
+        NotifyState::ExtendTimeoutUsec(usec),
+        NotifyState::Status(status),
+    ]);
+}
+
 /// `READY=1`: the socket listens and the store is open, so a client that connects
 /// now is answered.
 pub fn ready(status: &str) {

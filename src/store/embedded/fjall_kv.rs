@@ -236,6 +236,16 @@ impl Database for FjallDb {
         })
     }
 
+    /// fjall marks the partition deleted with a synced file before it returns, and
+    /// removes its folder once the last handle is dropped.
+    fn drop_tree(&self, name: &str) -> Result<(), StoreError> {
+        if !self.keyspace.partition_exists(name) {
+            return Ok(());
+        }
+        let partition = self.open_tree(name)?.partition;
+        self.keyspace.delete_partition(partition).map_err(db_error)
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.keyspace
             .persist(PersistMode::Buffer)
@@ -307,8 +317,8 @@ impl Tree for FjallTree {
             .collect()
     }
 
-    fn values(&self) -> impl Iterator<Item = Result<Slice, StoreError>> + '_ {
-        self.partition.values().map(|value| value.map_err(db_error))
+    fn entries(&self) -> impl Iterator<Item = Result<(Slice, Slice), StoreError>> + '_ {
+        self.partition.iter().map(|entry| entry.map_err(db_error))
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
@@ -395,8 +405,8 @@ mod tests {
             db.open_tree("tokens").unwrap(),
             db.open_tree("expiry").unwrap(),
         );
-        assert_eq!(tokens.values().count(), 999);
-        assert_eq!(expiry.values().count(), 1000);
+        assert_eq!(tokens.entries().count(), 999);
+        assert_eq!(expiry.entries().count(), 1000);
         assert!(tokens.get(&7u32.to_be_bytes()).unwrap().is_none());
         assert_eq!(
             &*tokens.get(&8u32.to_be_bytes()).unwrap().unwrap(),

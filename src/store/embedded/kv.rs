@@ -1,7 +1,7 @@
 //! The ordered key-value interface the embedded engine is written against.
 //!
 //! Just what [`super::EmbeddedStore`] uses: named trees of byte keys in byte order,
-//! single-key reads and writes, the keys of a range, every value, an
+//! single-key reads and writes, the keys of a range, every entry, an
 //! atomic batch on one tree, and a durable flush of the whole database. Every write is visible to reads at
 //! once and reaches disk in the order it was made ([`super`]'s module doc relies on
 //! that); [`Database::flush`] makes everything written before it durable.
@@ -70,6 +70,10 @@ pub trait Database: Clone + Send + Sync + 'static {
     /// Opens (or creates) a tree.
     fn open_tree(&self, name: &str) -> Result<Self::Tree, StoreError>;
 
+    /// Deletes a tree and everything in it, durably; deleting one that is not there is
+    /// no error.
+    fn drop_tree(&self, name: &str) -> Result<(), StoreError>;
+
     /// Makes every write made before the call durable; blocks while the disk works.
     fn flush(&self) -> Result<(), StoreError>;
 
@@ -101,8 +105,8 @@ pub trait Tree: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Self::Bytes>, StoreError>;
 
-    /// Every value, in key order.
-    fn values(&self) -> impl Iterator<Item = Result<Self::Bytes, StoreError>> + '_;
+    /// Every key with its value, in key order.
+    fn entries(&self) -> impl Iterator<Item = Result<(Self::Bytes, Self::Bytes), StoreError>> + '_;
 
     /// Applies every change of `batch` at once: after a crash, all or none are there.
     fn apply(&self, batch: Batch) -> Result<(), StoreError>;

@@ -1,7 +1,10 @@
 //! The embedded storage engine, on sled or fjall ([`kv`] is all it asks of them).
 //!
 //! Trees, each written one key at a time (no transactions, see [`KeyLocks`]; only the
-//! claim of due failovers is one atomic batch):
+//! claim of due failovers is one atomic batch). A token, a recipient or a delivery
+//! reference is keyed by its 12-byte [short key](short_keys), never by itself, and the
+//! trees are named for the layout that keys them so ([`layout`], which also moves a
+//! database of the layout before):
 //! - `tokens`: token → [`TokenState`]: the token's record and its one code, and while
 //!   a resend's delivery is unsettled the code it replaced. A code is stored only as
 //!   its digest (`TokenRecord::current`), never in the clear.
@@ -47,7 +50,9 @@ pub mod fjall_kv;
 mod group_commit;
 mod key_locks;
 pub mod kv;
+mod layout;
 mod purge;
+mod short_keys;
 pub mod sled_kv;
 mod timed;
 
@@ -72,14 +77,11 @@ use crate::rules::{
 use crate::secret::ServerSecret;
 use group_commit::GroupCommit;
 use key_locks::KeyLocks;
+use short_keys::{KeyHasher, ShortKey};
 use timed::{Floor, timed_key};
 
-/// Key in the metadata tree ([`Database::meta`]) naming the layout of the other trees.
-const LAYOUT_KEY: &[u8] = b"layout";
 /// Key in the metadata tree holding the server secret's [fingerprint](ServerSecret::fingerprint).
 const SECRET_CHECK_KEY: &[u8] = b"secret-check";
-/// The layout this module reads and writes.
-const LAYOUT: &[u8] = b"1";
 /// How long a stop waits for the engine to write out what its journal holds
 /// ([`Database::write_out`]): 8 MiB of memtables take about a second here, and
 /// systemd allows the whole stop 60 s (`systemd/otpd.service`).
@@ -175,6 +177,7 @@ pub struct EmbeddedStore<D: Database> {
     recipients: D::Tree,
     references: D::Tree,
     failovers: D::Tree,
+    keys: KeyHasher,
     locks: KeyLocks,
     limits: Limits,
     commit: Option<GroupCommit>,
@@ -187,6 +190,12 @@ pub struct EmbeddedStore<D: Database> {
     recipients_floor: Floor,
     failovers_floor: Floor,
     db: D,
+}
+
+/// The tree keys of a create's token and recipients.
+struct CreateKeys {
+    token: ShortKey,
+    recipients: Vec<ShortKey>,
 }
 
 /// The embedded engine on sled (`store.engine = "sled"`).
@@ -202,14 +211,15 @@ impl<D: Database> EmbeddedStore<D> {
         refuse_other_engines::<D>(&config.path)?;
         let db = D::open(&config.path, config.cache_capacity_mb, config.durability)?;
         let meta = db.meta()?;
-        Self::check_layout(&db, &meta, &config.path)?;
+        let keys = layout::open(&db, &meta, &config.path)?;
         let store = Self {
-            tokens: db.open_tree("tokens")?,
-            expiry: db.open_tree("expiry")?,
-            recipients: db.open_tree("recipients")?,
-            references: db.open_tree("references")?,
-            failovers: db.open_tree("failovers")?,
+            tokens: db.open_tree(layout::TOKENS)?,
+            expiry: db.open_tree(layout::EXPIRY)?,
+            recipients: db.open_tree(layout::RECIPIENTS)?,
+            references: db.open_tree(layout::REFERENCES)?,
+            failovers: db.open_tree(layout::FAILOVERS)?,
             meta,
+            keys,
             locks: KeyLocks::default(),
             limits,
             commit: (config.durability == Durability::Flush).then(|| {
@@ -244,8 +254,8 @@ impl<D: Database> EmbeddedStore<D> {
     ) -> Result<(), StoreError> {
         let fingerprint = secret.fingerprint();
         let holds_codes = || -> Result<bool, StoreError> {
-            Ok(self.tokens.values().next().transpose()?.is_some()
-                || self.failovers.values().next().transpose()?.is_some())
+            Ok(self.tokens.entries().next().transpose()?.is_some()
+                || self.failovers.entries().next().transpose()?.is_some())
         };
         let refuse = |why: &str| {
             Err(StoreError::Database(format!(
@@ -265,32 +275,13 @@ impl<D: Database> EmbeddedStore<D> {
         }
     }
 
-    /// Marks a new database with today's layout; refuses one written in another.
-    fn check_layout(db: &D, meta: &D::Tree, path: &Path) -> Result<(), StoreError> {
-        let fresh = db.is_fresh()?;
-        match meta.get(LAYOUT_KEY)? {
-            Some(layout) if *layout == *LAYOUT => Ok(()),
-            // Durable before any tree exists: fjall creates a partition on disk at once,
-            // outside its journal, so a crash must not leave trees without the mark.
-            None if fresh => {
-                meta.insert(LAYOUT_KEY, LAYOUT)?;
-                db.flush()
-            }
-            _ => Err(StoreError::Database(format!(
-                "{}: written by an otpd development build with another layout; \
-                 remove the directory to start afresh",
-                path.display()
-            ))),
-        }
-    }
-
     /// Counts pending codes once at start-up; afterwards every operation adjusts it.
     /// A record that cannot be read is not counted, and does not stop the start: its
-    /// token's requests fail alone (and the janitor names it).
+    /// token's requests fail alone (and the janitor logs its key).
     fn count_live(&self) -> Result<u64, StoreError> {
         let (mut live, mut unreadable) = (0, 0);
-        for entry in self.tokens.values() {
-            match decode::<TokenState>(&entry?) {
+        for entry in self.tokens.entries() {
+            match decode::<TokenState>(&entry?.1) {
                 Ok(state) => {
                     live += u64::from(state.code.is_some_and(|c| c.state == CodeState::Pending));
                 }
@@ -312,7 +303,7 @@ impl<D: Database> EmbeddedStore<D> {
         }
     }
 
-    fn read_token(&self, token: &[u8]) -> Result<Option<TokenState>, StoreError> {
+    fn read_token(&self, token: &ShortKey) -> Result<Option<TokenState>, StoreError> {
         let Some(bytes) = self.tokens.get(token)? else {
             return Ok(None);
         };
@@ -323,7 +314,7 @@ impl<D: Database> EmbeddedStore<D> {
 
     /// Writes a token's state, first giving it an expiry entry if it is due sooner than
     /// the one it has (or has none).
-    fn write_token(&self, token: &[u8], state: &mut TokenState) -> Result<(), StoreError> {
+    fn write_token(&self, token: &ShortKey, state: &mut TokenState) -> Result<(), StoreError> {
         if let Some(due) = state.due(&self.limits)
             && state.indexed_at.is_none_or(|at| due < at)
         {
@@ -342,7 +333,11 @@ impl<D: Database> EmbeddedStore<D> {
 
     /// A recipient's sends that may still be in the window at `now`: those of the
     /// current bucket and the one before.
-    fn read_recipient(&self, address: &[u8], now: Millis) -> Result<RecipientRecord, StoreError> {
+    fn read_recipient(
+        &self,
+        address: &ShortKey,
+        now: Millis,
+    ) -> Result<RecipientRecord, StoreError> {
         let current = self.bucket(now);
         let mut sends = Vec::new();
         for bucket in [current.checked_sub(self.limits.send_window), Some(current)] {
@@ -357,7 +352,7 @@ impl<D: Database> EmbeddedStore<D> {
     /// Writes the sends of the current bucket; earlier ones stay in their own.
     fn write_recipient(
         &self,
-        address: &[u8],
+        address: &ShortKey,
         record: RecipientRecord,
         now: Millis,
     ) -> Result<(), StoreError> {
@@ -371,7 +366,7 @@ impl<D: Database> EmbeddedStore<D> {
     /// Drops the lookup entries of a code that is gone (every id it was delivered as).
     fn forget_references(&self, code: Option<&CodeRecord>) -> Result<(), StoreError> {
         for reference in code.iter().flat_map(|code| code.delivery.references()) {
-            self.references.remove(reference.as_bytes())?;
+            self.references.remove(&self.keys.short(reference))?;
         }
         Ok(())
     }
@@ -380,7 +375,11 @@ impl<D: Database> EmbeddedStore<D> {
     /// delivered as. They stay filed while a resend replaces it, but an earlier build
     /// dropped them at the resend, and a crash can cut a confirm short after dropping
     /// them: filing them again costs little and brings those back.
-    fn file_references(&self, code: Option<&CodeRecord>, token: &[u8]) -> Result<(), StoreError> {
+    fn file_references(
+        &self,
+        code: Option<&CodeRecord>,
+        token: &ShortKey,
+    ) -> Result<(), StoreError> {
         for reference in code.iter().flat_map(|code| code.delivery.references()) {
             self.file_reference(reference, token)?;
         }
@@ -388,8 +387,8 @@ impl<D: Database> EmbeddedStore<D> {
     }
 
     /// Files `token`'s code under `reference`, for the provider's status reports.
-    fn file_reference(&self, reference: &str, token: &[u8]) -> Result<(), StoreError> {
-        self.references.insert(reference.as_bytes(), token)
+    fn file_reference(&self, reference: &str, token: &ShortKey) -> Result<(), StoreError> {
+        self.references.insert(&self.keys.short(reference), token)
     }
 
     /// The verdict on a failover from its token's record: one read, so the token's code
@@ -399,7 +398,7 @@ impl<D: Database> EmbeddedStore<D> {
         failover: &PendingFailover,
         now: Millis,
     ) -> Result<FailoverVerdict, StoreError> {
-        let state = self.read_token(failover.token.as_bytes())?;
+        let state = self.read_token(&self.keys.short(&failover.token))?;
         let (code, replaced) = state.as_ref().map_or((None, None), |state| {
             (state.code.as_ref(), state.replaced.as_ref())
         });
@@ -411,12 +410,15 @@ impl<D: Database> EmbeddedStore<D> {
         ))
     }
 
-    /// The token whose code was delivered as `reference` (the code may be gone since).
-    fn token_delivered_as(
-        &self,
-        reference: &str,
-    ) -> Result<Option<<D::Tree as Tree>::Bytes>, StoreError> {
-        self.references.get(reference.as_bytes())
+    /// The key of the token whose code was delivered as `reference` (the code may be
+    /// gone since).
+    fn token_delivered_as(&self, reference: &str) -> Result<Option<ShortKey>, StoreError> {
+        let Some(token) = self.references.get(&self.keys.short(reference))? else {
+            return Ok(None);
+        };
+        let token = ShortKey::try_from(&*token)
+            .map_err(|_| StoreError::Corrupt(format!("reference to a {}-byte key", token.len())))?;
+        Ok(Some(token))
     }
 
     /// The create itself, under the locks of its token and recipients; returns the
@@ -424,14 +426,13 @@ impl<D: Database> EmbeddedStore<D> {
     fn create_locked(
         &self,
         new: &NewCode,
+        keys: &CreateKeys,
         now: Millis,
     ) -> Result<Result<i64, Refusal>, StoreError> {
-        let token = new.token.as_bytes();
+        let token = &keys.token;
         let mut state = self.read_token(token)?.unwrap_or_default();
-        let mut recipients = new
-            .recipients
-            .iter()
-            .map(|address| self.read_recipient(address.as_bytes(), now))
+        let mut recipients = (keys.recipients.iter())
+            .map(|address| self.read_recipient(address, now))
             .collect::<Result<Vec<_>, _>>()?;
         let record = std::mem::take(&mut state.record);
         let plan = match rules::plan_create(
@@ -444,8 +445,8 @@ impl<D: Database> EmbeddedStore<D> {
             Ok(plan) => plan,
             Err(refusal) => return Ok(Err(refusal)),
         };
-        for (address, record) in new.recipients.iter().zip(recipients) {
-            self.write_recipient(address.as_bytes(), record, now)?;
+        for (address, record) in keys.recipients.iter().zip(recipients) {
+            self.write_recipient(address, record, now)?;
         }
         state.record = plan.token;
         let code = CodeRecord::new(new.created_at, new.expires_at, new.channels.clone());
@@ -480,11 +481,11 @@ impl<D: Database> EmbeddedStore<D> {
     /// codes, or `None` when the token has no record at all.
     fn verify_locked(
         &self,
-        token: &str,
+        token: &ShortKey,
         digest: &Digest,
         now: Millis,
     ) -> Result<Option<(VerifyOutcome, i64)>, StoreError> {
-        let Some(mut state) = self.read_token(token.as_bytes())? else {
+        let Some(mut state) = self.read_token(token)? else {
             return Ok(None);
         };
         // The token's code, or the code a resend replaced while it stands in.
@@ -525,9 +526,9 @@ impl<D: Database> EmbeddedStore<D> {
             // References first, as update_token files them.
             if dropped.is_some() {
                 self.forget_references(dropped.as_ref())?;
-                self.file_references(state.code.as_ref(), token.as_bytes())?;
+                self.file_references(state.code.as_ref(), token)?;
             }
-            self.write_token(token.as_bytes(), &mut state)?;
+            self.write_token(token, &mut state)?;
         }
         Ok(Some((plan.outcome, live_delta)))
     }
@@ -542,7 +543,7 @@ impl<D: Database> EmbeddedStore<D> {
     /// them back), so that none is left naming nothing for good.
     fn update_token<T>(
         &self,
-        token: &[u8],
+        token: &ShortKey,
         change: impl FnOnce(&mut TokenState) -> Option<T>,
         file: impl FnOnce(&T) -> Result<(), StoreError>,
     ) -> Result<Option<T>, StoreError> {
@@ -562,11 +563,15 @@ impl<D: Database> EmbeddedStore<D> {
 #[async_trait]
 impl<D: Database> Store for EmbeddedStore<D> {
     async fn create(&self, new: &NewCode, now: Millis) -> Result<Result<(), Refusal>, StoreError> {
-        let mut keys = vec![new.token.as_bytes()];
-        keys.extend(new.recipients.iter().map(|r| r.as_bytes()));
+        let keys = CreateKeys {
+            token: self.keys.short(&new.token),
+            recipients: new.recipients.iter().map(|r| self.keys.short(r)).collect(),
+        };
         let result = {
-            let _held = self.locks.lock(&keys);
-            self.create_locked(new, now)?
+            let mut locked = vec![&keys.token[..]];
+            locked.extend(keys.recipients.iter().map(|r| &r[..]));
+            let _held = self.locks.lock(&locked);
+            self.create_locked(new, &keys, now)?
         };
         match result {
             // Waited on by confirm_delivery or discard, whichever follows the delivery;
@@ -587,8 +592,9 @@ impl<D: Database> Store for EmbeddedStore<D> {
     }
 
     async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError> {
+        let token = &self.keys.short(token);
         let settled = self.update_token(
-            token.as_bytes(),
+            token,
             |state| {
                 let undelivered = state.record.current == Some(*digest)
                     && state.code.as_ref().is_some_and(CodeRecord::is_pending);
@@ -604,7 +610,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
             },
             |(removed, restored)| {
                 self.forget_references(removed.as_ref())?;
-                self.file_references(restored.as_ref(), token.as_bytes())
+                self.file_references(restored.as_ref(), token)
             },
         )?;
         if let Some((_, restored)) = settled {
@@ -621,8 +627,9 @@ impl<D: Database> Store for EmbeddedStore<D> {
         reference: &str,
         now: Millis,
     ) -> Result<bool, StoreError> {
+        let token = &self.keys.short(token);
         let filed = self.update_token(
-            token.as_bytes(),
+            token,
             |state| {
                 let code = state
                     .code
@@ -636,7 +643,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
             },
             |(_, dropped)| {
                 self.forget_references(dropped.as_ref().map(|old| &old.code))?;
-                self.file_reference(reference, token.as_bytes())
+                self.file_reference(reference, token)
             },
         )?;
         self.wait_durable().await?;
@@ -677,8 +684,9 @@ impl<D: Database> Store for EmbeddedStore<D> {
         now: Millis,
     ) -> Result<VerifyOutcome, StoreError> {
         let verified = {
-            let _held = self.locks.lock(&[token.as_bytes()]);
-            self.verify_locked(token, digest, now)?
+            let token = self.keys.short(token);
+            let _held = self.locks.lock(&[&token]);
+            self.verify_locked(&token, digest, now)?
         };
         let Some((outcome, live_delta)) = verified else {
             return Ok(VerifyOutcome::NotFound);
@@ -690,7 +698,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
 
     async fn cancel(&self, token: &str, now: Millis) -> Result<bool, StoreError> {
         let cancelled = self.update_token(
-            token.as_bytes(),
+            &self.keys.short(token),
             |state| {
                 let code = state.code.as_mut()?;
                 rules::finish_pending(code, CodeState::Cancelled, now).then_some(())
@@ -705,7 +713,8 @@ impl<D: Database> Store for EmbeddedStore<D> {
     }
 
     async fn status(&self, token: &str) -> Result<Option<TokenStatus>, StoreError> {
-        let Some(TokenState { record, code, .. }) = self.read_token(token.as_bytes())? else {
+        let Some(TokenState { record, code, .. }) = self.read_token(&self.keys.short(token))?
+        else {
             return Ok(None);
         };
         self.wait_durable().await?;
@@ -720,9 +729,9 @@ impl<D: Database> Store for EmbeddedStore<D> {
     }
 
     async fn put_failover(&self, failover: &PendingFailover) -> Result<(), StoreError> {
-        let (due_at, reference) = (failover.due_at, failover.reference.as_bytes());
+        let (due_at, reference) = (failover.due_at, self.keys.short(&failover.reference));
         self.failovers_floor
-            .insert(&self.failovers, due_at, reference, &encode(failover))?;
+            .insert(&self.failovers, due_at, &reference, &encode(failover))?;
         self.wait_durable().await
     }
 
@@ -747,7 +756,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
             let judged = self.judge(&failover, now);
             let step = super::claim_step(failover, judged, now, claim_until)?;
             if let Some(again) = &step.refiled {
-                let key = timed_key(again.due_at, again.reference.as_bytes());
+                let key = timed_key(again.due_at, &self.keys.short(&again.reference));
                 change.insert(key, encode(again));
             }
             self.failovers.apply(change)?;
@@ -773,7 +782,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
     }
 
     async fn finish_failover(&self, claimed: &PendingFailover) -> Result<(), StoreError> {
-        let key = timed_key(claimed.due_at, claimed.reference.as_bytes());
+        let key = timed_key(claimed.due_at, &self.keys.short(&claimed.reference));
         self.failovers.remove(&key)
     }
 
@@ -796,7 +805,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
-        self.meta.get(LAYOUT_KEY)?;
+        self.meta.get(layout::LAYOUT_KEY)?;
         self.wait_durable().await
     }
 
@@ -847,11 +856,11 @@ mod tests {
     }
 
     fn is_empty(tree: &impl Tree) -> bool {
-        tree.values().next().is_none()
+        tree.entries().next().is_none()
     }
 
     fn len(tree: &impl Tree) -> usize {
-        tree.values().count()
+        tree.entries().count()
     }
 
     const LIMITS: Limits = Limits {
@@ -979,7 +988,9 @@ mod tests {
         );
         let new = delivered(&store, "a", "uuid-1").await;
         // Another request's verify, written but not yet flushed.
-        store.verify_locked("a", &new.digest, 100).unwrap();
+        store
+            .verify_locked(&store.keys.short("a"), &new.digest, 100)
+            .unwrap();
         let flushed = || store.commit.as_ref().unwrap().durable_tickets();
 
         let before = flushed();
@@ -1295,14 +1306,15 @@ mod tests {
         let store = open::<D>(&dir, Limits::from(&OtpConfig::default()));
         delivered(&store, "late", "uuid-late").await; // pending until 5 s
         store.put_failover(&failover("late", 2_000)).await.unwrap();
-        store.tokens.insert(b"bad", &[0xff, 0xff]).unwrap();
-        store.file_reference("uuid-bad", b"bad").unwrap();
+        let bad = store.keys.short("bad");
+        store.tokens.insert(&bad, &[0xff, 0xff]).unwrap();
+        store.file_reference("uuid-bad", &bad).unwrap();
         store.put_failover(&failover("bad", 1_000)).await.unwrap();
         let claimed = store.claim_due_failovers(2_000, 3_000, 10).await.unwrap();
         let send = FailoverVerdict::Send { expires_at: 5_000 };
         assert_eq!(claimed.due, vec![(failover("late", 3_000), send)]);
         assert_eq!(claimed.next_due, Some(3_000));
-        let postponed = timed_key(62_000, b"uuid-bad");
+        let postponed = timed_key(62_000, &store.keys.short("uuid-bad"));
         assert!(store.failovers.get(&postponed).unwrap().is_some());
     }
 
@@ -1386,10 +1398,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open::<D>(&dir, LIMITS);
         let read = |at| report("read", at);
-        let references = || -> Vec<String> {
-            let ids = store.references.keys_between(&[], &[0xff], 10).unwrap();
-            ids.iter()
-                .map(|id| String::from_utf8_lossy(id).into())
+        // The filed ids, of those this test delivers as (the tree holds their hashes).
+        let references = || -> Vec<&str> {
+            let keys = store.references.keys_between(&[], &[0xff], 10).unwrap();
+            let filed = |id: &&str| keys.iter().any(|key| **key == store.keys.short(id));
+            ["uuid-1", "uuid-2", "uuid-b"]
+                .into_iter()
+                .filter(filed)
                 .collect()
         };
         // Confirmed: only the resend's reports count.
@@ -1425,7 +1440,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(references(), Vec::<String>::new());
+        assert_eq!(references(), Vec::<&str>::new());
 
         // The janitor's purge of the token's code takes the replaced code's ids too.
         delivered(&store, "b", "uuid-b").await; // expires at 5 s
@@ -1433,7 +1448,7 @@ mod tests {
         store.create(&never_settles, 600).await.unwrap().unwrap();
         assert_eq!(references(), ["uuid-b"]);
         purge(&store, 6_000).await;
-        assert_eq!(references(), Vec::<String>::new());
+        assert_eq!(references(), Vec::<&str>::new());
     }
 
     async fn failovers_are_handed_out_once_in_deadline_order_and_claimed_until_finished<
@@ -1532,21 +1547,22 @@ mod tests {
             let new = new_code(token, digest, 0, 1_000);
             store.create(&new, 0).await.unwrap().unwrap();
         }
-        let readable = store.tokens.get(b"a").unwrap().unwrap().to_vec();
+        let a = store.keys.short("a");
+        let readable = store.tokens.get(&a).unwrap().unwrap().to_vec();
         let mut newer = readable.clone();
         newer[0] += 1; // the format version
-        store.tokens.insert(b"a", &newer).unwrap();
+        store.tokens.insert(&a, &newer).unwrap();
 
         let report = store.purge_due(1_500, 100).await.unwrap();
         assert_eq!(report.expired, 1, "b expires all the same");
         let later = 1_500 + purge::UNREADABLE_RETRY_MS;
-        let moved = store.expiry.get(&timed_key(later, b"a")).unwrap();
+        let moved = store.expiry.get(&timed_key(later, &a)).unwrap();
         assert!(moved.is_some(), "a's entry comes back later");
         drop(store);
 
         let store = open::<D>(&dir, LIMITS);
         assert_eq!(store.live(), 0, "started, counting what it can read");
-        store.tokens.insert(b"a", &readable).unwrap();
+        store.tokens.insert(&a, &readable).unwrap();
         let report = store.purge_due(later, 100).await.unwrap();
         assert_eq!(report.expired, 1, "a, read again, expires");
     }
@@ -1697,6 +1713,116 @@ mod tests {
         secrets.check(2, false).unwrap();
     }
 
+    /// Writes `store`'s trees into a new database at `path` as a build before short
+    /// keys did, in layout 1: keyed by the names themselves, which must be among
+    /// `names` (the trees hold only their hashes).
+    fn write_layout_1<D: Database>(store: &EmbeddedStore<D>, names: &[&str], path: &Path) {
+        let name_of = |key: &[u8]| {
+            let name = names.iter().find(|name| store.keys.short(name) == key);
+            name.expect("a name the test used").as_bytes().to_vec()
+        };
+        let db = D::open(path, 1, Durability::Flush).unwrap();
+        db.meta().unwrap().insert(layout::LAYOUT_KEY, b"1").unwrap();
+        for (old, keyed, new) in layout::LAYOUT_1_TREES {
+            let (from, to) = (store.db.open_tree(new).unwrap(), db.open_tree(old).unwrap());
+            for entry in from.entries() {
+                let (key, value) = entry.unwrap();
+                let (key, value) = match keyed {
+                    layout::Keyed::Name => (name_of(&key), value.to_vec()),
+                    layout::Keyed::NameToName => (name_of(&key), name_of(&value)),
+                    layout::Keyed::Timed => {
+                        let (at, name) = timed::split_timed_key(&key).unwrap();
+                        (timed_key(at, &name_of(name)), value.to_vec())
+                    }
+                };
+                to.insert(&key, &value).unwrap();
+            }
+        }
+        db.flush().unwrap();
+    }
+
+    /// A token "a" with a code delivered as "uuid-a" (sent to "sms:a", valid from 0 to
+    /// 5 s) and its failover due at 1 s, in a database of layout 1 at `dir`/db.
+    async fn a_layout_1_database<D: Database>(dir: &tempfile::TempDir) -> NewCode {
+        let today = tempfile::tempdir().unwrap();
+        let store = open::<D>(&today, LIMITS);
+        let new = delivered(&store, "a", "uuid-a").await;
+        store.put_failover(&failover("a", 1_000)).await.unwrap();
+        write_layout_1(&store, &["a", "sms:a", "uuid-a"], &dir.path().join("db"));
+        new
+    }
+
+    /// Every tree of a layout-1 database moves: the token's code verifies, its
+    /// delivery id takes reports, its failover comes due, its recipient's send counts,
+    /// and its expiry entry brings the janitor; the old trees are gone.
+    async fn a_layout_1_database_moves_with_everything_it_holds<D: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = a_layout_1_database::<D>(&dir).await;
+        let store = open::<D>(
+            &dir,
+            Limits {
+                max_sends: 1,
+                ..LIMITS
+            },
+        );
+        assert_eq!(store.live(), 1);
+        let claimed = store.claim_due_failovers(1_000, 3_000, 10).await.unwrap();
+        let send = FailoverVerdict::Send { expires_at: 5_000 };
+        assert_eq!(
+            claimed.due,
+            vec![(failover("a", 3_000), send)],
+            "claimed till 3 s"
+        );
+        let read = store.record_delivery_event("uuid-a", report("read", 1_100));
+        assert_eq!(read.await.unwrap(), Filed::Recorded);
+        let same_recipient = NewCode {
+            recipients: vec!["sms:a".into()],
+            ..new_code("b", 2, 1_200, 6_200)
+        };
+        let refused = store.create(&same_recipient, 1_200).await.unwrap();
+        assert!(
+            matches!(refused, Err(Refusal::RateLimited { .. })),
+            "{refused:?}"
+        );
+        let valid = store.verify("a", &new.digest, 1_300).await.unwrap();
+        assert_eq!(valid, VerifyOutcome::Valid);
+        assert_eq!(
+            purge(&store, 5_000).await,
+            (0, 0, Some(6_000)),
+            "the moved entry came due, and filed the verified code again"
+        );
+        for (old, _, _) in layout::LAYOUT_1_TREES {
+            assert!(is_empty(&store.db.open_tree(old).unwrap()), "{old} is left");
+        }
+    }
+
+    /// A move a crash cut short (new trees half written, a hash key drawn) is done
+    /// again from the start; old trees a crash left after the move are dropped.
+    async fn a_move_cut_short_is_done_again<D: Database>() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = a_layout_1_database::<D>(&dir).await;
+        {
+            let db = D::open(&dir.path().join("db"), 1, Durability::Flush).unwrap();
+            let tokens = db.open_tree(layout::TOKENS).unwrap();
+            tokens.insert(b"half a move", b"").unwrap();
+            db.meta().unwrap().insert(b"key-seed", &[7; 16]).unwrap();
+            db.flush().unwrap();
+        }
+        let store = open::<D>(&dir, LIMITS);
+        assert_eq!(len(&store.tokens), 1, "only the token moved");
+        store
+            .db
+            .open_tree("tokens")
+            .unwrap()
+            .insert(b"a", b"")
+            .unwrap();
+        drop(store);
+        let store = open::<D>(&dir, LIMITS);
+        assert!(is_empty(&store.db.open_tree("tokens").unwrap()));
+        let valid = store.verify("a", &new.digest, 100).await.unwrap();
+        assert_eq!(valid, VerifyOutcome::Valid);
+    }
+
     /// Runs each test written once over `D: Database` on both engines, as
     /// `sled::name` and `fjall::name`.
     macro_rules! on_both_engines {
@@ -1736,5 +1862,7 @@ mod tests {
         the_replaced_codes_references_go_with_it,
         a_secret_other_than_the_one_its_codes_were_made_with_is_refused,
         a_database_without_codes_takes_a_new_secret,
+        a_layout_1_database_moves_with_everything_it_holds,
+        a_move_cut_short_is_done_again,
     );
 }

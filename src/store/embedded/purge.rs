@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 
 use super::background::run_in_background;
 use super::kv::{Database, Tree};
+use super::short_keys::ShortKey;
 use super::timed::{split_timed_key, timed_key};
 use super::{EmbeddedStore, TokenState};
 use crate::log_throttle::OncePerSecond;
@@ -38,12 +39,14 @@ impl<D: Database> EmbeddedStore<D> {
     /// under this very key again (a discard restoring a code due then), and removing
     /// that entry would leave the token out of the index for good.
     fn visit(&self, entry: &[u8], now: Millis) -> Result<Visit, StoreError> {
-        let Some((due, token)) = split_timed_key(entry) else {
+        let filed = split_timed_key(entry)
+            .and_then(|(due, token)| Some((due, ShortKey::try_from(token).ok()?)));
+        let Some((due, token)) = filed else {
             self.expiry.remove(entry)?;
             return Ok(Visit::default());
         };
-        let _held = self.locks.lock(&[token]);
-        let visit = match self.visit_token(token, due, now) {
+        let _held = self.locks.lock(&[&token]);
+        let visit = match self.visit_token(&token, due, now) {
             // A record this build cannot read (a newer otpd's after a rollback, a bad
             // sector) must not stop the janitor for every other token: it comes back
             // later, and is taken up then if it can be read ([`Self::visit_token`]).
@@ -52,7 +55,7 @@ impl<D: Database> EmbeddedStore<D> {
                 static THROTTLE: OncePerSecond = OncePerSecond::new();
                 if let Some(held_back) = THROTTLE.admit() {
                     tracing::error!(
-                        token = %String::from_utf8_lossy(token),
+                        token_key = %crate::hex(&token),
                         %error,
                         held_back,
                         "the janitor cannot read a token's record; trying again in an hour (held_back: others since the last such line)"
@@ -60,7 +63,7 @@ impl<D: Database> EmbeddedStore<D> {
                 }
                 let retry_at = now + UNREADABLE_RETRY_MS;
                 self.expiry_floor
-                    .insert(&self.expiry, retry_at, token, &[])?;
+                    .insert(&self.expiry, retry_at, &token, &[])?;
                 Visit::default()
             }
             visited => visited?,
@@ -71,7 +74,7 @@ impl<D: Database> EmbeddedStore<D> {
 
     /// Expires a pending code at its expiry, purges a finished one `retain` later, and
     /// lets the token go once nothing keeps it; otherwise files it for its next visit.
-    fn visit_token(&self, token: &[u8], due: Millis, now: Millis) -> Result<Visit, StoreError> {
+    fn visit_token(&self, token: &ShortKey, due: Millis, now: Millis) -> Result<Visit, StoreError> {
         let mut visit = Visit::default();
         let Some(mut state) = self.read_token(token)? else {
             return Ok(visit);
@@ -122,7 +125,7 @@ impl<D: Database> EmbeddedStore<D> {
     /// one a sooner entry replaced, and the record's own is still filed.)
     fn lost_its_entry(
         &self,
-        token: &[u8],
+        token: &ShortKey,
         state: &TokenState,
         due: Millis,
     ) -> Result<bool, StoreError> {

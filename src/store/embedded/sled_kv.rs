@@ -77,6 +77,15 @@ impl Database for SledDb {
         self.db.open_tree(name).map_err(db_error)
     }
 
+    /// Durable once flushed, as every other write (sled records a dropped tree in its
+    /// log).
+    fn drop_tree(&self, name: &str) -> Result<(), StoreError> {
+        match self.db.drop_tree(name).map_err(db_error)? {
+            true => self.flush(),
+            false => Ok(()),
+        }
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(db_error)?;
         self.latch
@@ -120,8 +129,8 @@ impl Tree for sled::Tree {
             .map_err(db_error)
     }
 
-    fn values(&self) -> impl Iterator<Item = Result<IVec, StoreError>> + '_ {
-        self.iter().values().map(|value| value.map_err(db_error))
+    fn entries(&self) -> impl Iterator<Item = Result<(IVec, IVec), StoreError>> + '_ {
+        self.iter().map(|entry| entry.map_err(db_error))
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {

@@ -209,9 +209,9 @@ mod tests {
             Ok(range.take(limit).map(|(key, _)| key.clone()).collect())
         }
 
-        fn values(&self) -> impl Iterator<Item = Result<Vec<u8>, StoreError>> + '_ {
-            let values: Vec<_> = self.keys.lock().unwrap().values().cloned().collect();
-            values.into_iter().map(Ok)
+        fn entries(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+            let entries: Vec<_> = self.keys.lock().unwrap().clone().into_iter().collect();
+            entries.into_iter().map(Ok)
         }
 
         fn apply(&self, batch: Batch) -> Result<(), StoreError> {
