@@ -77,7 +77,7 @@ fn open_embedded<D: Database>(
     secret: &ServerSecret,
     drawn: bool,
 ) -> anyhow::Result<EmbeddedStore<D>> {
-    let store = EmbeddedStore::<D>::open(&config.store, limits)?;
+    let store = EmbeddedStore::<D>::open(&config.store, limits, drawn)?;
     store.check_secret(secret, drawn, &config.store.path, &config.store.secret_file)?;
     Ok(store)
 }

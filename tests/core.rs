@@ -513,6 +513,36 @@ fn database_holds_neither_codes_nor_the_secret(engine: Engine) {
     }
 }
 
+/// A database whose files are there but open empty is refused, not taken for a new one
+/// that would answer 404 to every code it held: sled recovers its log up to the first
+/// damaged block (here the first), and fjall opens a directory whose partitions are
+/// gone. Without a secret file as well it is what a first start cut short leaves (the
+/// secret is kept only once the store is open), and starts afresh.
+fn a_database_whose_files_open_empty_is_refused(engine: Engine) {
+    let mut daemon = engine.start("");
+    daemon.create_code("lost", "393331230002");
+    assert!(daemon.stop().success());
+    let db = daemon.dir.path().join("db");
+    if engine == Engine::Sled {
+        let log = std::fs::OpenOptions::new().write(true).open(db.join("db"));
+        std::io::Write::write_all(&mut log.unwrap(), &[0; 4096]).unwrap();
+    } else {
+        for partition in std::fs::read_dir(db.join("partitions")).unwrap() {
+            std::fs::remove_dir_all(partition.unwrap().path()).unwrap();
+        }
+    }
+    let refused = daemon.start_refused();
+    assert!(
+        refused.contains(&format!("{}: holds ", db.display()))
+            && refused.contains("database files, but they open empty"),
+        "{refused}"
+    );
+    std::fs::remove_file(daemon.dir.path().join("secret.key")).unwrap();
+    daemon.spawn();
+    assert_eq!(daemon.verify("lost", "123456")["status"], 404);
+    daemon.create_code("new", "393331230003");
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -946,10 +976,12 @@ fn relaxed_durability_persists_in_the_background(engine: Engine) {
 /// Tests of the embedded engines alone: their files, and relaxed durability.
 mod embedded {
     use super::{
-        database_holds_neither_codes_nor_the_secret, relaxed_durability_persists_in_the_background,
+        a_database_whose_files_open_empty_is_refused, database_holds_neither_codes_nor_the_secret,
+        relaxed_durability_persists_in_the_background,
     };
 
     crate::per_engine!([sled, fjall] {
+        a_database_whose_files_open_empty_is_refused,
         database_holds_neither_codes_nor_the_secret,
         relaxed_durability_persists_in_the_background,
     });

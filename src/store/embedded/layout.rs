@@ -62,30 +62,46 @@ pub(super) const LAYOUT_1_TREES: [(&str, Keyed, &str); 5] = [
 ];
 
 /// Makes sure the database is in today's layout, marking a new one and moving one in
-/// layout 1; refuses any other. Returns the hasher of its keys. `path` names the
-/// database in messages.
+/// layout 1; refuses any other. A database that opens empty is marked as new only if
+/// it `may_be_new`: otherwise its files were there but their contents are lost (sled
+/// recovers its log up to the first damaged block, which can be the first), and
+/// starting on it would answer 404 to every code issued. Returns the hasher of its
+/// keys. `path` names the database in messages.
 pub(super) fn open<D: Database>(
     db: &D,
     meta: &D::Tree,
     path: &Path,
+    may_be_new: bool,
 ) -> Result<KeyHasher, StoreError> {
-    let fresh = db.is_fresh()?;
-    match meta.get(LAYOUT_KEY)?.as_deref() {
-        Some(LAYOUT) => {}
-        Some(LAYOUT_1) => move_from_layout_1(db, meta, path)?,
+    let refuse = |why: &str| {
+        Err(StoreError::Database(format!(
+            "{}: {why}; restore it from a backup, or move the directory away to start \
+             afresh",
+            path.display()
+        )))
+    };
+    match (meta.get(LAYOUT_KEY)?.as_deref(), db.is_fresh()?) {
+        (Some(LAYOUT), _) => {}
+        (Some(LAYOUT_1), _) => move_from_layout_1(db, meta, path)?,
         // Durable before any tree exists: fjall creates a partition on disk at once,
         // outside its journal, so a crash must not leave trees without the mark.
-        None if fresh => {
+        (None, true) if may_be_new => {
             meta.insert(KEY_SEED_KEY, &KeyHasher::draw_seed())?;
             meta.insert(LAYOUT_KEY, LAYOUT)?;
             db.flush()?;
         }
+        (None, true) => {
+            return refuse(&format!(
+                "holds {} database files, but they open empty, without even otpd's \
+                 layout mark: damaged or emptied, so the codes they held are lost",
+                D::ENGINE
+            ));
+        }
         _ => {
-            return Err(StoreError::Database(format!(
-                "{}: written by an otpd development build with another layout; \
-                 remove the directory to start afresh",
-                path.display()
-            )));
+            return refuse(
+                "has another layout than this build's, or none (an otpd development \
+                 build's, or damaged)",
+            );
         }
     }
     for (old, _, _) in LAYOUT_1_TREES {

@@ -206,12 +206,16 @@ pub type FjallStore = EmbeddedStore<fjall_kv::FjallDb>;
 
 impl<D: Database> EmbeddedStore<D> {
     /// Opens (or creates) the database; must run inside a tokio runtime. Refuses a
-    /// directory that holds another engine's database, before touching it.
-    pub fn open(config: &StoreConfig, limits: Limits) -> Result<Self, StoreError> {
+    /// directory that holds another engine's database, before touching it, and one
+    /// whose files open empty, unless the server secret was `drawn` at this start: the
+    /// secret is kept only once the store is open, so a first start cut short leaves
+    /// such files and no secret.
+    pub fn open(config: &StoreConfig, limits: Limits, drawn: bool) -> Result<Self, StoreError> {
         refuse_other_engines::<D>(&config.path)?;
+        let existed = D::owns(&config.path);
         let db = D::open(&config.path, config.cache_capacity_mb, config.durability)?;
         let meta = db.meta()?;
-        let keys = layout::open(&db, &meta, &config.path)?;
+        let keys = layout::open(&db, &meta, &config.path, drawn || !existed)?;
         let store = Self {
             tokens: db.open_tree(layout::TOKENS)?,
             expiry: db.open_tree(layout::EXPIRY)?,
@@ -852,7 +856,7 @@ mod tests {
             path: dir.path().join("db"),
             ..StoreConfig::default()
         };
-        EmbeddedStore::open(&config, limits).unwrap()
+        EmbeddedStore::open(&config, limits, false).unwrap()
     }
 
     fn is_empty(tree: &impl Tree) -> bool {
@@ -1295,7 +1299,10 @@ mod tests {
             path,
             ..StoreConfig::default()
         };
-        let error = SledStore::open(&config, LIMITS).err().unwrap().to_string();
+        let error = SledStore::open(&config, LIMITS, false)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(error.contains("another layout"), "{error}");
     }
 
@@ -1579,7 +1586,10 @@ mod tests {
             path,
             ..StoreConfig::default()
         };
-        let error = FjallStore::open(&config, LIMITS).err().unwrap().to_string();
+        let error = FjallStore::open(&config, LIMITS, false)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(error.contains("another layout"), "{error}");
     }
 
@@ -1595,7 +1605,7 @@ mod tests {
             path: path.clone(),
             ..StoreConfig::default()
         };
-        let error = EmbeddedStore::<E>::open(&config, LIMITS)
+        let error = EmbeddedStore::<E>::open(&config, LIMITS, false)
             .err()
             .unwrap()
             .to_string();
@@ -1646,7 +1656,10 @@ mod tests {
             path: dir.path().join("db"),
             ..StoreConfig::default()
         };
-        let error = FjallStore::open(&config, LIMITS).err().unwrap().to_string();
+        let error = FjallStore::open(&config, LIMITS, false)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(error.contains("locked by another process"), "{error}");
         drop(store);
         // Dropped, the store lets go at once (its flusher thread is joined).
