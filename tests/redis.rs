@@ -407,6 +407,10 @@ fn a_redis_crash_fails_requests_until_it_is_back_and_loses_nothing() {
         log.contains(r#"op="verify" key="crash""#),
         "the failure is logged with what it met: {log}"
     );
+    assert!(
+        log.contains(&format!("redis at {}: ", redis.url())),
+        "and with the Redis it failed on: {log}"
+    );
     assert_eq!(daemon.stats()["storage_failed"], 1);
     assert_eq!(daemon.call(json!({"op": "ping"}))["status"], 200);
     redis.spawn();

@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use redis::{RedisError, Script};
 
 use super::connection::Connection;
-use super::{Read, RedisStore, redis_error};
+use super::{Read, RedisStore};
 use crate::rules::Millis;
 use crate::store::StoreError;
 
@@ -77,7 +77,9 @@ impl RedisStore {
         conn: &mut Connection,
         commit: &Commit,
     ) -> Result<bool, StoreError> {
-        self.run_commit(conn, commit).await.map_err(redis_error)
+        self.run_commit(conn, commit)
+            .await
+            .map_err(|e| self.error(e))
     }
 
     /// [`Self::apply`] with Redis's own error.

@@ -84,16 +84,6 @@ static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM));
 /// round lets at least one contender through, so this bounds a burst of this size.
 const MAX_ROUNDS: usize = 1000;
 
-fn redis_error(e: RedisError) -> StoreError {
-    StoreError::Database(format!("redis: {e}"))
-}
-
-fn contention() -> StoreError {
-    StoreError::Database(format!(
-        "redis: gave up after {MAX_ROUNDS} conflicting attempts"
-    ))
-}
-
 /// A value as read: `None` when the key does not exist.
 type Read = Option<Vec<u8>>;
 
@@ -158,9 +148,24 @@ pub struct RedisStore {
     /// failover to a replica that lacked it, a `FLUSHALL`), and the first host to
     /// start after that would otherwise record its own, whatever secret it holds.
     fingerprint: OnceLock<String>,
+    /// Where Redis is, without passwords, for error messages: an operator running
+    /// several needs to know which one failed.
+    address: String,
 }
 
 impl RedisStore {
+    /// A Redis error, naming the Redis it came from.
+    fn error(&self, e: RedisError) -> StoreError {
+        StoreError::Database(format!("redis at {}: {e}", self.address))
+    }
+
+    fn contention(&self) -> StoreError {
+        StoreError::Database(format!(
+            "redis at {}: gave up after {MAX_ROUNDS} conflicting attempts",
+            self.address
+        ))
+    }
+
     /// Connects and checks in ([`RedisStore::reach`], then [`RedisStore::check_in`]),
     /// for a caller that holds its secret already (tests, tools). A host starting up
     /// also asks [`RedisStore::refuse_another_secret`] in between, before it saves a
@@ -190,13 +195,14 @@ impl RedisStore {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let unreachable =
-            |e: RedisError| StoreError::Database(format!("cannot reach Redis at {address}: {e}"));
+        let unreachable = |address: &str, e: RedisError| {
+            StoreError::Database(format!("cannot reach Redis at {address}: {e}"))
+        };
         let connections = connection::open_pool(config, &[COMMIT, CLAIM])
             .await
             .map_err(|e| match e {
                 OpenError::Config(e) => e,
-                OpenError::Redis(e) => unreachable(e),
+                OpenError::Redis(e) => unreachable(&address, e),
             })?;
         let store = Self {
             connections,
@@ -210,13 +216,14 @@ impl RedisStore {
             min_replicas: config.min_replicas,
             replica_timeout_ms: config.replica_timeout_ms,
             fingerprint: OnceLock::new(),
+            address,
         };
         let mut conn = store.conn();
         redis::cmd("PING")
             .query_async::<()>(&mut conn)
             .await
-            .map_err(unreachable)?;
-        store.refuse_old_servers(&address).await?;
+            .map_err(|e| unreachable(&store.address, e))?;
+        store.refuse_old_servers().await?;
         Ok(store)
     }
 
@@ -232,7 +239,7 @@ impl RedisStore {
             .arg(&key)
             .query_async(&mut self.conn())
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.error(e))?;
         self.live.store(live, Ordering::Relaxed);
         Ok(expired)
     }
@@ -248,7 +255,7 @@ impl RedisStore {
             .arg(key)
             .query_async(conn)
             .await
-            .map_err(redis_error)
+            .map_err(|e| self.error(e))
     }
 
     /// Reads keys of one hash slot in one consistent snapshot.
@@ -263,7 +270,7 @@ impl RedisStore {
             .arg(b)
             .query_async(conn)
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.error(e))?;
         Ok((a, b))
     }
 
@@ -294,7 +301,7 @@ impl RedisStore {
             .arg(expire_at)
             .query_async::<()>(conn)
             .await
-            .map_err(redis_error)
+            .map_err(|e| self.error(e))
     }
 
     /// Returns once `min_replicas` replicas hold every change sent on `conn` so far
@@ -308,7 +315,7 @@ impl RedisStore {
             .arg(self.replica_timeout_ms)
             .query_async(conn)
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.error(e))?;
         if acknowledged < self.min_replicas {
             return Err(StoreError::Database(format!(
                 "{acknowledged} of the {} replicas store.redis.min_replicas asks for confirmed the change within {} ms",
@@ -373,7 +380,7 @@ impl RedisStore {
                 return Ok(Some(record));
             }
         }
-        Err(contention())
+        Err(self.contention())
     }
 
     /// Records `event` on the code at `code_key` while the token names it, or, when a
@@ -448,7 +455,7 @@ impl RedisStore {
                 return Ok(change);
             }
         }
-        Err(contention())
+        Err(self.contention())
     }
 
     /// The token's new code when `old`, the code a resend replaced, stands in for it
@@ -525,7 +532,7 @@ impl RedisStore {
                 replaced,
             }));
         }
-        Err(contention())
+        Err(self.contention())
     }
 
     /// When a code's key goes, as the embedded engine's janitor would purge it.
@@ -763,7 +770,7 @@ impl Store for RedisStore {
                 }
             }
         }
-        Err(contention())
+        Err(self.contention())
     }
 
     async fn discard(&self, token: &str, digest: &Digest) -> Result<(), StoreError> {
@@ -807,7 +814,7 @@ impl Store for RedisStore {
                 return self.replicated(&mut conn).await;
             }
         }
-        Err(contention())
+        Err(self.contention())
     }
 
     /// Redis applied the create already; what remains is the reference, and a replica
@@ -949,7 +956,7 @@ impl Store for RedisStore {
                 return Ok(plan.outcome);
             }
         }
-        Err(contention())
+        Err(self.contention())
     }
 
     async fn cancel(&self, token: &str, now: Millis) -> Result<bool, StoreError> {
@@ -984,7 +991,7 @@ impl Store for RedisStore {
                 return Ok(cancelled);
             }
         }
-        Err(contention())
+        Err(self.contention())
     }
 
     async fn status(&self, token: &str) -> Result<Option<TokenStatus>, StoreError> {
@@ -1019,7 +1026,7 @@ impl Store for RedisStore {
             .arg(encode(failover))
             .query_async::<()>(&mut conn)
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.error(e))?;
         self.replicated(&mut conn).await
     }
 
@@ -1045,7 +1052,7 @@ impl Store for RedisStore {
             .arg(batch)
             .query_async(&mut conn)
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.error(e))?;
         let mut to_hand_out = Vec::with_capacity(members.len());
         let mut claim = CLAIM_SCRIPT.key(&key);
         for member in &members {
@@ -1068,7 +1075,10 @@ impl Store for RedisStore {
         let handed_out: Vec<Vec<u8>> = if members.is_empty() {
             Vec::new()
         } else {
-            claim.invoke_async(&mut conn).await.map_err(redis_error)?
+            claim
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.error(e))?
         };
         let due = to_hand_out
             .into_iter()
@@ -1108,7 +1118,7 @@ impl Store for RedisStore {
             .arg(encode(claimed))
             .query_async::<()>(&mut self.conn())
             .await
-            .map_err(redis_error)
+            .map_err(|e| self.error(e))
     }
 
     fn live(&self) -> u64 {
@@ -1125,6 +1135,6 @@ impl Store for RedisStore {
         redis::cmd("PING")
             .query_async::<()>(&mut self.conn())
             .await
-            .map_err(redis_error)
+            .map_err(|e| self.error(e))
     }
 }

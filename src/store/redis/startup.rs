@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 
 use redis::{ErrorKind, FromRedisValue, RedisError, ServerErrorKind, Value};
 
+use super::RedisStore;
 use super::commit::Commit;
-use super::{RedisStore, redis_error};
 use crate::rules::{self, Millis};
 use crate::secret::ServerSecret;
 use crate::store::StoreError;
@@ -45,9 +45,10 @@ fn clock_skew(here: Millis, redis: Millis) -> Option<i64> {
 }
 
 impl RedisStore {
-    /// Refuses a server older than [`MIN_REDIS_VERSION`], naming it and `address`.
-    pub(super) async fn refuse_old_servers(&self, address: &str) -> Result<(), StoreError> {
-        for version in self.server_versions().await.map_err(redis_error)? {
+    /// Refuses a server older than [`MIN_REDIS_VERSION`], naming it and its address.
+    pub(super) async fn refuse_old_servers(&self) -> Result<(), StoreError> {
+        let address = &self.address;
+        for version in self.server_versions().await.map_err(|e| self.error(e))? {
             if !version_supported(&version) {
                 let (major, minor) = MIN_REDIS_VERSION;
                 return Err(StoreError::Database(format!(
@@ -114,7 +115,7 @@ impl RedisStore {
                      EVAL and SCRIPT LOAD (+@scripting)"
                 )))
             }
-            applied => applied.map(|_| ()).map_err(redis_error),
+            applied => applied.map(|_| ()).map_err(|e| self.error(e)),
         }
     }
 
@@ -235,7 +236,7 @@ impl RedisStore {
             .arg("NX")
             .query_async::<()>(&mut self.conn())
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.error(e))?;
         match self.recorded_fingerprint().await? {
             Some(stored) if stored != fingerprint => Err(self.another_secret()),
             _ => Ok(()),
@@ -248,7 +249,7 @@ impl RedisStore {
             .arg(self.keys.secret_check())
             .query_async(&mut self.conn())
             .await
-            .map_err(redis_error)
+            .map_err(|e| self.error(e))
     }
 
     /// Members of the live set, expired ones not yet dropped included.
@@ -257,7 +258,7 @@ impl RedisStore {
             .arg(self.keys.live())
             .query_async(&mut self.conn())
             .await
-            .map_err(redis_error)
+            .map_err(|e| self.error(e))
     }
 
     fn another_secret(&self) -> StoreError {
