@@ -192,12 +192,6 @@ pub struct EmbeddedStore<D: Database> {
     db: D,
 }
 
-/// The tree keys of a create's token and recipients.
-struct CreateKeys {
-    token: ShortKey,
-    recipients: Vec<ShortKey>,
-}
-
 /// The embedded engine on sled (`store.engine = "sled"`).
 pub type SledStore = EmbeddedStore<sled_kv::SledDb>;
 
@@ -425,17 +419,17 @@ impl<D: Database> EmbeddedStore<D> {
         Ok(Some(token))
     }
 
-    /// The create itself, under the locks of its token and recipients; returns the
-    /// change in live codes.
+    /// The create itself, under the locks of its token and recipients (`new`'s, by
+    /// their keys); returns the change in live codes.
     fn create_locked(
         &self,
         new: &NewCode,
-        keys: &CreateKeys,
+        token: &ShortKey,
+        addresses: &[ShortKey],
         now: Millis,
     ) -> Result<Result<i64, Refusal>, StoreError> {
-        let token = &keys.token;
         let mut state = self.read_token(token)?.unwrap_or_default();
-        let mut recipients = (keys.recipients.iter())
+        let mut recipients = (addresses.iter())
             .map(|address| self.read_recipient(address, now))
             .collect::<Result<Vec<_>, _>>()?;
         let record = std::mem::take(&mut state.record);
@@ -449,7 +443,7 @@ impl<D: Database> EmbeddedStore<D> {
             Ok(plan) => plan,
             Err(refusal) => return Ok(Err(refusal)),
         };
-        for (address, record) in keys.recipients.iter().zip(recipients) {
+        for (address, record) in addresses.iter().zip(recipients) {
             self.write_recipient(address, record, now)?;
         }
         state.record = plan.token;
@@ -567,15 +561,13 @@ impl<D: Database> EmbeddedStore<D> {
 #[async_trait]
 impl<D: Database> Store for EmbeddedStore<D> {
     async fn create(&self, new: &NewCode, now: Millis) -> Result<Result<(), Refusal>, StoreError> {
-        let keys = CreateKeys {
-            token: self.keys.short(&new.token),
-            recipients: new.recipients.iter().map(|r| self.keys.short(r)).collect(),
-        };
+        let token = self.keys.short(&new.token);
+        let addresses: Vec<_> = new.recipients.iter().map(|r| self.keys.short(r)).collect();
         let result = {
-            let mut locked = vec![&keys.token[..]];
-            locked.extend(keys.recipients.iter().map(|r| &r[..]));
+            let mut locked = vec![&token[..]];
+            locked.extend(addresses.iter().map(|a| &a[..]));
             let _held = self.locks.lock(&locked);
-            self.create_locked(new, &keys, now)?
+            self.create_locked(new, &token, &addresses, now)?
         };
         match result {
             // Waited on by confirm_delivery or discard, whichever follows the delivery;
@@ -1407,7 +1399,7 @@ mod tests {
         let read = |at| report("read", at);
         // The filed ids, of those this test delivers as (the tree holds their hashes).
         let references = || -> Vec<&str> {
-            let keys = store.references.keys_between(&[], &[0xff], 10).unwrap();
+            let keys: Vec<_> = store.references.entries().map(|e| e.unwrap().0).collect();
             let filed = |id: &&str| keys.iter().any(|key| **key == store.keys.short(id));
             ["uuid-1", "uuid-2", "uuid-b"]
                 .into_iter()
