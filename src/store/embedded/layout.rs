@@ -4,9 +4,9 @@
 //! Layout 1 keyed each tree by the names themselves: `tokens` by the token,
 //! `references` by the delivery id (its values the token), and `expiry`, `recipients`
 //! and `failovers` by a time and then the token, the recipient or the delivery id.
-//! Layout 2 (today's) keys them by the [`ShortKey`](super::short_keys::ShortKey)s of those names, under a hash key
-//! drawn for the database and kept in the metadata tree, in trees named anew
-//! (`tokens-2` …).
+//! Layout 2 (today's) keys them by the [short keys](super::short_keys) of those
+//! names, under a hash key drawn for the database and kept in the metadata tree, in
+//! trees named anew (`tokens-2` …).
 //!
 //! The move writes the new trees beside the old and changes the mark only once they
 //! are durable, so a crash during it leaves layout 1 whole: the next start drops what
@@ -124,12 +124,12 @@ fn move_from_layout_1<D: Database>(db: &D, meta: &D::Tree, path: &Path) -> Resul
     let seed = KeyHasher::draw_seed();
     meta.insert(KEY_SEED_KEY, &seed)?;
     let keys = KeyHasher::new(&seed);
+    let short = |name: &[u8]| keys.short(name).to_vec();
     let mut entries = 0u64;
     for (old, keyed, new) in LAYOUT_1_TREES {
         let (old, new) = (db.open_tree(old)?, db.open_tree(new)?);
         for entry in old.entries() {
             let (key, value) = entry?;
-            let short = |name: &[u8]| keys.short(name).to_vec();
             let (key, value) = match keyed {
                 Keyed::Name => (short(&key), value.to_vec()),
                 Keyed::NameToName => (short(&key), short(&value)),
