@@ -37,15 +37,21 @@ fn harness() -> &'static Harness {
             .expect("runtime");
         let store: Arc<dyn Store> = Arc::new(
             runtime
-                .block_on(async { SledStore::open(&config.store, Limits::from(&config.otp)) })
+                // A new database, and a secret made up for it (no secret file kept).
+                .block_on(async { SledStore::open(&config.store, Limits::from(&config.otp), true) })
                 .expect("store"),
         );
         let secret = ServerSecret::from_bytes([7; 32]);
         let counters = Arc::new(Counters::default());
         let stopping = tokio_util::sync::CancellationToken::new();
-        let delivery =
-            otpd::delivery::from_config(&config, counters.clone(), store.clone(), &secret, stopping)
-                .expect("log delivery");
+        let delivery = otpd::delivery::from_config(
+            &config,
+            counters.clone(),
+            store.clone(),
+            &secret,
+            stopping,
+        )
+        .expect("log delivery");
         let otp = Otp::new(
             config.otp.clone(),
             secret,
