@@ -498,7 +498,7 @@ fn database_holds_neither_codes_nor_the_secret(engine: Engine) {
     assert!(db.len() > 1000, "database files were read");
     assert!(
         contains(&db, reference.as_bytes()),
-        "delivery ids are stored as they are, so the scan would see codes beside them"
+        "records hold their delivery ids as they are, so the scan would see codes beside them"
     );
     assert!(
         !contains(&db, &secret),
