@@ -236,12 +236,13 @@ impl Database for FjallDb {
         })
     }
 
+    fn has_tree(&self, name: &str) -> bool {
+        self.keyspace.partition_exists(name)
+    }
+
     /// fjall marks the partition deleted with a synced file before it returns, and
     /// removes its folder once the last handle is dropped.
     fn drop_tree(&self, name: &str) -> Result<(), StoreError> {
-        if !self.keyspace.partition_exists(name) {
-            return Ok(());
-        }
         let partition = self.open_tree(name)?.partition;
         self.keyspace.delete_partition(partition).map_err(db_error)
     }

@@ -70,8 +70,13 @@ pub trait Database: Clone + Send + Sync + 'static {
     /// Opens (or creates) a tree.
     fn open_tree(&self, name: &str) -> Result<Self::Tree, StoreError>;
 
-    /// Deletes a tree and everything in it, durably; deleting one that is not there is
-    /// no error.
+    /// Whether the database has a tree of this name.
+    fn has_tree(&self, name: &str) -> bool;
+
+    /// Deletes a tree and everything in it, durably. Its name must not be used again
+    /// in this database: fjall journals writes by the tree's name but not its deletion,
+    /// so it refuses the name while journals with the old writes are left, and a
+    /// recovery would hand those writes to a new tree of that name.
     fn drop_tree(&self, name: &str) -> Result<(), StoreError>;
 
     /// Makes every write made before the call durable; blocks while the disk works.

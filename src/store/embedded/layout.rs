@@ -9,9 +9,10 @@
 //! trees named anew (`tokens-2` …).
 //!
 //! The move writes the new trees beside the old and changes the mark only once they
-//! are durable, so a crash during it leaves layout 1 whole: the next start drops what
-//! the move wrote and moves again. The old trees go after the mark, and again at every
-//! start until they are gone.
+//! are durable, so a crash during it leaves layout 1 whole: the next start empties what
+//! the move wrote and moves again. The old trees are dropped after the mark (at the
+//! next start if a crash came first), and their names never used again
+//! ([`Database::drop_tree`]).
 
 use std::path::Path;
 use std::time::Duration;
@@ -105,7 +106,9 @@ pub(super) fn open<D: Database>(
         }
     }
     for (old, _, _) in LAYOUT_1_TREES {
-        db.drop_tree(old)?;
+        if db.has_tree(old) {
+            db.drop_tree(old)?;
+        }
     }
     let seed = meta.get(KEY_SEED_KEY)?;
     let seed = (seed.as_deref().and_then(|seed| seed.try_into().ok()))
@@ -117,7 +120,7 @@ pub(super) fn open<D: Database>(
 /// that durable, and then marks the database as today's.
 fn move_from_layout_1<D: Database>(db: &D, meta: &D::Tree, path: &Path) -> Result<(), StoreError> {
     for (_, _, new) in LAYOUT_1_TREES {
-        db.drop_tree(new)?; // written by a move that a crash cut short
+        clear(&db.open_tree(new)?)?; // written by a move that a crash cut short
     }
     tracing::info!(path = %path.display(), "moving the database to layout 2 (short keys): \
         about 9 s for 1 M codes, and the daemon is ready once it is done");
@@ -156,5 +159,14 @@ fn move_from_layout_1<D: Database>(db: &D, meta: &D::Tree, path: &Path) -> Resul
         tracing::warn!(%error, "the moved trees stay in memory until they are written out");
     }
     tracing::info!(path = %path.display(), entries, "database moved to layout 2 (short keys)");
+    Ok(())
+}
+
+/// Empties a tree key by key. A tree a cut-short move wrote is emptied this way, not
+/// dropped and made again under its name ([`Database::drop_tree`] says why not).
+fn clear<T: Tree>(tree: &T) -> Result<(), StoreError> {
+    for entry in tree.entries() {
+        tree.remove(&entry?.0)?;
+    }
     Ok(())
 }

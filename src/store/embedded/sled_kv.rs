@@ -77,13 +77,18 @@ impl Database for SledDb {
         self.db.open_tree(name).map_err(db_error)
     }
 
+    fn has_tree(&self, name: &str) -> bool {
+        self.db
+            .tree_names()
+            .iter()
+            .any(|tree| **tree == *name.as_bytes())
+    }
+
     /// Durable once flushed, as every other write (sled records a dropped tree in its
     /// log).
     fn drop_tree(&self, name: &str) -> Result<(), StoreError> {
-        match self.db.drop_tree(name).map_err(db_error)? {
-            true => self.flush(),
-            false => Ok(()),
-        }
+        self.db.drop_tree(name).map_err(db_error)?;
+        self.flush()
     }
 
     fn flush(&self) -> Result<(), StoreError> {
