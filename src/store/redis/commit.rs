@@ -79,7 +79,7 @@ impl RedisStore {
     ) -> Result<bool, StoreError> {
         self.run_commit(conn, commit)
             .await
-            .map_err(|e| self.error(e))
+            .map_err(|e| self.failure(e))
     }
 
     /// [`Self::apply`] with Redis's own error.

@@ -154,15 +154,15 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// A Redis error, naming the Redis it came from.
-    fn error(&self, e: RedisError) -> StoreError {
-        StoreError::Database(format!("redis at {}: {e}", self.address))
+    /// A failure while talking to Redis (its error, or what went wrong), naming the
+    /// Redis by its `address`.
+    fn failure(&self, what: impl std::fmt::Display) -> StoreError {
+        StoreError::Database(format!("redis at {}: {what}", self.address))
     }
 
     fn contention(&self) -> StoreError {
-        StoreError::Database(format!(
-            "redis at {}: gave up after {MAX_ROUNDS} conflicting attempts",
-            self.address
+        self.failure(format_args!(
+            "gave up after {MAX_ROUNDS} conflicting attempts"
         ))
     }
 
@@ -239,7 +239,7 @@ impl RedisStore {
             .arg(&key)
             .query_async(&mut self.conn())
             .await
-            .map_err(|e| self.error(e))?;
+            .map_err(|e| self.failure(e))?;
         self.live.store(live, Ordering::Relaxed);
         Ok(expired)
     }
@@ -255,7 +255,7 @@ impl RedisStore {
             .arg(key)
             .query_async(conn)
             .await
-            .map_err(|e| self.error(e))
+            .map_err(|e| self.failure(e))
     }
 
     /// Reads keys of one hash slot in one consistent snapshot.
@@ -270,7 +270,7 @@ impl RedisStore {
             .arg(b)
             .query_async(conn)
             .await
-            .map_err(|e| self.error(e))?;
+            .map_err(|e| self.failure(e))?;
         Ok((a, b))
     }
 
@@ -301,7 +301,7 @@ impl RedisStore {
             .arg(expire_at)
             .query_async::<()>(conn)
             .await
-            .map_err(|e| self.error(e))
+            .map_err(|e| self.failure(e))
     }
 
     /// Returns once `min_replicas` replicas hold every change sent on `conn` so far
@@ -315,9 +315,9 @@ impl RedisStore {
             .arg(self.replica_timeout_ms)
             .query_async(conn)
             .await
-            .map_err(|e| self.error(e))?;
+            .map_err(|e| self.failure(e))?;
         if acknowledged < self.min_replicas {
-            return Err(StoreError::Database(format!(
+            return Err(self.failure(format_args!(
                 "{acknowledged} of the {} replicas store.redis.min_replicas asks for confirmed the change within {} ms",
                 self.min_replicas, self.replica_timeout_ms
             )));
@@ -1026,7 +1026,7 @@ impl Store for RedisStore {
             .arg(encode(failover))
             .query_async::<()>(&mut conn)
             .await
-            .map_err(|e| self.error(e))?;
+            .map_err(|e| self.failure(e))?;
         self.replicated(&mut conn).await
     }
 
@@ -1052,7 +1052,7 @@ impl Store for RedisStore {
             .arg(batch)
             .query_async(&mut conn)
             .await
-            .map_err(|e| self.error(e))?;
+            .map_err(|e| self.failure(e))?;
         let mut to_hand_out = Vec::with_capacity(members.len());
         let mut claim = CLAIM_SCRIPT.key(&key);
         for member in &members {
@@ -1078,7 +1078,7 @@ impl Store for RedisStore {
             claim
                 .invoke_async(&mut conn)
                 .await
-                .map_err(|e| self.error(e))?
+                .map_err(|e| self.failure(e))?
         };
         let due = to_hand_out
             .into_iter()
@@ -1118,7 +1118,7 @@ impl Store for RedisStore {
             .arg(encode(claimed))
             .query_async::<()>(&mut self.conn())
             .await
-            .map_err(|e| self.error(e))
+            .map_err(|e| self.failure(e))
     }
 
     fn live(&self) -> u64 {
@@ -1135,6 +1135,6 @@ impl Store for RedisStore {
         redis::cmd("PING")
             .query_async::<()>(&mut self.conn())
             .await
-            .map_err(|e| self.error(e))
+            .map_err(|e| self.failure(e))
     }
 }

@@ -48,7 +48,7 @@ impl RedisStore {
     /// Refuses a server older than [`MIN_REDIS_VERSION`], naming it and its address.
     pub(super) async fn refuse_old_servers(&self) -> Result<(), StoreError> {
         let address = &self.address;
-        for version in self.server_versions().await.map_err(|e| self.error(e))? {
+        for version in self.server_versions().await.map_err(|e| self.failure(e))? {
             if !version_supported(&version) {
                 let (major, minor) = MIN_REDIS_VERSION;
                 return Err(StoreError::Database(format!(
@@ -110,12 +110,12 @@ impl RedisStore {
         let mut conn = self.conn();
         match self.run_commit(&mut conn, &Commit::default()).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) => {
-                Err(StoreError::Database(format!(
-                    "redis: the login may not run otpd's scripts ({e}): grant it EVALSHA, \
-                     EVAL and SCRIPT LOAD (+@scripting)"
+                Err(self.failure(format_args!(
+                    "the login may not run otpd's scripts ({e}): grant it EVALSHA, EVAL \
+                     and SCRIPT LOAD (+@scripting)"
                 )))
             }
-            applied => applied.map(|_| ()).map_err(|e| self.error(e)),
+            applied => applied.map(|_| ()).map_err(|e| self.failure(e)),
         }
     }
 
@@ -236,7 +236,7 @@ impl RedisStore {
             .arg("NX")
             .query_async::<()>(&mut self.conn())
             .await
-            .map_err(|e| self.error(e))?;
+            .map_err(|e| self.failure(e))?;
         match self.recorded_fingerprint().await? {
             Some(stored) if stored != fingerprint => Err(self.another_secret()),
             _ => Ok(()),
@@ -249,7 +249,7 @@ impl RedisStore {
             .arg(self.keys.secret_check())
             .query_async(&mut self.conn())
             .await
-            .map_err(|e| self.error(e))
+            .map_err(|e| self.failure(e))
     }
 
     /// Members of the live set, expired ones not yet dropped included.
@@ -258,7 +258,7 @@ impl RedisStore {
             .arg(self.keys.live())
             .query_async(&mut self.conn())
             .await
-            .map_err(|e| self.error(e))
+            .map_err(|e| self.failure(e))
     }
 
     fn another_secret(&self) -> StoreError {
