@@ -389,6 +389,11 @@ impl<D: Database> EmbeddedStore<D> {
         self.references.insert(&self.keys.short(reference), token)
     }
 
+    /// Where `failover` is filed in `failovers`: its due time, then its reference's key.
+    fn failover_key(&self, failover: &PendingFailover) -> Vec<u8> {
+        timed_key(failover.due_at, &self.keys.short(&failover.reference))
+    }
+
     /// The verdict on a failover from its token's record: one read, so the token's code
     /// and the code a resend replaced are seen as of one instant.
     fn judge(
@@ -752,7 +757,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
             let judged = self.judge(&failover, now);
             let step = super::claim_step(failover, judged, now, claim_until)?;
             if let Some(again) = &step.refiled {
-                let key = timed_key(again.due_at, &self.keys.short(&again.reference));
+                let key = self.failover_key(again);
                 change.insert(key, encode(again));
             }
             self.failovers.apply(change)?;
@@ -778,8 +783,7 @@ impl<D: Database> Store for EmbeddedStore<D> {
     }
 
     async fn finish_failover(&self, claimed: &PendingFailover) -> Result<(), StoreError> {
-        let key = timed_key(claimed.due_at, &self.keys.short(&claimed.reference));
-        self.failovers.remove(&key)
+        self.failovers.remove(&self.failover_key(claimed))
     }
 
     fn live(&self) -> u64 {

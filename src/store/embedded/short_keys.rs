@@ -15,7 +15,7 @@
 use siphasher::sip128::SipHasher24;
 
 /// How many bytes of the hash name a token, recipient or reference.
-pub(super) const SHORT_KEY_LEN: usize = 12;
+const SHORT_KEY_LEN: usize = 12;
 
 /// The tree key of a name.
 pub(super) type ShortKey = [u8; SHORT_KEY_LEN];
